@@ -1,0 +1,1 @@
+"""facesvc: face verification for the job-training programme."""
