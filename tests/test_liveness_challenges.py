@@ -1,0 +1,193 @@
+"""Liveness challenges against a real Redis server: single use, expiry, binding."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from facesvc.liveness.challenges import (
+    Challenge,
+    ChallengeRefused,
+    ChallengeStore,
+    RefusalReason,
+    Step,
+)
+
+REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+class FakeTime:
+    """A clock the test moves by hand (seconds since the epoch)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Scenario = Callable[[ChallengeStore, FakeTime], Awaitable[None]]
+
+
+def run(scenario: Scenario, **store_kwargs: object) -> None:
+    """Run ``scenario`` with a store on a unique key prefix, then delete its keys."""
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        prefix = f"test:{uuid.uuid4().hex}:"
+        clock = FakeTime()
+        try:
+            store = ChallengeStore(client, clock=clock, key_prefix=prefix, **store_kwargs)  # type: ignore[arg-type]
+            await scenario(store, clock)
+        finally:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def refused(coro: Awaitable[Challenge]) -> RefusalReason:
+    with pytest.raises(ChallengeRefused) as info:
+        await coro
+    return info.value.reason
+
+
+def test_issue_then_consume_once() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "REDEEM")
+        assert issued.expires_at - issued.issued_at == 60.0
+        clock.now += 59.0
+        used = await store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        assert used == issued
+        again = store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        assert await refused(again) is RefusalReason.REUSED
+
+    run(scenario)
+
+
+def test_concurrent_consumers_get_it_once() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "REDEEM")
+        results = await asyncio.gather(
+            *(store.consume(issued.challenge_id, "p1", "t1", "REDEEM") for _ in range(8)),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, Challenge) for r in results) == 1
+        assert all(
+            isinstance(r, Challenge)
+            or (isinstance(r, ChallengeRefused) and r.reason is RefusalReason.REUSED)
+            for r in results
+        )
+
+    run(scenario)
+
+
+def test_expired_refused() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "SESSION")
+        clock.now += 60.0
+        late = store.consume(issued.challenge_id, "p1", "t1", "SESSION")
+        assert await refused(late) is RefusalReason.EXPIRED
+
+    run(scenario)
+
+
+def test_short_configured_expiry() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "SESSION")
+        clock.now += 10.5
+        late = store.consume(issued.challenge_id, "p1", "t1", "SESSION")
+        assert await refused(late) is RefusalReason.EXPIRED
+
+    run(scenario, ttl_s=10.0)
+
+
+def test_foreign_participant_refused_and_burned() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "REDEEM")
+        stolen = store.consume(issued.challenge_id, "p2", "t1", "REDEEM")
+        assert await refused(stolen) is RefusalReason.FOREIGN_PARTICIPANT
+        # A challenge seen with another participant may have leaked: it is gone.
+        owner = store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        assert await refused(owner) is RefusalReason.REUSED
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("training", "gate"), [("t2", "REDEEM"), ("t1", "POST_TEST")])
+def test_foreign_training_or_gate_refused(training: str, gate: str) -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = await store.issue("p1", "t1", "REDEEM")
+        wrong = store.consume(issued.challenge_id, "p1", training, gate)
+        assert await refused(wrong) is RefusalReason.FOREIGN_GATE
+
+    run(scenario)
+
+
+def test_unknown_refused() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        made_up = store.consume("no-such-challenge", "p1", "t1", "REDEEM")
+        assert await refused(made_up) is RefusalReason.UNKNOWN
+
+    run(scenario)
+
+
+def test_steps_random_ordered_and_from_configured_set() -> None:
+    allowed = (Step.TURN_LEFT, Step.TURN_RIGHT, Step.LOOK_UP)
+
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        seen: set[tuple[Step, ...]] = set()
+        for _ in range(60):
+            steps = (await store.issue("p1", "t1", "REDEEM")).steps
+            assert len(steps) == 2
+            assert len(set(steps)) == 2
+            assert set(steps) <= set(allowed)
+            seen.add(steps)
+        # 6 ordered pairs exist; 60 draws miss one with probability ~6 * (5/6)**60 < 1e-4.
+        assert len(seen) == 6
+
+    run(scenario, allowed_steps=allowed, num_steps=2)
+
+
+def test_challenge_ids_and_nonces_unique() -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        issued = [await store.issue("p1", "t1", "REDEEM") for _ in range(20)]
+        assert len({c.challenge_id for c in issued}) == 20
+        assert len({c.nonce for c in issued}) == 20
+
+    run(scenario)
+
+
+def test_key_carries_participant_hash_tag() -> None:
+    async def main() -> None:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        prefix = f"test:{uuid.uuid4().hex}:"
+        try:
+            store = ChallengeStore(client, clock=FakeTime(), key_prefix=prefix)
+            issued = await store.issue("p42", "t1", "REDEEM")
+            keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}*challenge:*")]
+            assert keys == [f"{prefix}{{p:p42}}:challenge:{issued.challenge_id}"]
+            ttl_ms = await client.pttl(keys[0])
+            assert 0 < ttl_ms <= 660_000
+        finally:
+            await client.delete(*[k async for k in client.scan_iter(match=f"{prefix}*")])
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_rejects_more_steps_than_allowed() -> None:
+    with pytest.raises(ValueError, match="num_steps"):
+        ChallengeStore(
+            aioredis.Redis.from_url(REDIS_URL),
+            clock=FakeTime(),
+            allowed_steps=(Step.TURN_LEFT,),
+            num_steps=2,
+        )
