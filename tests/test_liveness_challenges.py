@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
+from facesvc.domain import Gate
 from facesvc.liveness.challenges import (
     Challenge,
     ChallengeRefused,
@@ -61,12 +62,12 @@ async def refused(coro: Awaitable[Challenge]) -> RefusalReason:
 
 def test_issue_then_consume_once() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "REDEEM")
+        issued = await store.issue("p1", "t1", Gate.REDEEM)
         assert issued.expires_at - issued.issued_at == 60.0
         clock.now += 59.0
-        used = await store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        used = await store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM)
         assert used == issued
-        again = store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        again = store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM)
         assert await refused(again) is RefusalReason.REUSED
 
     run(scenario)
@@ -74,9 +75,9 @@ def test_issue_then_consume_once() -> None:
 
 def test_concurrent_consumers_get_it_once() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "REDEEM")
+        issued = await store.issue("p1", "t1", Gate.REDEEM)
         results = await asyncio.gather(
-            *(store.consume(issued.challenge_id, "p1", "t1", "REDEEM") for _ in range(8)),
+            *(store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM) for _ in range(8)),
             return_exceptions=True,
         )
         assert sum(isinstance(r, Challenge) for r in results) == 1
@@ -91,9 +92,9 @@ def test_concurrent_consumers_get_it_once() -> None:
 
 def test_expired_refused() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "SESSION")
+        issued = await store.issue("p1", "t1", Gate.SESSION)
         clock.now += 60.0
-        late = store.consume(issued.challenge_id, "p1", "t1", "SESSION")
+        late = store.consume(issued.challenge_id, "p1", "t1", Gate.SESSION)
         assert await refused(late) is RefusalReason.EXPIRED
 
     run(scenario)
@@ -101,9 +102,9 @@ def test_expired_refused() -> None:
 
 def test_short_configured_expiry() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "SESSION")
+        issued = await store.issue("p1", "t1", Gate.SESSION)
         clock.now += 10.5
-        late = store.consume(issued.challenge_id, "p1", "t1", "SESSION")
+        late = store.consume(issued.challenge_id, "p1", "t1", Gate.SESSION)
         assert await refused(late) is RefusalReason.EXPIRED
 
     run(scenario, ttl_s=10.0)
@@ -111,20 +112,20 @@ def test_short_configured_expiry() -> None:
 
 def test_foreign_participant_refused_and_burned() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "REDEEM")
-        stolen = store.consume(issued.challenge_id, "p2", "t1", "REDEEM")
+        issued = await store.issue("p1", "t1", Gate.REDEEM)
+        stolen = store.consume(issued.challenge_id, "p2", "t1", Gate.REDEEM)
         assert await refused(stolen) is RefusalReason.FOREIGN_PARTICIPANT
         # A challenge seen with another participant may have leaked: it is gone.
-        owner = store.consume(issued.challenge_id, "p1", "t1", "REDEEM")
+        owner = store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM)
         assert await refused(owner) is RefusalReason.REUSED
 
     run(scenario)
 
 
-@pytest.mark.parametrize(("training", "gate"), [("t2", "REDEEM"), ("t1", "POST_TEST")])
-def test_foreign_training_or_gate_refused(training: str, gate: str) -> None:
+@pytest.mark.parametrize(("training", "gate"), [("t2", Gate.REDEEM), ("t1", Gate.POST_TEST)])
+def test_foreign_training_or_gate_refused(training: str, gate: Gate) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = await store.issue("p1", "t1", "REDEEM")
+        issued = await store.issue("p1", "t1", Gate.REDEEM)
         wrong = store.consume(issued.challenge_id, "p1", training, gate)
         assert await refused(wrong) is RefusalReason.FOREIGN_GATE
 
@@ -133,7 +134,7 @@ def test_foreign_training_or_gate_refused(training: str, gate: str) -> None:
 
 def test_unknown_refused() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        made_up = store.consume("no-such-challenge", "p1", "t1", "REDEEM")
+        made_up = store.consume("no-such-challenge", "p1", "t1", Gate.REDEEM)
         assert await refused(made_up) is RefusalReason.UNKNOWN
 
     run(scenario)
@@ -145,7 +146,7 @@ def test_steps_random_ordered_and_from_configured_set() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         seen: set[tuple[Step, ...]] = set()
         for _ in range(60):
-            steps = (await store.issue("p1", "t1", "REDEEM")).steps
+            steps = (await store.issue("p1", "t1", Gate.REDEEM)).steps
             assert len(steps) == 2
             assert len(set(steps)) == 2
             assert set(steps) <= set(allowed)
@@ -158,7 +159,7 @@ def test_steps_random_ordered_and_from_configured_set() -> None:
 
 def test_challenge_ids_and_nonces_unique() -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
-        issued = [await store.issue("p1", "t1", "REDEEM") for _ in range(20)]
+        issued = [await store.issue("p1", "t1", Gate.REDEEM) for _ in range(20)]
         assert len({c.challenge_id for c in issued}) == 20
         assert len({c.nonce for c in issued}) == 20
 
@@ -171,7 +172,7 @@ def test_key_carries_participant_hash_tag() -> None:
         prefix = f"test:{uuid.uuid4().hex}:"
         try:
             store = ChallengeStore(client, clock=FakeTime(), key_prefix=prefix)
-            issued = await store.issue("p42", "t1", "REDEEM")
+            issued = await store.issue("p42", "t1", Gate.REDEEM)
             keys = [k.decode() async for k in client.scan_iter(match=f"{prefix}*challenge:*")]
             assert keys == [f"{prefix}{{p:p42}}:challenge:{issued.challenge_id}"]
             ttl_ms = await client.pttl(keys[0])

@@ -26,6 +26,8 @@ from typing import NoReturn
 
 import redis.asyncio as aioredis
 
+from facesvc.domain import Gate
+
 
 class Step(enum.StrEnum):
     """One movement a participant is asked to make, starting from a frontal pose.
@@ -88,7 +90,7 @@ class Challenge:
     challenge_id: str
     participant: str
     training: str
-    gate: str
+    gate: Gate
     steps: tuple[Step, ...]
     nonce: str
     issued_at: float
@@ -159,7 +161,7 @@ class ChallengeStore:
         rng = secrets.SystemRandom()
         return tuple(rng.sample(pool, self._num_steps))
 
-    async def issue(self, participant: str, training: str, gate: str) -> Challenge:
+    async def issue(self, participant: str, training: str, gate: Gate) -> Challenge:
         """Create and store a new challenge for this participant, training and gate."""
         now = self._clock()
         challenge = Challenge(
@@ -181,7 +183,7 @@ class ChallengeStore:
                     "steps": ",".join(challenge.steps),
                     "nonce": challenge.nonce,
                     "training": training,
-                    "gate": gate,
+                    "gate": gate.value,
                     "issued_at": repr(challenge.issued_at),
                     "expires_at": repr(challenge.expires_at),
                     "state": "issued",
@@ -193,7 +195,7 @@ class ChallengeStore:
         return challenge
 
     async def consume(
-        self, challenge_id: str, participant: str, training: str, gate: str
+        self, challenge_id: str, participant: str, training: str, gate: Gate
     ) -> Challenge:
         """Use a challenge once. Raises ``ChallengeRefused`` with the reason.
 
@@ -207,7 +209,7 @@ class ChallengeStore:
             raise ChallengeRefused(RefusalReason.REUSED)
         it = iter(raw)
         fields = {_text(k): _text(v) for k, v in zip(it, it, strict=True)}
-        if fields["training"] != training or fields["gate"] != gate:
+        if fields["training"] != training or fields["gate"] != gate.value:
             raise ChallengeRefused(RefusalReason.FOREIGN_GATE)
         expires_at = float(fields["expires_at"])
         if self._clock() >= expires_at:
