@@ -1,0 +1,652 @@
+"""Biometric verification metrics, identity-split protocols and accuracy reports.
+
+Pure numpy (matplotlib only for the DET plot). Every comparison is a *distance*:
+lower means more alike, and a comparison is accepted when its distance is at most
+the threshold. Rates are fractions in [0, 1]:
+
+- FMR (false-match rate): accepted impostor comparisons / impostor comparisons.
+- FNMR (false-non-match rate): rejected genuine comparisons / genuine comparisons.
+
+An identity is one folder of photos of one person; its *source* is the folder-name
+prefix before ``__`` (``nuaa__client0001`` -> ``nuaa``). Identities, not pairs, are
+the unit of independence: bootstrap intervals resample identities, and calibration
+and report splits never share an identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import numpy.typing as npt
+
+from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+"""File suffixes (lower case) that identity folders are scanned for."""
+
+DEFAULT_FMR_TARGETS = (1e-2, 1e-3)
+
+
+def source_of(identity: str) -> str:
+    """The source of an identity folder name: its prefix before ``__`` (the whole name if none)."""
+    return identity.split("__", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledImage:
+    """One photo with the identity folder it came from."""
+
+    path: Path
+    identity: str
+
+    @property
+    def source(self) -> str:
+        return source_of(self.identity)
+
+
+def scan_identity_folders(root: Path) -> list[LabelledImage]:
+    """Every image under ``root/<identity>/``, sorted by identity then file name.
+
+    Raises ``FileNotFoundError`` when ``root`` holds no identity folder with images,
+    so that a typo in a path never yields an empty (and silently perfect) report.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; pass a folder of identity folders")
+    images = [
+        LabelledImage(path=f, identity=d.name)
+        for d in sorted(p for p in root.iterdir() if p.is_dir())
+        for f in sorted(d.iterdir())
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not images:
+        raise FileNotFoundError(
+            f"{root} has no identity folders with images; expected <root>/<identity>/<photo>.jpg"
+        )
+    return images
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+@dataclass(frozen=True, slots=True)
+class Comparisons:
+    """Scored comparisons, each between a claimed identity and a probe identity.
+
+    ``distance`` (P,) float64, lower = more alike; ``claimed`` and ``probe`` (P,) int64
+    indices into ``identities``; a comparison is genuine when ``claimed == probe``.
+    ``sources`` gives each identity's source, aligned with ``identities``.
+    """
+
+    distance: FloatArray
+    claimed: IntArray
+    probe: IntArray
+    identities: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = self.distance.shape[0]
+        if self.claimed.shape != (n,) or self.probe.shape != (n,):
+            raise ValueError("distance, claimed and probe must all have shape (P,)")
+
+    @property
+    def genuine(self) -> BoolArray:
+        return np.asarray(self.claimed == self.probe)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(source_of(i) for i in self.identities)
+
+    def select(self, mask: BoolArray) -> Comparisons:
+        """The comparisons where ``mask`` (P,) is true."""
+        return Comparisons(
+            self.distance[mask], self.claimed[mask], self.probe[mask], self.identities
+        )
+
+    def within(self, identity_indices: npt.ArrayLike) -> Comparisons:
+        """Comparisons whose claimed and probe identities are both in ``identity_indices``."""
+        keep = np.zeros(len(self.identities), dtype=bool)
+        keep[np.asarray(identity_indices, dtype=np.int64)] = True
+        return self.select(keep[self.claimed] & keep[self.probe])
+
+    def of_source(self, source: str) -> Comparisons:
+        """Comparisons whose claimed and probe identities both come from ``source``.
+
+        Cross-source impostor pairs are easy (different cameras, populations) and
+        count only in the overall figures; a source's table shows how its own
+        people are told apart.
+        """
+        members = [k for k, s in enumerate(self.sources) if s == source]
+        return self.within(members)
+
+    @staticmethod
+    def concatenate(parts: Sequence[Comparisons]) -> Comparisons:
+        """All comparisons of ``parts`` (which must share ``identities``) in one set."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        ids = parts[0].identities
+        if any(p.identities != ids for p in parts):
+            raise ValueError("comparisons over different identity lists cannot be pooled")
+        return Comparisons(
+            np.concatenate([p.distance for p in parts]),
+            np.concatenate([p.claimed for p in parts]),
+            np.concatenate([p.probe for p in parts]),
+            ids,
+        )
+
+
+def pairwise_comparisons(
+    distances: FloatArray, image_identity: IntArray, identities: Sequence[str]
+) -> Comparisons:
+    """Every unordered pair of distinct images, once.
+
+    ``distances`` (N, N) symmetric distance matrix between N images;
+    ``image_identity`` (N,) identity index of each image.
+    """
+    n = distances.shape[0]
+    a, b = np.triu_indices(n, k=1)
+    return Comparisons(
+        distance=np.asarray(distances[a, b], dtype=np.float64),
+        claimed=np.asarray(image_identity[a], dtype=np.int64),
+        probe=np.asarray(image_identity[b], dtype=np.int64),
+        identities=tuple(identities),
+    )
+
+
+# --------------------------------------------------------------------------- rates
+
+
+def rates_at(threshold: float, genuine: FloatArray, impostor: FloatArray) -> tuple[float, float]:
+    """(FMR, FNMR) when comparisons with distance <= ``threshold`` are accepted."""
+    fmr = float(np.mean(impostor <= threshold)) if impostor.size else math.nan
+    fnmr = float(np.mean(genuine > threshold)) if genuine.size else math.nan
+    return fmr, fnmr
+
+
+def threshold_at_fmr(impostor: FloatArray, target_fmr: float) -> float:
+    """The largest distance threshold whose FMR on ``impostor`` (M,) is at most ``target_fmr``.
+
+    With M impostor distances at most k = floor(target * M) may be accepted, so the
+    threshold sits just below the (k+1)-th smallest one. When k is 0 the estimate
+    rests on the single closest impostor: check :func:`fmr_resolvable` first.
+    """
+    if impostor.size == 0:
+        raise ValueError("no impostor comparisons: a false-match rate cannot be estimated")
+    if not 0.0 < target_fmr < 1.0:
+        raise ValueError(f"target FMR must be in (0, 1), got {target_fmr}")
+    ordered = np.sort(impostor)
+    allowed = math.floor(target_fmr * ordered.size + 1e-9)
+    if allowed >= ordered.size:
+        return math.inf
+    return float(np.nextafter(ordered[allowed], -np.inf))
+
+
+def fmr_resolvable(impostor_count: int, target_fmr: float) -> bool:
+    """Whether ``impostor_count`` comparisons can show a false-match rate as low as the target.
+
+    An FMR of 1e-3 needs at least 1000 impostor comparisons for even one false
+    match to be allowed; below that the "FNMR at FMR 1e-3" is really at FMR 0.
+    """
+    return impostor_count * target_fmr >= 1.0 - 1e-9
+
+
+def fnmr_at_fmr(genuine: FloatArray, impostor: FloatArray, target_fmr: float) -> float:
+    """FNMR at the threshold :func:`threshold_at_fmr` picks on ``impostor``."""
+    threshold = threshold_at_fmr(impostor, target_fmr)
+    return rates_at(threshold, genuine, impostor)[1]
+
+
+def roc_auc(genuine: FloatArray, impostor: FloatArray) -> float:
+    """P(impostor distance > genuine distance), ties counting one half (Mann-Whitney U)."""
+    if genuine.size == 0 or impostor.size == 0:
+        return math.nan
+    ranks = _average_ranks(np.concatenate([genuine, impostor]))
+    impostor_rank_sum = float(ranks[genuine.size :].sum())
+    u = impostor_rank_sum - impostor.size * (impostor.size + 1) / 2.0
+    return u / (genuine.size * impostor.size)
+
+
+def _average_ranks(values: FloatArray) -> FloatArray:
+    """1-based ranks of ``values`` (N,), tied values sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    # Start index of each run of equal values, then each run's average 1-based rank.
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], sorted_values.size]
+    run_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def equal_error_rate(genuine: FloatArray, impostor: FloatArray) -> float:
+    """The rate where FMR and FNMR cross, interpolated linearly between thresholds.
+
+    Thresholds run over every observed distance; FNMR - FMR falls from 1 to -1
+    along them and the EER is read where it reaches 0.
+    """
+    if genuine.size == 0 or impostor.size == 0:
+        return math.nan
+    fmr, fnmr = det_points(genuine, impostor)
+    diff = fnmr - fmr
+    j = int(np.argmax(diff <= 0.0))
+    if diff[j] == 0.0 or j == 0:
+        return float(fmr[j])
+    alpha = diff[j - 1] / (diff[j - 1] - diff[j])
+    return float(fmr[j - 1] + alpha * (fmr[j] - fmr[j - 1]))
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A point estimate with a 95% bootstrap interval (NaN bounds when not computed)."""
+
+    value: float
+    low: float
+    high: float
+
+    def format(self, percent: bool = True) -> str:
+        scale, unit = (100.0, "%") if percent else (1.0, "")
+        if math.isnan(self.value):
+            return "n/a"
+        if math.isnan(self.low):
+            return f"{self.value * scale:.2f}{unit}"
+        return f"{self.value * scale:.2f}{unit} [{self.low * scale:.2f}, {self.high * scale:.2f}]"
+
+
+@dataclass(frozen=True, slots=True)
+class FnmrAtFmr:
+    target_fmr: float
+    fnmr: Interval
+    resolvable: bool
+    """False when there are too few impostor comparisons to allow one false match."""
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Threshold-free accuracy of one set of comparisons, with its counts."""
+
+    genuine_count: int
+    impostor_count: int
+    identity_count: int
+    genuine_mean: float
+    impostor_mean: float
+    auc: Interval
+    eer: Interval
+    fnmr_at: tuple[FnmrAtFmr, ...]
+
+
+def summarize(
+    comparisons: Comparisons,
+    fmr_targets: Sequence[float] = DEFAULT_FMR_TARGETS,
+    bootstrap_rounds: int = 1000,
+    seed: int = 0,
+) -> Summary:
+    """Counts, AUC, EER and FNMR at each FMR target, with identity-bootstrap intervals."""
+    gen_mask = comparisons.genuine
+    genuine = comparisons.distance[gen_mask]
+    impostor = comparisons.distance[~gen_mask]
+    point = _metrics(genuine, impostor, fmr_targets)
+    samples = _bootstrap(comparisons, fmr_targets, bootstrap_rounds, seed)
+
+    def interval(k: int) -> Interval:
+        if samples.shape[0] == 0 or math.isnan(point[k]):
+            return Interval(point[k], math.nan, math.nan)
+        col = samples[:, k][~np.isnan(samples[:, k])]
+        if col.size == 0:
+            return Interval(point[k], math.nan, math.nan)
+        low, high = np.quantile(col, [0.025, 0.975])
+        return Interval(point[k], float(low), float(high))
+
+    involved = np.unique(np.concatenate([comparisons.claimed, comparisons.probe]))
+    return Summary(
+        genuine_count=int(genuine.size),
+        impostor_count=int(impostor.size),
+        identity_count=int(involved.size),
+        genuine_mean=float(genuine.mean()) if genuine.size else math.nan,
+        impostor_mean=float(impostor.mean()) if impostor.size else math.nan,
+        auc=interval(0),
+        eer=interval(1),
+        fnmr_at=tuple(
+            FnmrAtFmr(t, interval(2 + k), fmr_resolvable(int(impostor.size), t))
+            for k, t in enumerate(fmr_targets)
+        ),
+    )
+
+
+def _metrics(
+    genuine: FloatArray, impostor: FloatArray, fmr_targets: Sequence[float]
+) -> list[float]:
+    """[AUC, EER, FNMR@target...] of one genuine/impostor split (NaN where undefined)."""
+    values = [roc_auc(genuine, impostor), equal_error_rate(genuine, impostor)]
+    for target in fmr_targets:
+        ok = genuine.size > 0 and impostor.size > 0
+        values.append(fnmr_at_fmr(genuine, impostor, target) if ok else math.nan)
+    return values
+
+
+def _bootstrap(
+    comparisons: Comparisons, fmr_targets: Sequence[float], rounds: int, seed: int
+) -> FloatArray:
+    """(rounds, 2 + len(targets)) metrics over identity resamples.
+
+    Each round draws identities with replacement; a comparison is repeated as many
+    times as the product of its identities' draw counts (a genuine one: its
+    identity's count), so an identity drawn twice never impostors itself.
+    """
+    involved = np.unique(np.concatenate([comparisons.claimed, comparisons.probe]))
+    if rounds <= 0 or involved.size < 2:
+        return np.empty((0, 2 + len(fmr_targets)))
+    rng = np.random.default_rng(seed)
+    gen_mask = comparisons.genuine
+    out = np.empty((rounds, 2 + len(fmr_targets)))
+    for r in range(rounds):
+        counts = np.zeros(len(comparisons.identities), dtype=np.int64)
+        np.add.at(counts, rng.choice(involved, size=involved.size, replace=True), 1)
+        weight = np.where(
+            gen_mask,
+            counts[comparisons.claimed],
+            counts[comparisons.claimed] * counts[comparisons.probe],
+        )
+        genuine = np.repeat(comparisons.distance[gen_mask], weight[gen_mask])
+        impostor = np.repeat(comparisons.distance[~gen_mask], weight[~gen_mask])
+        out[r] = _metrics(genuine, impostor, fmr_targets)
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def identity_folds(identities: Sequence[str], folds: int, seed: int = 0) -> list[IntArray]:
+    """Split identity indices into ``folds`` disjoint groups, stratified by source.
+
+    Each source's identities are shuffled and dealt round-robin, so every fold
+    holds about the same share of every source. Returns ``folds`` sorted int64 arrays.
+    """
+    if folds < 2:
+        raise ValueError("cross-validation needs at least 2 folds")
+    rng = np.random.default_rng(seed)
+    groups: list[list[int]] = [[] for _ in range(folds)]
+    by_source: dict[str, list[int]] = {}
+    for k, identity in enumerate(identities):
+        by_source.setdefault(source_of(identity), []).append(k)
+    offset = 0
+    for source in sorted(by_source):
+        members = list(rng.permutation(by_source[source]))
+        for j, k in enumerate(members):
+            groups[(offset + j) % folds].append(int(k))
+        offset += len(members)
+    return [np.array(sorted(g), dtype=np.int64) for g in groups]
+
+
+def cross_validation(
+    identity_count: int, folds: Sequence[IntArray]
+) -> Iterator[tuple[IntArray, IntArray]]:
+    """(calibration, report) identity indices per fold: report on one, calibrate on the rest."""
+    for k, report in enumerate(folds):
+        rest = [f for j, f in enumerate(folds) if j != k]
+        calibration = np.sort(np.concatenate(rest)) if rest else np.empty(0, np.int64)
+        if np.intersect1d(calibration, report).size or report.max(initial=-1) >= identity_count:
+            raise ValueError("folds must be disjoint identity indices")
+        yield calibration, report
+
+
+@dataclass(frozen=True, slots=True)
+class OperatingPoint:
+    """Rates at a threshold calibrated on other identities, pooled over folds."""
+
+    target_fmr: float
+    fmr: float
+    fnmr: float
+    false_matches: int
+    impostor_count: int
+    false_non_matches: int
+    genuine_count: int
+    thresholds: tuple[float, ...]
+    """The threshold each fold was calibrated to (one per fold)."""
+
+
+def calibrated_operating_point(
+    comparisons: Comparisons,
+    folds: Sequence[IntArray],
+    target_fmr: float,
+    source: str | None = None,
+) -> OperatingPoint:
+    """Calibrate on each fold's complement, count errors on the fold, pool the counts.
+
+    The threshold for a fold comes from impostor comparisons among the other folds'
+    identities (all sources); errors are counted on comparisons among the fold's own
+    identities (only ``source``'s when given). No counted comparison ever shares
+    an identity with the comparisons that set its threshold.
+    """
+    fm = im = fnm = ge = 0
+    thresholds = []
+    for calibration, report in cross_validation(len(comparisons.identities), folds):
+        cal = comparisons.within(calibration)
+        threshold = threshold_at_fmr(cal.distance[~cal.genuine], target_fmr)
+        thresholds.append(threshold)
+        rep = comparisons.within(report)
+        if source is not None:
+            rep = rep.of_source(source)
+        gen = rep.genuine
+        fm += int(np.sum(rep.distance[~gen] <= threshold))
+        im += int(np.sum(~gen))
+        fnm += int(np.sum(rep.distance[gen] > threshold))
+        ge += int(np.sum(gen))
+    return OperatingPoint(
+        target_fmr=target_fmr,
+        fmr=fm / im if im else math.nan,
+        fnmr=fnm / ge if ge else math.nan,
+        false_matches=fm,
+        impostor_count=im,
+        false_non_matches=fnm,
+        genuine_count=ge,
+        thresholds=tuple(thresholds),
+    )
+
+
+def report_comparisons(comparisons: Comparisons, folds: Sequence[IntArray]) -> Comparisons:
+    """The comparisons that fall inside one fold (the only ones any fold reports on)."""
+    return Comparisons.concatenate([comparisons.within(f) for f in folds])
+
+
+# --------------------------------------------------------------------------- DET plot
+
+
+def det_points(genuine: FloatArray, impostor: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """(FMR, FNMR) float64 arrays at threshold -inf and then at every observed distance.
+
+    FMR rises from 0 and FNMR falls to 0 along the arrays.
+    """
+    thresholds = np.r_[-np.inf, np.unique(np.concatenate([genuine, impostor]))]
+    fmr = np.searchsorted(np.sort(impostor), thresholds, side="right") / max(impostor.size, 1)
+    fnmr = 1.0 - np.searchsorted(np.sort(genuine), thresholds, side="right") / max(genuine.size, 1)
+    return np.asarray(fmr, dtype=np.float64), np.asarray(fnmr, dtype=np.float64)
+
+
+def write_det_plot(curves: dict[str, Comparisons], path: Path, title: str) -> None:
+    """Write a DET curve (normal-deviate axes) per labelled comparison set as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    normal = NormalDist()
+    lo, hi = 1e-4, 0.5
+
+    def deviate(rates: FloatArray) -> FloatArray:
+        return np.array([normal.inv_cdf(float(r)) for r in np.clip(rates, lo, hi)])
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    try:
+        for label, comp in curves.items():
+            gen = comp.genuine
+            fmr, fnmr = det_points(comp.distance[gen], comp.distance[~gen])
+            ax.plot(
+                deviate(fmr),
+                deviate(fnmr),
+                label=f"{label} ({int(gen.sum())} gen / {int((~gen).sum())} imp)",
+            )
+        ticks = [1e-4, 1e-3, 1e-2, 5e-2, 0.2, 0.5]
+        ax.set_xticks(deviate(np.array(ticks)), [f"{t:g}" for t in ticks])
+        ax.set_yticks(deviate(np.array(ticks)), [f"{t:g}" for t in ticks])
+        limits = (normal.inv_cdf(lo), normal.inv_cdf(hi))
+        ax.set_xlim(limits)
+        ax.set_ylim(limits)
+        ax.set_xlabel("false-match rate (FMR)")
+        ax.set_ylabel("false-non-match rate (FNMR)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------- scans
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorSet:
+    """Descriptors of every usable photo of an identity-folder collection, for one pack.
+
+    ``descriptors`` (N, D) float64: one per photo, as the embedder returns it before
+    any normalisation (so both cosine and L2 can be measured). ``variants``
+    (N, A, D): A simulated extra frames per photo (see :class:`FrameSimulation`).
+    ``image_identity`` (N,) indexes ``identities``; ``failures`` lists photos where no
+    single usable face was found (they take no part in any comparison).
+    """
+
+    pack: str
+    identities: tuple[str, ...]
+    image_identity: IntArray
+    paths: tuple[str, ...]
+    descriptors: FloatArray
+    variants: FloatArray
+    failures: tuple[str, ...]
+
+    def save(self, path: Path) -> None:
+        """Cache to an ``.npz`` file (no pickles)."""
+        np.savez_compressed(
+            path,
+            pack=np.array(self.pack),
+            identities=np.array(self.identities),
+            image_identity=self.image_identity,
+            paths=np.array(self.paths),
+            descriptors=self.descriptors,
+            variants=self.variants,
+            failures=np.array(self.failures, dtype=str),
+        )
+
+    @staticmethod
+    def load(path: Path) -> DescriptorSet:
+        with np.load(path, allow_pickle=False) as z:
+            return DescriptorSet(
+                pack=str(z["pack"]),
+                identities=tuple(str(x) for x in z["identities"]),
+                image_identity=np.asarray(z["image_identity"], dtype=np.int64),
+                paths=tuple(str(x) for x in z["paths"]),
+                descriptors=np.asarray(z["descriptors"], dtype=np.float64),
+                variants=np.asarray(z["variants"], dtype=np.float64),
+                failures=tuple(str(x) for x in z["failures"]),
+            )
+
+    def photos_of(self, identity: int) -> IntArray:
+        return np.flatnonzero(self.image_identity == identity)
+
+    def single_photo_comparisons(self, distance: Distance) -> Comparisons:
+        """Every unordered pair of photos, one descriptor each."""
+        d = pairwise_distances(self.descriptors, self.descriptors, distance)
+        return pairwise_comparisons(d, self.image_identity, self.identities)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanProtocol:
+    """How enrolments and multi-frame scans are drawn from identity folders.
+
+    An identity with n photos gives n enrolments: photos s..s+K-1 (cyclically) form
+    the template and the other m = n - K photos are held out. A genuine scan takes
+    the held-out photos in cyclic order from each of them in turn; an impostor scan
+    of another identity takes min(m, n_j) of that identity's photos the same way,
+    so impostor scans never hold more distinct photos than genuine ones. Frame t
+    of a scan over photos P is photo P[t] while t < len(P), then simulated variants
+    of P[t mod len(P)]. Only identities with at least ``min_photos`` photos take
+    part (claimed or probed), so rows with different K compare the same people.
+    """
+
+    enroll: int
+    frames: int
+    min_photos: int
+
+    def __post_init__(self) -> None:
+        if self.enroll < 1 or self.frames < 1 or self.min_photos < self.enroll + 1:
+            raise ValueError("need enroll >= 1, frames >= 1 and min_photos >= enroll + 1")
+
+
+def scan_comparisons(ds: DescriptorSet, protocol: ScanProtocol, rules: MatchRules) -> Comparisons:
+    """Every enrolment against every scan of :class:`ScanProtocol`, fused by ``rules``.
+
+    Comparisons are ordered (claimed, probe): with K = F = 1 each photo pair appears
+    once in each direction, which leaves rates unchanged but doubles the counts;
+    the reports say "comparisons" for these and "pairs" for unordered ones.
+    """
+    photos = {i: ds.photos_of(i) for i in range(len(ds.identities))}
+    eligible = [i for i, p in photos.items() if p.size >= protocol.min_photos]
+
+    def frames_of(p: IntArray) -> FloatArray:
+        rows = []
+        for t in range(protocol.frames):
+            photo = int(p[t % p.size])
+            round_ = t // p.size
+            if round_ == 0:
+                rows.append(ds.descriptors[photo])
+            elif round_ - 1 < ds.variants.shape[1]:
+                rows.append(ds.variants[photo, round_ - 1])
+            else:
+                raise ValueError(
+                    f"{protocol.frames} frames over {p.size} photos need "
+                    f"{round_} variants per photo; only {ds.variants.shape[1]} were simulated"
+                )
+        return np.stack(rows)
+
+    distance: list[float] = []
+    claimed: list[int] = []
+    probe: list[int] = []
+    for i in eligible:
+        own = photos[i]
+        n = own.size
+        m = n - protocol.enroll
+        for s in range(n):
+            window = np.roll(own, -s)
+            template = ds.descriptors[window[: protocol.enroll]]
+            held_out = window[protocol.enroll :]
+            for h in range(m):
+                distance.append(match(template, frames_of(np.roll(held_out, -h)), rules).distance)
+                claimed.append(i)
+                probe.append(i)
+            for j in eligible:
+                if j == i:
+                    continue
+                theirs = photos[j]
+                for h in range(theirs.size):
+                    scan = np.roll(theirs, -h)[: min(m, theirs.size)]
+                    distance.append(match(template, frames_of(scan), rules).distance)
+                    claimed.append(i)
+                    probe.append(j)
+    return Comparisons(
+        np.array(distance, dtype=np.float64),
+        np.array(claimed, dtype=np.int64),
+        np.array(probe, dtype=np.int64),
+        ds.identities,
+    )
