@@ -1,0 +1,126 @@
+"""Calibration: threshold at a target FMR, provenance, round trip and start-up log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facesvc.calibration import (
+    Calibration,
+    CalibrationData,
+    CalibrationError,
+    calibrate,
+    load_calibration,
+    log_calibration_status,
+)
+from facesvc.evaluation import pairwise_comparisons
+from facesvc.models.matching import Distance
+
+
+def two_source_pairs() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Source 'tight' packs its people close together (like NUAA), 'wide' spreads them."""
+    rng = np.random.default_rng(7)
+    names, rows, ids = [], [], []
+    for k in range(40):
+        source, spread = ("tight", 0.35) if k % 2 else ("wide", 1.0)
+        names.append(f"{source}__p{k}")
+        centre = rng.normal(size=32) * spread
+        for _ in range(3):
+            rows.append(centre + 0.15 * rng.normal(size=32))
+            ids.append(k)
+    return np.array(rows), np.array(ids), names
+
+
+@pytest.fixture
+def calibration() -> Calibration:
+    x, ids, names = two_source_pairs()
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    pairs = pairwise_comparisons(d, ids, names)
+    return calibrate(
+        pairs,
+        pack="test",
+        pack_digest="sha256:abc",
+        distance=Distance.L2,
+        data=CalibrationData("synthetic", ("tight", "wide"), 40, 120, 1),
+        target_fmr=1e-2,
+        now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+
+
+def test_threshold_meets_the_target_on_its_own_pairs(calibration: Calibration) -> None:
+    c = calibration
+    assert c.overall.impostor_pairs == 120 * 119 // 2 - 120
+    assert c.overall.genuine_pairs == 120
+    assert c.overall.fmr <= 1e-2
+    # the threshold is the largest one that does: one more impostor would exceed it
+    assert c.overall.false_matches == int(1e-2 * c.overall.impostor_pairs)
+    assert c.fmr_resolvable
+
+
+def test_per_source_rates_show_the_uneven_population(calibration: Calibration) -> None:
+    by = {s.source: s for s in calibration.per_source}
+    assert set(by) == {"tight", "wide"}
+    assert by["tight"].identities == 20
+    assert by["tight"].rates.impostor_pairs == 60 * 59 // 2 - 60
+    assert by["tight"].rates.fmr > by["wide"].rates.fmr
+    assert calibration.skewed_sources() == ("tight",)
+
+
+def test_round_trip(calibration: Calibration, tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    calibration.save(path)
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "facesvc-calibration/1"
+    assert raw["distance"] == "l2"
+    assert raw["per_source"][0]["fmr"] == calibration.per_source[0].rates.fmr
+    back = load_calibration(path, pack="test", pack_digest="sha256:abc")
+    assert back == calibration
+
+
+def test_refuses_another_pack_or_version(calibration: Calibration, tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    calibration.save(path)
+    with pytest.raises(CalibrationError, match="not 'other'"):
+        load_calibration(path, pack="other")
+    with pytest.raises(CalibrationError, match="re-run"):
+        load_calibration(path, pack="test", pack_digest="sha256:def")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", json.dumps({"format": "x"}), json.dumps({"format": "facesvc-calibration/1"})],
+)
+def test_malformed_files_are_clear_errors(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(CalibrationError, match="calibrate"):
+        load_calibration(path)
+
+
+def test_missing_file_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="facesvc calibrate"):
+        load_calibration(tmp_path / "absent.json")
+
+
+def test_uncalibrated_pack_is_logged_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        log_calibration_status(logging.getLogger("t"), "mypack", None)
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert "UNCALIBRATED" in record.getMessage() and "mypack" in record.getMessage()
+
+
+def test_calibrated_pack_logs_its_provenance_and_skew(
+    calibration: Calibration, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        log_calibration_status(logging.getLogger("t"), "test", calibration)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert messages[0][0] == logging.INFO
+    assert "sha256:abc" in messages[0][1] and f"{calibration.threshold:.6f}" in messages[0][1]
+    assert any(level == logging.WARNING and "'tight'" in m for level, m in messages)
