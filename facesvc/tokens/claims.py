@@ -1,0 +1,142 @@
+"""Value types of a verification token: its claims, what a gate expects, and check outcomes.
+
+A token is bound to one participant, one training, one gate and one session of one calling
+LMS (the audience). Nothing in it is biometric: no score, no template, no image.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from facesvc.domain import Gate, LivenessMethod, TrainingType
+
+
+class CheckReason(enum.Enum):
+    """Why a token was accepted or refused; the one vocabulary of the service and the SDK."""
+
+    OK = "OK"
+    EXPIRED = "EXPIRED"
+    NOT_YET_VALID = "NOT_YET_VALID"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    """The signature does not verify, or the header names an algorithm other than EdDSA."""
+    WRONG_ISSUER = "WRONG_ISSUER"
+    """Signed by a known key but for another issuer (e.g. a staging service sharing keys)."""
+    WRONG_AUDIENCE = "WRONG_AUDIENCE"
+    WRONG_PARTICIPANT = "WRONG_PARTICIPANT"
+    WRONG_TRAINING = "WRONG_TRAINING"
+    WRONG_GATE = "WRONG_GATE"
+    WRONG_SESSION = "WRONG_SESSION"
+    ALREADY_USED = "ALREADY_USED"
+    MALFORMED = "MALFORMED"
+    """Not a compact JWS of our shape: bad encoding, JSON, ``typ``, extra header fields, claims."""
+    UNKNOWN_KEY = "UNKNOWN_KEY"
+    """The ``kid`` is not in the key set (never published, or retired)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationClaims:
+    """The claims of one verification token (RFC 7519 registered claims plus ours).
+
+    Times are NumericDate: whole Unix seconds. On the wire ``gate``, ``training_type`` and
+    ``liveness`` are the enum values (``"SESSION"``, ``"WEBINAR"``, ``"challenge"``).
+    ``session_id`` is empty for a gate that has no session (REDEEM).
+    """
+
+    iss: str
+    sub: str
+    """The participant id."""
+    aud: str
+    """The calling LMS (tenant) the token is meant for."""
+    iat: int
+    nbf: int
+    exp: int
+    jti: str
+    """Random 128-bit id, base64url; the one-time-use key."""
+    training_id: str
+    training_type: TrainingType
+    gate: Gate
+    session_id: str
+    liveness: LivenessMethod
+    """The liveness method the scan passed."""
+    model_pack: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The JWT claims set."""
+        values = {name: getattr(self, name) for name in _CLAIM_TYPES}
+        for name in _ENUM_CLAIMS:
+            values[name] = values[name].value
+        return values
+
+    @classmethod
+    def from_json(cls, claims: Mapping[str, Any]) -> VerificationClaims:
+        """Parse a claims set strictly: every claim present with its exact JSON type.
+
+        Unknown claims are ignored (they are signed; a newer issuer may add some).
+        Raises ``ValueError`` on a missing or mistyped claim or an unknown enum value.
+        """
+        values: dict[str, Any] = {}
+        for name, kind in _CLAIM_TYPES.items():
+            value = claims.get(name)
+            # bool is a subclass of int: a "true" exp must not pass as 1.
+            if type(value) is not kind:
+                raise ValueError(f"claim {name!r} missing or not a JSON {kind.__name__}")
+            values[name] = _ENUM_CLAIMS[name](value) if name in _ENUM_CLAIMS else value
+        return cls(**values)
+
+
+_CLAIM_TYPES: dict[str, type] = {
+    "iss": str,
+    "sub": str,
+    "aud": str,
+    "iat": int,
+    "nbf": int,
+    "exp": int,
+    "jti": str,
+    "training_id": str,
+    "training_type": str,
+    "gate": str,
+    "session_id": str,
+    "liveness": str,
+    "model_pack": str,
+}
+_ENUM_CLAIMS: dict[str, type[TrainingType] | type[Gate] | type[LivenessMethod]] = {
+    "training_type": TrainingType,
+    "gate": Gate,
+    "liveness": LivenessMethod,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What the redeeming gate knows and the token must match.
+
+    ``audience``, ``training_id``, ``gate`` and ``session_id`` are always compared (an empty
+    ``session_id`` matches only a token without a session): a gate cannot forget to bind one.
+    ``participant_id`` is compared when given; a gate that logs participants in on its own
+    should pass it, so that one participant's token cannot admit another.
+    """
+
+    audience: str
+    training_id: str
+    gate: Gate
+    session_id: str
+    participant_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of a check.
+
+    ``claims`` is set whenever the signature verified, also when a time or binding rule then
+    failed (so audit can name the participant of a refused token); act on them only when ``ok``.
+    """
+
+    reason: CheckReason
+    claims: VerificationClaims | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is CheckReason.OK
