@@ -1,0 +1,218 @@
+"""The ``facesvc`` command line.
+
+Each subcommand is registered by a small ``_add_*`` function below that defines
+its flags and points at a handler; handlers import the implementing module only
+when run, so ``facesvc serve`` never loads evaluation code and a subcommand whose
+module has not landed yet says which issue brings it.
+
+To add one: write ``_add_name(sub)`` that calls ``sub.add_parser(...)`` and
+``set_defaults(func=...)``, with ``func(args) -> int`` (the exit code), and list
+it in :data:`_COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TypeAlias
+
+from facesvc.config import ConfigError, Settings, describe, load_settings, settings_info
+
+log = logging.getLogger("facesvc.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class MissingCapability(RuntimeError):
+    """A subcommand whose implementing module has not landed yet."""
+
+
+def _module(name: str, issue: int) -> ModuleType:
+    """Import ``name``, or explain which issue brings it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            raise MissingCapability(
+                f"{name} is not there yet; it arrives with issue {issue}"
+            ) from exc
+        raise
+
+
+def _delegate(module: str, function: str, issue: int) -> Handler:
+    """A handler calling ``module.function(args) -> int``, imported on use."""
+
+    def handler(args: argparse.Namespace) -> int:
+        result: int = getattr(_module(module, issue), function)(args)
+        return result
+
+    return handler
+
+
+# ---------------------------------------------------------------- settings flags
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML settings file (env FACESVC_CONFIG)"
+    )
+    group = parser.add_argument_group("settings (each also env FACESVC_<SECTION>_<NAME>)")
+    for info in settings_info():
+        group.add_argument(
+            info.flag,
+            dest=f"setting__{info.section}__{info.name}",
+            metavar="VALUE",
+            default=None,
+            help=f"{info.doc} [{info.env}]" if info.doc else f"[{info.env}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from defaults, file, env and the ``--<section>-<name>`` flags given."""
+    overrides = {}
+    for key, value in vars(args).items():
+        if key.startswith("setting__") and value is not None:
+            _, section, name = key.split("__", 2)
+            overrides[f"{section}.{name}"] = value
+    return load_settings(config_file=args.config, overrides=overrides)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from facesvc.app import App
+    from facesvc.logs import configure_logging
+
+    settings = settings_from_args(args)
+    configure_logging(settings.logging)
+    if settings.server.workers != 1:
+        raise ConfigError("server.workers > 1 arrives with issue 9; use 1 for now")
+    print("facesvc settings:\n" + describe(settings), file=sys.stderr, flush=True)
+
+    async def run() -> int:
+        app = App(settings)
+        await app.start()
+        print(
+            f"facesvc listening: gRPC {settings.server.grpc_host}:{app.grpc_port}, "
+            f"HTTP {settings.server.http_host}:{app.http_port} (/metrics, /healthz)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received; shutting down")
+        await app.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _add_serve(sub: SubParsers) -> None:
+    p = sub.add_parser("serve", help="run the gRPC and HTTP servers")
+    _add_settings_flags(p)
+    p.set_defaults(func=_serve)
+
+
+# ---------------------------------------------------------------- commands other issues implement
+
+
+def _add_eval(sub: SubParsers) -> None:
+    p = sub.add_parser("eval", help="verification accuracy of a model pack on a face folder")
+    p.add_argument("data", type=Path, help="folder of faces, one subfolder per identity")
+    p.add_argument("--pack", default=None, help="model pack (default: models.pack)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the report and plots")
+    p.set_defaults(func=_delegate("facesvc.evaluation.cli", "run_eval", 11))
+
+
+def _add_calibrate(sub: SubParsers) -> None:
+    p = sub.add_parser("calibrate", help="fit a pack's threshold to a target false-match rate")
+    p.add_argument("data", type=Path, help="folder of faces, one subfolder per identity")
+    p.add_argument("--pack", default=None, help="model pack (default: models.pack)")
+    p.add_argument("--fmr", type=float, default=1e-3, help="target false-match rate")
+    p.add_argument("--out", type=Path, default=None, help="where to write the calibration record")
+    p.set_defaults(func=_delegate("facesvc.evaluation.cli", "run_calibrate", 11))
+
+
+def _add_eval_liveness(sub: SubParsers) -> None:
+    p = sub.add_parser("eval-liveness", help="APCER/BPCER of the passive model on live/ and spoof/")
+    p.add_argument("data", type=Path, help="folder with live/ and spoof/ subfolders")
+    p.add_argument("--out", type=Path, default=None, help="folder for the report and the curve")
+    p.set_defaults(func=_delegate("facesvc.liveness.evaluate", "main", 6))
+
+
+def _add_keys(sub: SubParsers) -> None:
+    p = sub.add_parser("keys", help="token signing keys")
+    _add_settings_flags(p)
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("generate", "create the first signing key"),
+        ("rotate", "publish a new key now, sign with it after the overlap"),
+        ("list", "list keys with their validity (never private parts)"),
+    ):
+        keys.add_parser(action, help=text).set_defaults(
+            func=_delegate("facesvc.tokens", f"cli_keys_{action}", 5)
+        )
+
+
+def _add_templates(sub: SubParsers) -> None:
+    p = sub.add_parser("templates", help="stored face templates")
+    _add_settings_flags(p)
+    t = p.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
+    t.add_parser("rekey", help="re-encrypt every template under the current key").set_defaults(
+        func=_delegate("facesvc.templates", "cli_rekey", 4)
+    )
+
+
+def _add_audit(sub: SubParsers) -> None:
+    p = sub.add_parser("audit", help="the audit trail")
+    _add_settings_flags(p)
+    a = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    tail = a.add_parser("tail", help="print the newest audit events")
+    tail.add_argument("-n", type=int, default=20, help="how many events")
+    tail.add_argument("--follow", action="store_true", help="keep printing new events")
+    tail.set_defaults(func=_delegate("facesvc.audit", "cli_tail", 10))
+
+
+_COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
+    _add_serve,
+    _add_eval,
+    _add_calibrate,
+    _add_eval_liveness,
+    _add_keys,
+    _add_templates,
+    _add_audit,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facesvc", description="Face verification service.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ConfigError, MissingCapability) as exc:
+        print(f"facesvc: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

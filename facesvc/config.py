@@ -1,0 +1,478 @@
+"""Every setting of facesvc, typed, in one place.
+
+Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
+``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``logging``),
+gathered in :class:`Settings`. Sources, later ones winning:
+
+1. the defaults below (they run on one machine: localhost ports, local Redis);
+2. a TOML file (``--config PATH`` or env ``FACESVC_CONFIG``) with one table per
+   section, e.g. ``[server]`` / ``grpc_port = 50051``;
+3. environment variables ``FACESVC_<SECTION>_<FIELD>`` in upper case, e.g.
+   ``FACESVC_REDIS_URL``, ``FACESVC_SERVER_GRPC_PORT``, ``FACESVC_LIMITS_CAP_SPL``;
+4. command-line flags ``--<section>-<field>`` with dashes, e.g. ``--server-grpc-port``.
+
+To add a setting, add a typed field with a default to its section class: the
+file, environment and flag names follow from it. Supported field types: str,
+int, float, bool, Path, ``Path | None``, ``tuple[str, ...]`` (comma-separated in
+env and flags) and ``Literal`` of strings. A field whose metadata has
+``secret=True`` is redacted by :func:`describe`; so is the password of any URL.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import os
+import textwrap
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+ENV_PREFIX = "FACESVC_"
+CONFIG_FILE_ENV = "FACESVC_CONFIG"
+
+LivenessPolicy = Literal["off", "passive", "challenge"]
+"""How a scan's liveness is checked: not at all, passive score only, challenge-response."""
+
+LogFormat = Literal["json", "kv"]
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names the setting and its sources."""
+
+
+def _secret() -> Any:
+    """Field metadata marking a secret: redacted by :func:`describe`."""
+    return field(default="", metadata={"secret": True})
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "facesvc" / "models"
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}={port}: a TCP port is 0..65535 (0 picks a free one)")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value}: must be greater than 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Listening addresses, shutdown and request-size bounds of both servers."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    """The HTTP server carries /metrics, /healthz (and later the JSON gateway)."""
+    http_port: int = 8080
+    grace_s: float = 10.0
+    """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
+    max_message_bytes: int = 32 * 1024 * 1024
+    """Largest gRPC request accepted (larger ones fail with RESOURCE_EXHAUSTED)."""
+    max_frames: int = 16
+    """Most frames in one Verify."""
+    max_images: int = 10
+    """Most photos in one Enroll."""
+    max_image_bytes: int = 4 * 1024 * 1024
+    """Largest single encoded frame or photo."""
+    workers: int = 1
+    """Worker processes sharing the gRPC port (SO_REUSEPORT); 1 = this process only."""
+    max_concurrent_rpcs: int = 64
+    """Calls served at once; more wait in the gRPC queue."""
+    plugins: tuple[str, ...] = ()
+    """``module:function`` callables run as ``function(server, settings)`` at start-up to
+    register extra gRPC services (operator tooling; the drain test uses one)."""
+
+    def __post_init__(self) -> None:
+        _check_port("server.grpc_port", self.grpc_port)
+        _check_port("server.http_port", self.http_port)
+        for name in ("grace_s", "max_message_bytes", "max_frames", "max_images"):
+            _check_positive(f"server.{name}", getattr(self, name))
+        for name in ("max_image_bytes", "workers", "max_concurrent_rpcs"):
+            _check_positive(f"server.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """The Redis server holding caps, templates, challenges, used tokens and audit."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """redis:// or rediss:// URL; a password in it is redacted in logs."""
+    connect_timeout_s: float = 0.5
+    socket_timeout_s: float = 1.0
+    health_interval_s: float = 1.0
+    """How often the health task pings Redis."""
+    health_timeout_s: float = 0.5
+    """A ping slower than this counts as Redis unreachable (health NOT_SERVING)."""
+    key_prefix: str = "facesvc:"
+    """Prefix of every key, so several deployments (or tests) can share one server."""
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"redis.url={redact_url(self.url)}: use redis://, rediss:// or unix://"
+            )
+        for name in ("connect_timeout_s", "socket_timeout_s", "health_interval_s"):
+            _check_positive(f"redis.{name}", getattr(self, name))
+        _check_positive("redis.health_timeout_s", self.health_timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """The model pack and how it runs."""
+
+    pack: str = "default"
+    """Name of the model pack (the open dlib-derived pack unless an operator installs another)."""
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    """Where converted ONNX models are kept (``python -m facesvc.models.convert`` fills it)."""
+    threads: int = 2
+    """ONNX Runtime intra-op threads per session."""
+
+    def __post_init__(self) -> None:
+        _check_positive("models.threads", self.threads)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """Daily attempt caps per training type and the calendar that defines "a day"."""
+
+    cap_spl: int = 5
+    cap_webinar: int = 10
+    cap_offline: int = 10
+    """The programme's FAQ sets no OFFLINE cap; this is the operator's choice."""
+    timezone: str = "Asia/Jakarta"
+    """Counts reset at midnight in this zone (WIB)."""
+
+    def __post_init__(self) -> None:
+        for name in ("cap_spl", "cap_webinar", "cap_offline"):
+            _check_positive(f"limits.{name}", getattr(self, name))
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigError(f"limits.timezone={self.timezone!r}: not an IANA zone") from exc
+
+    def daily_cap(self, training_type: str) -> int:
+        """The cap for ``training_type`` ("SPL", "WEBINAR" or "OFFLINE", any case)."""
+        caps = {"SPL": self.cap_spl, "WEBINAR": self.cap_webinar, "OFFLINE": self.cap_offline}
+        return caps[training_type.upper()]
+
+
+@dataclass(frozen=True, slots=True)
+class TemplatesSettings:
+    """Encryption of face templates at rest (AES-GCM; the key never goes to Redis)."""
+
+    key_file: Path = Path("var/keys/templates.key")
+    """File holding the template key (used when ``key`` is empty)."""
+    key: str = _secret()
+    """The template key itself (base64), for deployments that inject secrets as env."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokensSettings:
+    """The signed tokens handed to LMS gates."""
+
+    key_dir: Path = Path("var/keys/tokens")
+    """Directory of Ed25519 signing keys (``facesvc keys generate|rotate|list``)."""
+    ttl_s: int = 120
+    """Token lifetime in seconds."""
+    issuer: str = "facesvc"
+    """The ``iss`` claim."""
+
+    def __post_init__(self) -> None:
+        _check_positive("tokens.ttl_s", self.ttl_s)
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessSettings:
+    """Liveness policy per training type and for kiosks (off | passive | challenge).
+
+    Challenge-response is the default everywhere: the passive model alone is a weak
+    signal (see DESIGN.md), so switching to "passive" or "off" is an explicit choice.
+    """
+
+    spl: LivenessPolicy = "challenge"
+    webinar: LivenessPolicy = "challenge"
+    offline: LivenessPolicy = "challenge"
+    kiosk: LivenessPolicy = "challenge"
+    """Applies to every scan from a kiosk caller, whatever the training type."""
+
+    def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:
+        """The policy for a scan of ``training_type`` ("SPL", ...), from a kiosk or not."""
+        if kiosk:
+            return self.kiosk
+        value: LivenessPolicy = getattr(self, training_type.lower())
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    """Caller authentication and transport security."""
+
+    api_keys_file: Path | None = None
+    """File of API keys and the role each grants; unset = no authentication (dev only)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """CA for client certificates: set it to require mTLS."""
+    allow_plaintext: bool = True
+    """Serve gRPC without TLS when no certificate is set. Turn off in production."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("security.tls_cert and security.tls_key must be set together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("security.tls_ca (mTLS) needs security.tls_cert and tls_key")
+        if self.tls_cert is None and not self.allow_plaintext:
+            raise ConfigError(
+                "security.allow_plaintext is off but no security.tls_cert/tls_key is set"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    """Structured logs on stderr (never images, templates or secrets)."""
+
+    level: str = "INFO"
+    format: LogFormat = "json"
+
+    def __post_init__(self) -> None:
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"logging.level={self.level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All settings; build with :func:`load_settings`."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    templates: TemplatesSettings = field(default_factory=TemplatesSettings)
+    tokens: TokensSettings = field(default_factory=TokensSettings)
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+
+# ---------------------------------------------------------------- naming
+
+
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """One setting: where it lives and what it is called in each source."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    secret: bool
+    doc: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.section}_{self.name}".upper()
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.section}-{self.name}".replace("_", "-")
+
+
+def _section_types() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def _field_docs(cls: type[Any]) -> dict[str, str]:
+    """Attribute docstrings (the string right after a field) by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def settings_info() -> list[SettingInfo]:
+    """Every setting, in declaration order (used for flags, README's table and tests)."""
+    out = []
+    for section, cls in _section_types().items():
+        hints = typing.get_type_hints(cls)
+        docs = _field_docs(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            out.append(
+                SettingInfo(
+                    section=section,
+                    name=f.name,
+                    type=hints[f.name],
+                    default=getattr(defaults, f.name),
+                    secret=bool(f.metadata.get("secret")),
+                    doc=docs.get(f.name, ""),
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _coerce(info: SettingInfo, raw: Any, source: str) -> Any:
+    """``raw`` (a string from env/flags, or a TOML value) as ``info.type``."""
+    tp = info.type
+    where = f"{info.dotted} (from {source})"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(dataclasses.replace(info, type=inner), raw, source)
+    if origin is Literal:
+        value = str(raw).strip().lower()
+        if value not in args:
+            raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(args)}")
+        return value
+    if origin is tuple:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: {raw!r} is not a boolean (true/false)")
+    if tp in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: {raw!r} is not a number")
+        try:
+            return tp(raw)
+        except (TypeError, ValueError):
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(f"{where}: {raw!r} is not {kind}") from None
+    if tp is Path:
+        return Path(str(raw)).expanduser()
+    if tp is str:
+        return str(raw)
+    raise TypeError(f"{info.dotted}: unsupported setting type {tp!r}")
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    known = {i.dotted for i in settings_info()}
+    flat: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [{section}] must be a table")
+        for name, value in table.items():
+            dotted = f"{section}.{name}"
+            if dotted not in known:
+                raise ConfigError(f"config file {path}: unknown setting {dotted}")
+            flat[dotted] = value
+    return flat
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings from defaults < TOML file < env < ``overrides``.
+
+    ``env`` defaults to ``os.environ``; ``config_file`` defaults to env
+    ``FACESVC_CONFIG``; ``overrides`` maps dotted names (``"server.grpc_port"``)
+    to strings or typed values (the CLI passes its flags here). Unknown
+    ``FACESVC_*`` variables are ignored (other tools may share the prefix).
+    """
+    env = os.environ if env is None else env
+    if config_file is None and env.get(CONFIG_FILE_ENV):
+        config_file = Path(env[CONFIG_FILE_ENV])
+    from_file = _from_file(config_file) if config_file is not None else {}
+    overrides = dict(overrides or {})
+    known = {i.dotted for i in settings_info()}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+
+    sections: dict[str, dict[str, Any]] = {}
+    for info in settings_info():
+        value: Any = dataclasses.MISSING
+        if info.dotted in overrides:
+            value = _coerce(info, overrides[info.dotted], f"flag {info.flag}")
+        elif info.env in env:
+            value = _coerce(info, env[info.env], f"env {info.env}")
+        elif info.dotted in from_file:
+            value = _coerce(info, from_file[info.dotted], f"file {config_file}")
+        if value is not dataclasses.MISSING:
+            sections.setdefault(info.section, {})[info.name] = value
+    built = {name: cls(**sections.get(name, {})) for name, cls in _section_types().items()}
+    return Settings(**built)
+
+
+# ---------------------------------------------------------------- describing
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _shown(info: SettingInfo, value: Any) -> str:
+    if info.secret:
+        return "<redacted>" if value else "<unset>"
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return "<unset>" if value is None else str(value)
+
+
+def iter_values(settings: Settings) -> Iterator[tuple[SettingInfo, Any]]:
+    """(setting, current value) for every setting."""
+    for info in settings_info():
+        yield info, getattr(getattr(settings, info.section), info.name)
+
+
+def describe(settings: Settings) -> str:
+    """One ``section.name = value`` line per setting, secrets redacted, for start-up logs."""
+    return "\n".join(f"{i.dotted} = {_shown(i, v)}" for i, v in iter_values(settings))
