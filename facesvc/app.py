@@ -22,7 +22,6 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
@@ -36,6 +35,7 @@ from facesvc.grpc_api import (
 from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
 from facesvc.metrics import Metrics
+from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.validation import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Resources:
     """What an engine factory gets to build the engine from."""
 
     settings: Settings
-    redis: Redis
+    redis: AsyncRedis
     metrics: Metrics
 
 
@@ -103,10 +103,10 @@ class App:
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
         server = settings.server
-        self.redis = Redis.from_url(
+        self.redis = redis_client_from_url(
             settings.redis.url,
-            socket_connect_timeout=settings.redis.connect_timeout_s,
-            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout_s=settings.redis.connect_timeout_s,
+            socket_timeout_s=settings.redis.socket_timeout_s,
         )
         self.servicer = FaceVerificationServicer(
             None,

@@ -44,6 +44,17 @@ LivenessPolicy = Literal["off", "passive", "challenge"]
 
 LogFormat = Literal["json", "kv"]
 
+# What facesvc.redis_client accepts: a single server, a Cluster or a Sentinel set.
+_REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names the setting and its sources."""
@@ -110,7 +121,8 @@ class RedisSettings:
     """The Redis server holding caps, templates, challenges, used tokens and audit."""
 
     url: str = "redis://127.0.0.1:6379/0"
-    """redis:// or rediss:// URL; a password in it is redacted in logs."""
+    """Server URL (redis://, rediss://, unix://, redis+cluster://, redis+sentinel://);
+    a password in it is redacted in logs."""
     connect_timeout_s: float = 0.5
     socket_timeout_s: float = 1.0
     health_interval_s: float = 1.0
@@ -121,9 +133,10 @@ class RedisSettings:
     """Prefix of every key, so several deployments (or tests) can share one server."""
 
     def __post_init__(self) -> None:
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
+        if urlsplit(self.url).scheme not in _REDIS_SCHEMES:
             raise ConfigError(
-                f"redis.url={redact_url(self.url)}: use redis://, rediss:// or unix://"
+                f"redis.url={redact_url(self.url)}: use one of "
+                + ", ".join(f"{s}://" for s in _REDIS_SCHEMES)
             )
         for name in ("connect_timeout_s", "socket_timeout_s", "health_interval_s"):
             _check_positive(f"redis.{name}", getattr(self, name))

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from facesvc.metrics import Metrics
+from facesvc.redis_client import AsyncRedis, redis_reachable
 
 FACESVC_SERVICE = "facesvc.v1.FaceVerification"
 """The gRPC service name health is reported for, besides the overall ``""``."""
@@ -94,7 +93,9 @@ class Health:
 class RedisProbe:
     """Pings Redis every ``interval_s``; a ping slower than ``timeout_s`` counts as down."""
 
-    def __init__(self, redis: Redis, health: Health, interval_s: float, timeout_s: float) -> None:
+    def __init__(
+        self, redis: AsyncRedis, health: Health, interval_s: float, timeout_s: float
+    ) -> None:
         self._redis = redis
         self._health = health
         self._interval_s = interval_s
@@ -103,10 +104,9 @@ class RedisProbe:
     async def ping(self) -> bool:
         """True when Redis answered PING within the timeout."""
         try:
-            await asyncio.wait_for(self._redis.ping(), self._timeout_s)
-        except (RedisError, OSError, TimeoutError):
+            return await asyncio.wait_for(redis_reachable(self._redis), self._timeout_s)
+        except TimeoutError:
             return False
-        return True
 
     async def run(self) -> None:
         """Probe until cancelled."""
