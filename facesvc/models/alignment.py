@@ -1,0 +1,298 @@
+"""Face alignment: dlib's face chips and generic five-point similarity warps.
+
+Two ways to cut an aligned face out of a frame:
+
+- ``dlib_face_chip`` reproduces ``dlib.get_face_chip(img, det, size, padding)`` (dlib's
+  ``get_face_chip_details`` followed by ``extract_image_chip``, dlib/image_transforms/
+  interpolation.h) pixel for pixel, because dlib's ResNet was trained on exactly those chips:
+  the five landmarks are fitted to dlib's mean-face template with a least-squares similarity
+  transform, large faces are first reduced with dlib's 5x5 Gaussian ``pyramid_down<2>`` so
+  that bilinear sampling does not alias, and samples that fall outside the (cropped) source
+  are black.
+- ``warp_to_template`` maps any landmark set onto any template (ArcFace packs use
+  ``ARCFACE_TEMPLATE_112``) with a similarity transform and bilinear sampling.
+
+Coordinates are pixels, x to the right and y down; a pixel's centre is at its integer index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from facesvc.models.types import Points, RGBImage
+
+F64 = npt.NDArray[np.float64]
+
+ARCFACE_TEMPLATE_112: Final[Points] = np.array(
+    [
+        [38.2946, 51.6963],  # left eye (image left)
+        [73.5318, 51.5014],  # right eye
+        [56.0252, 71.7366],  # nose tip
+        [41.5493, 92.3655],  # left mouth corner
+        [70.7299, 92.2041],  # right mouth corner
+    ],
+    dtype=np.float32,
+)
+"""The standard ArcFace/InsightFace five-point template, (5, 2) pixels in a 112x112 chip."""
+
+DLIB_MEAN_FACE_5: Final[F64] = np.array(
+    [
+        [0.8595674595992, 0.2134981538014],  # outer corner of the eye on the image right
+        [0.6460604764104, 0.2289674387677],  # inner corner of that eye
+        [0.1205750620789, 0.2137274526848],  # outer corner of the eye on the image left
+        [0.3340850613712, 0.2290642403242],  # inner corner of that eye
+        [0.4901123135679, 0.6277975316475],  # bottom of the nose
+    ],
+    dtype=np.float64,
+)
+"""dlib's mean face for its 5-point landmark model (get_face_chip_details), (5, 2) in units
+of the unpadded chip side, in the order of shape_predictor_5_face_landmarks.dat."""
+
+
+def similarity_transform(src_points: npt.ArrayLike, dst_points: npt.ArrayLike) -> F64:
+    """The least-squares similarity (rotation, uniform scale, translation; no reflection)
+    mapping ``src_points`` onto ``dst_points``, both (K, 2) with K >= 2.
+
+    Umeyama's closed form (equations 34-43), the same computation as dlib's
+    ``find_similarity_transform``. Returns the (2, 3) float64 matrix ``[A | t]`` with
+    ``dst ~= A @ src + t``.
+    """
+    src = np.asarray(src_points, dtype=np.float64)
+    dst = np.asarray(dst_points, dtype=np.float64)
+    if src.ndim != 2 or src.shape[1] != 2 or src.shape != dst.shape or src.shape[0] < 2:
+        raise ValueError(f"need two (K, 2) point sets with K >= 2, got {src.shape} and {dst.shape}")
+    mean_src = src.mean(axis=0)
+    mean_dst = dst.mean(axis=0)
+    src_c = src - mean_src
+    dst_c = dst - mean_dst
+    sigma_src = float(np.mean(np.sum(src_c * src_c, axis=1)))
+    cov = dst_c.T @ src_c / src.shape[0]
+    u, d, vt = np.linalg.svd(cov)
+    s = np.eye(2)
+    det_cov = float(np.linalg.det(cov))
+    if det_cov < 0 or (det_cov == 0 and np.linalg.det(u) * np.linalg.det(vt) < 0):
+        # The best rotation would be a reflection: flip the weakest axis instead.
+        s[1, 1] = -1.0
+    rotation = u @ s @ vt
+    scale = float(np.trace(np.diag(d) @ s)) / sigma_src if sigma_src != 0 else 1.0
+    a = scale * rotation
+    t = mean_dst - a @ mean_src
+    return np.hstack([a, t[:, None]])
+
+
+def warp_to_template(
+    image: RGBImage, landmarks: npt.ArrayLike, template: npt.ArrayLike, size: int
+) -> RGBImage:
+    """The (size, size, 3) chip in which ``landmarks`` (K, 2 image pixels) land as close as a
+    similarity transform allows to ``template`` (K, 2 chip pixels).
+
+    Bilinear sampling, rounded to the nearest grey level; the frame is surrounded by black,
+    as with OpenCV's ``warpAffine(..., borderValue=0)`` that InsightFace's ``norm_crop`` uses.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    forward = similarity_transform(landmarks, template)
+    inverse = _invert_affine(forward)
+    xs, ys = _map_grid(inverse, size, size)
+    # One black pixel around the frame lets border samples blend towards black smoothly.
+    padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+    values, inside = _bilinear(padded, xs + 1.0, ys + 1.0)
+    out = np.where(inside[..., None], np.floor(values + 0.5), 0.0)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def dlib_face_chip(
+    image: RGBImage, landmarks5: npt.ArrayLike, size: int = 150, padding: float = 0.25
+) -> RGBImage:
+    """dlib's aligned face chip: ``dlib.get_face_chip(image, det, size, padding)``.
+
+    ``image`` is (H, W, 3) uint8 RGB; ``landmarks5`` the (5, 2) points of dlib's 5-point
+    model in image pixels (dlib rounds them to integers; pass them as the shape predictor
+    returns them). ``padding`` is the margin around the mean face as a fraction of its side.
+    Returns the (size, size, 3) uint8 chip.
+    """
+    points = np.asarray(landmarks5, dtype=np.float64)
+    if points.shape != (5, 2):
+        raise ValueError(f"landmarks5 must be (5, 2), got {points.shape}")
+    if size <= 0 or padding < 0:
+        raise ValueError(f"need size > 0 and padding >= 0, got size={size}, padding={padding}")
+    template = (padding + DLIB_MEAN_FACE_5) / (2 * padding + 1) * size
+    chip_to_image = similarity_transform(template, points)
+    # chip_details(chip_points, img_points, dims): the rotation and scale of the transform
+    # plus a rectangle of size*scale centred on where the chip centre lands.
+    angle = math.atan2(chip_to_image[1, 0], chip_to_image[0, 0])
+    scale = math.hypot(chip_to_image[0, 0], chip_to_image[1, 0])
+    centre = chip_to_image[:, :2] @ np.array([size / 2.0, size / 2.0]) + chip_to_image[:, 2]
+    half = (size * scale - 1.0) / 2.0  # centered_drect: the rectangle spans width - 1
+    rect = _DRect(centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half)
+    return _extract_image_chip(image, rect, angle, size, size)
+
+
+class _DRect:
+    """dlib's ``drectangle``: inclusive float edges, so width is right - left + 1."""
+
+    __slots__ = ("bottom", "left", "right", "top")
+
+    def __init__(self, left: float, top: float, right: float, bottom: float) -> None:
+        self.left, self.top, self.right, self.bottom = left, top, right, bottom
+
+    @classmethod
+    def spanning(cls, xs: npt.ArrayLike, ys: npt.ArrayLike) -> _DRect:
+        x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+        return cls(float(x.min()), float(y.min()), float(x.max()), float(y.max()))
+
+    def is_empty(self) -> bool:
+        return self.top > self.bottom or self.left > self.right
+
+    def area(self) -> float:
+        if self.is_empty():
+            return 0.0
+        return (self.right - self.left + 1.0) * (self.bottom - self.top + 1.0)
+
+    def centre(self) -> tuple[float, float]:
+        return (self.left + self.right) / 2.0, (self.top + self.bottom) / 2.0
+
+    def translated(self, dx: float, dy: float) -> _DRect:
+        return _DRect(self.left + dx, self.top + dy, self.right + dx, self.bottom + dy)
+
+    def down(self) -> _DRect:
+        """``pyramid_down<2>::rect_down``: where this rectangle lies one level down."""
+        return _DRect.spanning(
+            [self.left / 2.0 - 1.25, self.right / 2.0 - 1.25],
+            [self.top / 2.0 - 0.75, self.bottom / 2.0 - 0.75],
+        )
+
+    def rotated_corners(self, angle: float) -> F64:
+        """(3, 2): top-left, top-right and bottom-left corners rotated by ``angle`` radians
+        about the centre (dlib's ``rotate_point``)."""
+        cx, cy = self.centre()
+        corners = np.array(
+            [[self.left, self.top], [self.right, self.top], [self.left, self.bottom]]
+        )
+        c, s = math.cos(angle), math.sin(angle)
+        dx, dy = corners[:, 0] - cx, corners[:, 1] - cy
+        return np.stack([c * dx - s * dy + cx, s * dx + c * dy + cy], axis=1)
+
+    def rotated_bounds(self, angle: float) -> _DRect:
+        """Bounding box of all four corners rotated by ``angle`` about the centre."""
+        tl, tr, bl = self.rotated_corners(angle)
+        br = tr + bl - tl  # the rotation preserves the parallelogram
+        pts = np.stack([tl, tr, bl, br])
+        return _DRect.spanning(pts[:, 0], pts[:, 1])
+
+
+def _round_half_up(v: float) -> int:
+    """dlib's conversion of a float coordinate to an integer pixel: floor(v + 0.5)."""
+    return math.floor(v + 0.5)
+
+
+def _extract_image_chip(
+    image: RGBImage, rect: _DRect, angle: float, rows: int, cols: int
+) -> RGBImage:
+    """dlib's ``extract_image_chips`` for one chip with bilinear interpolation."""
+    height, width = image.shape[:2]
+    chip_pixels = rows * cols
+    # How many pyramid levels until the rectangle is no larger than the chip; each level
+    # needs a wider crop margin so the 5x5 filter sees real pixels at the crop's edges.
+    depth, grow = 0, 2.0
+    probe = rect.down()
+    while probe.area() > chip_pixels:
+        probe = probe.down()
+        depth += 1
+        grow = grow * 2 + 2
+    bounds = rect.rotated_bounds(angle)
+    crop = _DRect(
+        max(bounds.left - grow, 0.0),
+        max(bounds.top - grow, 0.0),
+        min(bounds.right + grow, width - 1.0),
+        min(bounds.bottom + grow, height - 1.0),
+    )
+    out = np.zeros((rows, cols, 3), dtype=np.uint8)
+    if crop.is_empty():
+        return out  # the face lies wholly outside the frame
+    left, top = _round_half_up(crop.left), _round_half_up(crop.top)
+    right, bottom = _round_half_up(crop.right), _round_half_up(crop.bottom)
+    source = image[top : bottom + 1, left : right + 1]
+
+    local = rect.translated(-left, -top)
+    level = -1
+    while local.down().area() > chip_pixels:
+        level += 1
+        local = local.down()
+    for _ in range(level + 1):
+        source = _pyramid_down_2(source)
+    if source.shape[0] < 2 or source.shape[1] < 2:
+        return out  # nothing left to interpolate between: dlib leaves the chip black
+
+    # Chip corners (0, 0), (cols-1, 0), (0, rows-1) go to the rotated rectangle's corners.
+    tl, tr, bl = local.rotated_corners(angle)
+    ax = (tr - tl) / max(cols - 1, 1)
+    ay = (bl - tl) / max(rows - 1, 1)
+    chip_to_source = np.array([[ax[0], ay[0], tl[0]], [ax[1], ay[1], tl[1]]])
+    xs, ys = _map_grid(chip_to_source, rows, cols)
+    values, inside = _bilinear(source, xs, ys)
+    # dlib assigns a double to an unsigned char by clamping and truncating.
+    out[inside] = np.clip(values[inside], 0, 255).astype(np.uint8)
+    return out
+
+
+def _pyramid_down_2(image: RGBImage) -> RGBImage:
+    """dlib's ``pyramid_down<2>`` for RGB images: a separable [1 4 6 4 1] filter, every
+    other row and column kept, integer sums divided (truncating) by 256.
+
+    (H, W, 3) uint8 -> ((H-3)//2, (W-3)//2, 3) uint8; an image 8 pixels or less on a side
+    becomes empty, as in dlib.
+    """
+    height, width = image.shape[:2]
+    if height <= 8 or width <= 8:
+        return np.zeros((0, 0, 3), dtype=np.uint8)
+    out_h, out_w = (height - 3) // 2, (width - 3) // 2
+    x = image.astype(np.uint32)
+    taps = (1, 4, 6, 4, 1)
+    rows = np.zeros((height, out_w, 3), dtype=np.uint32)
+    for k, w in enumerate(taps):
+        rows += w * x[:, k : k + 2 * out_w : 2]
+    both = np.zeros((out_h, out_w, 3), dtype=np.uint32)
+    for k, w in enumerate(taps):
+        both += w * rows[k : k + 2 * out_h : 2]
+    return (both // 256).astype(np.uint8)
+
+
+def _invert_affine(m: F64) -> F64:
+    """Inverse of a (2, 3) affine matrix."""
+    a_inv = np.linalg.inv(m[:, :2])
+    return np.hstack([a_inv, -(a_inv @ m[:, 2])[:, None]])
+
+
+def _map_grid(m: F64, rows: int, cols: int) -> tuple[F64, F64]:
+    """Source coordinates (rows, cols) x 2 of every output pixel under the affine ``m``."""
+    c, r = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(rows, dtype=np.float64))
+    return m[0, 0] * c + m[0, 1] * r + m[0, 2], m[1, 0] * c + m[1, 1] * r + m[1, 2]
+
+
+def _bilinear(image: RGBImage, xs: F64, ys: F64) -> tuple[F64, npt.NDArray[np.bool_]]:
+    """Bilinear samples of ``image`` (H, W, C) at (xs, ys) and whether each sample had all
+    four neighbours inside the image (dlib's ``interpolate_bilinear``); samples without them
+    are zero. ``image`` must be at least 2x2. Returns values (..., C) float64 and the mask
+    (...)."""
+    height, width = image.shape[:2]
+    left = np.floor(xs)
+    top = np.floor(ys)
+    inside = (left >= 0) & (top >= 0) & (left + 1 < width) & (top + 1 < height)
+    # Flat indices into (H*W, C); outside samples read pixel 0 and are masked afterwards.
+    flat = np.where(inside, top * width + left, 0).astype(np.intp)
+    dx = inside.astype(np.intp)
+    dy = dx * width
+    pixels = image.reshape(-1, image.shape[2])
+    tl = pixels[flat].astype(np.float64)
+    tr = pixels[flat + dx].astype(np.float64)
+    bl = pixels[flat + dy].astype(np.float64)
+    br = pixels[flat + dy + dx].astype(np.float64)
+    fx = (xs - left)[..., None]
+    fy = (ys - top)[..., None]
+    values = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
+    return np.where(inside[..., None], values, 0.0), inside
