@@ -19,6 +19,7 @@ sees :class:`facesvc.redis_errors.StoreUnavailable` (fail closed).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
@@ -133,3 +134,39 @@ async def redis_reachable(client: AsyncRedis) -> bool:
         return bool(await client.ping())
     except Exception:  # health must never raise: any failure means "not serving"
         return False
+
+
+async def scan_keys(
+    client: AsyncRedis, pattern: str, *, slot_of: str | None = None, count: int = 500
+) -> AsyncIterator[str]:
+    """Yield every key matching the SCAN MATCH ``pattern`` (SCAN, never KEYS: no blocking).
+
+    ``slot_of`` is any key whose hash tag every match shares (e.g. a participant's
+    ``<prefix>:{p:<id>}``): on a cluster only the primary owning that slot is scanned; without
+    it every primary is. ``count`` is SCAN's per-call hint. A key written during the scan may
+    or may not be seen (SCAN's guarantee). Keys are yielded as text (the service's keys are
+    ASCII by construction).
+    """
+    if isinstance(client, RedisCluster) and slot_of is not None:
+        node = client.get_node_from_key(slot_of)
+        if node is None:
+            raise RuntimeError(f"no cluster node owns the slot of {slot_of!r}")
+        cursor = 0
+        while True:
+            # With one target node redis-py answers ({node name: cursor}, keys).
+            reply = cast(
+                tuple[dict[str, int], list[bytes | str]],
+                await client.scan(cursor, match=pattern, count=count, target_nodes=node),
+            )
+            for key in reply[1]:
+                yield _text(key)
+            cursor = reply[0][node.name]
+            if cursor == 0:
+                return
+    async for key in client.scan_iter(match=pattern, count=count):
+        yield _text(key)
+
+
+def _text(key: bytes | str) -> str:
+    """A key as text, whether or not the client decodes responses."""
+    return key.decode() if isinstance(key, bytes) else key

@@ -1,0 +1,268 @@
+"""Encrypted templates against a real Redis server: secrecy, binding, rotation, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import redis.asyncio as aioredis
+
+from facesvc.clock import SystemClock
+from facesvc.domain import TrainingType
+from facesvc.limits.caps import AttemptCaps, default_cap_rules
+from facesvc.redis_client import redis_client_from_url
+from facesvc.redis_errors import StoreUnavailable
+from facesvc.templates import (
+    AlreadyEnrolled,
+    Template,
+    TemplateKeyRing,
+    TemplateStore,
+    TemplateUnreadable,
+    generate_template_key,
+)
+from tests.redis_child import free_port
+
+REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+CREATED = datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+
+Scenario = Callable[[aioredis.Redis, str], Awaitable[None]]
+
+
+def run(scenario: Scenario) -> None:
+    """Run ``scenario`` with a client and a unique key prefix, then delete that prefix."""
+
+    async def main() -> None:
+        client = redis_client_from_url(REDIS_URL, socket_timeout_s=2.0)
+        assert isinstance(client, aioredis.Redis)
+        prefix = f"test-tpl-{uuid.uuid4().hex[:12]}"
+        try:
+            await scenario(client, prefix)
+        finally:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def ring(*kids: str, active: str | None = None) -> TemplateKeyRing:
+    return TemplateKeyRing.parse("\n".join(generate_template_key(kid) for kid in kids), active)
+
+
+def descriptors(seed: int, rows: int = 3, dim: int = 128) -> npt.NDArray[np.float32]:
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def template(pid: str, seed: int = 1, pack: str = "dlib-resnet-v1") -> Template:
+    return Template(pid, pack, descriptors(seed), CREATED, image_count=3)
+
+
+def test_round_trip_keeps_every_descriptor() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        original = template("p1")
+        meta = await store.put(original, replace=False)
+        assert (meta.descriptor_count, meta.descriptor_dim, meta.key_id) == (3, 128, "k1")
+        loaded = await store.get("p1")
+        assert loaded is not None
+        assert loaded.descriptors.dtype == np.float32
+        assert np.array_equal(loaded.descriptors, original.descriptors)
+        assert (loaded.participant_id, loaded.model_pack) == ("p1", "dlib-resnet-v1")
+        assert (loaded.created_at, loaded.image_count) == (CREATED, 3)
+        assert await store.metadata("p1") == meta
+        assert await store.get("p2") is None
+        assert await store.metadata("p2") is None
+
+    run(scenario)
+
+
+def test_raw_value_holds_no_descriptor_bytes() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        original = template("p1", pack="secret-pack-name")
+        await store.put(original, replace=False)
+        raw = await client.get(f"{prefix}:{{p:p1}}:template")
+        assert isinstance(raw, bytes)
+        needles = [original.descriptors.tobytes()]
+        for row in original.descriptors:
+            needles += [row.tobytes(), row.tobytes()[:16], row.astype(">f4").tobytes()[:16]]
+        needles += [base64.b64encode(n) for n in list(needles)]
+        needles += [b"secret-pack-name", repr(float(original.descriptors[0, 0])).encode()[:8]]
+        for needle in needles:
+            assert needle not in raw
+
+    run(scenario)
+
+
+def test_tampered_value_fails_to_decrypt() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        await store.put(template("p1"), replace=False)
+        key = f"{prefix}:{{p:p1}}:template"
+        raw = await client.get(key)
+        assert isinstance(raw, bytes)
+        for position in (len(raw) - 1, len(raw) // 2, 12):  # tag, ciphertext, nonce
+            flipped = bytearray(raw)
+            flipped[position] ^= 0x01
+            await client.set(key, bytes(flipped))
+            with pytest.raises(TemplateUnreadable, match="failed authentication"):
+                await store.get("p1")
+        await client.set(key, b"not a template")
+        with pytest.raises(TemplateUnreadable, match="format"):
+            await store.get("p1")
+
+    run(scenario)
+
+
+def test_value_moved_to_another_participant_fails_to_decrypt() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        await store.put(template("victim"), replace=False)
+        raw = await client.get(f"{prefix}:{{p:victim}}:template")
+        assert isinstance(raw, bytes)
+        await client.set(f"{prefix}:{{p:attacker}}:template", raw)
+        with pytest.raises(TemplateUnreadable, match="another participant"):
+            await store.get("attacker")
+
+    run(scenario)
+
+
+def test_replace_semantics() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        await store.put(template("p1", seed=1), replace=False)
+        with pytest.raises(AlreadyEnrolled, match="already enrolled"):
+            await store.put(template("p1", seed=2), replace=False)
+        loaded = await store.get("p1")
+        assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(1))
+        await store.put(template("p1", seed=2), replace=True)
+        loaded = await store.get("p1")
+        assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(2))
+
+    run(scenario)
+
+
+def test_rekey_moves_every_template_to_the_active_key() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        line_k1, line_k2 = generate_template_key("k1"), generate_template_key("k2")
+        old = TemplateStore(client, TemplateKeyRing.parse(line_k1), key_prefix=prefix)
+        for seed, pid in enumerate(("p1", "p2", "p3")):
+            await old.put(template(pid, seed=seed), replace=False)
+        # The same k1 plus a new k2, made active by being the last line.
+        new = TemplateStore(
+            client, TemplateKeyRing.parse(f"{line_k1}\n{line_k2}"), key_prefix=prefix
+        )
+        meta = await new.metadata("p1")
+        assert meta is not None and meta.key_id == "k1"  # old values read before the rekey
+        await new.put(template("p4"), replace=False)  # new writes use the active key
+
+        result = await new.rekey_all()
+        assert (result.rekeyed, result.current, result.unreadable) == (3, 1, ())
+        for pid in ("p1", "p2", "p3", "p4"):
+            meta = await new.metadata(pid)
+            assert meta is not None and meta.key_id == "k2"
+        # The old key is no longer needed ...
+        only_new = TemplateStore(client, TemplateKeyRing.parse(line_k2), key_prefix=prefix)
+        loaded = await only_new.get("p1")
+        assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(0))
+        # ... and a store holding only the old key cannot read the new values.
+        with pytest.raises(TemplateUnreadable, match="'k2'"):
+            await old.get("p1")
+        assert (await new.rekey_all()).rekeyed == 0
+
+        # A template under a key the ring lacks is reported and left alone.
+        stranger = TemplateStore(client, ring("k9"), key_prefix=prefix)
+        await stranger.put(template("p9"), replace=False)
+        result = await new.rekey_all()
+        assert (result.rekeyed, result.current, result.unreadable) == (0, 4, ("p9",))
+
+    run(scenario)
+
+
+def test_delete_removes_every_key_of_that_participant_only() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix)
+        now = SystemClock().now()
+        for pid in ("p1", "p10", "p2"):
+            await store.put(template(pid), replace=False)
+            await caps.reserve(pid, "t1", TrainingType.SPL, now, idempotency_key="k")
+            await client.set(f"{prefix}:{{p:{pid}}}:challenge:abc", b"x")
+        assert await store.delete("p1") is True
+        left = sorted([key async for key in client.scan_iter(match=f"{prefix}:*")])
+        assert left and not any("{p:p1}" in key.decode() for key in left)
+        assert sum("{p:p10}" in key.decode() for key in left) == 4
+        assert sum("{p:p2}" in key.decode() for key in left) == 4
+        assert await store.get("p1") is None
+        assert (await caps.usage("p1", "t1", TrainingType.SPL, now)).used == 0
+        assert await store.delete("p1") is False
+        assert await store.get("p10") is not None
+
+    run(scenario)
+
+
+def test_malformed_templates_are_refused() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, ring("k1"), key_prefix=prefix)
+        bad = [
+            Template("p1", "pack", descriptors(1)[0], CREATED, 1),  # 1-D
+            Template("p1", "pack", np.full((2, 4), np.nan, np.float32), CREATED, 1),
+            Template("p1", "", descriptors(1), CREATED, 1),
+            Template("p1", "pack", descriptors(1), CREATED, 0),
+            Template("p1", "pack", descriptors(1), CREATED.replace(tzinfo=None), 1),
+            Template("p}1", "pack", descriptors(1), CREATED, 1),
+        ]
+        for item in bad:
+            with pytest.raises(ValueError):
+                await store.put(item, replace=True)
+        assert await store.get("p1") is None
+
+    run(scenario)
+
+
+def test_key_ring_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = generate_template_key("2026-01"), generate_template_key("2026-07")
+    path = tmp_path / "template-keys"
+    path.write_text(f"# rotated 2026-07\n{a}\n\n{b}  # current\n")
+    assert TemplateKeyRing.from_file(path).active_kid == "2026-07"  # the last line
+    assert TemplateKeyRing.from_file(path, "2026-01").active_kid == "2026-01"
+    monkeypatch.setenv("FACESVC_TEMPLATE_KEYS", f"{a},{b}")
+    assert TemplateKeyRing.from_env().kids == ("2026-01", "2026-07")
+    with pytest.raises(ValueError, match="not in the key ring"):
+        TemplateKeyRing.parse(a, "other")
+    with pytest.raises(ValueError, match="32 bytes"):
+        TemplateKeyRing.parse("k:" + base64.b64encode(b"short").decode())
+    with pytest.raises(ValueError, match="base64"):
+        TemplateKeyRing.parse("k:!!!")
+    with pytest.raises(ValueError, match="twice"):
+        TemplateKeyRing.parse(f"{a}\n{a}")
+    with pytest.raises(ValueError, match="no template keys"):
+        TemplateKeyRing.parse("# nothing\n")
+    with pytest.raises(ValueError, match="key id"):
+        generate_template_key("bad kid")
+
+
+def test_redis_down_raises_store_unavailable() -> None:
+    async def main() -> None:
+        client = redis_client_from_url(f"redis://127.0.0.1:{free_port()}/0")
+        store = TemplateStore(client, ring("k1"), key_prefix="test-tpl-down")
+        try:
+            with pytest.raises(StoreUnavailable, match="read a template"):
+                await store.get("p1")
+            with pytest.raises(StoreUnavailable):
+                await store.put(template("p1"), replace=True)
+            with pytest.raises(StoreUnavailable):
+                await store.delete("p1")
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
