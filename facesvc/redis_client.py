@@ -159,14 +159,14 @@ async def scan_keys(
                 await client.scan(cursor, match=pattern, count=count, target_nodes=node),
             )
             for key in reply[1]:
-                yield _text(key)
+                yield reply_text(key)
             cursor = reply[0][node.name]
             if cursor == 0:
                 return
     async for key in client.scan_iter(match=pattern, count=count):
-        yield _text(key)
+        yield reply_text(key)
 
 
-def _text(key: bytes | str) -> str:
-    """A key as text, whether or not the client decodes responses."""
-    return key.decode() if isinstance(key, bytes) else key
+def reply_text(value: bytes | str) -> str:
+    """A reply item (key, field) as text, whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value

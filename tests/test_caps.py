@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -279,6 +280,25 @@ def test_redis_down_raises_store_unavailable() -> None:
                 await caps.refund(fake)
         finally:
             await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_redis_too_slow_raises_store_unavailable() -> None:
+    """A server that accepts connections but never answers: the socket timeout fails closed."""
+
+    async def main() -> None:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(16)  # the kernel completes handshakes; nobody ever replies
+            url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+            client = redis_client_from_url(url, socket_timeout_s=0.2, socket_connect_timeout_s=0.2)
+            caps = AttemptCaps(client, default_cap_rules(), key_prefix="test-caps-slow")
+            try:
+                with pytest.raises(StoreUnavailable, match="Timeout"):
+                    await caps.reserve("p1", "t1", SPL, future_day())
+            finally:
+                await client.aclose()
 
     asyncio.run(main())
 

@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, day_end, programme_day
 from facesvc.domain import TrainingType
-from facesvc.redis_client import AsyncRedis
+from facesvc.redis_client import AsyncRedis, reply_text
 from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace, validate_id
 
@@ -239,13 +239,13 @@ class AttemptCaps:
             reply: list[Any] = await self._reserve(keys=keys, args=args)
         outcome, rid, used, decision, replayed = reply
         prior = _as_bytes(decision) if decision is not None else None
-        if _as_text(outcome) == "exhausted":
+        if reply_text(outcome) == "exhausted":
             return Exhausted(int(used), limit, resets_at, bool(replayed), prior, idem_key)
         return Reservation(
             participant_id=participant_id,
             training_id=training_id,
             day=day,
-            reservation_id=_as_text(rid),
+            reservation_id=reply_text(rid),
             used=int(used),
             limit=limit,
             resets_at=resets_at,
@@ -298,11 +298,6 @@ class AttemptCaps:
         validate_id(training_id, "training_id")
         digest = hashlib.sha256(f"{training_id}\0{key}".encode()).hexdigest()[:32]
         return self._keys.idempotency(participant_id, digest)
-
-
-def _as_text(value: bytes | str) -> str:
-    """A reply field as text, whether or not the client decodes responses."""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _as_bytes(value: bytes | str) -> bytes:
