@@ -41,6 +41,9 @@ class KeySpace:
     """Builds key names under one prefix; holds no connection."""
 
     def __init__(self, prefix: str = "facesvc") -> None:
+        """``prefix`` may end in ":" (``redis.key_prefix`` is written that way); the
+        separator is added here either way, so "facesvc" and "facesvc:" name the same keys."""
+        prefix = prefix.removesuffix(":")
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
                 f"key prefix must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-' "
