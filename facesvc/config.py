@@ -168,10 +168,18 @@ class LimitsSettings:
     """The programme's FAQ sets no OFFLINE cap; this is the operator's choice."""
     timezone: str = "Asia/Jakarta"
     """Counts reset at midnight in this zone (WIB)."""
+    cap_expiry_grace_s: float = 3600.0
+    """A day's attempt counter is kept this long after the day ends, in seconds (absorbs clock
+    skew with Redis; the day is in the key name, so the grace never lengthens a day)."""
+    idempotency_ttl_s: float = 600.0
+    """How long, in seconds, a Verify retried with the same idempotency_key gets the first
+    answer back instead of spending another attempt."""
 
     def __post_init__(self) -> None:
-        for name in ("cap_spl", "cap_webinar", "cap_offline"):
+        for name in ("cap_spl", "cap_webinar", "cap_offline", "idempotency_ttl_s"):
             _check_positive(f"limits.{name}", getattr(self, name))
+        if self.cap_expiry_grace_s < 0:
+            raise ConfigError(f"limits.cap_expiry_grace_s={self.cap_expiry_grace_s}: must be >= 0")
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -188,9 +196,14 @@ class TemplatesSettings:
     """Encryption of face templates at rest (AES-GCM; the key never goes to Redis)."""
 
     key_file: Path = Path("var/keys/templates.key")
-    """File holding the template key (used when ``key`` is empty)."""
+    """File of template keys, one ``kid:base64key`` per line (used when ``key`` is empty);
+    keep it readable by the service user only."""
     key: str = _secret()
-    """The template key itself (base64), for deployments that inject secrets as env."""
+    """Template keys inline, ``kid:base64key`` entries separated by commas, for deployments
+    that inject secrets as env."""
+    active_kid: str = ""
+    """The key id that encrypts new templates; empty: the last entry (append a key to rotate,
+    then run ``facesvc templates rekey``)."""
 
 
 @dataclass(frozen=True, slots=True)
