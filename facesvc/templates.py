@@ -15,10 +15,11 @@ associated data is the header (magic, version, kid) plus the participant id, so 
 copied to another participant's key, or relabelled with another kid or version, fails
 authentication instead of decrypting.
 
-Keys live outside Redis in a :class:`TemplateKeyRing` (a file or an env var, one
-``kid:base64key`` per line, several kids readable, one active for writes). Rotation: add a new
-key and make it active, run :meth:`TemplateStore.rekey_all` (CLI ``facesvc templates rekey``),
-then retire the old line once it reports nothing left under the old kid.
+Keys live outside Redis in a :class:`TemplateKeyRing`: ``kid:base64key`` entries from
+``templates.key_file`` (one per line) or ``templates.key`` (env ``FACESVC_TEMPLATES_KEY``,
+comma-separated); every kid decrypts, one active kid encrypts. Rotation: append a new key
+(it becomes active), run :meth:`TemplateStore.rekey_all` (CLI ``facesvc templates rekey``),
+then retire the old entry once a pass reports nothing left under it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import secrets
 import struct
@@ -127,7 +127,8 @@ class TemplateKeyRing:
     @classmethod
     def parse(cls, text: str, active_kid: str | None = None) -> TemplateKeyRing:
         """Read ``kid:base64key`` entries, separated by newlines or commas; ``#`` starts a
-        comment. The active kid is ``active_kid``, else the last entry (append to rotate)."""
+        comment. The active kid is ``active_kid``; None or "" means the last entry (append a
+        key to rotate)."""
         keys: dict[str, bytes] = {}
         for raw in re.split(r"[\n,]", text):
             entry = raw.split("#", 1)[0].strip()
@@ -147,22 +148,12 @@ class TemplateKeyRing:
                 "no template keys configured: add a kid:base64key entry holding 32 random "
                 "bytes (generate_template_key makes one)"
             )
-        return cls(keys, active_kid if active_kid is not None else list(keys)[-1])
+        return cls(keys, active_kid or list(keys)[-1])
 
     @classmethod
     def from_file(cls, path: Path, active_kid: str | None = None) -> TemplateKeyRing:
         """Load from a file (see :meth:`parse`); keep it readable by the service user only."""
         return cls.parse(path.read_text(encoding="ascii"), active_kid)
-
-    @classmethod
-    def from_env(
-        cls, variable: str = "FACESVC_TEMPLATE_KEYS", active_kid: str | None = None
-    ) -> TemplateKeyRing:
-        """Load from an environment variable (see :meth:`parse`)."""
-        text = os.environ.get(variable)
-        if text is None:
-            raise ValueError(f"{variable} is not set: it must hold kid:base64key entries")
-        return cls.parse(text, active_kid)
 
     @property
     def kids(self) -> tuple[str, ...]:

@@ -210,6 +210,18 @@ def test_delete_removes_every_key_of_that_participant_only() -> None:
     run(scenario)
 
 
+def test_prefix_with_or_without_trailing_colon_names_the_same_keys() -> None:
+    async def scenario(client: aioredis.Redis, prefix: str) -> None:
+        keys = ring("k1")
+        await TemplateStore(client, keys, key_prefix=f"{prefix}:").put(
+            template("p1"), replace=False
+        )
+        assert await TemplateStore(client, keys, key_prefix=prefix).get("p1") is not None
+        assert await client.exists(f"{prefix}:{{p:p1}}:template") == 1
+
+    run(scenario)
+
+
 def test_malformed_templates_are_refused() -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
@@ -229,14 +241,13 @@ def test_malformed_templates_are_refused() -> None:
     run(scenario)
 
 
-def test_key_ring_parsing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_ring_parsing(tmp_path: Path) -> None:
     a, b = generate_template_key("2026-01"), generate_template_key("2026-07")
     path = tmp_path / "template-keys"
     path.write_text(f"# rotated 2026-07\n{a}\n\n{b}  # current\n")
     assert TemplateKeyRing.from_file(path).active_kid == "2026-07"  # the last line
     assert TemplateKeyRing.from_file(path, "2026-01").active_kid == "2026-01"
-    monkeypatch.setenv("FACESVC_TEMPLATE_KEYS", f"{a},{b}")
-    assert TemplateKeyRing.from_env().kids == ("2026-01", "2026-07")
+    assert TemplateKeyRing.parse(f"{a},{b}", "").kids == ("2026-01", "2026-07")  # env form
     with pytest.raises(ValueError, match="not in the key ring"):
         TemplateKeyRing.parse(a, "other")
     with pytest.raises(ValueError, match="32 bytes"):
