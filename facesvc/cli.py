@@ -162,7 +162,7 @@ def _add_keys(sub: SubParsers) -> None:
         ("list", "list keys with their validity (never private parts)"),
     ):
         keys.add_parser(action, help=text).set_defaults(
-            func=_delegate("facesvc.tokens", f"cli_keys_{action}", 5)
+            func=_delegate("facesvc.tokens.cli", f"cli_keys_{action}", 5)
         )
 
 

@@ -216,9 +216,28 @@ class TokensSettings:
     """Token lifetime in seconds."""
     issuer: str = "facesvc"
     """The ``iss`` claim."""
+    leeway_s: float = 10.0
+    """Clock skew tolerated on ``exp``/``nbf`` by redemption (and the SDK's default)."""
+    jwks_max_age_s: int = 300
+    """How long a JWKS may be cached (HTTP Cache-Control max-age, the SDK's cache age)."""
+    publish_delay_s: int = 600
+    """``keys rotate``: a new key is published this long before it signs; at least
+    ``jwks_max_age_s`` plus ``key_reload_s``, so every cache holds it before its first token."""
+    key_reload_s: float = 5.0
+    """How often the service re-reads ``key_dir`` to pick up a rotation."""
 
     def __post_init__(self) -> None:
         _check_positive("tokens.ttl_s", self.ttl_s)
+        _check_positive("tokens.jwks_max_age_s", self.jwks_max_age_s)
+        _check_positive("tokens.key_reload_s", self.key_reload_s)
+        if self.leeway_s < 0:
+            raise ConfigError(f"tokens.leeway_s={self.leeway_s}: must be 0 or more")
+        if self.publish_delay_s < self.jwks_max_age_s + self.key_reload_s:
+            raise ConfigError(
+                f"tokens.publish_delay_s={self.publish_delay_s}: must be at least "
+                "tokens.jwks_max_age_s + tokens.key_reload_s, or a rotated key could sign "
+                "tokens that cached key sets do not know yet"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ ISSUER = "https://facesvc.test"
 POLICY = CheckPolicy(issuer=ISSUER, leeway_s=10)
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 EXPECTED = Expectation(
-    audience="lms-a", training_id="tr-1", gate=Gate.SESSION, session_id="s-7", participant_id="p-42"
+    audience="lms-a", gate=Gate.SESSION, session_id="s-7", training_id="tr-1", participant_id="p-42"
 )
 
 
@@ -66,6 +66,7 @@ def issue(issuer: TokenIssuer, **overrides: Any) -> IssuedToken:
         "session_id": "s-7",
         "liveness": LivenessMethod.CHALLENGE,
         "model_pack": "dlib-default",
+        "verification_id": "v-1",
     }
     fields.update(overrides)
     return issuer.issue(**fields)
@@ -121,7 +122,7 @@ def test_issued_token_verifies_and_carries_the_bindings_but_no_biometrics(keys: 
     assert header == {"alg": "EdDSA", "typ": TOKEN_TYPE, "kid": keys.ring.signing_key(T0).kid}
     assert set(claims) == {
         "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "training_id", "training_type",
-        "gate", "session_id", "liveness", "model_pack",
+        "gate", "session_id", "liveness", "model_pack", "verification_id",
     }  # fmt: skip
     assert claims["sub"] == "p-42" and claims["gate"] == "SESSION"
     assert claims["exp"] - claims["iat"] == 120
@@ -130,6 +131,7 @@ def test_issued_token_verifies_and_carries_the_bindings_but_no_biometrics(keys: 
     assert issued.expires_at == T0 + timedelta(seconds=120)
     result = check_token(issued.token, keys.ring.public_keys(T0), EXPECTED, POLICY, T0)
     assert result.ok and result.claims is not None
+    assert result.kid == header["kid"]
     assert result.claims.training_type is TrainingType.WEBINAR
     assert result.claims.liveness is LivenessMethod.CHALLENGE
 
@@ -290,7 +292,7 @@ def test_not_yet_valid_token_is_rejected(keys: Keys) -> None:
         (replace(EXPECTED, session_id=""), CheckReason.WRONG_SESSION),
         (replace(EXPECTED, training_id="tr-2"), CheckReason.WRONG_TRAINING),
         (replace(EXPECTED, participant_id="p-43"), CheckReason.WRONG_PARTICIPANT),
-        (replace(EXPECTED, participant_id=None), CheckReason.OK),
+        (replace(EXPECTED, participant_id=None, training_id=None), CheckReason.OK),
     ],
 )
 def test_token_for_another_gate_is_rejected(
@@ -490,6 +492,10 @@ def test_rotation_publishes_first_signs_later_and_retires_after_the_last_token(
 
     # Published at once, signing only after the delay.
     assert set(ring.public_keys(rotated_at)) == {old_kid, new.record.kid}
+    assert [(k.kid, k.active, k.signs_until) for k in ring.published(rotated_at)] == [
+        (old_kid, True, switch),
+        (new.record.kid, False, None),
+    ]
     assert ring.signing_key(switch - timedelta(seconds=1)).kid == old_kid
     assert ring.signing_key(switch).kid == new.record.kid
 
@@ -595,3 +601,18 @@ def test_private_key_material_never_shows(
     for text in shown:
         for secret in secret_forms:
             assert secret not in text
+
+
+def test_keys_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from facesvc.cli import main
+
+    key_dir = str(tmp_path / "keys")
+    assert main(["keys", "--tokens-key-dir", key_dir, "generate"]) == 0
+    assert main(["keys", "--tokens-key-dir", key_dir, "generate"]) == 2  # refuses to overwrite
+    assert main(["keys", "--tokens-key-dir", key_dir, "rotate"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "--tokens-key-dir", key_dir, "list"]) == 0
+    listing = capsys.readouterr().out
+    kids = [s.record.kid for s in keys_list(Path(key_dir))]
+    assert len(kids) == 2 and all(kid in listing for kid in kids)
+    assert "PRIVATE" not in listing and "next" in listing

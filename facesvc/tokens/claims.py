@@ -62,6 +62,8 @@ class VerificationClaims:
     liveness: LivenessMethod
     """The liveness method the scan passed."""
     model_pack: str
+    verification_id: str
+    """The audit id of the Verify that produced the token (links a redemption to its scan)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JWT claims set."""
@@ -101,6 +103,7 @@ _CLAIM_TYPES: dict[str, type] = {
     "session_id": str,
     "liveness": str,
     "model_pack": str,
+    "verification_id": str,
 }
 _ENUM_CLAIMS: dict[str, type[TrainingType] | type[Gate] | type[LivenessMethod]] = {
     "training_type": TrainingType,
@@ -113,16 +116,17 @@ _ENUM_CLAIMS: dict[str, type[TrainingType] | type[Gate] | type[LivenessMethod]] 
 class Expectation:
     """What the redeeming gate knows and the token must match.
 
-    ``audience``, ``training_id``, ``gate`` and ``session_id`` are always compared (an empty
-    ``session_id`` matches only a token without a session): a gate cannot forget to bind one.
-    ``participant_id`` is compared when given; a gate that logs participants in on its own
-    should pass it, so that one participant's token cannot admit another.
+    ``audience``, ``gate`` and ``session_id`` are always compared (an empty ``session_id``
+    matches only a token without a session): a gate cannot forget to bind them.
+    ``training_id`` and ``participant_id`` are compared when given (RedeemToken leaves the
+    training optional). A gate that logs participants in on its own should pass
+    ``participant_id``, so that one participant's token cannot admit another.
     """
 
     audience: str
-    training_id: str
     gate: Gate
     session_id: str
+    training_id: str | None = None
     participant_id: str | None = None
 
 
@@ -130,12 +134,14 @@ class Expectation:
 class CheckResult:
     """The outcome of a check.
 
-    ``claims`` is set whenever the signature verified, also when a time or binding rule then
-    failed (so audit can name the participant of a refused token); act on them only when ``ok``.
+    ``claims`` (and ``kid``, the key that signed) are set whenever the signature verified, also
+    when a time or binding rule then failed (so audit can name the participant of a refused
+    token); act on them only when ``ok``.
     """
 
     reason: CheckReason
     claims: VerificationClaims | None = None
+    kid: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -61,13 +61,15 @@ class TokenIssuer:
         session_id: str,
         liveness: LivenessMethod,
         model_pack: str,
+        verification_id: str,
     ) -> IssuedToken:
         """Sign a token for one verified scan.
 
         ``audience`` is the calling LMS/tenant that will redeem it; ``session_id`` is empty
-        for a gate without a session. Raises ``ValueError`` for an empty audience or an id
-        that cannot be a Redis key part (the jti is stored under the participant), and
-        ``NoSigningKeyError`` when the key directory has no active key.
+        for a gate without a session; ``verification_id`` is the Verify's audit id. Raises
+        ``ValueError`` for an empty audience or an id that cannot be a Redis key part (the jti
+        is stored under the participant), and ``NoSigningKeyError`` when the key directory
+        has no active key.
         """
         validate_id(participant_id, "participant_id")
         validate_id(training_id, "training_id")
@@ -90,6 +92,7 @@ class TokenIssuer:
             session_id=session_id,
             liveness=liveness,
             model_pack=model_pack,
+            verification_id=verification_id,
         )
         token = sign_compact(claims.to_json(), key.private_key, key.kid)
         return IssuedToken(token, claims.jti, datetime.fromtimestamp(claims.exp, UTC))

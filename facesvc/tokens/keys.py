@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -136,6 +136,19 @@ class KeyStatus:
     signing: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PublishedKey:
+    """One published key with its signing period, for GetSigningKeys' structured list."""
+
+    kid: str
+    public_key: Ed25519PublicKey
+    signs_from: datetime
+    signs_until: datetime | None
+    """When its successor takes over; None while no successor is planned."""
+    active: bool
+    """True for the key that signs new tokens now."""
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -184,15 +197,28 @@ class KeyRing:
             )
         return SigningKey(kid, self._private[kid])
 
+    def published(self, now: datetime) -> list[PublishedKey]:
+        """Every key published at ``now`` (next, signing and draining), in takeover order."""
+        signer = self._signer_kid(now)
+        rows = []
+        for i, record in enumerate(self._records):
+            if record.live_state(now) is KeyState.RETIRED:
+                continue
+            successor = self._records[i + 1] if i + 1 < len(self._records) else None
+            rows.append(
+                PublishedKey(
+                    kid=record.kid,
+                    public_key=self._private[record.kid].public_key(),
+                    signs_from=record.activate_after,
+                    signs_until=None if successor is None else successor.activate_after,
+                    active=record.kid == signer,
+                )
+            )
+        return rows
+
     def public_keys(self, now: datetime) -> PublicKeySet:
-        """Every key that is published at ``now``: next, signing and draining keys."""
-        return PublicKeySet(
-            {
-                r.kid: self._private[r.kid].public_key()
-                for r in self._records
-                if r.live_state(now) is not KeyState.RETIRED
-            }
-        )
+        """The published keys at ``now`` as a key set (``.to_jwks()`` is the JWKS)."""
+        return PublicKeySet({key.kid: key.public_key for key in self.published(now)})
 
     def status(self, now: datetime) -> list[KeyStatus]:
         """Each key's live state at ``now``, oldest activation first."""
@@ -211,6 +237,10 @@ def load_key_ring(directory: Path) -> KeyRing:
 
     Raises ``KeyDirectoryError`` naming the offending file; never includes key material.
     """
+    if not directory.is_dir():
+        raise KeyDirectoryError(
+            f"key directory {directory} does not exist: create it with `facesvc keys generate`"
+        )
     records: list[KeyRecord] = []
     private: dict[str, Ed25519PrivateKey] = {}
     try:
@@ -300,6 +330,10 @@ class KeyDirectory:
         """See ``KeyRing.public_keys``."""
         return self.ring().public_keys(now)
 
+    def published(self, now: datetime) -> list[PublishedKey]:
+        """See ``KeyRing.published``."""
+        return self.ring().published(now)
+
 
 # --- operator commands (`facesvc keys generate | rotate | list`) --------------------------------
 
@@ -370,8 +404,6 @@ def keys_rotate(
     if publish_delay_s < 0 or token_ttl_s <= 0 or leeway_s < 0:
         raise ValueError("publish_delay_s and leeway_s must be >= 0, token_ttl_s > 0")
     now = _now(now)
-    if not directory.is_dir():
-        raise KeyDirectoryError(f"{directory} does not exist; run `facesvc keys generate` first")
     ring = load_key_ring(directory)
     switch = now + timedelta(seconds=publish_delay_s)
     for record in ring.records:

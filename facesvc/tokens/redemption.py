@@ -65,4 +65,4 @@ class TokenRedeemer:
         ttl_s = max(1, math.ceil(claims.exp + self._policy.leeway_s - now.timestamp()))
         async with store_errors("mark the token used"):
             first = await self._redis.set(key, "1", nx=True, ex=ttl_s)
-        return result if first else CheckResult(CheckReason.ALREADY_USED, claims)
+        return result if first else CheckResult(CheckReason.ALREADY_USED, claims, result.kid)
