@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import pickle
 import threading
 import uuid
@@ -46,7 +45,6 @@ from facesvc.tokens import (
 )
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_decode, b64url_encode
 
-REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 ISSUER = "https://facesvc.test"
 POLICY = CheckPolicy(issuer=ISSUER, leeway_s=10)
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
@@ -355,11 +353,11 @@ def test_jwks_round_trips_and_skips_foreign_keys(keys: Keys) -> None:
 Scenario = Callable[[TokenRedeemer, aioredis.Redis], Awaitable[None]]
 
 
-def run_redemption(keys: Keys, scenario: Scenario) -> None:
+def run_redemption(keys: Keys, redis_url: str, scenario: Scenario) -> None:
     """Run ``scenario`` with a redeemer on a unique key prefix, then delete its keys."""
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(REDIS_URL)
+        client = aioredis.Redis.from_url(redis_url)
         prefix = f"test-{uuid.uuid4().hex}"
         try:
             redeemer = TokenRedeemer(client, keys.ring, POLICY, key_prefix=prefix, clock=keys.clock)
@@ -373,7 +371,7 @@ def run_redemption(keys: Keys, scenario: Scenario) -> None:
     asyncio.run(main())
 
 
-def test_second_redemption_is_rejected(keys: Keys) -> None:
+def test_second_redemption_is_rejected(keys: Keys, redis_url: str) -> None:
     issued = issue(keys.issuer)
 
     async def scenario(redeemer: TokenRedeemer, client: aioredis.Redis) -> None:
@@ -385,10 +383,10 @@ def test_second_redemption_is_rejected(keys: Keys) -> None:
         ttl = await client.ttl(redeemer.used_key("p-42", issued.jti))
         assert 125 <= ttl <= 130
 
-    run_redemption(keys, scenario)
+    run_redemption(keys, redis_url, scenario)
 
 
-def test_a_refused_redemption_does_not_spend_the_token(keys: Keys) -> None:
+def test_a_refused_redemption_does_not_spend_the_token(keys: Keys, redis_url: str) -> None:
     issued = issue(keys.issuer)
 
     async def scenario(redeemer: TokenRedeemer, client: aioredis.Redis) -> None:
@@ -396,10 +394,10 @@ def test_a_refused_redemption_does_not_spend_the_token(keys: Keys) -> None:
         assert wrong.reason is CheckReason.WRONG_SESSION
         assert (await redeemer.redeem(issued.token, EXPECTED)).ok
 
-    run_redemption(keys, scenario)
+    run_redemption(keys, redis_url, scenario)
 
 
-def test_racing_redemptions_admit_exactly_one(keys: Keys) -> None:
+def test_racing_redemptions_admit_exactly_one(keys: Keys, redis_url: str) -> None:
     issued = issue(keys.issuer)
 
     async def scenario(redeemer: TokenRedeemer, client: aioredis.Redis) -> None:
@@ -410,10 +408,12 @@ def test_racing_redemptions_admit_exactly_one(keys: Keys) -> None:
         assert reasons.count(CheckReason.OK) == 1
         assert reasons.count(CheckReason.ALREADY_USED) == 15
 
-    run_redemption(keys, scenario)
+    run_redemption(keys, redis_url, scenario)
 
 
-def test_racing_redemptions_from_separate_processes_admit_exactly_one(keys: Keys) -> None:
+def test_racing_redemptions_from_separate_processes_admit_exactly_one(
+    keys: Keys, redis_url: str
+) -> None:
     """Threads with their own event loop and connection stand in for service replicas."""
     issued = issue(keys.issuer)
     prefix = f"test-{uuid.uuid4().hex}"
@@ -422,7 +422,7 @@ def test_racing_redemptions_from_separate_processes_admit_exactly_one(keys: Keys
 
     def replica() -> None:
         async def main() -> None:
-            client = aioredis.Redis.from_url(REDIS_URL)
+            client = aioredis.Redis.from_url(redis_url)
             try:
                 redeemer = TokenRedeemer(
                     client, keys.ring, POLICY, key_prefix=prefix, clock=keys.clock
@@ -442,7 +442,7 @@ def test_racing_redemptions_from_separate_processes_admit_exactly_one(keys: Keys
         thread.join()
 
     async def cleanup() -> None:
-        client = aioredis.Redis.from_url(REDIS_URL)
+        client = aioredis.Redis.from_url(redis_url)
         found = [k async for k in client.scan_iter(match=f"{prefix}:*")]
         if found:
             await client.delete(*found)
