@@ -1,0 +1,39 @@
+"""``python -m facesvc.models.convert``: convert every default-pack model into the model cache.
+
+The Docker image runs this at build time so that a container starts without converting.
+Options: ``--cache-dir DIR`` (default ``$XDG_CACHE_HOME/facesvc/models`` or
+``~/.cache/facesvc/models``). Prints one line per model: its name and converted file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from facesvc.models.dlib_resnet import cached_resnet
+from facesvc.models.model_cache import ModelCache, default_cache_dir
+
+Conversion = Callable[[ModelCache], Path]
+"""Converts one model into the cache (once) and returns the converted file's path."""
+
+DEFAULT_PACK_CONVERSIONS: tuple[tuple[str, Conversion], ...] = (
+    ("dlib_resnet", cached_resnet),
+    # The MMOD face detector's conversion goes here.
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m facesvc.models.convert", description=__doc__)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache directory")
+    args = parser.parse_args(argv)
+    cache = ModelCache(args.cache_dir or default_cache_dir(os.environ))
+    for name, convert in DEFAULT_PACK_CONVERSIONS:
+        print(f"{name}: {convert(cache)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The one place that creates ONNX Runtime sessions, so every model runs with the same settings.
+
+Each session runs on the CPU provider with ``intra_threads`` threads for one operator,
+one inter-op thread and sequential execution: concurrency comes from the micro-batcher
+and worker processes, not from ONNX Runtime spreading one call over the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """How a model's session runs.
+
+    ``intra_threads``: threads for one operator (>= 1). ``denormal_as_zero``: flush denormal
+    floats to zero (the FAS model is pathologically slow without it). ``optimize``: apply all
+    of ONNX Runtime's graph optimisations (off only to debug a graph).
+    """
+
+    intra_threads: int = 1
+    denormal_as_zero: bool = False
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.intra_threads < 1:
+            raise ValueError(f"intra_threads must be >= 1, got {self.intra_threads}")
+
+
+def create_session(model: Path | bytes, settings: SessionSettings) -> ort.InferenceSession:
+    """An ``InferenceSession`` for the ONNX file at ``model`` (or its serialized bytes)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if settings.optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if settings.denormal_as_zero:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
