@@ -21,7 +21,7 @@ from datetime import date
 # would break them ("{" "}" move the hash tag, "*?[]\\" are glob syntax in SCAN MATCH, ":" is
 # the separator, whitespace and control characters make keys unreadable in redis-cli).
 _ID = re.compile(r"[A-Za-z0-9._@+\-]{1,128}")
-_PREFIX = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_PREFIX = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
 
 def validate_id(value: str, field: str) -> str:
@@ -46,7 +46,7 @@ class KeySpace:
         prefix = prefix.removesuffix(":")
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(
-                f"key prefix must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-' "
+                f"key prefix must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', ':', '-' "
                 f"(got {prefix!r})"
             )
         self.prefix = prefix

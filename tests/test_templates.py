@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +18,8 @@ from facesvc.domain import TrainingType
 from facesvc.limits.caps import AttemptCaps, default_cap_rules
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
+from facesvc.redis_keys import KeySpace
+from facesvc.redis_local import free_port
 from facesvc.templates import (
     AlreadyEnrolled,
     Template,
@@ -28,27 +28,21 @@ from facesvc.templates import (
     TemplateUnreadable,
     generate_template_key,
 )
-from tests.redis_child import free_port
 
-REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 CREATED = datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
 
 Scenario = Callable[[aioredis.Redis, str], Awaitable[None]]
 
 
-def run(scenario: Scenario) -> None:
-    """Run ``scenario`` with a client and a unique key prefix, then delete that prefix."""
+def run(scenario: Scenario, url: str, prefix: str) -> None:
+    """Run ``scenario`` with a client on ``prefix`` (the ``redis_prefix`` fixture cleans it)."""
 
     async def main() -> None:
-        client = redis_client_from_url(REDIS_URL, socket_timeout_s=2.0)
+        client = redis_client_from_url(url, socket_timeout_s=2.0)
         assert isinstance(client, aioredis.Redis)
-        prefix = f"test-tpl-{uuid.uuid4().hex[:12]}"
         try:
             await scenario(client, prefix)
         finally:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
             await client.aclose()
 
     asyncio.run(main())
@@ -66,7 +60,7 @@ def template(pid: str, seed: int = 1, pack: str = "dlib-resnet-v1") -> Template:
     return Template(pid, pack, descriptors(seed), CREATED, image_count=3)
 
 
-def test_round_trip_keeps_every_descriptor() -> None:
+def test_round_trip_keeps_every_descriptor(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         original = template("p1")
@@ -82,15 +76,15 @@ def test_round_trip_keeps_every_descriptor() -> None:
         assert await store.get("p2") is None
         assert await store.metadata("p2") is None
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_raw_value_holds_no_descriptor_bytes() -> None:
+def test_raw_value_holds_no_descriptor_bytes(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         original = template("p1", pack="secret-pack-name")
         await store.put(original, replace=False)
-        raw = await client.get(f"{prefix}:{{p:p1}}:template")
+        raw = await client.get(KeySpace(prefix).template("p1"))
         assert isinstance(raw, bytes)
         needles = [original.descriptors.tobytes()]
         for row in original.descriptors:
@@ -100,14 +94,14 @@ def test_raw_value_holds_no_descriptor_bytes() -> None:
         for needle in needles:
             assert needle not in raw
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_tampered_value_fails_to_decrypt() -> None:
+def test_tampered_value_fails_to_decrypt(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         await store.put(template("p1"), replace=False)
-        key = f"{prefix}:{{p:p1}}:template"
+        key = KeySpace(prefix).template("p1")
         raw = await client.get(key)
         assert isinstance(raw, bytes)
         for position in (len(raw) - 1, len(raw) // 2, 12):  # tag, ciphertext, nonce
@@ -120,23 +114,25 @@ def test_tampered_value_fails_to_decrypt() -> None:
         with pytest.raises(TemplateUnreadable, match="format"):
             await store.get("p1")
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_value_moved_to_another_participant_fails_to_decrypt() -> None:
+def test_value_moved_to_another_participant_fails_to_decrypt(
+    redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         await store.put(template("victim"), replace=False)
-        raw = await client.get(f"{prefix}:{{p:victim}}:template")
+        raw = await client.get(KeySpace(prefix).template("victim"))
         assert isinstance(raw, bytes)
-        await client.set(f"{prefix}:{{p:attacker}}:template", raw)
+        await client.set(KeySpace(prefix).template("attacker"), raw)
         with pytest.raises(TemplateUnreadable, match="another participant"):
             await store.get("attacker")
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_replace_semantics() -> None:
+def test_replace_semantics(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         await store.put(template("p1", seed=1), replace=False)
@@ -148,10 +144,10 @@ def test_replace_semantics() -> None:
         loaded = await store.get("p1")
         assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(2))
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_rekey_moves_every_template_to_the_active_key() -> None:
+def test_rekey_moves_every_template_to_the_active_key(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         line_k1, line_k2 = generate_template_key("k1"), generate_template_key("k2")
         old = TemplateStore(client, TemplateKeyRing.parse(line_k1), key_prefix=prefix)
@@ -185,10 +181,12 @@ def test_rekey_moves_every_template_to_the_active_key() -> None:
         result = await new.rekey_all()
         assert (result.rekeyed, result.current, result.unreadable) == (0, 4, ("p9",))
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_delete_removes_every_key_of_that_participant_only() -> None:
+def test_delete_removes_every_key_of_that_participant_only(
+    redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix)
@@ -196,9 +194,9 @@ def test_delete_removes_every_key_of_that_participant_only() -> None:
         for pid in ("p1", "p10", "p2"):
             await store.put(template(pid), replace=False)
             await caps.reserve(pid, "t1", TrainingType.SPL, now, idempotency_key="k")
-            await client.set(f"{prefix}:{{p:{pid}}}:challenge:abc", b"x")
+            await client.set(f"{KeySpace(prefix).participant(pid)}:challenge:abc", b"x")
         assert await store.delete("p1") is True
-        left = sorted([key async for key in client.scan_iter(match=f"{prefix}:*")])
+        left = sorted([key async for key in client.scan_iter(match=f"{prefix}*")])
         assert left and not any("{p:p1}" in key.decode() for key in left)
         assert sum("{p:p10}" in key.decode() for key in left) == 4
         assert sum("{p:p2}" in key.decode() for key in left) == 4
@@ -207,22 +205,23 @@ def test_delete_removes_every_key_of_that_participant_only() -> None:
         assert await store.delete("p1") is False
         assert await store.get("p10") is not None
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_prefix_with_or_without_trailing_colon_names_the_same_keys() -> None:
+def test_prefix_with_or_without_trailing_colon_names_the_same_keys(
+    redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         keys = ring("k1")
-        await TemplateStore(client, keys, key_prefix=f"{prefix}:").put(
-            template("p1"), replace=False
-        )
-        assert await TemplateStore(client, keys, key_prefix=prefix).get("p1") is not None
-        assert await client.exists(f"{prefix}:{{p:p1}}:template") == 1
+        bare = prefix.removesuffix(":")
+        await TemplateStore(client, keys, key_prefix=prefix).put(template("p1"), replace=False)
+        assert await TemplateStore(client, keys, key_prefix=bare).get("p1") is not None
+        assert await client.exists(f"{bare}:{{p:p1}}:template") == 1
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_malformed_templates_are_refused() -> None:
+def test_malformed_templates_are_refused(redis_url: str, redis_prefix: str) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
         bad = [
@@ -238,7 +237,7 @@ def test_malformed_templates_are_refused() -> None:
                 await store.put(item, replace=True)
         assert await store.get("p1") is None
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
 def test_key_ring_parsing(tmp_path: Path) -> None:
