@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from facesvc.models.dlib_mmod import cached_mmod
 from facesvc.models.dlib_resnet import cached_resnet
 from facesvc.models.model_cache import ModelCache, default_cache_dir
 
@@ -21,7 +22,7 @@ Conversion = Callable[[ModelCache], Path]
 
 DEFAULT_PACK_CONVERSIONS: tuple[tuple[str, Conversion], ...] = (
     ("dlib_resnet", cached_resnet),
-    # The MMOD face detector's conversion goes here.
+    ("dlib_mmod", cached_mmod),
 )
 
 
