@@ -24,16 +24,18 @@ then retire the old entry once a pass reports nothing left under it.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import binascii
 import json
 import re
 import secrets
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -41,8 +43,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from facesvc.clock import require_aware
-from facesvc.redis_client import AsyncRedis, scan_keys
-from facesvc.redis_errors import store_errors
+from facesvc.config import ConfigError, Settings, TemplatesSettings
+from facesvc.redis_client import AsyncRedis, redis_client_from_url, scan_keys
+from facesvc.redis_errors import StoreUnavailable, store_errors
 from facesvc.redis_keys import KeySpace, validate_id
 
 _MAGIC = b"FSVT"
@@ -150,11 +153,6 @@ class TemplateKeyRing:
             )
         return cls(keys, active_kid or list(keys)[-1])
 
-    @classmethod
-    def from_file(cls, path: Path, active_kid: str | None = None) -> TemplateKeyRing:
-        """Load from a file (see :meth:`parse`); keep it readable by the service user only."""
-        return cls.parse(path.read_text(encoding="ascii"), active_kid)
-
     @property
     def kids(self) -> tuple[str, ...]:
         """Every key id that can decrypt."""
@@ -163,6 +161,21 @@ class TemplateKeyRing:
     def key(self, kid: str) -> bytes | None:
         """The key for ``kid``, or None if the ring does not hold it."""
         return self._keys.get(kid)
+
+
+def keyring_from_settings(settings: TemplatesSettings) -> TemplateKeyRing:
+    """The ring the settings name: ``templates.key`` when set, else ``templates.key_file``.
+
+    Raises ConfigError (naming the setting) when the keys are missing or malformed.
+    """
+    source = "templates.key" if settings.key else f"templates.key_file={settings.key_file}"
+    try:
+        text = settings.key or settings.key_file.read_text(encoding="ascii")
+        return TemplateKeyRing.parse(text, settings.active_kid)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{source}: {exc}; it must hold kid:base64key entries of 32-byte keys"
+        ) from exc
 
 
 def generate_template_key(kid: str) -> str:
@@ -390,3 +403,43 @@ def _header(kid: str) -> bytes:
 def _aad(header: bytes, participant_id: str) -> bytes:
     """Associated data: binds the value to its header and to one participant."""
     return header + b"\x00" + participant_id.encode("utf-8")
+
+
+def cli_rekey(args: argparse.Namespace) -> int:
+    """``facesvc templates rekey``: re-encrypt every template under the active key.
+
+    Exit 0 when every template is under the active key afterwards, 1 when some could not
+    be read (listed on stderr) or Redis is unavailable.
+    """
+    from facesvc.cli import settings_from_args  # the CLI imports this module on use
+
+    return asyncio.run(_rekey(settings_from_args(args)))
+
+
+async def _rekey(settings: Settings) -> int:
+    keyring = keyring_from_settings(settings.templates)
+    client = redis_client_from_url(
+        settings.redis.url,
+        socket_timeout_s=settings.redis.socket_timeout_s,
+        socket_connect_timeout_s=settings.redis.connect_timeout_s,
+    )
+    try:
+        store = TemplateStore(client, keyring, key_prefix=settings.redis.key_prefix)
+        result = await store.rekey_all()
+    except StoreUnavailable as exc:
+        print(f"facesvc templates rekey: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await client.aclose()
+    print(
+        f"re-encrypted {result.rekeyed} template(s) under key {keyring.active_kid}; "
+        f"{result.current} already used it"
+    )
+    if result.unreadable:
+        print(
+            f"{len(result.unreadable)} template(s) could not be read (their key is not in the "
+            f"ring, or the value was altered); re-enroll: {', '.join(result.unreadable)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -13,7 +13,9 @@ import numpy.typing as npt
 import pytest
 import redis.asyncio as aioredis
 
+from facesvc.cli import main as facesvc_cli
 from facesvc.clock import SystemClock
+from facesvc.config import ConfigError, TemplatesSettings
 from facesvc.domain import TrainingType
 from facesvc.limits.caps import AttemptCaps, default_cap_rules
 from facesvc.redis_client import redis_client_from_url
@@ -27,6 +29,7 @@ from facesvc.templates import (
     TemplateStore,
     TemplateUnreadable,
     generate_template_key,
+    keyring_from_settings,
 )
 
 CREATED = datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
@@ -184,6 +187,27 @@ def test_rekey_moves_every_template_to_the_active_key(redis_url: str, redis_pref
     run(scenario, redis_url, redis_prefix)
 
 
+def test_cli_rekey(redis_url: str, redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    old_line, new_line = generate_template_key("old"), generate_template_key("new")
+
+    async def enroll(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, TemplateKeyRing.parse(old_line), key_prefix=prefix)
+        await store.put(template("p1"), replace=False)
+
+    run(enroll, redis_url, redis_prefix)
+    flags = ["--redis-url", redis_url, "--redis-key-prefix", redis_prefix]
+    keys = ["--templates-key", f"{old_line},{new_line}"]
+    assert facesvc_cli(["templates", *flags, *keys, "rekey"]) == 0
+    assert "re-encrypted 1 template(s) under key new" in capsys.readouterr().out
+
+    async def check(client: aioredis.Redis, prefix: str) -> None:
+        store = TemplateStore(client, TemplateKeyRing.parse(new_line), key_prefix=prefix)
+        meta = await store.metadata("p1")
+        assert meta is not None and meta.key_id == "new"
+
+    run(check, redis_url, redis_prefix)
+
+
 def test_delete_removes_every_key_of_that_participant_only(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -244,9 +268,14 @@ def test_key_ring_parsing(tmp_path: Path) -> None:
     a, b = generate_template_key("2026-01"), generate_template_key("2026-07")
     path = tmp_path / "template-keys"
     path.write_text(f"# rotated 2026-07\n{a}\n\n{b}  # current\n")
-    assert TemplateKeyRing.from_file(path).active_kid == "2026-07"  # the last line
-    assert TemplateKeyRing.from_file(path, "2026-01").active_kid == "2026-01"
-    assert TemplateKeyRing.parse(f"{a},{b}", "").kids == ("2026-01", "2026-07")  # env form
+    from_file = keyring_from_settings(TemplatesSettings(key_file=path))
+    assert from_file.active_kid == "2026-07"  # the last line
+    chosen = keyring_from_settings(TemplatesSettings(key_file=path, active_kid="2026-01"))
+    assert chosen.active_kid == "2026-01"
+    inline = keyring_from_settings(TemplatesSettings(key=f"{a},{b}", key_file=tmp_path / "none"))
+    assert inline.kids == ("2026-01", "2026-07")
+    with pytest.raises(ConfigError, match=r"templates\.key_file"):
+        keyring_from_settings(TemplatesSettings(key_file=tmp_path / "missing"))
     with pytest.raises(ValueError, match="not in the key ring"):
         TemplateKeyRing.parse(a, "other")
     with pytest.raises(ValueError, match="32 bytes"):
