@@ -12,6 +12,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 #: The programme's time zone: every "day" and every window shown to a participant is in it.
+#: (The tzdata dependency provides it where the OS has no zoneinfo, e.g. slim images.)
 WIB = ZoneInfo("Asia/Jakarta")
 
 
