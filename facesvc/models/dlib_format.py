@@ -139,8 +139,7 @@ class DlibReader:
     def read_string(self) -> str:
         """A std::string: packed length then raw bytes (decoded as latin-1: dlib strings are
         byte strings)."""
-        n = self.read_uint()
-        return bytes(self._take(n, "string")).decode("latin-1")
+        return self.read_string_body(self.read_uint())
 
     def peek_string(self) -> str | None:
         """The string at the current position without consuming it, or None if the bytes there

@@ -104,8 +104,9 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def node(self, op: str, inputs: Sequence[str], output: str | None = None, **attrs: Any) -> str:
-        out = output or self._name(op.lower())
+    def node(self, op: str, inputs: Sequence[str], **attrs: Any) -> str:
+        """Appends an ``op`` node; returns the name of its single output."""
+        out = self._name(op.lower())
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=f"n_{out}", **attrs))
         return out
 
