@@ -1,0 +1,916 @@
+"""The Python SDK for LMS gates and venue kiosks: gRPC clients and an offline token verifier.
+
+Connecting::
+
+    client = FaceVerificationClient(
+        "facesvc.example.org:443", api_key=os.environ["FACESVC_API_KEY"]
+    )
+    result = client.verify(participant_id="p-1", training_id="t-1",
+                           training_type=TrainingType.WEBINAR, gate=Gate.SESSION,
+                           session_id="day-2", frames=[jpeg_bytes])
+    if result.decision is Decision.VERIFIED: ...
+
+Credentials: the API key travels as gRPC metadata ``authorization: Bearer <key>`` on every call.
+TLS is on by default (system roots, or ``root_certificates``); pass ``certificate_chain`` and
+``private_key`` (PEM) for mTLS. ``insecure=True`` drops TLS for local development only: a key
+sent in the clear is a key given away.
+
+Every RPC has a deadline (``timeout_s``, default 10 s; per call too). A failed call raises a
+:class:`FaceServiceError` subclass carrying the gRPC status code and the server's message.
+Decisions (NOT_MATCHED, ATTEMPTS_EXHAUSTED...) are values in the result, never exceptions.
+
+``AsyncFaceVerificationClient`` has the same methods as coroutines (``grpc.aio``).
+
+Offline checks: :class:`TokenVerifier` (and :class:`AsyncTokenVerifier`) check a token against
+a cached JWKS with exactly the rules the service's RedeemToken uses (``facesvc.tokens``); only
+the one-time-use mark needs the service, so call ``redeem`` to admit a participant once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.clock import Clock, SystemClock
+from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
+from facesvc.tokens import (
+    DEFAULT_LEEWAY_S,
+    CheckPolicy,
+    CheckReason,
+    CheckResult,
+    Expectation,
+    PublicKeySet,
+    VerificationClaims,
+    check_token,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncFaceVerificationClient",
+    "AsyncTokenVerifier",
+    "Attempts",
+    "Challenge",
+    "CheckReason",
+    "CheckResult",
+    "Decision",
+    "EnrollResult",
+    "Enrollment",
+    "Expectation",
+    "FaceServiceError",
+    "FaceVerificationClient",
+    "Gate",
+    "ImageQuality",
+    "InvalidArgument",
+    "KeySetUnavailable",
+    "LivenessMethod",
+    "NotFound",
+    "PermissionDenied",
+    "Redemption",
+    "ServiceUnavailable",
+    "TokenVerifier",
+    "TrainingType",
+    "Unauthenticated",
+    "VerifyResult",
+    "fetch_jwks_url",
+]
+
+DEFAULT_TIMEOUT_S = 10.0
+
+# --------------------------------------------------------------------------- errors
+
+
+class FaceServiceError(Exception):
+    """A call failed; ``code`` is the gRPC status, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidArgument(FaceServiceError):
+    """The request is malformed; the message names the field. Fix it; do not retry as is."""
+
+
+class Unauthenticated(FaceServiceError):
+    """No or an unknown API key / client certificate."""
+
+
+class PermissionDenied(FaceServiceError):
+    """The credential's role may not make this call (or not for this audience)."""
+
+
+class NotFound(FaceServiceError):
+    """The participant has no enrollment."""
+
+
+class AlreadyExists(FaceServiceError):
+    """The participant is enrolled; pass ``replace=True`` to replace the template."""
+
+
+class ServiceUnavailable(FaceServiceError):
+    """The service (or its Redis) is not ready, or the deadline passed; retry with backoff."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[FaceServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailable,
+}
+
+
+def _service_error(exc: grpc.RpcError) -> FaceServiceError:
+    # A failed call's RpcError is also a grpc.Call, which has code() and details().
+    code: grpc.StatusCode = exc.code()
+    message: str = exc.details() or ""
+    return _ERRORS.get(code, FaceServiceError)(code, message)
+
+
+class KeySetUnavailable(Exception):
+    """The token verifier could not get a fresh key set; check online (``redeem``) instead."""
+
+
+# --------------------------------------------------------------------------- enum mapping
+
+_E = TypeVar("_E", bound=Enum)
+
+
+def _to_proto(value: Enum, prefix: str) -> str:
+    """A domain enum member as its proto value's name (``Gate.SESSION`` -> ``GATE_SESSION``);
+    protobuf accepts the name wherever an enum field is set and refuses unknown names."""
+    return f"{prefix}_{value.name}"
+
+
+def _from_proto(number: int, prefix: str, proto_enum: Any, enum: type[_E]) -> _E:
+    """A proto enum value as the domain member of the same name."""
+    return enum[str(proto_enum.Name(number)).removeprefix(f"{prefix}_")]
+
+
+def _name(number: int, prefix: str, proto_enum: Any) -> str:
+    """A proto enum value as its bare name (``QUALITY_ISSUE_BLURRY`` -> ``BLURRY``)."""
+    return str(proto_enum.Name(number)).removeprefix(f"{prefix}_")
+
+
+def _time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    moment: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return moment
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class ImageQuality:
+    """What the service saw in one submitted image or frame (measurements only)."""
+
+    index: int
+    accepted: bool
+    issue: str | None
+    """Why not accepted (``BLURRY``, ``NO_FACE``...); None when accepted."""
+    reason: str
+    width_px: int
+    height_px: int
+    face_count: int
+    face_height_px: int
+    detection_score: float
+    sharpness: float
+    brightness: float
+    yaw_deg: float
+    pitch_deg: float
+    roll_deg: float
+    live_score: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """A participant's enrollment metadata (never the template)."""
+
+    participant_id: str
+    enrolled_at: datetime | None
+    updated_at: datetime | None
+    image_count: int
+    model_pack: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollResult:
+    enrolled: bool
+    reason: str
+    enrollment: Enrollment | None
+    images: list[ImageQuality]
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A liveness challenge: perform ``steps`` in order, send at least ``min_frames``."""
+
+    challenge_id: str
+    steps: list[str]
+    """``TURN_LEFT``, ``TURN_RIGHT``, ``LOOK_UP``, ``LOOK_DOWN``, ``COME_CLOSER``..."""
+    expires_at: datetime | None
+    min_frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The decision on one scan; ``token`` is set only when the decision is VERIFIED."""
+
+    decision: Decision
+    reason: str
+    attempts_used: int
+    attempts_remaining: int
+    attempts_limit: int
+    attempts_reset_at: datetime | None
+    token: str | None
+    token_expires_at: datetime | None
+    verification_id: str
+    frames: list[ImageQuality]
+    liveness_method: LivenessMethod | None
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Attempts:
+    """Today's (WIB day) attempt count for one participant and training."""
+
+    used: int
+    remaining: int
+    limit: int
+    resets_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    """The answer of RedeemToken: ``valid`` only when ``reason`` is OK (the token is now used).
+
+    ``claims`` and ``kid`` are set when the signature verified, also for a refusal.
+    """
+
+    valid: bool
+    reason: CheckReason
+    message: str
+    claims: VerificationClaims | None
+    kid: str | None
+
+
+def _quality(q: pb.ImageQuality) -> ImageQuality:
+    return ImageQuality(
+        index=q.index,
+        accepted=q.accepted,
+        issue=None if q.issue == 0 else _name(q.issue, "QUALITY_ISSUE", pb.QualityIssue),
+        reason=q.reason,
+        width_px=q.width_px,
+        height_px=q.height_px,
+        face_count=q.face_count,
+        face_height_px=q.face_height_px,
+        detection_score=q.detection_score,
+        sharpness=q.sharpness,
+        brightness=q.brightness,
+        yaw_deg=q.yaw_deg,
+        pitch_deg=q.pitch_deg,
+        roll_deg=q.roll_deg,
+        live_score=q.live_score if q.HasField("live_score") else None,
+    )
+
+
+def _enrollment(e: pb.Enrollment) -> Enrollment:
+    return Enrollment(
+        participant_id=e.participant_id,
+        enrolled_at=_time(e, "enrolled_at"),
+        updated_at=_time(e, "updated_at"),
+        image_count=e.image_count,
+        model_pack=e.model_pack,
+    )
+
+
+def _enroll_result(r: pb.EnrollResponse) -> EnrollResult:
+    return EnrollResult(
+        enrolled=r.enrolled,
+        reason=r.reason,
+        enrollment=_enrollment(r.enrollment) if r.HasField("enrollment") else None,
+        images=[_quality(q) for q in r.images],
+    )
+
+
+def _challenge(r: pb.StartLivenessChallengeResponse) -> Challenge:
+    return Challenge(
+        challenge_id=r.challenge_id,
+        steps=[_name(s, "CHALLENGE_STEP", pb.ChallengeStep) for s in r.steps],
+        expires_at=_time(r, "expires_at"),
+        min_frames=r.min_frames,
+    )
+
+
+def _verify_result(r: pb.VerifyResponse) -> VerifyResult:
+    liveness = r.liveness_method
+    return VerifyResult(
+        decision=_from_proto(r.decision, "DECISION", pb.Decision, Decision),
+        reason=r.reason,
+        attempts_used=r.attempts_used,
+        attempts_remaining=r.attempts_remaining,
+        attempts_limit=r.attempts_limit,
+        attempts_reset_at=_time(r, "attempts_reset_at"),
+        token=r.token or None,
+        token_expires_at=_time(r, "token_expires_at"),
+        verification_id=r.verification_id,
+        frames=[_quality(q) for q in r.frames],
+        liveness_method=None
+        if liveness == 0
+        else _from_proto(liveness, "LIVENESS_METHOD", pb.LivenessMethod, LivenessMethod),
+        replayed=r.replayed,
+    )
+
+
+def _attempts(r: pb.GetAttemptsResponse) -> Attempts:
+    return Attempts(
+        used=r.used, remaining=r.remaining, limit=r.limit, resets_at=_time(r, "resets_at")
+    )
+
+
+def _seconds(message: Any, field: str) -> int:
+    moment = _time(message, field)
+    return 0 if moment is None else int(moment.timestamp())
+
+
+def _redemption(r: pb.RedeemTokenResponse) -> Redemption:
+    claims = kid = None
+    if r.HasField("claims"):
+        c = r.claims
+        claims = VerificationClaims(
+            iss=c.issuer,
+            sub=c.participant_id,
+            aud=c.audience,
+            iat=_seconds(c, "issued_at"),
+            nbf=_seconds(c, "not_before"),
+            exp=_seconds(c, "expires_at"),
+            jti=c.token_id,
+            training_id=c.training_id,
+            training_type=_from_proto(
+                c.training_type, "TRAINING_TYPE", pb.TrainingType, TrainingType
+            ),
+            gate=_from_proto(c.gate, "GATE", pb.Gate, Gate),
+            session_id=c.session_id,
+            liveness=_from_proto(
+                c.liveness_method, "LIVENESS_METHOD", pb.LivenessMethod, LivenessMethod
+            ),
+            model_pack=c.model_pack,
+            verification_id=c.verification_id,
+        )
+        kid = c.key_id or None
+    return Redemption(
+        valid=r.valid,
+        reason=CheckReason[_name(r.reason, "REDEEM_REASON", pb.RedeemReason)],
+        message=r.message,
+        claims=claims,
+        kid=kid,
+    )
+
+
+def _key_set(r: pb.GetSigningKeysResponse) -> PublicKeySet:
+    return PublicKeySet.from_json(r.jwks_json)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _verify_request(
+    participant_id: str,
+    training_id: str,
+    training_type: TrainingType,
+    gate: Gate,
+    frames: Sequence[bytes],
+    session_id: str,
+    scheduled_start: datetime | None,
+    challenge_id: str,
+    idempotency_key: str,
+) -> pb.VerifyRequest:
+    request = pb.VerifyRequest(
+        participant_id=participant_id,
+        training_id=training_id,
+        training_type=_to_proto(training_type, "TRAINING_TYPE"),
+        gate=_to_proto(gate, "GATE"),
+        session_id=session_id,
+        challenge_id=challenge_id,
+        frames=list(frames),
+        idempotency_key=idempotency_key,
+    )
+    if scheduled_start is not None:
+        request.scheduled_start.CopyFrom(_timestamp(scheduled_start))
+    return request
+
+
+def _redeem_request(
+    token: str, audience: str, gate: Gate, session_id: str, training_id: str
+) -> pb.RedeemTokenRequest:
+    return pb.RedeemTokenRequest(
+        token=token,
+        audience=audience,
+        expected_gate=_to_proto(gate, "GATE"),
+        expected_session_id=session_id,
+        expected_training_id=training_id,
+    )
+
+
+def _channel_credentials(
+    root_certificates: bytes | None, certificate_chain: bytes | None, private_key: bytes | None
+) -> grpc.ChannelCredentials:
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key (mTLS) go together")
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+_Resp = TypeVar("_Resp")
+_Out = TypeVar("_Out")
+
+
+class _Connection:
+    """What both clients share: target, credentials, metadata and the default deadline."""
+
+    def __init__(self, api_key: str | None, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        # The API key is a secret: show only whether there is one.
+        return (
+            f"_Connection(api_key={'<set>' if self.metadata else None}, timeout_s={self.timeout_s})"
+        )
+
+
+# --------------------------------------------------------------------------- sync client
+
+
+class FaceVerificationClient:
+    """Blocking client of ``facesvc.v1.FaceVerification``; thread-safe; close() when done.
+
+    ``target`` is ``host:port``. ``timeout_s`` is the default deadline of every call in
+    seconds; each method also takes ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        insecure: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._conn = _Connection(api_key, timeout_s)
+        if insecure:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            creds = _channel_credentials(root_certificates, certificate_chain, private_key)
+            self._channel = grpc.secure_channel(target, creds, options=list(options))
+        self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
+        self._target = target
+
+    def __repr__(self) -> str:
+        return f"FaceVerificationClient({self._target!r})"
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FaceVerificationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(
+        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
+    ) -> _Out:
+        try:
+            response = method(
+                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+            )
+        except grpc.RpcError as exc:
+            raise _service_error(exc) from None
+        return parse(response)
+
+    def enroll(
+        self,
+        participant_id: str,
+        images: Sequence[bytes],
+        *,
+        replace: bool = False,
+        timeout_s: float | None = None,
+    ) -> EnrollResult:
+        """Build and store the participant's template from ``images`` (encoded photos)."""
+        request = pb.EnrollRequest(
+            participant_id=participant_id, images=list(images), replace=replace
+        )
+        return self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+
+    def start_challenge(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        *,
+        timeout_s: float | None = None,
+    ) -> Challenge:
+        """Get a single-use liveness challenge for the next ``verify`` of this scan."""
+        request = pb.StartLivenessChallengeRequest(
+            participant_id=participant_id,
+            training_id=training_id,
+            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+            gate=_to_proto(gate, "GATE"),
+        )
+        return self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+
+    def verify(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        frames: Sequence[bytes],
+        *,
+        session_id: str = "",
+        scheduled_start: datetime | None = None,
+        challenge_id: str = "",
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> VerifyResult:
+        """Verify one scan (encoded ``frames`` in capture order) at one gate."""
+        request = _verify_request(
+            participant_id, training_id, training_type, gate, frames,
+            session_id, scheduled_start, challenge_id, idempotency_key,
+        )  # fmt: skip
+        return self._call(self._stub.Verify, request, _verify_result, timeout_s)
+
+    def attempts(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        *,
+        timeout_s: float | None = None,
+    ) -> Attempts:
+        """Today's attempt count; spends nothing."""
+        request = pb.GetAttemptsRequest(
+            participant_id=participant_id,
+            training_id=training_id,
+            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+        )
+        return self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+
+    def redeem(
+        self,
+        token: str,
+        *,
+        audience: str,
+        gate: Gate,
+        session_id: str = "",
+        training_id: str = "",
+        timeout_s: float | None = None,
+    ) -> Redemption:
+        """Check ``token`` online and mark it used: admit the participant only if ``valid``."""
+        request = _redeem_request(token, audience, gate, session_id, training_id)
+        return self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+
+    def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
+        """The published token-verification keys (for :class:`TokenVerifier`)."""
+        request = pb.GetSigningKeysRequest()
+        return self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+
+
+# --------------------------------------------------------------------------- async client
+
+
+class AsyncFaceVerificationClient:
+    """The asyncio twin of :class:`FaceVerificationClient` (same arguments and results).
+
+    Create it inside the event loop that uses it; ``await close()`` when done.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        insecure: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._conn = _Connection(api_key, timeout_s)
+        if insecure:
+            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+        else:
+            creds = _channel_credentials(root_certificates, certificate_chain, private_key)
+            self._channel = grpc.aio.secure_channel(target, creds, options=list(options))
+        self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
+        self._target = target
+
+    def __repr__(self) -> str:
+        return f"AsyncFaceVerificationClient({self._target!r})"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncFaceVerificationClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(
+        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
+    ) -> _Out:
+        try:
+            response = await method(
+                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+            )
+        except grpc.RpcError as exc:
+            raise _service_error(exc) from None
+        return parse(response)
+
+    async def enroll(
+        self,
+        participant_id: str,
+        images: Sequence[bytes],
+        *,
+        replace: bool = False,
+        timeout_s: float | None = None,
+    ) -> EnrollResult:
+        """See :meth:`FaceVerificationClient.enroll`."""
+        request = pb.EnrollRequest(
+            participant_id=participant_id, images=list(images), replace=replace
+        )
+        return await self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+
+    async def start_challenge(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        *,
+        timeout_s: float | None = None,
+    ) -> Challenge:
+        """See :meth:`FaceVerificationClient.start_challenge`."""
+        request = pb.StartLivenessChallengeRequest(
+            participant_id=participant_id,
+            training_id=training_id,
+            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+            gate=_to_proto(gate, "GATE"),
+        )
+        return await self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+
+    async def verify(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        frames: Sequence[bytes],
+        *,
+        session_id: str = "",
+        scheduled_start: datetime | None = None,
+        challenge_id: str = "",
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> VerifyResult:
+        """See :meth:`FaceVerificationClient.verify`."""
+        request = _verify_request(
+            participant_id, training_id, training_type, gate, frames,
+            session_id, scheduled_start, challenge_id, idempotency_key,
+        )  # fmt: skip
+        return await self._call(self._stub.Verify, request, _verify_result, timeout_s)
+
+    async def attempts(
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        *,
+        timeout_s: float | None = None,
+    ) -> Attempts:
+        """See :meth:`FaceVerificationClient.attempts`."""
+        request = pb.GetAttemptsRequest(
+            participant_id=participant_id,
+            training_id=training_id,
+            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+        )
+        return await self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+
+    async def redeem(
+        self,
+        token: str,
+        *,
+        audience: str,
+        gate: Gate,
+        session_id: str = "",
+        training_id: str = "",
+        timeout_s: float | None = None,
+    ) -> Redemption:
+        """See :meth:`FaceVerificationClient.redeem`."""
+        request = _redeem_request(token, audience, gate, session_id, training_id)
+        return await self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+
+    async def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
+        """See :meth:`FaceVerificationClient.signing_keys`."""
+        request = pb.GetSigningKeysRequest()
+        return await self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+
+
+# --------------------------------------------------------------------------- offline verification
+
+MAX_JWKS_BYTES = 64 * 1024
+"""A JWKS of a few keys is under 1 KiB; refuse a runaway body."""
+
+
+def fetch_jwks_url(url: str, *, timeout_s: float = 5.0) -> PublicKeySet:
+    """GET a JWKS document (the service's ``/.well-known/jwks.json``) and parse it strictly."""
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"JWKS URL must be http(s): {url!r}")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310  (scheme checked)
+        body: bytes = response.read(MAX_JWKS_BYTES + 1)
+    if len(body) > MAX_JWKS_BYTES:
+        raise ValueError(f"JWKS at {url} is larger than {MAX_JWKS_BYTES} bytes")
+    return PublicKeySet.from_json(body)
+
+
+class _JwksCache:
+    """The caching rules both verifiers follow (times from the injected clock).
+
+    * The key set is used for at most ``max_age`` after it was fetched, then fetched again:
+      a key the service stopped publishing stops verifying here too.
+    * A token with an unknown ``kid`` triggers one refresh, at most once per ``min_refresh``:
+      a rotated-in key is picked up at once, while junk kids cannot hammer the service.
+    """
+
+    def __init__(self, clock: Clock, max_age_s: float, min_refresh_s: float) -> None:
+        if max_age_s <= 0 or min_refresh_s < 0:
+            raise ValueError("max_age_s must be positive and min_refresh_s 0 or more")
+        self.clock = clock
+        self.max_age = timedelta(seconds=max_age_s)
+        self.min_refresh = timedelta(seconds=min_refresh_s)
+        self.keys: PublicKeySet | None = None
+        self.fetched_at: datetime | None = None
+        self.attempted_at: datetime | None = None
+
+    def usable(self, now: datetime) -> PublicKeySet | None:
+        """The cached keys unless absent or aged out."""
+        if self.keys is None or self.fetched_at is None or now - self.fetched_at >= self.max_age:
+            return None
+        return self.keys
+
+    def may_refresh(self, now: datetime) -> bool:
+        return self.attempted_at is None or now - self.attempted_at >= self.min_refresh
+
+    def fetch_failed(self, exc: Exception) -> KeySetUnavailable:
+        return KeySetUnavailable(f"could not fetch the token signing keys: {exc}")
+
+    def store(self, keys: PublicKeySet, now: datetime) -> PublicKeySet:
+        self.keys, self.fetched_at = keys, now
+        return keys
+
+
+class TokenVerifier:
+    """Checks tokens offline against a cached JWKS, with the service's own rules.
+
+    ``fetch`` returns the current key set: ``client.signing_keys`` or
+    ``lambda: fetch_jwks_url(url)`` (see :meth:`from_client`, :meth:`from_url`). ``issuer``
+    is the service's ``tokens.issuer``. An OK here proves the token genuine and meant for
+    this gate, not unused: admit once only after ``redeem`` (or your own jti store) agrees.
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], PublicKeySet],
+        *,
+        issuer: str,
+        leeway_s: float = DEFAULT_LEEWAY_S,
+        max_age_s: float = 300.0,
+        min_refresh_s: float = 10.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._policy = CheckPolicy(issuer=issuer, leeway_s=leeway_s)
+        self._cache = _JwksCache(clock or SystemClock(), max_age_s, min_refresh_s)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_client(cls, client: FaceVerificationClient, **kwargs: Any) -> TokenVerifier:
+        """Keys via the GetSigningKeys RPC."""
+        return cls(client.signing_keys, **kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 5.0, **kwargs: Any) -> TokenVerifier:
+        """Keys via HTTP GET of ``url`` (``https://<service>/.well-known/jwks.json``)."""
+        return cls(lambda: fetch_jwks_url(url, timeout_s=timeout_s), **kwargs)
+
+    def _refresh(self, now: datetime) -> PublicKeySet:
+        self._cache.attempted_at = now
+        try:
+            keys = self._fetch()
+        except Exception as exc:  # any transport failure means the same: no fresh keys
+            raise self._cache.fetch_failed(exc) from exc
+        return self._cache.store(keys, now)
+
+    def verify(self, token: str, expected: Expectation) -> CheckResult:
+        """Check ``token`` against ``expected``; raises :class:`KeySetUnavailable` when the
+        cache is empty or aged out and cannot be fetched."""
+        with self._lock:
+            now = self._cache.clock.now()
+            keys = self._cache.usable(now)
+            if keys is None:
+                if not self._cache.may_refresh(now):
+                    raise KeySetUnavailable("signing keys fetched too recently and failed")
+                keys = self._refresh(now)
+            result = check_token(token, keys, expected, self._policy, now)
+            if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
+                result = check_token(token, self._refresh(now), expected, self._policy, now)
+            return result
+
+
+class AsyncTokenVerifier:
+    """The asyncio twin of :class:`TokenVerifier`; ``fetch`` is a coroutine function."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[PublicKeySet]],
+        *,
+        issuer: str,
+        leeway_s: float = DEFAULT_LEEWAY_S,
+        max_age_s: float = 300.0,
+        min_refresh_s: float = 10.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._policy = CheckPolicy(issuer=issuer, leeway_s=leeway_s)
+        self._cache = _JwksCache(clock or SystemClock(), max_age_s, min_refresh_s)
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_client(cls, client: AsyncFaceVerificationClient, **kwargs: Any) -> AsyncTokenVerifier:
+        """Keys via the GetSigningKeys RPC."""
+        return cls(client.signing_keys, **kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 5.0, **kwargs: Any) -> AsyncTokenVerifier:
+        """Keys via HTTP GET of ``url``, in a worker thread so the loop never blocks."""
+
+        async def fetch() -> PublicKeySet:
+            return await asyncio.to_thread(fetch_jwks_url, url, timeout_s=timeout_s)
+
+        return cls(fetch, **kwargs)
+
+    async def _refresh(self, now: datetime) -> PublicKeySet:
+        self._cache.attempted_at = now
+        try:
+            keys = await self._fetch()
+        except Exception as exc:  # any transport failure means the same: no fresh keys
+            raise self._cache.fetch_failed(exc) from exc
+        return self._cache.store(keys, now)
+
+    async def verify(self, token: str, expected: Expectation) -> CheckResult:
+        """See :meth:`TokenVerifier.verify`."""
+        async with self._lock:
+            now = self._cache.clock.now()
+            keys = self._cache.usable(now)
+            if keys is None:
+                if not self._cache.may_refresh(now):
+                    raise KeySetUnavailable("signing keys fetched too recently and failed")
+                keys = await self._refresh(now)
+            result = check_token(token, keys, expected, self._policy, now)
+            if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
+                result = check_token(token, await self._refresh(now), expected, self._policy, now)
+            return result
