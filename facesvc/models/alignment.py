@@ -57,9 +57,10 @@ def similarity_transform(src_points: npt.ArrayLike, dst_points: npt.ArrayLike) -
     """The least-squares similarity (rotation, uniform scale, translation; no reflection)
     mapping ``src_points`` onto ``dst_points``, both (K, 2) with K >= 2.
 
-    Umeyama's closed form (equations 34-43), the same computation as dlib's
-    ``find_similarity_transform``. Returns the (2, 3) float64 matrix ``[A | t]`` with
-    ``dst ~= A @ src + t``.
+    The minimiser dlib's ``find_similarity_transform`` finds with Umeyama's SVD method; in
+    two dimensions it has a closed form (complex least squares, z_dst = (a + ib) z_src + t).
+    Returns the (2, 3) float64 matrix ``[A | t]`` with ``dst ~= A @ src + t``; when all
+    source points coincide, A is the identity (as in dlib).
     """
     src = np.asarray(src_points, dtype=np.float64)
     dst = np.asarray(dst_points, dtype=np.float64)
@@ -67,21 +68,17 @@ def similarity_transform(src_points: npt.ArrayLike, dst_points: npt.ArrayLike) -
         raise ValueError(f"need two (K, 2) point sets with K >= 2, got {src.shape} and {dst.shape}")
     mean_src = src.mean(axis=0)
     mean_dst = dst.mean(axis=0)
-    src_c = src - mean_src
-    dst_c = dst - mean_dst
-    sigma_src = float(np.mean(np.sum(src_c * src_c, axis=1)))
-    cov = dst_c.T @ src_c / src.shape[0]
-    u, d, vt = np.linalg.svd(cov)
-    s = np.eye(2)
-    det_cov = float(np.linalg.det(cov))
-    if det_cov < 0 or (det_cov == 0 and np.linalg.det(u) * np.linalg.det(vt) < 0):
-        # The best rotation would be a reflection: flip the weakest axis instead.
-        s[1, 1] = -1.0
-    rotation = u @ s @ vt
-    scale = float(np.trace(np.diag(d) @ s)) / sigma_src if sigma_src != 0 else 1.0
-    a = scale * rotation
-    t = mean_dst - a @ mean_src
-    return np.hstack([a, t[:, None]])
+    sx, sy = (src - mean_src).T
+    dx, dy = (dst - mean_dst).T
+    spread = float(np.dot(sx, sx) + np.dot(sy, sy))
+    if spread == 0:
+        a, b = 1.0, 0.0
+    else:
+        a = float(np.dot(sx, dx) + np.dot(sy, dy)) / spread
+        b = float(np.dot(sx, dy) - np.dot(sy, dx)) / spread
+    linear = np.array([[a, -b], [b, a]])
+    t = mean_dst - linear @ mean_src
+    return np.hstack([linear, t[:, None]])
 
 
 def warp_to_template(

