@@ -46,7 +46,7 @@ from facesvc.clock import require_aware
 from facesvc.config import ConfigError, Settings, TemplatesSettings
 from facesvc.redis_client import AsyncRedis, redis_client_from_url, scan_keys
 from facesvc.redis_errors import StoreUnavailable, store_errors
-from facesvc.redis_keys import KeySpace, validate_id
+from facesvc.redis_keys import KeySpace
 
 _MAGIC = b"FSVT"
 _VERSION = 1
@@ -106,7 +106,8 @@ class TemplateMetadata:
 @dataclass(frozen=True, slots=True)
 class RekeyResult:
     """What a rekey pass did: values re-encrypted, values already under the active key,
-    and participants whose template could not be read (left untouched)."""
+    and participants (or, for a malformed key name, keys) whose template could not be read
+    (left untouched)."""
 
     rekeyed: int
     current: int
@@ -203,8 +204,8 @@ class TemplateStore:
         Without ``replace`` an existing enrollment raises :class:`AlreadyEnrolled` (checked
         and written atomically with SET NX). Raises ValueError for a malformed template.
         """
+        key = self._keys.template(template.participant_id)  # validates the id first
         value = self._seal(template)
-        key = self._keys.template(template.participant_id)
         async with store_errors("store a template"):
             written = await self._client.set(key, value, nx=not replace)
         if not written:
@@ -279,7 +280,11 @@ class TemplateStore:
         active = self._keyring.active_kid
         async with store_errors("re-encrypt templates"):
             async for key in scan_keys(self._client, self._keys.template_pattern()):
-                participant_id = self._keys.participant_of_template(key)
+                try:
+                    participant_id = self._keys.participant_of_template(key)
+                except ValueError:  # not written by this service (an id it would refuse)
+                    unreadable.append(key)
+                    continue
                 value = _binary(await self._client.get(key))
                 if value is None:
                     continue  # deleted since the scan saw it
@@ -299,8 +304,8 @@ class TemplateStore:
             return _binary(await self._client.get(self._keys.template(participant_id)))
 
     def _seal(self, template: Template) -> bytes:
-        """Validate and encrypt ``template`` under the active key into the stored value."""
-        validate_id(template.participant_id, "participant_id")
+        """Validate and encrypt ``template`` (id already validated by its key) under the
+        active key into the stored value."""
         descriptors = np.asarray(template.descriptors)
         if descriptors.ndim != 2 or 0 in descriptors.shape:
             raise ValueError(

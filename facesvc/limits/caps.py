@@ -44,7 +44,7 @@ from facesvc.clock import WIB, day_end, programme_day
 from facesvc.domain import TrainingType
 from facesvc.redis_client import AsyncRedis, reply_text
 from facesvc.redis_errors import store_errors
-from facesvc.redis_keys import KeySpace, validate_id
+from facesvc.redis_keys import KeySpace
 
 # KEYS[1]: the cap SET; KEYS[2] (optional): the idempotency HASH (same hash tag).
 # ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: unix second the SET expires at,
@@ -295,7 +295,6 @@ class AttemptCaps:
         for another training is a different record, and arbitrary text stays out of keys."""
         if not (1 <= len(key) <= 128 and key.isascii() and key.isprintable()):
             raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
-        validate_id(training_id, "training_id")
         digest = hashlib.sha256(f"{training_id}\0{key}".encode()).hexdigest()[:32]
         return self._keys.idempotency(participant_id, digest)
 
