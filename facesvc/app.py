@@ -36,7 +36,7 @@ from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
 from facesvc.metrics import Metrics
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.validation import RequestLimits
+from facesvc.validation import RequestLimits, transport_limit
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class App:
             interceptors=[MetricsInterceptor(self.metrics)],
             maximum_concurrent_rpcs=server.max_concurrent_rpcs,
             options=[
-                ("grpc.max_receive_message_length", server.max_message_bytes),
+                ("grpc.max_receive_message_length", transport_limit(server.max_message_bytes)),
                 ("grpc.max_send_message_length", server.max_message_bytes),
                 # One process per port: a second server on the same port is an
                 # operator error that must fail loudly, not share traffic.

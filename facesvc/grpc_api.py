@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from facesvc import validation
 from facesvc._proto.v1 import facesvc_pb2 as pb
@@ -106,8 +107,11 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     async def _admit(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
         return await self._auth.authenticate(context, rpc)
 
-    async def _validate(self, context: grpc.aio.ServicerContext, check: Callable[[], None]) -> None:
+    async def _validate(
+        self, context: grpc.aio.ServicerContext, request: Message, check: Callable[[], None]
+    ) -> None:
         try:
+            validation.check_message_size(request, self._limits)
             check()
         except validation.InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -126,55 +130,62 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollResponse:
         await self._admit(context, "Enroll")
-        await self._validate(context, lambda: validation.check_enroll(request, self._limits))
+        await self._validate(
+            context, request, lambda: validation.check_enroll(request, self._limits)
+        )
         await self._unimplemented(context, "Enroll")
 
     async def GetEnrollment(
         self, request: pb.GetEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetEnrollmentResponse:
         await self._admit(context, "GetEnrollment")
-        await self._validate(context, lambda: validation.check_participant(request))
+        await self._validate(context, request, lambda: validation.check_participant(request))
         await self._unimplemented(context, "GetEnrollment")
 
     async def DeleteEnrollment(
         self, request: pb.DeleteEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteEnrollmentResponse:
         await self._admit(context, "DeleteEnrollment")
-        await self._validate(context, lambda: validation.check_participant(request))
+        await self._validate(context, request, lambda: validation.check_participant(request))
         await self._unimplemented(context, "DeleteEnrollment")
 
     async def StartLivenessChallenge(
         self, request: pb.StartLivenessChallengeRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartLivenessChallengeResponse:
         await self._admit(context, "StartLivenessChallenge")
-        await self._validate(context, lambda: validation.check_start_liveness_challenge(request))
+        await self._validate(
+            context, request, lambda: validation.check_start_liveness_challenge(request)
+        )
         await self._unimplemented(context, "StartLivenessChallenge")
 
     async def Verify(
         self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.VerifyResponse:
         await self._admit(context, "Verify")
-        await self._validate(context, lambda: validation.check_verify(request, self._limits))
+        await self._validate(
+            context, request, lambda: validation.check_verify(request, self._limits)
+        )
         await self._unimplemented(context, "Verify")
 
     async def GetAttempts(
         self, request: pb.GetAttemptsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAttemptsResponse:
         await self._admit(context, "GetAttempts")
-        await self._validate(context, lambda: validation.check_get_attempts(request))
+        await self._validate(context, request, lambda: validation.check_get_attempts(request))
         await self._unimplemented(context, "GetAttempts")
 
     async def RedeemToken(
         self, request: pb.RedeemTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.RedeemTokenResponse:
         await self._admit(context, "RedeemToken")
-        await self._validate(context, lambda: validation.check_redeem_token(request))
+        await self._validate(context, request, lambda: validation.check_redeem_token(request))
         await self._unimplemented(context, "RedeemToken")
 
     async def GetSigningKeys(
         self, request: pb.GetSigningKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSigningKeysResponse:
         await self._admit(context, "GetSigningKeys")
+        await self._validate(context, request, lambda: None)
         await self._unimplemented(context, "GetSigningKeys")
 
 

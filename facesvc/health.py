@@ -103,8 +103,11 @@ class RedisProbe:
 
     async def ping(self) -> bool:
         """True when Redis answered PING within the timeout."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+        # that arrives as the ping completes, and the probe would then outlive stop().
         try:
-            return await asyncio.wait_for(redis_reachable(self._redis), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await redis_reachable(self._redis)
         except TimeoutError:
             return False
 

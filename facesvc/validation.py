@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
@@ -46,10 +47,13 @@ class RequestLimits:
     max_frames: int
     max_images: int
     max_image_bytes: int
+    max_message_bytes: int
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> RequestLimits:
-        return cls(server.max_frames, server.max_images, server.max_image_bytes)
+        return cls(
+            server.max_frames, server.max_images, server.max_image_bytes, server.max_message_bytes
+        )
 
 
 def _mib(n: int) -> str:
@@ -116,6 +120,26 @@ def _training(req: pb.VerifyRequest | pb.StartLivenessChallengeRequest) -> None:
     _enum("gate", req.gate, "Gate")
     if req.gate == pb.GATE_POST_TEST and req.training_type not in _ONLINE_TYPES:
         raise InvalidArgument("gate", "POST_TEST applies only to SPL and WEBINAR trainings")
+
+
+def check_message_size(req: Message, limits: RequestLimits) -> None:
+    """The whole request within ``max_message_bytes``. The gRPC transport limit is
+    set above it (see :func:`transport_limit`) so that a request somewhat too large
+    gets this clear INVALID_ARGUMENT instead of a bare RESOURCE_EXHAUSTED."""
+    size = req.ByteSize()
+    if size > limits.max_message_bytes:
+        raise InvalidArgument(
+            "request",
+            f"is {_mib(size)}; at most {_mib(limits.max_message_bytes)} "
+            "(send fewer or smaller images)",
+        )
+
+
+def transport_limit(max_message_bytes: int) -> int:
+    """The gRPC receive limit for a service whose valid requests are at most
+    ``max_message_bytes``: twice that, so memory stays bounded while oversize
+    requests up to that point are answered by :func:`check_message_size`."""
+    return 2 * max_message_bytes
 
 
 def check_enroll(req: pb.EnrollRequest, limits: RequestLimits) -> None:

