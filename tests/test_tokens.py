@@ -548,6 +548,23 @@ def test_service_picks_up_a_rotation_and_survives_a_broken_directory(keys: Keys)
     assert new.record.kid in directory.public_keys(keys.clock.now())
 
 
+def test_service_reparses_the_directory_only_when_it_changed(
+    keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A group-readable key (a secret mount's default mode) warns on every parse.
+    for pem in keys.dir.glob("*.pem"):
+        pem.chmod(0o640)
+    directory = KeyDirectory(keys.dir, reload_s=5, clock=keys.clock)
+    for _ in range(3):
+        keys.clock.advance(timedelta(seconds=5))
+        directory.public_keys(keys.clock.now())
+    assert caplog.text.count("chmod 600") == 1
+    keys_rotate(keys.dir, publish_delay_s=60, token_ttl_s=120, leeway_s=10, now=T0)
+    keys.clock.advance(timedelta(seconds=5))
+    assert len(directory.public_keys(keys.clock.now())) == 2
+    assert caplog.text.count("chmod 600") == 3  # rotate's own read, then one re-parse
+
+
 def test_no_active_key_is_a_clear_error(tmp_path: Path) -> None:
     keys_generate(tmp_path, now=T0)
     with pytest.raises(NoSigningKeyError, match="keys generate"):

@@ -288,11 +288,30 @@ class PublicKeySource(Protocol):
     def public_keys(self, now: datetime) -> PublicKeySet: ...
 
 
-class KeyDirectory:
-    """The service's view of a key directory, re-read every ``reload_s`` seconds.
+def _fingerprint(directory: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """Names, inodes, sizes and mtimes of the directory's files: changes when any key does.
 
-    Re-reading picks up a ``keys rotate`` run by an operator (or a secret update) without a
-    restart; the publication delay of a rotation must exceed ``reload_s``. A directory that
+    ``stat`` follows symlinks, so a Kubernetes secret update (a swapped ``..data`` link)
+    changes it too. An unreadable directory gives ``()``, which never equals a real print.
+    """
+    try:
+        return tuple(
+            sorted(
+                (entry.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                for entry in directory.iterdir()
+                for st in (entry.stat(),)
+            )
+        )
+    except OSError:
+        return ()
+
+
+class KeyDirectory:
+    """The service's view of a key directory, checked for changes every ``reload_s`` seconds.
+
+    Checking picks up a ``keys rotate`` run by an operator (or a secret update) without a
+    restart; the publication delay of a rotation must exceed ``reload_s``. The files are
+    parsed again only when they changed (a few ``stat`` calls otherwise). A directory that
     fails to load after it once loaded keeps the last good snapshot and logs why, so a
     half-updated secret mount cannot take signing down.
     """
@@ -304,22 +323,29 @@ class KeyDirectory:
         self._clock = clock or SystemClock()
         # Held by the event loop and by worker threads alike (issuing runs in either).
         self._lock = threading.Lock()
+        self._fingerprint = _fingerprint(path)
         self._ring = load_key_ring(path)
-        self._loaded_at = self._clock.now()
+        self._checked_at = self._clock.now()
 
     def __repr__(self) -> str:
         return f"KeyDirectory({str(self._path)!r})"
 
     def ring(self) -> KeyRing:
-        """The current snapshot, re-read when it is older than ``reload_s``."""
+        """The current snapshot, re-read when the files changed (checked every ``reload_s``)."""
         with self._lock:
             now = self._clock.now()
-            if now - self._loaded_at >= self._reload_every:
-                self._loaded_at = now
+            if now - self._checked_at < self._reload_every:
+                return self._ring
+            self._checked_at = now
+            fingerprint = _fingerprint(self._path)
+            if fingerprint != self._fingerprint:
                 try:
                     self._ring = load_key_ring(self._path)
                 except KeyDirectoryError as exc:
+                    # The print is not taken: the next check tries (and says it) again.
                     log.warning("keeping the previous signing keys: %s", exc)
+                else:
+                    self._fingerprint = fingerprint
             return self._ring
 
     def signing_key(self, now: datetime) -> SigningKey:
