@@ -135,7 +135,11 @@ def test_descriptors_match_dlib_on_shared_face_photos(
     folders = sorted(
         d
         for d in faces_dir.iterdir()
-        if d.is_dir() and (d.name.startswith("face_recognition") or d.name <= "nuaa__client0004")
+        if d.is_dir()
+        and (
+            d.name.startswith("face_recognition")
+            or (d.name.startswith("nuaa__") and d.name <= "nuaa__client0004")
+        )
     )
     faces: list[Face] = []
     for folder in folders:
