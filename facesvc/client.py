@@ -81,6 +81,7 @@ __all__ = [
     "TokenVerifier",
     "TrainingType",
     "Unauthenticated",
+    "VerificationClaims",
     "VerifyResult",
     "fetch_jwks_url",
 ]
@@ -776,8 +777,9 @@ class _JwksCache:
     """
 
     def __init__(self, clock: Clock, max_age_s: float, min_refresh_s: float) -> None:
-        if max_age_s <= 0 or min_refresh_s < 0:
-            raise ValueError("max_age_s must be positive and min_refresh_s 0 or more")
+        if min_refresh_s < 0 or max_age_s <= min_refresh_s:
+            # A cache that ages out faster than it may refresh would refuse every other call.
+            raise ValueError("need 0 <= min_refresh_s < max_age_s")
         self.clock = clock
         self.max_age = timedelta(seconds=max_age_s)
         self.min_refresh = timedelta(seconds=min_refresh_s)
@@ -846,8 +848,12 @@ class TokenVerifier:
         return self._cache.store(keys, now)
 
     def verify(self, token: str, expected: Expectation) -> CheckResult:
-        """Check ``token`` against ``expected``; raises :class:`KeySetUnavailable` when the
-        cache is empty or aged out and cannot be fetched."""
+        """Check ``token`` against ``expected``.
+
+        Raises :class:`KeySetUnavailable` when the key set is needed (the cache is empty or
+        aged out, or the token names an unseen kid) and cannot be fetched: the caller should
+        then check online with ``redeem``, which it must call anyway to admit once.
+        """
         with self._lock:
             now = self._cache.clock.now()
             keys = self._cache.usable(now)
