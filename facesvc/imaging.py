@@ -1,0 +1,144 @@
+"""Safe decoding of untrusted image bytes into RGB arrays.
+
+Every frame a caller sends passes through ``decode_image`` before any model sees it. The
+checks run cheapest first and before the expensive step they protect:
+
+1. the encoded size (``DecodeLimits.max_bytes``);
+2. the container format, identified from the bytes, never from a name or a MIME type
+   (JPEG, PNG, WebP; a multi-picture JPEG from a phone camera counts as JPEG);
+3. the pixel count from the header, before a single pixel is decoded: Pillow opens lazily,
+   so a 100-megapixel PNG of a few kilobytes (a decompression bomb) is refused here
+   without allocating its pixels;
+4. animation: a still photo is expected, so animated PNG/WebP is refused;
+5. the decode itself, with truncated or corrupt data an error rather than a grey-padded
+   picture (Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off);
+6. the EXIF orientation, so a portrait phone photo comes out upright;
+7. conversion to 8-bit RGB: palette and grey images expanded, transparency composited on
+   white, 16-bit grey scaled (not clipped) to 8 bits, CMYK converted.
+
+Every refusal is an ``ImageRejected`` whose message says what was wrong and what to send.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from facesvc.models.types import RGBImage
+
+_MIB = 1 << 20
+# Our format names and Pillow's openers for them (Pillow's JPEG opener also returns the
+# multi-picture "MPO" JPEGs many phones write).
+_OPENERS = {"JPEG": "JPEG", "PNG": "PNG", "WebP": "WEBP"}
+_SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an acceptable image; the message says why and what to send."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What ``decode_image`` accepts.
+
+    ``max_bytes``: encoded size in bytes (8 MiB: a 12 MP phone JPEG is 3-6 MB).
+    ``max_pixels``: width * height (25 MP: above any phone or webcam frame a scan needs,
+    and 75 MB as RGB). ``formats``: accepted formats, among "JPEG", "PNG", "WebP".
+    """
+
+    max_bytes: int = 8 * _MIB
+    max_pixels: int = 25_000_000
+    formats: frozenset[str] = field(default_factory=lambda: frozenset({"JPEG", "PNG", "WebP"}))
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0:
+            raise ValueError("max_bytes and max_pixels must be positive")
+        unknown = self.formats - _OPENERS.keys()
+        if unknown:
+            raise ValueError(f"unsupported formats {sorted(unknown)}; known: JPEG, PNG, WebP")
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> RGBImage:
+    """Decode ``data`` to an upright (H, W, 3) uint8 RGB array, or raise ``ImageRejected``.
+
+    Raises ``RuntimeError`` if Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` has been turned
+    on in this process: truncated uploads would then decode silently.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images would be accepted; "
+            "turn it off"
+        )
+    accepted = ", ".join(sorted(limits.formats))
+    if not data:
+        raise ImageRejected(f"the image is empty: send a {accepted} photo")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            f"image is {len(data) / _MIB:.1f} MiB; the limit is {limits.max_bytes / _MIB:.1f} "
+            "MiB: send a smaller or more compressed photo"
+        )
+    pillow_formats = [_OPENERS[name] for name in sorted(limits.formats)]
+    try:
+        with Image.open(io.BytesIO(data), formats=pillow_formats) as image:
+            _check_header(image, limits)
+            return _to_rgb(_load_upright(image))
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            f"the data is not a {accepted} image: send a photo in one of those formats"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"{exc}: send a smaller photo") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+        # Pillow reports truncated and corrupt data with these, depending on the codec.
+        raise ImageRejected(
+            f"the image data is truncated or corrupt ({exc}): send the complete file again"
+        ) from None
+
+
+def _check_header(image: Image.Image, limits: DecodeLimits) -> None:
+    """Refuse by what the header declares, before any pixel is decoded."""
+    width, height = image.size
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise ImageRejected(
+            f"image is {width}x{height} = {pixels / 1e6:.0f} MP; the limit is "
+            f"{limits.max_pixels / 1e6:.0f} MP: send a smaller photo"
+        )
+    if pixels == 0:
+        raise ImageRejected(f"image is {width}x{height}: send a real photo")
+    # A multi-picture JPEG holds the photo and a preview: its first frame is the photo.
+    if getattr(image, "is_animated", False) and image.format != "MPO":
+        raise ImageRejected("animated images are not accepted: send a single still photo")
+
+
+def _load_upright(image: Image.Image) -> Image.Image:
+    """Decode the first frame and apply its EXIF orientation."""
+    image.load()
+    upright = ImageOps.exif_transpose(image)
+    return upright if upright is not None else image
+
+
+def _to_rgb(image: Image.Image) -> RGBImage:
+    """(H, W, 3) uint8 RGB from any mode Pillow decodes JPEG, PNG or WebP into."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_GREY:
+        # Pillow's own conversion to "L" clips 16-bit values at 255; scale instead.
+        wide = np.asarray(image, dtype=np.int64)
+        grey = np.clip((wide * 255 + 32767) // 65535, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in _WITH_ALPHA:
+        # A transparent background is shown as white by every viewer a person checks with.
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, rgba)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb)
