@@ -496,6 +496,9 @@ def test_rotation_publishes_first_signs_later_and_retires_after_the_last_token(
         (old_kid, True, switch),
         (new.record.kid, False, None),
     ]
+    assert [k.jwk for k in ring.published(rotated_at)] == ring.public_keys(rotated_at).to_jwks()[
+        "keys"
+    ]
     assert ring.signing_key(switch - timedelta(seconds=1)).kid == old_kid
     assert ring.signing_key(switch).kid == new.record.kid
 

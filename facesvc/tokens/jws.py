@@ -172,6 +172,18 @@ def key_thumbprint(key: Ed25519PublicKey) -> str:
     return b64url_encode(hashlib.sha256(canonical).digest())
 
 
+def public_jwk(kid: str, key: Ed25519PublicKey) -> dict[str, str]:
+    """One key as an RFC 8037 JWK: ``{kty: OKP, crv: Ed25519, x, kid, use: sig, alg: EdDSA}``."""
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url_encode(_raw_public(key)),
+        "kid": kid,
+        "use": "sig",
+        "alg": ALGORITHM,
+    }
+
+
 class PublicKeySet(Mapping[str, Ed25519PublicKey]):
     """Published verification keys by ``kid``; converts to and from a JWKS (RFC 7517, 8037)."""
 
@@ -194,19 +206,7 @@ class PublicKeySet(Mapping[str, Ed25519PublicKey]):
 
     def to_jwks(self) -> dict[str, list[dict[str, str]]]:
         """The JWKS document: ``{"keys": [{kty, crv, x, kid, use, alg}, ...]}``."""
-        return {
-            "keys": [
-                {
-                    "kty": "OKP",
-                    "crv": "Ed25519",
-                    "x": b64url_encode(_raw_public(key)),
-                    "kid": kid,
-                    "use": "sig",
-                    "alg": ALGORITHM,
-                }
-                for kid, key in self._keys.items()
-            ]
-        }
+        return {"keys": [public_jwk(kid, key) for kid, key in self._keys.items()]}
 
     def to_json(self) -> str:
         """The JWKS document as compact JSON text (the body of /.well-known/jwks.json)."""

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from facesvc.clock import Clock, SystemClock, require_aware
-from facesvc.tokens.jws import PublicKeySet, key_thumbprint, strict_json_object
+from facesvc.tokens.jws import PublicKeySet, key_thumbprint, public_jwk, strict_json_object
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,11 @@ class PublishedKey:
     """When its successor takes over; None while no successor is planned."""
     active: bool
     """True for the key that signs new tokens now."""
+
+    @property
+    def jwk(self) -> dict[str, str]:
+        """The key as a JWK (its ``x`` is what GetSigningKeys' structured list carries)."""
+        return public_jwk(self.kid, self.public_key)
 
 
 def _iso(moment: datetime) -> str:
