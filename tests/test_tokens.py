@@ -228,6 +228,7 @@ def test_malformed_encodings_are_rejected(keys: Keys) -> None:
         f"{h}=.{p}.{s}",  # padding
         f"{h}.{p}.{s}+",  # standard, not url-safe, alphabet
         f"{h} .{p}.{s}",
+        f"{h}.{p}é.{s}",
         "x" * 5000,
     ):
         assert keys.check(bad) is CheckReason.MALFORMED, bad

@@ -123,6 +123,9 @@ def verify_compact(token: str, keys: PublicKeySet) -> VerifiedJws:
     """
     if len(token) > MAX_TOKEN_CHARS:
         raise TokenRejected(CheckReason.MALFORMED, "token too long")
+    if not token.isascii():
+        # Compact JWS is base64url and dots; anything else cannot even be a signing input.
+        raise TokenRejected(CheckReason.MALFORMED, "token has non-ASCII characters")
     parts = token.split(".")
     if len(parts) != 3:
         raise TokenRejected(CheckReason.MALFORMED, "not a compact JWS (three parts)")
