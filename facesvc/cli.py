@@ -23,7 +23,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TypeAlias
 
-from facesvc.config import ConfigError, Settings, describe, load_settings, settings_info
+from facesvc.config import (
+    ConfigError,
+    Settings,
+    describe,
+    load_settings,
+    settings_info,
+    shown,
+)
 
 log = logging.getLogger("facesvc.cli")
 
@@ -125,6 +132,21 @@ def _add_serve(sub: SubParsers) -> None:
     p.set_defaults(func=_serve)
 
 
+def _settings_table(args: argparse.Namespace) -> int:
+    """Print every setting as a Markdown table (README's settings table comes from here)."""
+    print("| setting | env | default | what it is |")
+    print("|---|---|---|---|")
+    for info in settings_info():
+        default = shown(info, info.default).replace(str(Path.home()), "~")
+        print(f"| `{info.dotted}` | `{info.env}` | `{default}` | {info.doc} |")
+    return 0
+
+
+def _add_settings(sub: SubParsers) -> None:
+    p = sub.add_parser("settings", help="list every setting, its env name and default")
+    p.set_defaults(func=_settings_table)
+
+
 # ---------------------------------------------------------------- commands other issues implement
 
 
@@ -187,6 +209,7 @@ def _add_audit(sub: SubParsers) -> None:
 
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
     _add_serve,
+    _add_settings,
     _add_eval,
     _add_calibrate,
     _add_eval_liveness,

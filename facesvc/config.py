@@ -85,14 +85,18 @@ class ServerSettings:
     """Listening addresses, shutdown and request-size bounds of both servers."""
 
     grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 for every interface, as in the container)."""
     grpc_port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
     http_host: str = "127.0.0.1"
     """The HTTP server carries /metrics, /healthz (and later the JSON gateway)."""
     http_port: int = 8080
+    """HTTP port; 0 picks a free one (tests)."""
     grace_s: float = 10.0
     """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
     max_message_bytes: int = 32 * 1024 * 1024
-    """Largest gRPC request accepted (larger ones fail with RESOURCE_EXHAUSTED)."""
+    """Largest request accepted; larger ones get INVALID_ARGUMENT, and beyond twice this
+    size gRPC refuses them unread with RESOURCE_EXHAUSTED."""
     max_frames: int = 16
     """Most frames in one Verify."""
     max_images: int = 10
@@ -124,7 +128,9 @@ class RedisSettings:
     """Server URL (redis://, rediss://, unix://, redis+cluster://, redis+sentinel://);
     a password in it is redacted in logs."""
     connect_timeout_s: float = 0.5
+    """Seconds to open a connection to Redis."""
     socket_timeout_s: float = 1.0
+    """Seconds to wait for one Redis reply (the service fails closed after it)."""
     health_interval_s: float = 1.0
     """How often the health task pings Redis."""
     health_timeout_s: float = 0.5
@@ -163,7 +169,9 @@ class LimitsSettings:
     """Daily attempt caps per training type and the calendar that defines "a day"."""
 
     cap_spl: int = 5
+    """Attempts per participant, training and day for SPL (self-paced) trainings."""
     cap_webinar: int = 10
+    """Attempts per participant, training and day for WEBINAR trainings."""
     cap_offline: int = 10
     """The programme's FAQ sets no OFFLINE cap; this is the operator's choice."""
     timezone: str = "Asia/Jakarta"
@@ -249,8 +257,11 @@ class LivenessSettings:
     """
 
     spl: LivenessPolicy = "challenge"
+    """Policy for SPL scans (off, passive or challenge)."""
     webinar: LivenessPolicy = "challenge"
+    """Policy for WEBINAR scans."""
     offline: LivenessPolicy = "challenge"
+    """Policy for OFFLINE scans not made on a kiosk."""
     kiosk: LivenessPolicy = "challenge"
     """Applies to every scan from a kiosk caller, whatever the training type."""
 
@@ -269,7 +280,9 @@ class SecuritySettings:
     api_keys_file: Path | None = None
     """File of API keys and the role each grants; unset = no authentication (dev only)."""
     tls_cert: Path | None = None
+    """PEM certificate (chain) for gRPC and HTTP; unset = plaintext."""
     tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
     tls_ca: Path | None = None
     """CA for client certificates: set it to require mTLS."""
     allow_plaintext: bool = True
@@ -291,7 +304,9 @@ class LoggingSettings:
     """Structured logs on stderr (never images, templates or secrets)."""
 
     level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
     format: LogFormat = "json"
+    """json (one object per line, for collectors) or kv (key=value, for terminals)."""
 
     def __post_init__(self) -> None:
         if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -502,7 +517,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _shown(info: SettingInfo, value: Any) -> str:
+def shown(info: SettingInfo, value: Any) -> str:
+    """``value`` as printed for people: secrets and URL passwords redacted."""
     if info.secret:
         return "<redacted>" if value else "<unset>"
     if isinstance(value, str) and "://" in value:
@@ -520,4 +536,4 @@ def iter_values(settings: Settings) -> Iterator[tuple[SettingInfo, Any]]:
 
 def describe(settings: Settings) -> str:
     """One ``section.name = value`` line per setting, secrets redacted, for start-up logs."""
-    return "\n".join(f"{i.dotted} = {_shown(i, v)}" for i, v in iter_values(settings))
+    return "\n".join(f"{i.dotted} = {shown(i, v)}" for i, v in iter_values(settings))

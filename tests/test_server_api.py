@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.grpc_api import MISSING
 from tests.conftest import RunningServer
@@ -224,3 +225,7 @@ def test_metrics_count_calls_by_method_and_code(facesvc_server: RunningServer) -
     assert f'facesvc_grpc_calls_total{{code="INVALID_ARGUMENT",{method}}} 1.0' in text
     assert f"facesvc_grpc_call_seconds_count{{{method}}} 2.0" in text
     assert "facesvc_serving 1.0" in text
+
+
+def test_container_healthcheck_probe_passes_when_serving(facesvc_server: RunningServer) -> None:
+    assert healthcheck.main(["--target", facesvc_server.grpc_target]) == 0

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
+from facesvc import healthcheck
 from facesvc.redis_local import RedisServer
 from tests.conftest import RunningServer
 
@@ -34,6 +35,7 @@ def test_health_turns_not_serving_when_redis_stops_and_back_when_it_returns(
     server.wait_health(NOT_SERVING)
     assert server.health("") == NOT_SERVING
     assert _healthz(server) == (503, {"status": "NOT_SERVING", "reason": "redis unreachable"})
+    assert healthcheck.main(["--target", server.grpc_target]) == 1  # the container's probe
 
     dedicated_redis.start()
     server.wait_health(SERVING)

@@ -1,0 +1,45 @@
+# facesvc: the gRPC service (50051) and its HTTP side (/metrics, /healthz; 8080).
+# Build: docker build -t facesvc .   Run with Redis: docker compose up
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    FACESVC_MODELS_CACHE_DIR=/opt/facesvc/models \
+    FACESVC_SERVER_GRPC_HOST=0.0.0.0 \
+    FACESVC_SERVER_HTTP_HOST=0.0.0.0 \
+    FACESVC_SERVER_GRPC_PORT=50051 \
+    FACESVC_SERVER_HTTP_PORT=8080 \
+    FACESVC_REDIS_URL=redis://redis:6379/0
+
+RUN groupadd --system --gid 10001 facesvc \
+    && useradd --system --uid 10001 --gid facesvc --home-dir /home/facesvc --create-home facesvc
+
+WORKDIR /app
+# Dependencies first, so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY facesvc ./facesvc
+COPY proto ./proto
+RUN pip install .
+
+# Convert the default pack's models at build time: a container never converts at start,
+# and nothing is downloaded at run time.
+RUN mkdir -p "$FACESVC_MODELS_CACHE_DIR" \
+    && python -m facesvc.models.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
+    && chmod -R a+rX "$FACESVC_MODELS_CACHE_DIR"
+
+# Keys and other state live in /var/lib/facesvc (mount a volume or secrets there).
+RUN mkdir -p /var/lib/facesvc && chown facesvc:facesvc /var/lib/facesvc
+WORKDIR /var/lib/facesvc
+USER facesvc
+
+EXPOSE 50051 8080
+# Through the standard gRPC health service: healthy only when models are loaded and
+# Redis answers, the same condition load balancers see.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "facesvc.healthcheck"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["facesvc"]
+CMD ["serve"]
