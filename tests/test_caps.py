@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -326,5 +327,54 @@ def test_counts_survive_a_real_redis_restart(dedicated_redis: RedisServer, crash
         assert isinstance(await caps.reserve("p1", "t1", SPL, now), Exhausted)
         webinar = await caps.reserve("p1", "t2", WEBINAR, now)
         assert isinstance(webinar, Reservation) and webinar.used == 1
+
+    run(scenario, dedicated_redis.url, "facesvc")
+
+
+@pytest.mark.slow
+def test_kill_mid_burst_never_loses_an_acknowledged_attempt_nor_exceeds_the_cap(
+    dedicated_redis: RedisServer,
+) -> None:
+    """kill -9 in a burst of 10 participants x 8 scans, restart, scan on."""
+
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        participants = [f"p{i}" for i in range(10)]
+        acknowledged: Counter[str] = Counter()
+        refused_unavailable = 0
+        killed = False
+
+        def kill() -> None:
+            nonlocal killed
+            killed = True
+            assert dedicated_redis.process is not None
+            dedicated_redis.process.kill()
+            dedicated_redis.process.wait()
+            dedicated_redis.process = None
+
+        async def one(pid: str) -> None:
+            nonlocal refused_unavailable
+            try:
+                outcome = await caps.reserve(pid, "t1", SPL, now)
+            except StoreUnavailable:
+                refused_unavailable += 1
+                return
+            if isinstance(outcome, Reservation):
+                acknowledged[pid] += 1
+            if acknowledged.total() >= 30 and not killed:
+                kill()
+
+        async def scans(pid: str) -> None:  # one kiosk retrying for one participant
+            for _ in range(8):
+                await one(pid)
+
+        await asyncio.gather(*(scans(pid) for pid in participants))
+        assert killed and refused_unavailable > 0
+        dedicated_redis.start()
+        await asyncio.gather(*(scans(pid) for pid in participants))
+        for pid in participants:
+            used = (await caps.usage(pid, "t1", SPL, now)).used
+            # Every acknowledged reservation survived the crash; none beyond the cap.
+            assert acknowledged[pid] <= used == 5
 
     run(scenario, dedicated_redis.url, "facesvc")
