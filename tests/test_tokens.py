@@ -229,6 +229,7 @@ def test_malformed_encodings_are_rejected(keys: Keys) -> None:
         f"{h}.{p}.{s}+",  # standard, not url-safe, alphabet
         f"{h} .{p}.{s}",
         f"{h}.{p}é.{s}",
+        b64url_encode(b"[" * 3000) + f".{p}.{s}",  # deep nesting must not blow the stack
         "x" * 5000,
     ):
         assert keys.check(bad) is CheckReason.MALFORMED, bad

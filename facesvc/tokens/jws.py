@@ -84,11 +84,15 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def strict_json_object(data: bytes) -> dict[str, Any]:
     """Parse UTF-8 JSON that must be one object; ``ValueError`` on anything else."""
-    value = json.loads(
-        data.decode("utf-8"),
-        object_pairs_hook=_unique_object,
-        parse_constant=_reject_constant,
-    )
+    try:
+        value = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_unique_object,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError as exc:
+        # A few KiB of "[[[[" exhaust the parser's stack; that is a malformed token, not a crash.
+        raise ValueError("JSON nested too deeply") from exc
     if not isinstance(value, dict):
         raise ValueError("JSON is not an object")
     return value
