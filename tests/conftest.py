@@ -33,7 +33,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.app import App
+from facesvc.app import App, EngineFactory
 from facesvc.config import load_settings
 from facesvc.health import FACESVC_SERVICE
 from facesvc.redis_local import RedisServer, find_redis_server, redis_answers
@@ -158,14 +158,19 @@ class _LoopThread:
 
 @pytest.fixture
 def start_server(redis_prefix: str) -> Iterator[Callable[..., RunningServer]]:
-    """``start_server(redis_url, **overrides)`` -> :class:`RunningServer` on free ports.
+    """``start_server(redis_url, engine_factory=None, **overrides)`` -> :class:`RunningServer`
+    on free ports.
 
     ``overrides`` are dotted settings with dots written as ``__``
     (``server__max_frames=2``). Ambient FACESVC_* variables are ignored.
+    ``engine_factory`` is passed to :class:`~facesvc.app.App`; it runs on the
+    server's event loop after the server is up (health NOT_SERVING until it returns).
     """
     started: list[tuple[_LoopThread, RunningServer]] = []
 
-    def start(redis_url: str, **overrides: Any) -> RunningServer:
+    def start(
+        redis_url: str, engine_factory: EngineFactory | None = None, **overrides: Any
+    ) -> RunningServer:
         values: dict[str, Any] = {
             "server.grpc_port": 0,
             "server.http_port": 0,
@@ -180,7 +185,7 @@ def start_server(redis_prefix: str) -> Iterator[Callable[..., RunningServer]]:
         thread = _LoopThread()
 
         async def build() -> App:
-            app = App(settings)
+            app = App(settings, engine_factory=engine_factory)
             await app.start()
             return app
 

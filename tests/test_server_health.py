@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
 from facesvc import healthcheck
+from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.app import Resources
 from facesvc.redis_local import RedisServer
 from tests.conftest import RunningServer
 
@@ -41,3 +47,30 @@ def test_health_turns_not_serving_when_redis_stops_and_back_when_it_returns(
     server.wait_health(SERVING)
     assert server.health("") == SERVING
     assert _healthz(server) == (200, {"status": "SERVING"})
+
+
+def test_not_serving_while_the_engine_loads_and_calls_answer_unavailable(
+    start_server: Callable[..., RunningServer], redis_url: str
+) -> None:
+    loaded = threading.Event()
+
+    async def slow_engine_factory(resources: Resources) -> object:
+        while not loaded.is_set():  # the test decides when "loading" ends
+            await asyncio.sleep(0.02)
+        return object()
+
+    server = start_server(redis_url, engine_factory=slow_engine_factory)
+    assert server.health() == NOT_SERVING
+    status, body = _healthz(server)
+    assert (status, body["reason"]) == (503, "models loading")
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.GetEnrollment(pb.GetEnrollmentRequest(participant_id="p-1"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    loaded.set()
+    server.wait_health(SERVING)
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.GetEnrollment(pb.GetEnrollmentRequest(participant_id="p-1"), timeout=10)
+    # Past loading: whatever the RPC answers now (UNIMPLEMENTED until it is wired to the
+    # engine), it is no longer "come back later".
+    assert info.value.code() != grpc.StatusCode.UNAVAILABLE
