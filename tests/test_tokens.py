@@ -21,6 +21,8 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
@@ -264,6 +266,29 @@ def test_signed_but_sloppy_json_is_rejected(keys: Keys) -> None:
         assert keys.check(sign_raw(keys, header_bytes, payload.encode())) is (
             CheckReason.MALFORMED
         ), payload
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(garbage=st.text(max_size=700))
+def test_any_string_gets_a_reason_never_an_exception(keys: Keys, garbage: str) -> None:
+    assert keys.check(garbage) is not CheckReason.OK
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_no_single_character_change_keeps_a_token_valid(keys: Keys, data: st.DataObject) -> None:
+    token = issue(keys.issuer).token
+    at = data.draw(st.integers(0, len(token) - 1))
+    new = data.draw(
+        st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=")
+    )
+    mutated = token[:at] + new + token[at + 1 :]
+    if mutated != token:
+        assert keys.check(mutated) is not CheckReason.OK
 
 
 # --- time and bindings ---------------------------------------------------------------------
