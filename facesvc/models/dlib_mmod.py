@@ -41,7 +41,8 @@ import importlib.resources
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from facesvc.models.dlib_format import (
     Affine,
@@ -404,33 +406,48 @@ class _ResizePlan:
             inv = np.float32(1) - frac
             top_row = inv * upper[:, :, self.tail_left] + frac * upper[:, :, self.tail_right]
             bottom_row = inv * lower[:, :, self.tail_left] + frac * lower[:, :, self.tail_right]
-            rf = self.row_frac[:, None]
-            dst[:, :, n_simd:] = (1 - rf) * top_row + rf * bottom_row
+            row_frac = self.row_frac[:, None]
+            dst[:, :, n_simd:] = (1 - row_frac) * top_row + row_frac * bottom_row
+
+
+class _CanvasPool:
+    """Reusable network inputs of one shape. Only the levels are written on each use; the
+    padding between them stays zero, so a canvas is zeroed once, when first allocated (and a
+    fresh multi-megabyte array per call would cost page faults and zeroing)."""
+
+    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+        self._shape = shape
+        self._free: list[FloatArray] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self) -> Iterator[FloatArray]:
+        """A canvas for the duration of the ``with`` block (one per concurrent caller)."""
+        with self._lock:
+            canvas = self._free.pop() if self._free else None
+        if canvas is None:
+            canvas = np.zeros(self._shape, dtype=np.float32)
+        try:
+            yield canvas
+        finally:
+            with self._lock:
+                self._free.append(canvas)
 
 
 @dataclass(frozen=True, slots=True)
 class _PyramidPlan:
-    """Everything about one image size that does not depend on the pixels: the size the
-    image is resized to first (``rows``, ``cols``; ``bin`` x ``bin`` block averaging before
-    the bilinear step when shrinking by 2 or more), the canvas layout and one resize plan per
-    level after the first."""
+    """Everything about one input size (``rows``, ``cols``) that does not depend on the
+    pixels: the canvas layout, one resize plan per level after the first, and the pool of
+    canvases."""
 
-    image_rows: int
-    image_cols: int
-    bin: int
-    prescale: _ResizePlan | None
     rows: int
     cols: int
     layout: PyramidLayout
     levels: tuple[_ResizePlan, ...]
+    pool: _CanvasPool
 
     @classmethod
-    def create(
-        cls, image_rows: int, image_cols: int, rows: int, cols: int, min_level_rows: int
-    ) -> _PyramidPlan:
-        binning = max(1, min(image_rows // rows, image_cols // cols))
-        binned = (image_rows // binning, image_cols // binning)
-        prescale = None if binned == (rows, cols) else _ResizePlan.create(*binned, rows, cols)
+    def create(cls, rows: int, cols: int, min_level_rows: int) -> _PyramidPlan:
         layout = tile_pyramid(pyramid_level_sizes(rows, cols, min_level_rows))
         heights = layout.rects[:, 3] - layout.rects[:, 1] + 1
         widths = layout.rects[:, 2] - layout.rects[:, 0] + 1
@@ -440,32 +457,25 @@ class _PyramidPlan:
             )
             for i in range(1, len(layout.rects))
         )
-        return cls(image_rows, image_cols, binning, prescale, rows, cols, layout, levels)
+        return cls(rows, cols, layout, levels, _CanvasPool((1, 3, layout.rows, layout.cols)))
 
-    def canvas(self, image: RGBImage, means: FloatArray) -> FloatArray:
-        """The network input (1, 3, canvas rows, canvas cols) float32 for ``image``
-        (image_rows, image_cols, 3) uint8 RGB: zero outside the levels, level 0 the resized
+    @contextmanager
+    def canvas(self, image: RGBImage, means: FloatArray) -> Iterator[FloatArray]:
+        """The network input (1, 3, canvas rows, canvas cols) float32 for ``image`` (rows,
+        cols, 3) uint8 RGB, valid inside the ``with`` block: zero outside the levels, level 0
         ``(pixel - means) / 256``, each further level resampled from the one before."""
-        out = np.zeros((1, 3, self.layout.rows, self.layout.cols), dtype=np.float32)
-        planes = out[0]
-        views = [
-            planes[:, y0 : y1 + 1, x0 : x1 + 1] for x0, y0, x1, y1 in self.layout.rects.tolist()
-        ]
-        # (pixel - mean) in float32, then / 256 (a power of two: exact), as dlib's to_tensor.
-        normalised = np.subtract(image.transpose(2, 0, 1), means[:, None, None], dtype=np.float32)
-        normalised *= np.float32(1.0 / 256.0)
-        if self.bin > 1:
-            b = self.bin
-            rows, cols = self.image_rows // b, self.image_cols // b
-            blocks = normalised[:, : rows * b, : cols * b].reshape(3, rows, b, cols, b)
-            normalised = blocks.mean(axis=(2, 4), dtype=np.float32)
-        if self.prescale is None:
-            views[0][...] = normalised
-        else:
-            self.prescale.apply(normalised, views[0])
-        for i, plan in enumerate(self.levels, start=1):
-            plan.apply(views[i - 1], views[i])
-        return out
+        with self.pool.borrow() as canvas:
+            planes = canvas[0]
+            views = [
+                planes[:, y0 : y1 + 1, x0 : x1 + 1] for x0, y0, x1, y1 in self.layout.rects.tolist()
+            ]
+            # (pixel - mean) in float32, then / 256 (a power of two: exact), as to_tensor.
+            level0 = views[0]
+            np.subtract(image.transpose(2, 0, 1), means[:, None, None], out=level0)
+            level0 *= np.float32(1.0 / 256.0)
+            for i, plan in enumerate(self.levels, start=1):
+                plan.apply(views[i - 1], views[i])
+            yield canvas
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,12 +505,16 @@ def decode_detections(
     geometry: _OutputGeometry,
     windows: IntArray,
     layout: PyramidLayout,
+    levels_above: int = 0,
     threshold: float = _SCORE_THRESHOLD,
 ) -> tuple[IntArray, npt.NDArray[np.float64]]:
     """Candidate detections from the network output ``scores`` (windows, h, w): integer
-    rectangles (n, 4) (left, top, right, bottom; inclusive, pixels of the pyramid's level 0)
-    and their scores (n,), best first. ``windows`` (windows, 2) is each detector window's
-    (width, height) in pixels."""
+    rectangles (n, 4) (left, top, right, bottom; inclusive) and their scores (n,), best
+    first. ``windows`` (windows, 2) is each detector window's (width, height) in pixels.
+
+    Rectangles are in pixels of the image ``levels_above`` pyramid levels above the one the
+    canvas was built from (0: that image itself; k > 0: the network ran on level k of the
+    caller's image; k < 0: the caller's image is level -k of the one the network ran on)."""
     k, r, c = np.nonzero(scores > threshold)
     confidence = scores[k, r, c].astype(np.float64)
     # centered_drect(p, w, h): p -/+ (w - 1) / 2 around the cell's input-tensor position.
@@ -516,9 +530,12 @@ def decode_detections(
     level = _nearest_level(layout.rects, centre_x, centre_y)
     origin = layout.rects[level][:, [0, 1, 0, 1]].astype(np.float64)
     corners = corners - origin
-    for step in range(int(level.max(initial=0))):
-        up = level > step
+    steps_up = level + max(levels_above, 0)
+    for step in range(int(steps_up.max(initial=0))):
+        up = steps_up > step
         corners[up] = corners[up] * _PYRAMID_UP_RATIO + _PYRAMID_UP_SHIFT
+    for _ in range(-levels_above):  # pyramid_down::point_down, the inverse of point_up
+        corners = (corners - _PYRAMID_UP_SHIFT) * _PYRAMID_RATE
     rects = _round_half_up(corners)
     # std::sort on descending confidence; ties keep scan order (dlib leaves them unspecified).
     order = np.argsort(-confidence, kind="stable")
@@ -596,7 +613,7 @@ class MMODFaceDetector:
         self._windows = np.array(
             [(w.width, w.height) for w in self._options.detector_windows], dtype=np.int64
         )
-        self._plans: OrderedDict[tuple[int, int, int, int, int], _PyramidPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, int, int], _PyramidPlan] = OrderedDict()
         self._plans_lock = threading.Lock()
 
     @classmethod
@@ -613,67 +630,99 @@ class MMODFaceDetector:
         return int(self._windows[:, 1].min())
 
     def detect(self, image: RGBImage, min_face_px: int) -> list[Detection]:
-        """Faces at least ``min_face_px`` tall in ``image`` (H, W, 3) uint8 RGB, best first.
+        """Faces in ``image`` (H, W, 3) uint8 RGB, best first: every face whose box would
+        be at least ``min_face_px`` tall, and possibly some up to 1.2 times smaller.
 
-        The image is resized by ``min_detectable_px / min_face_px`` (shrunk for faces larger
-        than the window, enlarged for smaller ones), so that a face of ``min_face_px`` fills
-        the window on the top pyramid level; levels shorter than the window are not built.
-        Boxes are in ``image`` pixels; every box is at least ``min_face_px`` tall.
+        dlib's pyramid is entered at the lowest level whose smallest box (the window, 80 px,
+        times 1.2 per level) is at most ``min_face_px``: the image is shrunk (Pillow,
+        bilinear) to that level's size, and the levels above it, which only find smaller
+        faces, are skipped; for ``min_face_px`` below the window the image is enlarged
+        instead. Levels shorter than the window (they could only hold faces larger than the
+        image) are not built. Boxes map back through dlib's own level geometry, so a face
+        is boxed where dlib's full-resolution pyramid would box it.
         """
         if min_face_px < 1:
             raise ValueError(f"min_face_px must be >= 1, got {min_face_px}")
         rows, cols = _checked_size(image)
-        scale = self.min_detectable_px / min_face_px
-        # floor: the top level's window then spans >= min_face_px image pixels.
-        scaled = (max(1, math.floor(rows * scale)), max(1, math.floor(cols * scale)))
-        return self._run(image, self._plan(rows, cols, *scaled, self.min_detectable_px))
+        levels = _levels_to_skip(min_face_px, self.min_detectable_px)
+        size = _level_size(rows, cols, levels)
+        if min(size) < 1:
+            return []  # smaller than one pixel at the level where such faces are found
+        scaled = image
+        if size != (rows, cols):
+            resized = Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            scaled = np.asarray(resized, dtype=np.uint8)
+        return self._run(scaled, self._plan(*size, self.min_detectable_px), levels)
 
     def detect_full_resolution(self, image: RGBImage) -> list[Detection]:
         """dlib's own pipeline on the unscaled image (``detector(image, 0)``): the same boxes
         and scores as dlib, at dlib's cost."""
         rows, cols = _checked_size(image)
-        return self._run(image, self._plan(rows, cols, rows, cols, _DLIB_MIN_LEVEL_ROWS))
+        return self._run(image, self._plan(rows, cols, _DLIB_MIN_LEVEL_ROWS), 0)
 
-    def _plan(
-        self, image_rows: int, image_cols: int, rows: int, cols: int, min_level_rows: int
-    ) -> _PyramidPlan:
-        key = (image_rows, image_cols, rows, cols, min_level_rows)
+    def _plan(self, rows: int, cols: int, min_level_rows: int) -> _PyramidPlan:
+        key = (rows, cols, min_level_rows)
         with self._plans_lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = _PyramidPlan.create(image_rows, image_cols, rows, cols, min_level_rows)
+        plan = _PyramidPlan.create(rows, cols, min_level_rows)
         with self._plans_lock:
             self._plans[key] = plan
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         return plan
 
-    def _run(self, image: RGBImage, plan: _PyramidPlan) -> list[Detection]:
-        canvas = plan.canvas(image, self._means)
-        (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: canvas})
+    def _run(self, image: RGBImage, plan: _PyramidPlan, levels_above: int) -> list[Detection]:
+        """Detections in ``image`` (at the plan's size), boxes in pixels of the caller's image,
+        which is ``levels_above`` pyramid levels above ``image`` (see ``decode_detections``)."""
+        with plan.canvas(image, self._means) as canvas:
+            (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: canvas})
         rects, confidence = decode_detections(
-            np.asarray(scores, dtype=np.float32)[0], self._geometry, self._windows, plan.layout
+            np.asarray(scores, dtype=np.float32)[0],
+            self._geometry,
+            self._windows,
+            plan.layout,
+            levels_above,
         )
         nms = self._options.overlaps_nms
         keep = non_max_suppression(rects, nms.iou_thresh, nms.percent_covered_thresh)
-        # Pixel edges scale by the size ratio: the scaled image's pixel c covers image
-        # columns [c * fx, (c + 1) * fx).
-        fx = plan.image_cols / plan.cols
-        fy = plan.image_rows / plan.rows
         return [
             Detection(
                 Box(
-                    float(rects[i, 0] * fx),
-                    float(rects[i, 1] * fy),
-                    float((rects[i, 2] + 1) * fx),
-                    float((rects[i, 3] + 1) * fy),
+                    float(rects[i, 0]),
+                    float(rects[i, 1]),
+                    float(rects[i, 2] + 1),
+                    float(rects[i, 3] + 1),
                 ),
                 float(confidence[i]),
             )
             for i in keep
         ]
+
+
+def _levels_to_skip(min_face_px: int, window_px: int) -> int:
+    """The pyramid level (negative: above the image, enlarged) whose smallest box, the
+    window times 1.2 per level, is the largest not exceeding ``min_face_px``."""
+    levels = 0
+    while window_px * _PYRAMID_UP_RATIO ** (levels + 1) <= min_face_px:
+        levels += 1
+    while window_px * _PYRAMID_UP_RATIO**levels > min_face_px:
+        levels -= 1
+    return levels
+
+
+def _level_size(rows: int, cols: int, levels: int) -> tuple[int, int]:
+    """(rows, cols) of pyramid level ``levels`` of an image of (rows, cols): dlib's
+    ``floor(5/6 * n)`` per level; for negative ``levels`` the smallest size whose level
+    ``-levels`` is (rows, cols), i.e. ceil(6/5 * n) per level."""
+    for _ in range(levels):
+        rows, cols = math.floor(_PYRAMID_RATE * rows), math.floor(_PYRAMID_RATE * cols)
+    for _ in range(-levels):
+        rows = -(-PYRAMID_DOWN_N * rows // (PYRAMID_DOWN_N - 1))
+        cols = -(-PYRAMID_DOWN_N * cols // (PYRAMID_DOWN_N - 1))
+    return rows, cols
 
 
 def _checked_size(image: RGBImage) -> tuple[int, int]:
