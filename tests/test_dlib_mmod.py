@@ -184,7 +184,7 @@ def test_pyramid_resampling_is_bit_exact_with_dlib(
     src: tuple[int, int], dst: tuple[int, int]
 ) -> None:
     rng = np.random.default_rng(7)
-    plane: npt.NDArray[np.float32] = (rng.random(src, dtype=np.float32) - 0.5) / 2
+    plane: npt.NDArray[np.float32] = rng.random(src, dtype=np.float32) - np.float32(0.5)
     out = np.zeros((1, *dst), dtype=np.float32)
     _ResizePlan.create(*src, *dst).apply(plane[None], out)
     np.testing.assert_array_equal(out[0], dlib.resize_image(plane, *dst))
