@@ -1,8 +1,8 @@
 """Every setting of facesvc, typed, in one place.
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
-``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``logging``),
-gathered in :class:`Settings`. Sources, later ones winning:
+``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``portal``,
+``logging``), gathered in :class:`Settings`. Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
 2. a TOML file (``--config PATH`` or env ``FACESVC_CONFIG``) with one table per
@@ -300,6 +300,53 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PortalSettings:
+    """The Scan Wajah page: launch tickets from the LMS and where the browser may return."""
+
+    public_url: str = ""
+    """Base URL at which browsers reach this service's HTTP server (e.g.
+    ``https://scan.example.id``); CreateLaunchTicket builds the page URL from it. Empty:
+    ``http://<server.http_host>:<server.http_port>`` (local development)."""
+    return_urls: tuple[str, ...] = ()
+    """Return URLs each LMS tenant may send participants back to, as ``tenant=prefix``
+    entries (``lms-a=https://lms-a.example/scan-return/``). A ticket's return URL must have
+    the prefix's scheme, host and port exactly and a path under the prefix's path. Empty:
+    no tenant can obtain a launch ticket."""
+    ticket_ttl_s: int = 600
+    """Seconds a launch ticket can be used: the participant's whole visit to the page
+    (camera set-up, retries); a VERIFIED scan spends it at once."""
+    frame_width_px: int = 640
+    """The page downscales camera frames to this width before JPEG-compressing them."""
+
+    def __post_init__(self) -> None:
+        _check_positive("portal.ticket_ttl_s", self.ticket_ttl_s)
+        _check_positive("portal.frame_width_px", self.frame_width_px)
+        if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
+            raise ConfigError(f"portal.public_url={self.public_url!r}: use an http(s) URL")
+        for entry in self.return_urls:
+            tenant, sep, prefix = entry.partition("=")
+            parts = urlsplit(prefix.strip())
+            if not sep or not tenant.strip() or parts.scheme not in ("http", "https"):
+                raise ConfigError(
+                    f"portal.return_urls entry {entry!r}: write tenant=https://host/path/"
+                )
+            if not parts.netloc or parts.username or parts.password or parts.query:
+                raise ConfigError(
+                    f"portal.return_urls entry {entry!r}: the prefix needs a host and may not "
+                    "carry credentials or a query"
+                )
+
+    def return_prefixes(self, tenant: str) -> tuple[str, ...]:
+        """The return-URL prefixes allowed for ``tenant`` (the LMS the ticket is for)."""
+        return tuple(
+            prefix.strip()
+            for entry in self.return_urls
+            for name, _, prefix in (entry.partition("="),)
+            if name.strip() == tenant
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     """Structured logs on stderr (never images, templates or secrets)."""
 
@@ -325,6 +372,7 @@ class Settings:
     tokens: TokensSettings = field(default_factory=TokensSettings)
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    portal: PortalSettings = field(default_factory=PortalSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

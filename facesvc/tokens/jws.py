@@ -102,9 +102,16 @@ def _compact_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def sign_compact(claims: Mapping[str, Any], key: Ed25519PrivateKey, kid: str) -> str:
-    """Serialize ``claims`` as a compact JWS signed with ``key`` under ``kid``."""
-    header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid}
+def sign_compact(
+    claims: Mapping[str, Any], key: Ed25519PrivateKey, kid: str, *, typ: str = TOKEN_TYPE
+) -> str:
+    """Serialize ``claims`` as a compact JWS signed with ``key`` under ``kid``.
+
+    ``typ`` names the kind of document (default: a verification token); another kind signed
+    with the same keys (the portal's launch tickets) passes its own so neither can stand in
+    for the other.
+    """
+    header = {"alg": ALGORITHM, "typ": typ, "kid": kid}
     body = b64url_encode(_compact_json(claims))
     signing_input = b64url_encode(_compact_json(header)) + "." + body
     signature = key.sign(signing_input.encode("ascii"))
@@ -119,8 +126,10 @@ class VerifiedJws:
     payload: dict[str, Any]
 
 
-def verify_compact(token: str, keys: PublicKeySet) -> VerifiedJws:
+def verify_compact(token: str, keys: PublicKeySet, *, typ: str = TOKEN_TYPE) -> VerifiedJws:
     """Check the header, find the key by ``kid``, verify the signature, parse the payload.
+
+    The header's ``typ`` must equal ``typ`` (default: a verification token).
 
     The header is judged before any key is touched, so an ``alg: none`` or HS256 token never
     reaches a verifier. Raises ``TokenRejected`` (MALFORMED, BAD_SIGNATURE or UNKNOWN_KEY).
@@ -140,7 +149,7 @@ def verify_compact(token: str, keys: PublicKeySet) -> VerifiedJws:
         raise TokenRejected(CheckReason.MALFORMED, f"header: {exc}") from exc
     if header.get("alg") != ALGORITHM:
         raise TokenRejected(CheckReason.BAD_SIGNATURE, f"algorithm {header.get('alg')!r} refused")
-    if header.get("typ") != TOKEN_TYPE:
+    if header.get("typ") != typ:
         raise TokenRejected(CheckReason.MALFORMED, "wrong token type")
     extra = set(header) - _HEADER_FIELDS
     if extra:
