@@ -157,6 +157,7 @@ class App:
             self.grpc_port = self._grpc.add_secure_port(address, credentials)
         if self.grpc_port == 0:
             raise OSError(f"could not bind gRPC to {address}")
+        await self.health.publish()  # NOT_SERVING until the probe and models say otherwise
         await self._grpc.start()
 
         self._runner = web.AppRunner(self.http_app, access_log=None)

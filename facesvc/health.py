@@ -64,21 +64,23 @@ class Health:
     async def set_models_ready(self, ready: bool) -> None:
         self.state.models_ready = ready
         self._metrics.models_ready.set(int(ready))
-        await self._publish()
+        await self.publish()
 
     async def set_redis_up(self, up: bool) -> None:
         if up != self.state.redis_up:
             log.info("redis %s", "reachable" if up else "unreachable")
         self.state.redis_up = up
         self._metrics.redis_up.set(int(up))
-        await self._publish()
+        await self.publish()
 
     async def enter_shutdown(self) -> None:
         """NOT_SERVING from now on, so that load balancers stop sending new calls."""
         self.state.shutting_down = True
-        await self._publish()
+        await self.publish()
 
-    async def _publish(self) -> None:
+    async def publish(self) -> None:
+        """Push the current state to every reader (the app calls it once before serving,
+        so a health check never finds the service unknown)."""
         serving = self.state.serving
         status = (
             health_pb2.HealthCheckResponse.SERVING

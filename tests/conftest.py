@@ -8,9 +8,10 @@
 - ``redis_prefix``: a unique key prefix for this test; its keys are deleted afterwards.
 - ``dedicated_redis``: a redis-server child of this test alone (own port, own tmp dir,
   AOF on), which the test may ``stop()`` and ``start()`` again.
-- ``start_server``: a factory starting facesvc in-process on ephemeral ports
-  (``start_server(redis_url, **{"section.name": value})``); ``facesvc_server`` is one
-  started against ``redis_url``. Both stop it at the end of the test.
+- ``start_server``: a :class:`ServerStarter` starting facesvc in-process on ephemeral
+  ports (``start_server(redis_url, engine_factory=None, server__max_frames=2)``),
+  stopped after the test; ``start_module_server`` is the same, shared by a module.
+  ``facesvc_server`` is one server started against ``redis_url``, health SERVING.
 - ``shared_data``: /work/shared/data (or FACESVC_SHARED_DATA); skips when absent.
 """
 
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,13 +80,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix unique to this test (``test:<hex>:``); its keys go afterwards."""
     prefix = f"test:{uuid.uuid4().hex[:16]}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    _delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture
@@ -156,26 +151,28 @@ class _LoopThread:
         self.loop.close()
 
 
-@pytest.fixture
-def start_server(redis_prefix: str) -> Iterator[Callable[..., RunningServer]]:
-    """``start_server(redis_url, engine_factory=None, **overrides)`` -> :class:`RunningServer`
-    on free ports.
+class ServerStarter:
+    """Starts facesvc servers in-process and stops them all on :meth:`close`.
 
-    ``overrides`` are dotted settings with dots written as ``__``
-    (``server__max_frames=2``). Ambient FACESVC_* variables are ignored.
-    ``engine_factory`` is passed to :class:`~facesvc.app.App`; it runs on the
-    server's event loop after the server is up (health NOT_SERVING until it returns).
+    ``starter(redis_url, engine_factory=None, **overrides)`` -> :class:`RunningServer`
+    on free ports. ``overrides`` are dotted settings with the dot written as ``__``
+    (``server__max_frames=2``); ambient FACESVC_* variables are ignored.
+    ``engine_factory`` goes to :class:`~facesvc.app.App`: it runs on the server's
+    event loop after the server is up (health NOT_SERVING until it returns).
     """
-    started: list[tuple[_LoopThread, RunningServer]] = []
 
-    def start(
-        redis_url: str, engine_factory: EngineFactory | None = None, **overrides: Any
+    def __init__(self, key_prefix: str) -> None:
+        self._key_prefix = key_prefix
+        self._started: list[tuple[_LoopThread, RunningServer]] = []
+
+    def __call__(
+        self, redis_url: str, engine_factory: EngineFactory | None = None, **overrides: Any
     ) -> RunningServer:
         values: dict[str, Any] = {
             "server.grpc_port": 0,
             "server.http_port": 0,
             "redis.url": redis_url,
-            "redis.key_prefix": redis_prefix,
+            "redis.key_prefix": self._key_prefix,
             "redis.health_interval_s": 0.1,
             "server.grace_s": 2.0,
             "logging.format": "kv",
@@ -199,18 +196,47 @@ def start_server(redis_prefix: str) -> Iterator[Callable[..., RunningServer]]:
             channel=channel,
             stub=pb_grpc.FaceVerificationStub(channel),
         )
-        started.append((thread, server))
+        self._started.append((thread, server))
         return server
 
-    yield start
-    for thread, server in started:
-        server.channel.close()
-        thread.run(server.app.stop(0.5))
-        thread.close()
+    def close(self) -> None:
+        for thread, server in self._started:
+            server.channel.close()
+            thread.run(server.app.stop(0.5))
+            thread.close()
+
+
+def _delete_prefix(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture
-def facesvc_server(start_server: Callable[..., RunningServer], redis_url: str) -> RunningServer:
+def start_server(redis_prefix: str) -> Iterator[ServerStarter]:
+    """A :class:`ServerStarter` for this test; its servers use ``redis_prefix``."""
+    starter = ServerStarter(redis_prefix)
+    yield starter
+    starter.close()
+
+
+@pytest.fixture(scope="module")
+def start_module_server(redis_url: str) -> Iterator[ServerStarter]:
+    """A :class:`ServerStarter` shared by a module's tests (starting a server takes
+    about a second): for tests that only read, or that tolerate each other's calls."""
+    prefix = f"test:{uuid.uuid4().hex[:16]}:"
+    starter = ServerStarter(prefix)
+    yield starter
+    starter.close()
+    _delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def facesvc_server(start_server: ServerStarter, redis_url: str) -> RunningServer:
     """facesvc serving on free ports against ``redis_url``, health SERVING."""
     server = start_server(redis_url)
     server.wait_health(health_pb2.HealthCheckResponse.SERVING)

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.grpc_api import MISSING
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, ServerStarter
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 FRAME = b"\xff\xd8 not really a jpeg, but bytes are not decoded during validation"
@@ -71,13 +71,13 @@ def _error(server: RunningServer, rpc: str, request: Message) -> grpc.RpcError:
     return error
 
 
-def test_health_answers_serving_for_the_service_and_overall(facesvc_server: RunningServer) -> None:
-    assert facesvc_server.health("facesvc.v1.FaceVerification") == SERVING
-    assert facesvc_server.health("") == SERVING
+def test_health_answers_serving_for_the_service_and_overall(api_server: RunningServer) -> None:
+    assert api_server.health("facesvc.v1.FaceVerification") == SERVING
+    assert api_server.health("") == SERVING
 
 
-def test_reflection_lists_the_service(facesvc_server: RunningServer) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(facesvc_server.channel)
+def test_reflection_lists_the_service(api_server: RunningServer) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(api_server.channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
     names = {s.name for s in reply.list_services_response.service}
@@ -87,9 +87,9 @@ def test_reflection_lists_the_service(facesvc_server: RunningServer) -> None:
 
 @pytest.mark.parametrize("rpc", sorted(WELL_FORMED))
 def test_rpc_not_built_answers_unimplemented_naming_what_is_missing(
-    facesvc_server: RunningServer, rpc: str
+    api_server: RunningServer, rpc: str
 ) -> None:
-    error = _error(facesvc_server, rpc, WELL_FORMED[rpc])
+    error = _error(api_server, rpc, WELL_FORMED[rpc])
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert error.details() == MISSING[rpc]
     assert "issue" in error.details()
@@ -157,12 +157,18 @@ MALFORMED: list[tuple[str, Message, str, str]] = [
 ]
 
 
-@pytest.fixture
-def small_limits_server(
-    start_server: Callable[..., RunningServer], redis_url: str
-) -> RunningServer:
+@pytest.fixture(scope="module")
+def api_server(start_module_server: ServerStarter, redis_url: str) -> RunningServer:
+    """One server for the read-only tests of this module, health SERVING."""
+    server = start_module_server(redis_url)
+    server.wait_health(SERVING)
+    return server
+
+
+@pytest.fixture(scope="module")
+def small_limits_server(start_module_server: ServerStarter, redis_url: str) -> RunningServer:
     """A server with small request limits, so oversize requests are cheap to build."""
-    return start_server(
+    return start_module_server(
         redis_url,
         server__max_frames=3,
         server__max_image_bytes=4096,
@@ -207,8 +213,8 @@ def _get(url: str) -> tuple[int, str, bytes]:
         return error.code, error.headers.get("Content-Type", ""), error.read()
 
 
-def test_healthz_reflects_health(facesvc_server: RunningServer) -> None:
-    status, _, body = _get(f"{facesvc_server.http_url}/healthz")
+def test_healthz_reflects_health(api_server: RunningServer) -> None:
+    status, _, body = _get(f"{api_server.http_url}/healthz")
     assert status == 200
     assert json.loads(body) == {"status": "SERVING"}
 
@@ -227,5 +233,5 @@ def test_metrics_count_calls_by_method_and_code(facesvc_server: RunningServer) -
     assert "facesvc_serving 1.0" in text
 
 
-def test_container_healthcheck_probe_passes_when_serving(facesvc_server: RunningServer) -> None:
-    assert healthcheck.main(["--target", facesvc_server.grpc_target]) == 0
+def test_container_healthcheck_probe_passes_when_serving(api_server: RunningServer) -> None:
+    assert healthcheck.main(["--target", api_server.grpc_target]) == 0

@@ -62,7 +62,8 @@ def test_not_serving_while_the_engine_loads_and_calls_answer_unavailable(
     server = start_server(redis_url, engine_factory=slow_engine_factory)
     assert server.health() == NOT_SERVING
     status, body = _healthz(server)
-    assert (status, body["reason"]) == (503, "models loading")
+    assert status == 503
+    assert "models loading" in body["reason"]  # perhaps with "redis unreachable": not probed yet
     with pytest.raises(grpc.RpcError) as info:
         server.stub.GetEnrollment(pb.GetEnrollmentRequest(participant_id="p-1"), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
