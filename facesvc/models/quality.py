@@ -1,0 +1,365 @@
+"""Quality gates for one face: size, sharpness, exposure and head pose, with stated limits.
+
+A scan is only worth matching when the face is large, sharp, well lit and roughly frontal;
+otherwise the matcher's error rates (calibrated on good faces) do not hold, and the person
+is better served by "come closer" or "face the camera" than by a false NOT_MATCHED.
+
+Measurements (``assess_quality``):
+
+- face size: the smaller side of the detector's box, in source-image pixels;
+- sharpness: variance of the 4-neighbour Laplacian of the grey aligned chip's central
+  region (the face; the chip's margins are background), in grey levels squared at a
+  standard contrast (``sharpness``). Because the
+  chip has a fixed size, this measures the face's detail at the matcher's scale: a small
+  face upsampled into the chip measures blurry, as it is for the matcher;
+- exposure: mean grey level (0-255) of that central region, and the fraction of its pixels
+  that are clipped (grey <= 5 or >= 250, including the black fill where the face runs off
+  the frame);
+- head pose from five landmarks (``head_pose``).
+
+Choosing the face (``select_face``), the rule for "exactly one usable face":
+
+- no detection at all: NO_FACE;
+- the chosen face is the one with the largest box area;
+- another face is *comparable* when its box area is at least
+  ``QualityLimits.second_face_area_ratio`` (0.5) times the chosen one's and its smaller side
+  is at least ``min_face_px``; any comparable face makes the frame MULTIPLE_FACES (someone
+  else close to the camera could be the one scanned). Smaller faces (people in the
+  background) are ignored;
+- a chosen face smaller than ``min_face_px`` is not NO_FACE but LOW_QUALITY ("come closer").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from facesvc.models.alignment import ARCFACE_TEMPLATE_112, DLIB_MEAN_FACE_5
+from facesvc.models.types import Detection, Points, RGBImage
+
+# Head model for ``head_pose``, in units of the distance between the eye centres: the nose
+# point lies _NOSE_DEPTH of it in front of the eyes: 26 mm for 58 mm, the depth of the eye
+# corners behind the nose in the generic 3D face model used for perspective-n-point head
+# pose. (Its drop below the eye line comes from each layout's mean face.)
+_NOSE_DEPTH = 0.45
+
+
+# Sharpness is measured as if the face region had this standard deviation of grey levels
+# (typical of an evenly lit face), amplifying a dim face by at most this factor so that
+# sensor noise in a nearly flat image is not mistaken for detail.
+_STANDARD_CONTRAST = 40.0
+_MAX_CONTRAST_GAIN = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class QualityLimits:
+    """What a usable face must meet. Every default is a stated, a-priori choice:
+
+    - ``min_face_px`` 80: dlib's chip maps the face's box to about 100 px; below 80 px the
+      matcher sees an upsampled, soft face.
+    - ``min_detect_px`` 40: smaller faces are not looked for (detection time grows as this
+      shrinks); faces between this and ``min_face_px`` are found and refused as too small,
+      so the person is told to come closer rather than that there is no face.
+    - ``min_sharpness`` 15: a focused webcam face chip measures well above 50, and a
+      Gaussian blur of 2 pixels (radius) brings it under 10.
+    - ``min_brightness`` 40, ``max_brightness`` 215: mean grey of the face region;
+      outside this range the face is in the sensor's toe or shoulder and detail is lost.
+    - ``max_clipped_fraction`` 0.25: at most a quarter of the face region black- or
+      white-clipped (or off the frame).
+    - ``max_abs_yaw_deg`` 30, ``max_abs_pitch_deg`` 25: beyond these, frontal-face
+      matchers lose accuracy fast; pitch from five points is the weaker estimate.
+    - ``second_face_area_ratio`` 0.5: see the module's rule for MULTIPLE_FACES.
+    """
+
+    min_face_px: int = 80
+    min_detect_px: int = 40
+    min_sharpness: float = 15.0
+    min_brightness: float = 40.0
+    max_brightness: float = 215.0
+    max_clipped_fraction: float = 0.25
+    max_abs_yaw_deg: float = 30.0
+    max_abs_pitch_deg: float = 25.0
+    second_face_area_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_detect_px <= self.min_face_px:
+            raise ValueError("need 0 < min_detect_px <= min_face_px")
+        if not 0 <= self.min_brightness < self.max_brightness <= 255:
+            raise ValueError("need 0 <= min_brightness < max_brightness <= 255")
+        if not 0 < self.max_clipped_fraction <= 1 or not 0 < self.second_face_area_ratio <= 1:
+            raise ValueError("fractions must be in (0, 1]")
+
+
+class LandmarkLayout(StrEnum):
+    """Which points a landmark array holds."""
+
+    DLIB_5 = "dlib_5"
+    """dlib's 5-point model: corners of the image-right eye (0, 1), of the image-left eye
+    (2, 3), bottom of the nose (4)."""
+    DLIB_68 = "dlib_68"
+    """dlib's (iBUG) 68 points: eyes 36-41 and 42-47, bottom of the nose 33."""
+    ARCFACE_5 = "arcface_5"
+    """SCRFD/ArcFace five points: eyes (0, 1), nose tip (2), mouth corners (3, 4)."""
+
+
+class Check(StrEnum):
+    """The quality checks, as named in a report's issues."""
+
+    FACE_SIZE = "face_size"
+    SHARPNESS = "sharpness"
+    BRIGHTNESS = "brightness"
+    CLIPPING = "clipping"
+    YAW = "yaw"
+    PITCH = "pitch"
+
+
+@dataclass(frozen=True, slots=True)
+class QualityIssue:
+    """A failed check and a sentence for the person in front of the camera."""
+
+    check: Check
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadPose:
+    """Head rotation in degrees: ``yaw`` positive when the nose points to the image's
+    right, ``pitch`` positive when the chin is raised, ``roll`` positive when the eye line
+    turns clockwise in the image."""
+
+    yaw: float
+    pitch: float
+    roll: float
+
+
+@dataclass(frozen=True, slots=True)
+class QualityReport:
+    """Every measured value (units in ``assess_quality``) and the checks that failed."""
+
+    face_px: float
+    sharpness: float
+    brightness: float
+    clipped_fraction: float
+    pose: HeadPose
+    issues: tuple[QualityIssue, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.issues
+
+
+class FaceChoice(StrEnum):
+    """Outcome of ``select_face``."""
+
+    ONE = "ONE"
+    NO_FACE = "NO_FACE"
+    MULTIPLE_FACES = "MULTIPLE_FACES"
+
+
+@dataclass(frozen=True, slots=True)
+class FaceSelection:
+    """``index`` of the chosen detection (None for NO_FACE) and why."""
+
+    choice: FaceChoice
+    index: int | None
+    reason: str
+
+
+def select_face(detections: Sequence[Detection], limits: QualityLimits) -> FaceSelection:
+    """Apply the module's "exactly one usable face" rule to one frame's detections."""
+    if not detections:
+        return FaceSelection(
+            FaceChoice.NO_FACE, None, "no face found: face the camera in good light"
+        )
+    areas = [d.box.area for d in detections]
+    chosen = max(range(len(detections)), key=lambda i: (areas[i], detections[i].score))
+    for i, d in enumerate(detections):
+        if i == chosen:
+            continue
+        comparable = areas[i] >= limits.second_face_area_ratio * areas[chosen]
+        if comparable and min(d.box.width, d.box.height) >= limits.min_face_px:
+            return FaceSelection(
+                FaceChoice.MULTIPLE_FACES,
+                chosen,
+                "more than one face is close to the camera: only the person scanning "
+                "should be in the picture",
+            )
+    return FaceSelection(FaceChoice.ONE, chosen, "one face")
+
+
+def assess_quality(
+    detection: Detection,
+    landmarks: Points,
+    layout: LandmarkLayout,
+    chip: RGBImage,
+    limits: QualityLimits,
+) -> QualityReport:
+    """Measure the face in ``detection`` (box in source pixels) with its landmarks (source
+    pixels, in ``layout``) and its aligned (S, S, 3) uint8 chip."""
+    grey = _face_region(_grey(chip))
+    face_px = min(detection.box.width, detection.box.height)
+    sharp = sharpness(grey)
+    brightness = float(grey.mean())
+    clipped = float(np.mean((grey <= 5) | (grey >= 250)))
+    pose = head_pose(landmarks, layout)
+
+    issues: list[QualityIssue] = []
+    if face_px < limits.min_face_px:
+        issues.append(
+            QualityIssue(
+                Check.FACE_SIZE,
+                f"the face is {face_px:.0f} px, at least {limits.min_face_px} px is needed: "
+                "come closer to the camera",
+            )
+        )
+    if sharp < limits.min_sharpness:
+        issues.append(
+            QualityIssue(
+                Check.SHARPNESS,
+                f"the face is blurred (sharpness {sharp:.1f} < {limits.min_sharpness:g}): "
+                "hold still and clean the lens",
+            )
+        )
+    if not limits.min_brightness <= brightness <= limits.max_brightness:
+        too = "dark" if brightness < limits.min_brightness else "bright"
+        issues.append(
+            QualityIssue(
+                Check.BRIGHTNESS,
+                f"the face is too {too} (mean grey {brightness:.0f}, allowed "
+                f"{limits.min_brightness:g}-{limits.max_brightness:g}): "
+                + ("find more light" if too == "dark" else "avoid direct light on the face"),
+            )
+        )
+    if clipped > limits.max_clipped_fraction:
+        issues.append(
+            QualityIssue(
+                Check.CLIPPING,
+                f"{clipped:.0%} of the face is pure black or white (at most "
+                f"{limits.max_clipped_fraction:.0%}): even out the light and keep the whole "
+                "face in the picture",
+            )
+        )
+    if abs(pose.yaw) > limits.max_abs_yaw_deg:
+        issues.append(
+            QualityIssue(
+                Check.YAW,
+                f"the head is turned {abs(pose.yaw):.0f} degrees sideways (at most "
+                f"{limits.max_abs_yaw_deg:g}): look straight at the camera",
+            )
+        )
+    if abs(pose.pitch) > limits.max_abs_pitch_deg:
+        issues.append(
+            QualityIssue(
+                Check.PITCH,
+                f"the head is tilted {abs(pose.pitch):.0f} degrees up or down (at most "
+                f"{limits.max_abs_pitch_deg:g}): look straight at the camera",
+            )
+        )
+    return QualityReport(face_px, sharp, brightness, clipped, pose, tuple(issues))
+
+
+def sharpness(grey: npt.NDArray[np.float64]) -> float:
+    """Variance of the 4-neighbour Laplacian over the interior of a (H, W) grey image
+    (H, W >= 3), in grey levels squared, measured at a standard contrast.
+
+    The image is first scaled to a standard deviation of ``_STANDARD_CONTRAST`` grey levels
+    (gain at most ``_MAX_CONTRAST_GAIN``), so that a dim but focused face is reported as
+    dark rather than as blurred: the Laplacian's variance grows with the square of contrast.
+    """
+    spread = float(grey.std())
+    gain = min(_STANDARD_CONTRAST / spread, _MAX_CONTRAST_GAIN) if spread > 0 else 1.0
+    lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+    return float(lap.var()) * gain * gain
+
+
+def head_pose(landmarks: Points, layout: LandmarkLayout) -> HeadPose:
+    """Yaw, pitch and roll of a head from its eye centres and nose point.
+
+    Weak-perspective model: in a frontal face the nose point lies a known drop below the eye
+    line (from the layout's mean face) and ``_NOSE_DEPTH`` eye-distances in front of
+    the eyes. Yaw comes from the nose's sideways shift against the (foreshortened) eye
+    distance. Pitch comes from the nose's drop below the eye line; that drop shrinks for
+    chin up and, more slowly, for chin down, so the sign is ambiguous and the
+    smaller-magnitude solution is reported: treat pitch as a coarse gate (it misses heads
+    bowed by less than about 30 degrees).
+    """
+    eye_a, eye_b, nose, drop = _eyes_and_nose(np.asarray(landmarks, dtype=np.float64), layout)
+    # Eye on the image's left first, so a level face has roll 0.
+    left, right = (eye_a, eye_b) if eye_a[0] <= eye_b[0] else (eye_b, eye_a)
+    eye_vec = right - left
+    eye_dist = float(np.hypot(*eye_vec))
+    if eye_dist == 0:
+        raise ValueError("the two eyes are at the same point: landmarks are degenerate")
+    roll = math.atan2(eye_vec[1], eye_vec[0])
+    c, s = math.cos(-roll), math.sin(-roll)
+    rel = nose - (left + right) / 2
+    nose_x = c * rel[0] - s * rel[1]
+    nose_y = s * rel[0] + c * rel[1]
+
+    yaw = math.atan(nose_x / (eye_dist * _NOSE_DEPTH))
+    scale = eye_dist / math.cos(yaw)
+    # nose_y / scale = drop*cos(pitch) - depth*cos(yaw)*sin(pitch) = amp*cos(pitch + shift)
+    depth = _NOSE_DEPTH * math.cos(yaw)
+    amp = math.hypot(drop, depth)
+    shift = math.atan2(depth, drop)
+    ratio = min(max(nose_y / (scale * amp), -1.0), 1.0)
+    spread = math.acos(ratio)
+    pitch = min((spread - shift, -spread - shift), key=abs)
+    return HeadPose(math.degrees(yaw), math.degrees(pitch), math.degrees(roll))
+
+
+# Mean-face positions of (eye, eye, nose) for each layout, any consistent unit.
+_FRONTAL: dict[LandmarkLayout, npt.NDArray[np.float64]] = {
+    LandmarkLayout.DLIB_5: np.stack(
+        [
+            DLIB_MEAN_FACE_5[0:2].mean(axis=0),
+            DLIB_MEAN_FACE_5[2:4].mean(axis=0),
+            DLIB_MEAN_FACE_5[4],
+        ]
+    ),
+    # dlib's 68-point mean face (get_face_chip_details): eye centres and point 33.
+    LandmarkLayout.DLIB_68: np.array(
+        [[0.225492, 0.215990], [0.754761, 0.215990], [0.490127, 0.628106]]
+    ),
+    LandmarkLayout.ARCFACE_5: ARCFACE_TEMPLATE_112[:3].astype(np.float64),
+}
+_POINT_COUNTS = {LandmarkLayout.DLIB_5: 5, LandmarkLayout.DLIB_68: 68, LandmarkLayout.ARCFACE_5: 5}
+
+
+def _eyes_and_nose(
+    points: npt.NDArray[np.float64], layout: LandmarkLayout
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float]:
+    """Both eye centres, the nose point, and the frontal nose drop below the eye line (in
+    eye distances)."""
+    if points.shape != (_POINT_COUNTS[layout], 2):
+        raise ValueError(
+            f"{layout} landmarks must be ({_POINT_COUNTS[layout]}, 2), got {points.shape}"
+        )
+    if layout is LandmarkLayout.DLIB_5:
+        eye_a, eye_b, nose = points[0:2].mean(axis=0), points[2:4].mean(axis=0), points[4]
+    elif layout is LandmarkLayout.DLIB_68:
+        eye_a, eye_b, nose = points[36:42].mean(axis=0), points[42:48].mean(axis=0), points[33]
+    else:
+        eye_a, eye_b, nose = points[0], points[1], points[2]
+    frontal = _FRONTAL[layout]
+    drop = float(
+        (frontal[2, 1] - (frontal[0, 1] + frontal[1, 1]) / 2) / np.hypot(*(frontal[0] - frontal[1]))
+    )
+    return eye_a, eye_b, nose, drop
+
+
+def _grey(chip: RGBImage) -> npt.NDArray[np.float64]:
+    """(S, S) float64 luma (ITU-R BT.601) of an RGB chip."""
+    rgb = chip.astype(np.float64)
+    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+def _face_region(grey: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The central two thirds of an aligned chip: the face without the chip's margins."""
+    h, w = grey.shape
+    return grey[h // 6 : h - h // 6, w // 6 : w - w // 6]
