@@ -1,0 +1,445 @@
+"""The Scan Wajah page and its JSON gateway, on the service's aiohttp application.
+
+Browsers cannot speak native gRPC, so the page talks to these routes; they drive the same
+engine as the gRPC transport and, like it, compute nothing themselves::
+
+    GET  /scan/                   the page (index.html); its assets under /scan/<name>
+    GET  /.well-known/jwks.json   the published token keys (RFC 7517)
+    GET  /api/v1/session          what the launch ticket allows and today's attempts
+    POST /api/v1/challenge        a liveness challenge for the ticket's scan
+    POST /api/v1/verify           multipart/form-data: ``frame`` files (JPEG/PNG/WebP, in
+                                  capture order), ``challenge_id``, ``idempotency_key``
+
+Every ``/api/v1`` call carries the launch ticket as ``Authorization: Bearer <ticket>``
+(see :mod:`facesvc.launch`); who is verified, for what, and the return URL come only from
+the ticket. Answers are JSON; failures are ``{"error": {"code", "message"}}`` where the
+message says what to do next. Decisions (NOT_MATCHED, ATTEMPTS_EXHAUSTED, ...) are 200
+answers, as in gRPC.
+
+Frames travel as multipart files rather than base64 JSON: a third smaller, and streamed
+part by part against the per-frame byte limit instead of being buffered whole.
+
+Every response carries a strict Content-Security-Policy (scripts, styles and connections
+to this origin only, no inline code, no framing), X-Frame-Options, a no-referrer policy
+(the page URL holds the ticket in its fragment) and nosniff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Protocol
+
+from aiohttp import BodyPartReader, web
+
+from facesvc.clock import Clock, SystemClock
+from facesvc.config import Settings
+from facesvc.domain import Decision, Gate, TrainingType
+from facesvc.engine import Caller, PolicyError, ScanInProgress, VerifyCommand, VerifyOutcome
+from facesvc.imaging import ImageRejected
+from facesvc.launch import LaunchTicket, LaunchTickets, TicketRefused, return_url_with_token
+from facesvc.limits.caps import CapUsage
+from facesvc.liveness.challenges import Challenge
+from facesvc.redis_client import AsyncRedis
+from facesvc.redis_errors import StoreUnavailable
+from facesvc.tokens.keys import KeyDirectory, KeyDirectoryError, PublicKeySource
+
+log = logging.getLogger(__name__)
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "media-src 'self' blob: mediastream:; connect-src 'self'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: Mapping[str, str] = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Permissions-Policy": "camera=(self), microphone=(), geolocation=()",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+"""Set on every HTTP response of the service (page, API, JWKS, metrics)."""
+
+PAGE_PATH = "/scan/"
+"""Where the page is served; a launch sends the browser to ``<base>/scan/#ticket=...``."""
+
+_ASSETS: Mapping[str, str] = {
+    "app.js": "text/javascript",
+    "i18n.js": "text/javascript",
+    "styles.css": "text/css",
+}
+_VERSION_MARK = "__VERSION__"
+_MAX_FIELD_CHARS = 128
+_FRAMES_PER_POSE = 2
+"""Frames the page takes per pose (the frontal one and each challenge step)."""
+_PASSIVE_MIN_FRAMES = 3
+"""Frames of a scan without a challenge: several frames are the service's own lever on
+accuracy (DESIGN.md), and a few JPEGs of 640 px are still small."""
+_VERIFY_DEADLINE_S = 30.0
+
+
+class ScanEngine(Protocol):
+    """What the gateway uses of :class:`facesvc.engine.Engine`."""
+
+    async def verify(self, cmd: VerifyCommand) -> VerifyOutcome: ...
+
+    async def start_challenge(
+        self, participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
+    ) -> Challenge: ...
+
+    async def attempts(
+        self, participant_id: str, training_id: str, training_type: TrainingType
+    ) -> CapUsage: ...
+
+
+class ApiError(Exception):
+    """A refusal the gateway answers as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """One static file, read once at start-up."""
+
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def _load_assets() -> tuple[Asset, dict[str, Asset], str]:
+    """The page (with asset URLs versioned by content hash), its assets, and the version."""
+    root = resources.files("facesvc") / "web"
+    assets: dict[str, Asset] = {}
+    digest = hashlib.sha256()
+    for name, content_type in _ASSETS.items():
+        body = (root / name).read_bytes()
+        digest.update(body)
+        assets[name] = Asset(body, content_type, _etag(body))
+    version = digest.hexdigest()[:12]
+    html = (root / "index.html").read_text(encoding="utf-8").replace(_VERSION_MARK, version)
+    page = html.encode()
+    return Asset(page, "text/html", _etag(page)), assets, version
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def _usage_json(usage: CapUsage) -> dict[str, Any]:
+    return {
+        "used": usage.used,
+        "remaining": usage.remaining,
+        "limit": usage.limit,
+        "resets_at": _iso(usage.resets_at),
+    }
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class Portal:
+    """The page, its assets, JWKS and the JSON gateway; ``install`` adds the routes.
+
+    ``tickets`` is ``None`` when the token key directory cannot be read (the API then
+    answers 503 saying so); ``engine`` arrives with :meth:`attach_engine` once the model
+    pack has loaded (503 "starting" until then).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tickets: LaunchTickets | None,
+        keys: PublicKeySource | None,
+        now: Callable[[], datetime],
+        engine: ScanEngine | None = None,
+    ) -> None:
+        self._settings = settings
+        self._tickets = tickets
+        self._keys = keys
+        self._now = now
+        self._engine = engine
+        self._page, self._assets, self._version = _load_assets()
+
+    def attach_engine(self, engine: ScanEngine) -> None:
+        """Serve scans with ``engine`` from now on."""
+        self._engine = engine
+
+    def install(self, app: web.Application) -> None:
+        """Add the routes and the security headers to ``app`` (before it starts)."""
+        app.on_response_prepare.append(_add_security_headers)
+        app.router.add_get("/scan", self._redirect_to_page)
+        app.router.add_get(PAGE_PATH, self._page_handler)
+        app.router.add_get(PAGE_PATH + "{name}", self._asset_handler)
+        app.router.add_get("/.well-known/jwks.json", self._jwks_handler)
+        app.router.add_get("/api/v1/session", self._api(self._session))
+        app.router.add_post("/api/v1/challenge", self._api(self._challenge))
+        app.router.add_post("/api/v1/verify", self._api(self._verify))
+
+    # ------------------------------------------------------------------ static
+
+    async def _redirect_to_page(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPPermanentRedirect(PAGE_PATH)
+
+    async def _page_handler(self, request: web.Request) -> web.StreamResponse:
+        # Revalidated on every visit (cheap with the ETag) so a release reaches every browser.
+        return self._static(request, self._page, "no-cache")
+
+    async def _asset_handler(self, request: web.Request) -> web.StreamResponse:
+        asset = self._assets.get(request.match_info["name"])
+        if asset is None:
+            raise web.HTTPNotFound(text="no such file")
+        # The page names assets with ?v=<content hash>, so such a URL never changes content.
+        versioned = request.query.get("v") == self._version
+        cache = "public, max-age=31536000, immutable" if versioned else "no-cache"
+        return self._static(request, asset, cache)
+
+    def _static(self, request: web.Request, asset: Asset, cache: str) -> web.StreamResponse:
+        headers = {"Cache-Control": cache, "ETag": asset.etag}
+        if request.headers.get("If-None-Match") == asset.etag:
+            return web.Response(status=304, headers=headers)
+        response = web.Response(
+            body=asset.body, content_type=asset.content_type, charset="utf-8", headers=headers
+        )
+        response.enable_compression()  # slow phone links: the assets shrink about 4x
+        return response
+
+    async def _jwks_handler(self, request: web.Request) -> web.StreamResponse:
+        if self._keys is None:
+            return _error(
+                503, "NO_KEYS", "no token signing keys are configured: run `facesvc keys generate`"
+            )
+        body = self._keys.public_keys(self._now()).to_json()
+        max_age = self._settings.tokens.jwks_max_age_s
+        return web.Response(
+            text=body,
+            content_type="application/json",
+            headers={
+                "Cache-Control": f"public, max-age={max_age}",
+                # LMS front-ends may fetch the keys from a browser, too.
+                "Access-Control-Allow-Origin": "*",
+            },
+        )
+
+    # ------------------------------------------------------------------ API plumbing
+
+    def _api(
+        self, handler: Callable[[web.Request, LaunchTicket], Awaitable[dict[str, Any]]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """Wrap ``handler``: open the ticket, map refusals to JSON errors, never cache."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                ticket = await self._ticket(request)
+                body = await handler(request, ticket)
+                response = web.json_response(body)
+            except ApiError as exc:
+                response = _error(exc.status, exc.code, str(exc))
+            except TicketRefused as exc:
+                response = _error(401, "TICKET_" + exc.problem.value, str(exc))
+            except StoreUnavailable:
+                log.warning("scan refused: Redis unavailable", exc_info=True)
+                response = _error(
+                    503, "UNAVAILABLE", "the service cannot reach its store; retry in a minute"
+                )
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+        return wrapped
+
+    async def _ticket(self, request: web.Request) -> LaunchTicket:
+        if self._tickets is None:
+            raise ApiError(
+                503, "NO_KEYS", "this service has no signing keys, so it cannot check scan links"
+            )
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise ApiError(
+                401,
+                "TICKET_MISSING",
+                "open the face scan from your training page: this request has no scan link",
+            )
+        ticket = self._tickets.open(credential.strip())
+        await self._tickets.check_unspent(ticket)
+        return ticket
+
+    def _engine_or_busy(self) -> ScanEngine:
+        if self._engine is None:
+            raise ApiError(503, "STARTING", "the service is starting; retry in a few seconds")
+        return self._engine
+
+    def _liveness(self, ticket: LaunchTicket) -> str:
+        """The liveness policy for the page (the ``portal`` channel is never a kiosk)."""
+        return self._settings.liveness.policy(ticket.scope.training_type.value)
+
+    # ------------------------------------------------------------------ API routes
+
+    async def _session(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
+        scope = ticket.scope
+        usage = await self._engine_or_busy().attempts(
+            scope.participant_id, scope.training_id, scope.training_type
+        )
+        return {
+            "training_id": scope.training_id,
+            "training_type": scope.training_type.value,
+            "gate": scope.gate.value,
+            "session_id": scope.session_id,
+            "return_url": scope.return_url,
+            "ticket_expires_at": _iso(ticket.expires_at),
+            "attempts": _usage_json(usage),
+            "liveness": self._liveness(ticket),
+            "capture": {
+                "frame_width_px": self._settings.portal.frame_width_px,
+                "frames_per_pose": _FRAMES_PER_POSE,
+                "min_frames": _PASSIVE_MIN_FRAMES,
+                "max_frames": self._settings.server.max_frames,
+            },
+        }
+
+    async def _challenge(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
+        scope = ticket.scope
+        challenge = await self._engine_or_busy().start_challenge(
+            scope.participant_id, scope.training_id, scope.training_type, scope.gate
+        )
+        poses = 1 + len(challenge.steps)
+        return {
+            "challenge_id": challenge.challenge_id,
+            "steps": [step.value for step in challenge.steps],
+            "expires_at": _iso(datetime.fromtimestamp(challenge.expires_at, UTC)),
+            "min_frames": min(poses * _FRAMES_PER_POSE, self._settings.server.max_frames),
+        }
+
+    async def _verify(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
+        engine = self._engine_or_busy()
+        fields, frames = await self._read_scan(request)
+        scope = ticket.scope
+        command = VerifyCommand(
+            participant_id=scope.participant_id,
+            training_id=scope.training_id,
+            training_type=scope.training_type,
+            gate=scope.gate,
+            session_id=scope.session_id,
+            frames=frames,
+            caller=Caller(name="scan-page", role="portal", tenant=scope.tenant),
+            scheduled_start=scope.scheduled_start,
+            challenge_id=fields.get("challenge_id") or None,
+            idempotency_key=fields.get("idempotency_key") or None,
+            deadline=time.monotonic() + _VERIFY_DEADLINE_S,
+        )
+        try:
+            outcome = await engine.verify(command)
+        except ImageRejected as exc:
+            raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
+        except PolicyError as exc:
+            raise ApiError(412, "POLICY", str(exc)) from exc
+        except ScanInProgress as exc:
+            raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
+        body: dict[str, Any] = {
+            "decision": outcome.decision.value,
+            "reason": outcome.reason,
+            "verification_id": outcome.verification_id,
+            "attempts": _usage_json(outcome.attempts),
+            "liveness": outcome.liveness.value,
+            "frames": [
+                {"index": f.index, "accepted": f.accepted, "reason": f.reason}
+                for f in outcome.frames
+            ],
+        }
+        if outcome.decision is Decision.VERIFIED and outcome.token is not None:
+            # Spent before the browser learns the token: one ticket, one token.
+            assert self._tickets is not None  # _ticket() succeeded
+            await self._tickets.spend(ticket)
+            body["redirect_url"] = return_url_with_token(scope.return_url, outcome.token.token)
+            body["token_expires_at"] = _iso(outcome.token.expires_at)
+        return body
+
+    async def _read_scan(self, request: web.Request) -> tuple[dict[str, str], list[bytes]]:
+        """Stream the multipart body: text fields and ``frame`` files, each within limits."""
+        if not request.content_type.startswith("multipart/form-data"):
+            raise ApiError(
+                415, "BAD_UPLOAD", "send the frames as multipart/form-data `frame` files"
+            )
+        limits = self._settings.server
+        fields: dict[str, str] = {}
+        frames: list[bytes] = []
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ApiError(400, "BAD_UPLOAD", "nested multipart bodies are not accepted")
+            if part.name == "frame":
+                if len(frames) >= limits.max_frames:
+                    raise ApiError(
+                        413, "TOO_MANY_FRAMES", f"send at most {limits.max_frames} frames"
+                    )
+                frames.append(await _read_limited(part, limits.max_image_bytes, "frame"))
+            elif part.name in ("challenge_id", "idempotency_key"):
+                raw = await _read_limited(part, _MAX_FIELD_CHARS, part.name)
+                if not raw.isascii() or not raw.decode().isprintable():
+                    raise ApiError(400, "BAD_FIELD", f"{part.name} must be printable ASCII")
+                fields[part.name] = raw.decode()
+            else:
+                raise ApiError(400, "BAD_FIELD", f"unexpected form field {part.name!r}")
+        if not frames:
+            raise ApiError(400, "NO_FRAMES", "send at least one `frame` file")
+        return fields, frames
+
+
+async def _read_limited(part: BodyPartReader, limit: int, what: str) -> bytes:
+    """A part's bytes, refusing (413) as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "TOO_LARGE", f"each {what} may be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+def build_portal(settings: Settings, redis: AsyncRedis, clock: Clock | None = None) -> Portal:
+    """The portal for ``settings``: launch tickets signed with the token keys of
+    ``tokens.key_dir``. A key directory that cannot be read at start-up leaves the page up
+    and the API answering 503 with the fix (the gRPC side reports the same at its calls)."""
+    clock = clock or SystemClock()
+    keys: KeyDirectory | None
+    try:
+        keys = KeyDirectory(
+            settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock
+        )
+    except KeyDirectoryError as exc:
+        log.warning("the scan page cannot issue or check launch tickets: %s", exc)
+        keys = None
+    tickets = (
+        None
+        if keys is None
+        else LaunchTickets(
+            keys,
+            redis,
+            issuer=settings.tokens.issuer,
+            allowed_prefixes=settings.portal.return_prefixes,
+            ttl_s=settings.portal.ticket_ttl_s,
+            key_prefix=settings.redis.key_prefix,
+            clock=clock,
+        )
+    )
+    return Portal(settings, tickets=tickets, keys=keys, now=clock.now)
