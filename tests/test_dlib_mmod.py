@@ -20,6 +20,7 @@ from facesvc.models.dlib_mmod import (
     MMODFaceDetector,
     _ResizePlan,
     mmod_dat_path,
+    non_max_suppression,
     pyramid_level_sizes,
     tile_pyramid,
 )
@@ -207,3 +208,15 @@ def test_pyramid_levels_tile_without_overlap(size: tuple[int, int]) -> None:
             a, b = rects[i], rects[j]
             apart = a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
             assert apart, (i, j, a, b)
+
+
+def test_nms_uses_dlibs_overlap_rule() -> None:
+    # dlib's test_box_overlap: intersection over the *bounding box* of the pair, or the
+    # fraction of either box covered; the file's thresholds are IoU 0.338 and covered 1.0.
+    best = [100, 100, 199, 199]
+    shifted = [140, 100, 239, 199]  # intersection 60x100 over bounding box 140x100: 0.43
+    apart = [300, 300, 399, 399]
+    inside = [120, 120, 149, 149]  # fully covered (1.0 is not above 1.0), IoU 0.09: kept
+    rects = np.array([best, shifted, apart, inside], dtype=np.int64)
+    assert non_max_suppression(rects, 0.338, 1.0) == [0, 2, 3]
+    assert non_max_suppression(rects, 0.338, 0.99) == [0, 2]

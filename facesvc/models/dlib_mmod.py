@@ -627,34 +627,32 @@ def non_max_suppression(
     dropped when it overlaps a kept one by ``test_box_overlap``: intersection over the area
     of the two boxes' bounding box above ``iou_thresh``, or covering more than
     ``percent_covered_thresh`` of either box."""
+    if rects.shape[0] == 0:
+        return []
+    a, b = rects[:, None, :], rects[None, :, :]
+    inner = _rect_area(
+        np.maximum(a[..., 0], b[..., 0]),
+        np.maximum(a[..., 1], b[..., 1]),
+        np.minimum(a[..., 2], b[..., 2]),
+        np.minimum(a[..., 3], b[..., 3]),
+    ).astype(np.float64)
+    outer = _rect_area(
+        np.minimum(a[..., 0], b[..., 0]),
+        np.minimum(a[..., 1], b[..., 1]),
+        np.maximum(a[..., 2], b[..., 2]),
+        np.maximum(a[..., 3], b[..., 3]),
+    )
+    area = _rect_area(rects[:, 0], rects[:, 1], rects[:, 2], rects[:, 3])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        overlaps = (inner > 0) & (
+            (inner / outer > iou_thresh)
+            | (inner / area[:, None] > percent_covered_thresh)
+            | (inner / area[None, :] > percent_covered_thresh)
+        )
     kept: list[int] = []
-    for i in range(rects.shape[0]):
-        if kept:
-            a = rects[kept]
-            b = rects[i]
-            inner = _rect_area(
-                np.maximum(a[:, 0], b[0]),
-                np.maximum(a[:, 1], b[1]),
-                np.minimum(a[:, 2], b[2]),
-                np.minimum(a[:, 3], b[3]),
-            )
-            outer = _rect_area(
-                np.minimum(a[:, 0], b[0]),
-                np.minimum(a[:, 1], b[1]),
-                np.maximum(a[:, 2], b[2]),
-                np.maximum(a[:, 3], b[3]),
-            )
-            area_a = _rect_area(a[:, 0], a[:, 1], a[:, 2], a[:, 3])
-            area_b = _rect_area(b[None, 0], b[None, 1], b[None, 2], b[None, 3])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                overlaps = (inner > 0) & (
-                    (inner / outer > iou_thresh)
-                    | (inner / area_a > percent_covered_thresh)
-                    | (inner / area_b > percent_covered_thresh)
-                )
-            if overlaps.any():
-                continue
-        kept.append(i)
+    for i, row in enumerate(overlaps.tolist()):
+        if not any(row[j] for j in kept):
+            kept.append(i)
     return kept
 
 
