@@ -420,3 +420,31 @@ class GetSigningKeysResponse(_message.Message):
     jwks_json: str
     keys: _containers.RepeatedCompositeFieldContainer[SigningKey]
     def __init__(self, jwks_json: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[SigningKey, _Mapping]]] = ...) -> None: ...
+
+class CreateLaunchTicketRequest(_message.Message):
+    __slots__ = ("participant_id", "training_id", "training_type", "gate", "session_id", "scheduled_start", "return_url")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_START_FIELD_NUMBER: _ClassVar[int]
+    RETURN_URL_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    training_id: str
+    training_type: TrainingType
+    gate: Gate
+    session_id: str
+    scheduled_start: _timestamp_pb2.Timestamp
+    return_url: str
+    def __init__(self, participant_id: _Optional[str] = ..., training_id: _Optional[str] = ..., training_type: _Optional[_Union[TrainingType, str]] = ..., gate: _Optional[_Union[Gate, str]] = ..., session_id: _Optional[str] = ..., scheduled_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., return_url: _Optional[str] = ...) -> None: ...
+
+class CreateLaunchTicketResponse(_message.Message):
+    __slots__ = ("ticket", "page_url", "expires_at")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ticket: str
+    page_url: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, ticket: _Optional[str] = ..., page_url: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

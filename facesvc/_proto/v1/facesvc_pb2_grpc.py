@@ -76,6 +76,11 @@ class FaceVerificationStub:
                 request_serializer=facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysRequest.SerializeToString,
                 response_deserializer=facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysResponse.FromString,
                 _registered_method=True)
+        self.CreateLaunchTicket = channel.unary_unary(
+                '/facesvc.v1.FaceVerification/CreateLaunchTicket',
+                request_serializer=facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketRequest.SerializeToString,
+                response_deserializer=facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketResponse.FromString,
+                _registered_method=True)
 
 
 class FaceVerificationServicer:
@@ -147,6 +152,16 @@ class FaceVerificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateLaunchTicket(self, request, context):
+        """CreateLaunchTicket (called by an LMS) issues a short-lived signed ticket that sends
+        a participant to the Scan Wajah page for one scan. The page verifies the participant
+        named here (the URL cannot change who), then sends the browser back to `return_url`
+        with the token. The audience of that token is the calling LMS's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceVerificationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +204,11 @@ def add_FaceVerificationServicer_to_server(servicer, server):
                     servicer.GetSigningKeys,
                     request_deserializer=facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysRequest.FromString,
                     response_serializer=facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysResponse.SerializeToString,
+            ),
+            'CreateLaunchTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLaunchTicket,
+                    request_deserializer=facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketRequest.FromString,
+                    response_serializer=facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -409,6 +429,33 @@ class FaceVerification:
             '/facesvc.v1.FaceVerification/GetSigningKeys',
             facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysRequest.SerializeToString,
             facesvc_dot_v1_dot_facesvc__pb2.GetSigningKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLaunchTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facesvc.v1.FaceVerification/CreateLaunchTicket',
+            facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketRequest.SerializeToString,
+            facesvc_dot_v1_dot_facesvc__pb2.CreateLaunchTicketResponse.FromString,
             options,
             channel_credentials,
             insecure,
