@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +106,9 @@ class Calibration:
     overall: RatesAtThreshold
     per_source: tuple[SourceRates, ...]
     created_utc: str
+    centre: tuple[float, ...] | None = None
+    """(D,) mean unit descriptor of the calibration photos: cosine distance is measured
+    around it (see facesvc.models.matching); None for the origin."""
 
     def skewed_sources(self) -> tuple[str, ...]:
         """Sources whose FMR is above SOURCE_SKEW_LIMIT times the target or the overall FMR."""
@@ -180,6 +184,7 @@ def load_calibration(
                 for s in raw["per_source"]
             ),
             created_utc=str(raw["created_utc"]),
+            centre=None if raw.get("centre") is None else tuple(float(v) for v in raw["centre"]),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CalibrationError(
@@ -210,11 +215,13 @@ def calibrate(
     distance: Distance,
     data: CalibrationData,
     target_fmr: float = DEFAULT_TARGET_FMR,
+    centre: Sequence[float] | None = None,
     now: datetime | None = None,
 ) -> Calibration:
     """The threshold at ``target_fmr`` over all impostor ``pairs``, with per-source rates.
 
-    ``pairs`` must be single-photo pairs scored with ``distance``. The impostor set
+    ``pairs`` must be single-photo pairs scored with ``distance`` (around ``centre``,
+    which the calibration then records). The impostor set
     mixes sources as the folder does: calibrate on photos that look like the
     deployment (population, cameras), since a threshold does not carry over.
     """
@@ -243,6 +250,7 @@ def calibrate(
         overall=RatesAtThreshold.of(pairs, threshold),
         per_source=per_source,
         created_utc=(now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        centre=None if centre is None else tuple(float(v) for v in centre),
     )
 
 
@@ -264,13 +272,14 @@ def log_calibration_status(
         return
     c = calibration
     logger.info(
-        "model pack %r (%s) runs with calibration of %s: %s distance <= %.6f for target FMR %g, "
+        "model pack %r (%s) runs with calibration of %s: %s distance%s <= %.6f for target FMR %g, "
         "calibrated on %d identities / %d images from %s (%d genuine, %d impostor pairs; "
         "FMR %.2e, FNMR %.2e on those pairs)",
         c.pack,
         c.pack_digest,
         c.created_utc,
         c.distance.value,
+        "" if c.centre is None else " (around the calibrated centre)",
         c.threshold,
         c.target_fmr,
         c.data.identities,

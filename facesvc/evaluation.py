@@ -16,15 +16,24 @@ and report splits never share an identity.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances
+from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances, unit_rows
+from facesvc.models.types import (
+    Detection,
+    Embedder,
+    FaceDetector,
+    LandmarkModel,
+    Points,
+    RGBImage,
+)
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -402,61 +411,95 @@ def cross_validation(
 
 @dataclass(frozen=True, slots=True)
 class OperatingPoint:
-    """Rates at a threshold calibrated on other identities, pooled over folds."""
+    """Error counts at calibrated thresholds, pooled over folds."""
 
-    target_fmr: float
-    fmr: float
-    fnmr: float
     false_matches: int
     impostor_count: int
     false_non_matches: int
     genuine_count: int
+
+    @property
+    def fmr(self) -> float:
+        return self.false_matches / self.impostor_count if self.impostor_count else math.nan
+
+    @property
+    def fnmr(self) -> float:
+        return self.false_non_matches / self.genuine_count if self.genuine_count else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class CrossValidated:
+    """Report-fold comparisons pooled over folds, each with the threshold it was judged by.
+
+    ``applied`` (P,) float64 aligns with ``report``; ``thresholds`` lists every threshold
+    set (one per fold, or per fold and source with per-source calibration).
+    """
+
+    report: Comparisons
+    applied: FloatArray
     thresholds: tuple[float, ...]
-    """The threshold each fold was calibrated to (one per fold)."""
+
+    def operating(self, mask: BoolArray | None = None) -> OperatingPoint:
+        """Errors among the report comparisons where ``mask`` (P,) is true (all if None)."""
+        keep = np.ones(self.applied.shape, bool) if mask is None else mask
+        gen = self.report.genuine & keep
+        imp = ~self.report.genuine & keep
+        accepted = self.report.distance <= self.applied
+        return OperatingPoint(
+            false_matches=int(np.sum(accepted & imp)),
+            impostor_count=int(imp.sum()),
+            false_non_matches=int(np.sum(~accepted & gen)),
+            genuine_count=int(gen.sum()),
+        )
+
+    def source_masks(self, source: str) -> tuple[BoolArray, BoolArray]:
+        """(both identities from ``source``, claimed identity from ``source``) masks (P,)."""
+        member = np.array([s == source for s in self.report.sources], dtype=bool)
+        claimed = member[self.report.claimed]
+        return claimed & member[self.report.probe], claimed
 
 
-def calibrated_operating_point(
-    comparisons: Comparisons,
+def cross_validate(
+    comparisons_for: Callable[[IntArray], Comparisons],
+    identity_count: int,
     folds: Sequence[IntArray],
     target_fmr: float,
-    source: str | None = None,
-) -> OperatingPoint:
-    """Calibrate on each fold's complement, count errors on the fold, pool the counts.
+    per_source: bool = False,
+) -> CrossValidated:
+    """Calibrate on each fold's complement, judge the fold's own comparisons, pool them.
 
-    The threshold for a fold comes from impostor comparisons among the other folds'
-    identities (all sources); errors are counted on comparisons among the fold's own
-    identities (only ``source``'s when given). No counted comparison ever shares
-    an identity with the comparisons that set its threshold.
+    ``comparisons_for(calibration_identities)`` scores the comparisons of a fold split;
+    it may use the calibration identities' photos (a cosine centre) but nothing else.
+    The threshold comes from impostor comparisons among the calibration identities
+    (with ``per_source``, one per source from that source's own impostors, applied by
+    the claimed identity's source; a source without calibration impostors falls back
+    to the pooled threshold). No judged comparison shares an identity with the ones
+    that set its threshold.
     """
-    fm = im = fnm = ge = 0
-    thresholds = []
-    for calibration, report in cross_validation(len(comparisons.identities), folds):
-        cal = comparisons.within(calibration)
-        threshold = threshold_at_fmr(cal.distance[~cal.genuine], target_fmr)
-        thresholds.append(threshold)
-        rep = comparisons.within(report)
-        if source is not None:
-            rep = rep.of_source(source)
-        gen = rep.genuine
-        fm += int(np.sum(rep.distance[~gen] <= threshold))
-        im += int(np.sum(~gen))
-        fnm += int(np.sum(rep.distance[gen] > threshold))
-        ge += int(np.sum(gen))
-    return OperatingPoint(
-        target_fmr=target_fmr,
-        fmr=fm / im if im else math.nan,
-        fnmr=fnm / ge if ge else math.nan,
-        false_matches=fm,
-        impostor_count=im,
-        false_non_matches=fnm,
-        genuine_count=ge,
-        thresholds=tuple(thresholds),
+    parts: list[Comparisons] = []
+    applied: list[FloatArray] = []
+    thresholds: list[float] = []
+    for calibration, report in cross_validation(identity_count, folds):
+        comps = comparisons_for(calibration)
+        cal = comps.within(calibration)
+        rep = comps.within(report)
+        pooled = threshold_at_fmr(cal.distance[~cal.genuine], target_fmr)
+        by_claimed = np.full(len(comps.identities), pooled)
+        if per_source:
+            sources = comps.sources
+            for source in sorted(set(sources)):
+                own = cal.of_source(source)
+                if np.any(~own.genuine):
+                    t = threshold_at_fmr(own.distance[~own.genuine], target_fmr)
+                    by_claimed[[k for k, x in enumerate(sources) if x == source]] = t
+                    thresholds.append(t)
+        else:
+            thresholds.append(pooled)
+        parts.append(rep)
+        applied.append(by_claimed[rep.claimed])
+    return CrossValidated(
+        Comparisons.concatenate(parts), np.concatenate(applied), tuple(thresholds)
     )
-
-
-def report_comparisons(comparisons: Comparisons, folds: Sequence[IntArray]) -> Comparisons:
-    """The comparisons that fall inside one fold (the only ones any fold reports on)."""
-    return Comparisons.concatenate([comparisons.within(f) for f in folds])
 
 
 # --------------------------------------------------------------------------- DET plot
@@ -565,10 +608,19 @@ class DescriptorSet:
     def photos_of(self, identity: int) -> IntArray:
         return np.flatnonzero(self.image_identity == identity)
 
-    def single_photo_comparisons(self, distance: Distance) -> Comparisons:
-        """Every unordered pair of photos, one descriptor each."""
-        d = pairwise_distances(self.descriptors, self.descriptors, distance)
+    def single_photo_comparisons(
+        self, distance: Distance, centre: FloatArray | None = None
+    ) -> Comparisons:
+        """Every unordered pair of photos, one descriptor each (cosine around ``centre``)."""
+        d = pairwise_distances(self.descriptors, self.descriptors, distance, centre)
         return pairwise_comparisons(d, self.image_identity, self.identities)
+
+    def centre_of(self, identities: IntArray) -> FloatArray:
+        """(D,) mean unit descriptor of the photos of ``identities``: a cosine centre."""
+        rows = self.descriptors[np.isin(self.image_identity, identities)]
+        if rows.shape[0] == 0:
+            raise ValueError("no photos to compute a centre from")
+        return np.asarray(unit_rows(rows).mean(axis=0), dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,8 +646,14 @@ class ScanProtocol:
             raise ValueError("need enroll >= 1, frames >= 1 and min_photos >= enroll + 1")
 
 
-def scan_comparisons(ds: DescriptorSet, protocol: ScanProtocol, rules: MatchRules) -> Comparisons:
-    """Every enrolment against every scan of :class:`ScanProtocol`, fused by ``rules``.
+def scan_comparisons(
+    ds: DescriptorSet,
+    protocol: ScanProtocol,
+    rules: MatchRules,
+    centre: FloatArray | None = None,
+) -> Comparisons:
+    """Every enrolment against every scan of :class:`ScanProtocol`, fused by ``rules``
+    (cosine around ``centre`` (D,) when given).
 
     Comparisons are ordered (claimed, probe): with K = F = 1 each photo pair appears
     once in each direction, which leaves rates unchanged but doubles the counts;
@@ -632,7 +690,9 @@ def scan_comparisons(ds: DescriptorSet, protocol: ScanProtocol, rules: MatchRule
             template = ds.descriptors[window[: protocol.enroll]]
             held_out = window[protocol.enroll :]
             for h in range(m):
-                distance.append(match(template, frames_of(np.roll(held_out, -h)), rules).distance)
+                distance.append(
+                    match(template, frames_of(np.roll(held_out, -h)), rules, centre).distance
+                )
                 claimed.append(i)
                 probe.append(i)
             for j in eligible:
@@ -641,7 +701,7 @@ def scan_comparisons(ds: DescriptorSet, protocol: ScanProtocol, rules: MatchRule
                 theirs = photos[j]
                 for h in range(theirs.size):
                     scan = np.roll(theirs, -h)[: min(m, theirs.size)]
-                    distance.append(match(template, frames_of(scan), rules).distance)
+                    distance.append(match(template, frames_of(scan), rules, centre).distance)
                     claimed.append(i)
                     probe.append(j)
     return Comparisons(
@@ -649,4 +709,253 @@ def scan_comparisons(ds: DescriptorSet, protocol: ScanProtocol, rules: MatchRule
         np.array(claimed, dtype=np.int64),
         np.array(probe, dtype=np.int64),
         ds.identities,
+    )
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True, slots=True)
+class Lever:
+    """One way of comparing: single photo pairs (``protocol`` None) or enrolments vs scans.
+
+    ``centred``: cosine around the mean unit descriptor of the calibration identities'
+    photos. ``per_source``: one threshold per source (per-population calibration).
+    """
+
+    label: str
+    rules: MatchRules
+    protocol: ScanProtocol | None = None
+    centred: bool = False
+    per_source: bool = False
+
+    def comparisons(self, ds: DescriptorSet, centre: FloatArray | None) -> Comparisons:
+        if self.protocol is None:
+            return ds.single_photo_comparisons(self.rules.distance, centre)
+        return scan_comparisons(ds, self.protocol, self.rules, centre)
+
+
+@dataclass(frozen=True, slots=True)
+class LeverResult:
+    """A lever's figures on the pooled report-fold comparisons, overall (key ``"all"``)
+    and per source: threshold-free summaries, and operating points at the thresholds
+    calibrated on the other folds, counting a source's impostors two ways: ``within``
+    (both people from the source: impostors who look like the deployment's people) and
+    ``claimed`` (any impostor against the source's enrolled people)."""
+
+    lever: Lever
+    summaries: dict[str, Summary]
+    within: dict[str, OperatingPoint]
+    claimed: dict[str, OperatingPoint]
+    validated: CrossValidated
+
+    def worst_source_ratio(self, by_claimed: bool = False) -> float:
+        """The highest source FMR at the operating thresholds over the overall FMR."""
+        table = self.claimed if by_claimed else self.within
+        overall = table["all"].fmr
+        ratios = [
+            op.fmr / overall if overall > 0 else (math.inf if op.fmr > 0 else 0.0)
+            for key, op in table.items()
+            if key != "all" and op.impostor_count
+        ]
+        return max(ratios, default=math.nan)
+
+
+def evaluate_lever(
+    ds: DescriptorSet,
+    lever: Lever,
+    folds: Sequence[IntArray],
+    target_fmr: float,
+    bootstrap_rounds: int,
+    seed: int = 0,
+) -> LeverResult:
+    """Cross-validate ``lever`` over identity ``folds`` and summarise the report comparisons."""
+    fixed = None if lever.centred else lever.comparisons(ds, None)
+
+    def comparisons_for(calibration: IntArray) -> Comparisons:
+        if fixed is not None:
+            return fixed
+        return lever.comparisons(ds, ds.centre_of(calibration))
+
+    cv = cross_validate(comparisons_for, len(ds.identities), folds, target_fmr, lever.per_source)
+    summaries = {"all": summarize(cv.report, bootstrap_rounds=bootstrap_rounds, seed=seed)}
+    within = {"all": cv.operating()}
+    claimed = {"all": within["all"]}
+    for source in sorted(set(cv.report.sources)):
+        both, claims = cv.source_masks(source)
+        summaries[source] = summarize(
+            cv.report.of_source(source), bootstrap_rounds=bootstrap_rounds, seed=seed
+        )
+        within[source] = cv.operating(both)
+        claimed[source] = cv.operating(claims)
+    return LeverResult(lever, summaries, within, claimed, cv)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def source_table(result: LeverResult) -> str:
+    """A markdown table of one lever: a row per source and one for all comparisons."""
+    head = (
+        "| source | identities | genuine | impostor | ROC AUC | EER | FNMR @ FMR 1e-2 "
+        "| FNMR @ FMR 1e-3 | FMR at threshold (same-source impostors) "
+        "| FMR at threshold (any impostor vs. this source) | FNMR at threshold |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for key in [*sorted(k for k in result.summaries if k != "all"), "all"]:
+        s = result.summaries[key]
+        op = result.within[key]
+        cl = result.claimed[key]
+        fnmr = []
+        for f in s.fnmr_at:
+            text = f.fnmr.format()
+            fnmr.append(
+                text if f.resolvable else f"{text} (unresolved: <{1 / f.target_fmr:.0f} imp.)"
+            )
+        rows.append(
+            f"| {'**all**' if key == 'all' else key} | {s.identity_count} | {s.genuine_count} "
+            f"| {s.impostor_count} | {s.auc.format(percent=False)} | {s.eer.format()} "
+            f"| {fnmr[0]} | {fnmr[1]} "
+            f"| {_pct(op.fmr)} ({op.false_matches}/{op.impostor_count}) "
+            f"| {_pct(cl.fmr)} ({cl.false_matches}/{cl.impostor_count}) "
+            f"| {_pct(op.fnmr)} ({op.false_non_matches}/{op.genuine_count}) |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def lever_table(results: Sequence[LeverResult]) -> str:
+    """A markdown table comparing levers on all comparisons."""
+    head = (
+        "| lever | genuine | impostor | EER | FNMR @ FMR 1e-2 | FNMR @ FMR 1e-3 "
+        "| FMR / FNMR at calibrated threshold | worst source FMR / overall: "
+        "same-source, any impostor |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        s, op = r.summaries["all"], r.within["all"]
+        rows.append(
+            f"| {r.lever.label} | {s.genuine_count} | {s.impostor_count} | {s.eer.format()} "
+            f"| {s.fnmr_at[0].fnmr.format()} | {s.fnmr_at[1].fnmr.format()} "
+            f"| {_pct(op.fmr)} ({op.false_matches}/{op.impostor_count}) / "
+            f"{_pct(op.fnmr)} ({op.false_non_matches}/{op.genuine_count}) "
+            f"| {r.worst_source_ratio():.1f}x, {r.worst_source_ratio(by_claimed=True):.1f}x |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+# --------------------------------------------------------------------------- describing photos
+
+
+@runtime_checkable
+class RawEmbedder(Protocol):
+    """An embedder that can also return descriptors before L2 normalisation."""
+
+    def embed_raw(self, chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSimulation:
+    """How simulated extra frames of a photo are made (faces/ has no real multi-frame scans).
+
+    A variant re-aligns the photo from landmarks moved by a random similarity (rotation
+    ``rotation`` rad, scale ``scale``, shift ``shift`` of the landmark spread, all standard
+    deviations) as detector and landmark jitter and small head motion would, and changes
+    exposure by a gain drawn from ``gain`` plus Gaussian sensor noise of ``noise`` grey
+    levels. It cannot simulate pose, expression or lighting changes between frames, so
+    fusion gains measured with it are those of averaging out jitter and noise, not of
+    seeing the face anew.
+    """
+
+    variants: int = 2
+    rotation: float = 0.05
+    scale: float = 0.03
+    shift: float = 0.03
+    gain: tuple[float, float] = (0.7, 1.2)
+    noise: float = 4.0
+    seed: int = 0
+
+    def perturb(
+        self, image: RGBImage, landmarks: Points, rng: np.random.Generator
+    ) -> tuple[RGBImage, Points]:
+        """One simulated frame: (image (H, W, 3) uint8, landmarks (K, 2) float32)."""
+        centre = landmarks.mean(axis=0)
+        spread = float(np.sqrt(((landmarks - centre) ** 2).sum(axis=1).mean()))
+        angle = rng.normal(0.0, self.rotation)
+        scale = 1.0 + rng.normal(0.0, self.scale)
+        c, s = math.cos(angle), math.sin(angle)
+        rot = scale * np.array([[c, -s], [s, c]])
+        moved = (landmarks - centre) @ rot.T + centre + rng.normal(0.0, self.shift * spread, 2)
+        lit = image.astype(np.float32) * rng.uniform(*self.gain)
+        lit += rng.normal(0.0, self.noise, image.shape).astype(np.float32)
+        return np.clip(lit, 0, 255).astype(np.uint8), moved.astype(np.float32)
+
+
+def find_face(
+    image: RGBImage, detector: FaceDetector, min_face_px: int
+) -> tuple[RGBImage, Detection] | None:
+    """The best face in ``image``, or in the image padded by half its size on every side.
+
+    Tightly cropped photos (faceapi's 150x150 faces) leave a detector no margin: padding
+    with the border pixels gives it one. Returns the (possibly padded) image and the
+    detection in its coordinates, or None when neither finds a face.
+    """
+    found = detector.detect(image, min_face_px)
+    if not found:
+        pad = max(image.shape[:2]) // 2
+        image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        found = detector.detect(image, min_face_px)
+    return (image, found[0]) if found else None
+
+
+def describe_photos(
+    images: Sequence[LabelledImage],
+    read_image: Callable[[Path], RGBImage],
+    detector: FaceDetector,
+    landmarks: LandmarkModel | None,
+    embedder: Embedder,
+    *,
+    pack: str,
+    min_face_px: int,
+    simulation: FrameSimulation,
+) -> DescriptorSet:
+    """Descriptors of every photo (and its simulated frames) with one pack's models.
+
+    ``landmarks`` None means the detections carry the alignment points (SCRFD).
+    Photos without a face are listed in ``failures`` and take part in no comparison.
+    """
+    embed = embedder.embed_raw if isinstance(embedder, RawEmbedder) else embedder.embed
+    identities = tuple(sorted({i.identity for i in images}))
+    rng = np.random.default_rng(simulation.seed)
+    rows: list[FloatArray] = []
+    variant_rows: list[FloatArray] = []
+    kept: list[LabelledImage] = []
+    failures: list[str] = []
+    for item in images:
+        face = find_face(read_image(item.path), detector, min_face_px)
+        if face is None:
+            failures.append(str(item.path))
+            continue
+        image, det = face
+        points = landmarks.predict(image, det.box) if landmarks is not None else det.landmarks
+        if points is None:
+            raise ValueError("the pack has no landmark model and its detector gives no points")
+        chips = [embedder.align(image, points)]
+        for _ in range(simulation.variants):
+            chips.append(embedder.align(*simulation.perturb(image, points, rng)))
+        out = np.asarray(embed(np.stack(chips)), dtype=np.float64)
+        rows.append(out[0])
+        variant_rows.append(out[1:])
+        kept.append(item)
+    dim = embedder.dim
+    return DescriptorSet(
+        pack=pack,
+        identities=identities,
+        image_identity=np.array([identities.index(i.identity) for i in kept], dtype=np.int64),
+        paths=tuple(str(i.path) for i in kept),
+        descriptors=np.stack(rows) if rows else np.empty((0, dim)),
+        variants=np.stack(variant_rows) if rows else np.empty((0, simulation.variants, dim)),
+        failures=tuple(failures),
     )

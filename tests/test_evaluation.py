@@ -12,7 +12,7 @@ from facesvc.evaluation import (
     Comparisons,
     DescriptorSet,
     ScanProtocol,
-    calibrated_operating_point,
+    cross_validate,
     cross_validation,
     equal_error_rate,
     fmr_resolvable,
@@ -134,17 +134,33 @@ def test_identity_folds_are_disjoint_complete_and_stratified() -> None:
         assert {names[k].split("__")[0] for k in fold} == {"s0", "s1", "s2"}
 
 
-def test_calibrated_point_counts_only_report_fold_pairs() -> None:
+def test_cross_validation_judges_each_fold_by_the_other() -> None:
     c = synthetic(identities=30, photos=3, separation=2.0, seed=3)
     folds = identity_folds(c.identities, 2)
-    op = calibrated_operating_point(c, folds, 1e-2)
+    cv = cross_validate(lambda _: c, len(c.identities), folds, 1e-2)
     inside = sum(c.within(f).distance.size for f in folds)
+    op = cv.operating()
     assert op.genuine_count + op.impostor_count == inside < c.distance.size
-    assert len(op.thresholds) == 2
-    # Each fold's threshold is set on the other fold alone.
-    for threshold, fold in zip(op.thresholds, reversed(folds), strict=True):
-        cal = c.within(fold)
+    assert len(cv.thresholds) == 2
+    # Each fold's threshold is set on the other fold alone, and judges only its own pairs.
+    for threshold, judged, other in zip(cv.thresholds, folds, reversed(folds), strict=True):
+        cal = c.within(other)
         assert threshold == threshold_at_fmr(cal.distance[~cal.genuine], 1e-2)
+        in_fold = np.isin(cv.report.claimed, judged)
+        assert np.all(cv.applied[in_fold] == threshold)
+
+
+def test_per_source_calibration_sets_a_threshold_per_source() -> None:
+    c = synthetic(identities=40, photos=3, separation=2.0, seed=4)
+    folds = identity_folds(c.identities, 2)
+    cv = cross_validate(lambda _: c, len(c.identities), folds, 1e-2, per_source=True)
+    assert len(cv.thresholds) == 4  # 2 folds x 2 sources
+    sources = np.array(c.sources)
+    for source in ("a", "b"):
+        both, claimed = cv.source_masks(source)
+        assert np.all(sources[cv.report.claimed[claimed]] == source)
+        assert np.all(both <= claimed)
+        assert len(set(cv.applied[claimed])) == 2  # one threshold per fold
 
 
 def test_det_plot_is_a_png(tmp_path: Path) -> None:

@@ -101,3 +101,24 @@ def test_accepted_is_at_or_below_threshold() -> None:
 def test_bad_inputs_are_errors(template: np.ndarray, probe: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         match(template, probe)
+
+
+def test_centre_measures_the_angle_around_it() -> None:
+    # Two faces that differ only off a large common component: plain cosine calls them
+    # near-identical, around the centre they are at right angles.
+    common = np.array([3.0, 0.0, 0.0])
+    a = common + np.array([0.0, 1.0, 0.0])
+    b = common + np.array([0.0, 0.0, 1.0])
+    plain = match(a[None], b[None])
+    centre = np.array([3.0, 0.0, 0.0]) / math.sqrt(10.0)  # their shared unit component
+    around = match(a[None], b[None], centre=centre)
+    assert plain.distance == pytest.approx(0.1)
+    assert around.distance == pytest.approx(1.0)
+    # L2 does not depend on where the centre is
+    l2 = MatchRules(distance=Distance.L2)
+    assert match(a[None], b[None], l2, centre=centre).distance == pytest.approx(math.sqrt(2))
+
+
+def test_centre_of_the_wrong_size_is_an_error() -> None:
+    with pytest.raises(ValueError, match="centre has 2 dimensions"):
+        match(E0, E1, centre=np.zeros(2))

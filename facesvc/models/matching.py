@@ -3,9 +3,15 @@
 A template holds K enrolment descriptors (K, D) and a scan F frame descriptors
 (F, D) of one pack. ``match`` turns them into one distance (lower = more alike)
 that the pack's calibrated threshold decides on. The default rules are the ones
-that measured best on ../shared/data/faces (docs/accuracy.md): cosine distance,
-the mean of the enrolment descriptors as the template, and the mean of the
-frames' distances to it as the scan's score.
+that measured best on ../shared/data/faces (docs/accuracy.md): cosine distance
+around the pack's calibrated centre, the mean of the enrolment descriptors as the
+template, and the mean of the frame descriptors as the scan.
+
+Why a centre: descriptors of a recogniser share a large common component (for
+dlib's ResNet the mean unit descriptor has length ~0.9), so plain cosine sees every
+face as alike and strict thresholds then cut genuine pairs. Measuring the angle
+around the mean unit descriptor of a calibration population (``centre``, from the
+pack's calibration) removes that component; L2 distance does not change with it.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ class FrameRule(StrEnum):
 class MatchRules:
     distance: Distance = Distance.COSINE
     template: TemplateRule = TemplateRule.MEAN
-    frames: FrameRule = FrameRule.MEAN
+    frames: FrameRule = FrameRule.MEAN_DESCRIPTOR
 
 
 DEFAULT_RULES = MatchRules()
@@ -101,12 +107,27 @@ def unit_rows(x: Descriptors) -> npt.NDArray[np.float64]:
     return np.asarray(m / np.where(norms > 0.0, norms, 1.0))
 
 
-def pairwise_distances(
-    a: Descriptors, b: Descriptors, distance: Distance
+def centred(
+    x: Descriptors, distance: Distance, centre: Descriptors | None
 ) -> npt.NDArray[np.float64]:
-    """(M, N) distances between the rows of ``a`` (M, D) and ``b`` (N, D)."""
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
+    """``x`` (N, D) as the distance sees it: for cosine with a (D,) ``centre``, the unit
+    rows minus the centre; otherwise unchanged (as float64)."""
+    m = np.asarray(x, dtype=np.float64)
+    if centre is None or distance is not Distance.COSINE:
+        return m
+    c = np.asarray(centre, dtype=np.float64).reshape(-1)
+    if c.shape[0] != m.shape[-1]:
+        raise ValueError(f"centre has {c.shape[0]} dimensions, descriptors {m.shape[-1]}")
+    return np.asarray(unit_rows(m) - c)
+
+
+def pairwise_distances(
+    a: Descriptors, b: Descriptors, distance: Distance, centre: Descriptors | None = None
+) -> npt.NDArray[np.float64]:
+    """(M, N) distances between the rows of ``a`` (M, D) and ``b`` (N, D), cosine ones
+    around ``centre`` (D,) when given."""
+    x = centred(a, distance, centre)
+    y = centred(b, distance, centre)
     if distance is Distance.COSINE:
         return np.asarray(np.clip(1.0 - unit_rows(x) @ unit_rows(y).T, 0.0, 2.0))
     squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
@@ -131,11 +152,13 @@ def match(
     template_descriptors: Descriptors,
     probe_descriptors: Descriptors,
     rules: MatchRules = DEFAULT_RULES,
+    centre: Descriptors | None = None,
 ) -> MatchScore:
     """Fuse a (K, D) template and an (F, D) scan of one pack into one distance.
 
-    Raises ``ValueError`` on empty, non-finite or dimension-mismatched inputs: such
-    a comparison is a bug upstream (mixed packs), never a non-match.
+    ``centre`` (D,) is the pack calibration's centre for cosine distance (None: the
+    origin). Raises ``ValueError`` on empty, non-finite or dimension-mismatched inputs:
+    such a comparison is a bug upstream (mixed packs), never a non-match.
     """
     template = _as_matrix(template_descriptors, "template descriptors")
     probe = _as_matrix(probe_descriptors, "probe descriptors")
@@ -144,6 +167,8 @@ def match(
             f"template has {template.shape[1]}-d descriptors but the scan {probe.shape[1]}-d: "
             "they come from different model packs and cannot be compared"
         )
+    template = centred(template, rules.distance, centre)
+    probe = centred(probe, rules.distance, centre)
     if rules.template is TemplateRule.MEAN:
         template = _mean_descriptor(template, rules.distance)
     frame_matrix = pairwise_distances(probe, template, rules.distance)  # (F, K)

