@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from PIL import Image
 
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.dlib_mmod import (
@@ -220,3 +221,20 @@ def test_nms_uses_dlibs_overlap_rule() -> None:
     rects = np.array([best, shifted, apart, inside], dtype=np.int64)
     assert non_max_suppression(rects, 0.338, 1.0) == [0, 2, 3]
     assert non_max_suppression(rects, 0.338, 0.99) == [0, 2]
+
+
+def test_large_photo_is_shrunk_before_the_float_work(detector: MMODFaceDetector) -> None:
+    # t1.jpg enlarged 3x (3840x2658, faces 288-411 px): at min_face_px 300 the entry level is
+    # 7 (scale 0.28), reached by averaging 3x3 blocks first. Every face is still found, each
+    # box on one of the (scaled) full-resolution boxes.
+    image = _insightface_image("t1.jpg")
+    rows, cols = image.shape[:2]
+    big = np.asarray(Image.fromarray(image).resize((3 * cols, 3 * rows), Image.Resampling.BILINEAR))
+    expected = [
+        Box(3 * f.box.left, 3 * f.box.top, 3 * f.box.right, 3 * f.box.bottom)
+        for f in detector.detect(image, min_face_px=90)
+    ]
+    found = detector.detect(big, min_face_px=300)
+    assert len(found) == len(expected) == 6
+    for face in found:
+        assert max(face.box.iou(box) for box in expected) >= 0.5

@@ -55,6 +55,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from facesvc.models.dlib_format import (
     Affine,
@@ -723,16 +724,30 @@ class MMODFaceDetector:
         size = _level_size(rows, cols, levels)
         if min(size) < 1:
             return []  # the image vanishes at the level where such faces are found
-        level = np.empty((1, 3, rows, cols), dtype=np.float32)
-        _normalised(image, self._means, level[0])
-        if levels < 0:
-            level = self._resample(level, *size)
-        for step in range(1, levels + 1):  # level by level, as dlib's pyramid is built
-            level = self._resample(level, *_level_size(rows, cols, step))
         plan = self._plan(*size, self.min_detectable_px, exact=False)
+        level = self._entry_level(image, levels, size)
         with plan.pool.borrow() as canvas:
             plan.fill_fast(canvas, level, self._resample)
             return self._detect_in(canvas, plan, levels)
+
+    def _entry_level(self, image: RGBImage, levels: int, size: tuple[int, int]) -> FloatArray:
+        """Pyramid level ``levels`` of ``image`` (normalised, (1, 3, *size) float32)."""
+        rows, cols = image.shape[:2]
+        factor = min(rows // size[0], cols // size[1])
+        if factor >= 2:
+            # Shrinking by 2 or more: average factor x factor blocks first (Pillow, in uint8),
+            # so the float work starts from a quarter of the pixels or fewer, then one resize.
+            small = np.asarray(Image.fromarray(image).reduce(factor), dtype=np.uint8)
+            level = np.empty((1, 3, *small.shape[:2]), dtype=np.float32)
+            _normalised(small, self._means, level[0])
+            return self._resample(level, *size)
+        level = np.empty((1, 3, rows, cols), dtype=np.float32)
+        _normalised(image, self._means, level[0])
+        if levels < 0:
+            return self._resample(level, *size)
+        for step in range(1, levels + 1):  # level by level, as dlib builds its pyramid
+            level = self._resample(level, *_level_size(rows, cols, step))
+        return level
 
     def detect_full_resolution(self, image: RGBImage) -> list[Detection]:
         """dlib's own pipeline on the unscaled image (``detector(image, 0)``), its pyramid
