@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -18,8 +16,6 @@ from facesvc.liveness.challenges import (
     RefusalReason,
     Step,
 )
-
-REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 class FakeTime:
@@ -35,20 +31,16 @@ class FakeTime:
 Scenario = Callable[[ChallengeStore, FakeTime], Awaitable[None]]
 
 
-def run(scenario: Scenario, **store_kwargs: object) -> None:
-    """Run ``scenario`` with a store on a unique key prefix, then delete its keys."""
+def run(scenario: Scenario, url: str, prefix: str, **store_kwargs: object) -> None:
+    """Run ``scenario`` with a store under the test's own key prefix."""
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        prefix = f"test:{uuid.uuid4().hex}:"
+        client = aioredis.Redis.from_url(url)
         clock = FakeTime()
         try:
             store = ChallengeStore(client, clock=clock, key_prefix=prefix, **store_kwargs)  # type: ignore[arg-type]
             await scenario(store, clock)
         finally:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
             await client.aclose()
 
     asyncio.run(main())
@@ -60,7 +52,7 @@ async def refused(coro: Awaitable[Challenge]) -> RefusalReason:
     return info.value.reason
 
 
-def test_issue_then_consume_once() -> None:
+def test_issue_then_consume_once(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.REDEEM)
         assert issued.expires_at - issued.issued_at == 60.0
@@ -70,10 +62,10 @@ def test_issue_then_consume_once() -> None:
         again = store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM)
         assert await refused(again) is RefusalReason.REUSED
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_concurrent_consumers_get_it_once() -> None:
+def test_concurrent_consumers_get_it_once(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.REDEEM)
         results = await asyncio.gather(
@@ -87,30 +79,30 @@ def test_concurrent_consumers_get_it_once() -> None:
             for r in results
         )
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_expired_refused() -> None:
+def test_expired_refused(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.SESSION)
         clock.now += 60.0
         late = store.consume(issued.challenge_id, "p1", "t1", Gate.SESSION)
         assert await refused(late) is RefusalReason.EXPIRED
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_short_configured_expiry() -> None:
+def test_short_configured_expiry(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.SESSION)
         clock.now += 10.5
         late = store.consume(issued.challenge_id, "p1", "t1", Gate.SESSION)
         assert await refused(late) is RefusalReason.EXPIRED
 
-    run(scenario, ttl_s=10.0)
+    run(scenario, redis_url, redis_prefix, ttl_s=10.0)
 
 
-def test_foreign_participant_refused_and_burned() -> None:
+def test_foreign_participant_refused_and_burned(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.REDEEM)
         stolen = store.consume(issued.challenge_id, "p2", "t1", Gate.REDEEM)
@@ -119,28 +111,30 @@ def test_foreign_participant_refused_and_burned() -> None:
         owner = store.consume(issued.challenge_id, "p1", "t1", Gate.REDEEM)
         assert await refused(owner) is RefusalReason.REUSED
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
 @pytest.mark.parametrize(("training", "gate"), [("t2", Gate.REDEEM), ("t1", Gate.POST_TEST)])
-def test_foreign_training_or_gate_refused(training: str, gate: Gate) -> None:
+def test_foreign_training_or_gate_refused(
+    training: str, gate: Gate, redis_url: str, redis_prefix: str
+) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = await store.issue("p1", "t1", Gate.REDEEM)
         wrong = store.consume(issued.challenge_id, "p1", training, gate)
         assert await refused(wrong) is RefusalReason.FOREIGN_GATE
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_unknown_refused() -> None:
+def test_unknown_refused(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         made_up = store.consume("no-such-challenge", "p1", "t1", Gate.REDEEM)
         assert await refused(made_up) is RefusalReason.UNKNOWN
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_steps_random_ordered_and_from_configured_set() -> None:
+def test_steps_random_ordered_and_from_configured_set(redis_url: str, redis_prefix: str) -> None:
     allowed = (Step.TURN_LEFT, Step.TURN_RIGHT, Step.LOOK_UP)
 
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
@@ -154,22 +148,22 @@ def test_steps_random_ordered_and_from_configured_set() -> None:
         # 6 ordered pairs exist; 60 draws miss one with probability ~6 * (5/6)**60 < 1e-4.
         assert len(seen) == 6
 
-    run(scenario, allowed_steps=allowed, num_steps=2)
+    run(scenario, redis_url, redis_prefix, allowed_steps=allowed, num_steps=2)
 
 
-def test_challenge_ids_and_nonces_unique() -> None:
+def test_challenge_ids_and_nonces_unique(redis_url: str, redis_prefix: str) -> None:
     async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
         issued = [await store.issue("p1", "t1", Gate.REDEEM) for _ in range(20)]
         assert len({c.challenge_id for c in issued}) == 20
         assert len({c.nonce for c in issued}) == 20
 
-    run(scenario)
+    run(scenario, redis_url, redis_prefix)
 
 
-def test_key_carries_participant_hash_tag() -> None:
+def test_key_carries_participant_hash_tag(redis_url: str, redis_prefix: str) -> None:
     async def main() -> None:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        prefix = f"test:{uuid.uuid4().hex}:"
+        client = aioredis.Redis.from_url(redis_url)
+        prefix = redis_prefix
         try:
             store = ChallengeStore(client, clock=FakeTime(), key_prefix=prefix)
             issued = await store.issue("p42", "t1", Gate.REDEEM)
@@ -178,16 +172,15 @@ def test_key_carries_participant_hash_tag() -> None:
             ttl_ms = await client.pttl(keys[0])
             assert 0 < ttl_ms <= 660_000
         finally:
-            await client.delete(*[k async for k in client.scan_iter(match=f"{prefix}*")])
             await client.aclose()
 
     asyncio.run(main())
 
 
-def test_rejects_more_steps_than_allowed() -> None:
+def test_rejects_more_steps_than_allowed(redis_url: str) -> None:
     with pytest.raises(ValueError, match="num_steps"):
         ChallengeStore(
-            aioredis.Redis.from_url(REDIS_URL),
+            aioredis.Redis.from_url(redis_url),
             clock=FakeTime(),
             allowed_steps=(Step.TURN_LEFT,),
             num_steps=2,

@@ -7,9 +7,9 @@ one participant, training and gate, and can be consumed exactly once.
 Redis layout (one hash per challenge, hash tag on the participant so a Cluster
 keeps all of a participant's keys in one slot)::
 
-    <prefix>{p:<participant>}:challenge:<id>   HASH steps, nonce, training, gate,
-                                               issued_at, expires_at, state
-    <prefix>{c:<id>}:challenge-owner           STRING participant
+    <prefix>:{p:<participant>}:challenge:<id>   HASH steps, nonce, training, gate,
+                                                issued_at, expires_at, state
+    <prefix>:{ch:<id>}:challenge-owner          STRING participant
 
 The owner pointer exists only so that a challenge presented by another
 participant can be refused with its own reason (and burned) instead of looking
@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-import redis.asyncio as aioredis
-
 from facesvc.domain import Gate
+from facesvc.redis_client import AsyncRedis, reply_text
+from facesvc.redis_keys import KeySpace, validate_id
 
 
 class Step(enum.StrEnum):
@@ -122,10 +122,10 @@ class ChallengeStore:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AsyncRedis,
         *,
         clock: Callable[[], float],
-        key_prefix: str = "facesvc:",
+        key_prefix: str = "facesvc",
         allowed_steps: Sequence[Step] = DEFAULT_STEPS,
         num_steps: int = 2,
         ttl_s: float = 60.0,
@@ -142,7 +142,7 @@ class ChallengeStore:
             raise ValueError("ttl_s must be positive and retention_s non-negative")
         self._redis = redis
         self._clock = clock
-        self._prefix = key_prefix
+        self._keys = KeySpace(key_prefix)
         # dict.fromkeys keeps the configured order while dropping repeats.
         self._allowed = tuple(dict.fromkeys(allowed_steps))
         self._num_steps = num_steps
@@ -151,10 +151,10 @@ class ChallengeStore:
         self._consume = redis.register_script(_CONSUME_LUA)
 
     def _key(self, participant: str, challenge_id: str) -> str:
-        return f"{self._prefix}{{p:{participant}}}:challenge:{challenge_id}"
+        return f"{self._keys.participant(participant)}:challenge:{challenge_id}"
 
     def _owner_key(self, challenge_id: str) -> str:
-        return f"{self._prefix}{{c:{challenge_id}}}:challenge-owner"
+        return f"{self._keys.prefix}:{{ch:{challenge_id}}}:challenge-owner"
 
     def _random_steps(self) -> tuple[Step, ...]:
         pool = list(self._allowed)
@@ -202,13 +202,18 @@ class ChallengeStore:
         Any presentation burns the challenge, even one refused for a foreign gate
         or participant: a challenge seen in the wrong place may have leaked.
         """
+        try:
+            validate_id(challenge_id, "challenge_id")
+        except ValueError:
+            # Not an id this store could have issued; never build a key from it.
+            raise ChallengeRefused(RefusalReason.UNKNOWN) from None
         raw = await self._consume(keys=[self._key(participant, challenge_id)])
         if raw is None:
             await self._refuse_missing(challenge_id, participant)
         if raw in (b"used", "used"):
             raise ChallengeRefused(RefusalReason.REUSED)
         it = iter(raw)
-        fields = {_text(k): _text(v) for k, v in zip(it, it, strict=True)}
+        fields = {reply_text(k): reply_text(v) for k, v in zip(it, it, strict=True)}
         if fields["training"] != training or fields["gate"] != gate.value:
             raise ChallengeRefused(RefusalReason.FOREIGN_GATE)
         expires_at = float(fields["expires_at"])
@@ -227,14 +232,10 @@ class ChallengeStore:
 
     async def _refuse_missing(self, challenge_id: str, participant: str) -> NoReturn:
         owner_raw = await self._redis.get(self._owner_key(challenge_id))
-        if owner_raw is None or _text(owner_raw) == participant:
+        if owner_raw is None or reply_text(owner_raw) == participant:
             raise ChallengeRefused(RefusalReason.UNKNOWN)
         # Burn the owner's challenge too; a separate command because the two
         # keys live in different cluster slots. Losing this race only leaves the
         # owner's challenge usable by its owner, which is harmless.
-        await self._consume(keys=[self._key(_text(owner_raw), challenge_id)])
+        await self._consume(keys=[self._key(reply_text(owner_raw), challenge_id)])
         raise ChallengeRefused(RefusalReason.FOREIGN_PARTICIPANT)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
