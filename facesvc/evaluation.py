@@ -898,16 +898,22 @@ def find_face(
 ) -> tuple[RGBImage, Detection] | None:
     """The best face in ``image``, or in the image padded by half its size on every side.
 
-    Tightly cropped photos (faceapi's 150x150 faces) leave a detector no margin: padding
-    with the border pixels gives it one. Returns the (possibly padded) image and the
-    detection in its coordinates, or None when neither finds a face.
+    Evaluation photos are portraits, so the detector first looks only for faces at least
+    a sixth of the shorter side (detecting at a coarser scale is much faster on large
+    press photos), then down to ``min_face_px``. Tightly cropped photos (faceapi's
+    150x150 faces) leave a detector no margin: padding with the border pixels gives it
+    one. Returns the (possibly padded) image and the detection in its coordinates, or
+    None when no attempt finds a face.
     """
-    found = detector.detect(image, min_face_px)
-    if not found:
-        pad = max(image.shape[:2]) // 2
-        image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-        found = detector.detect(image, min_face_px)
-    return (image, found[0]) if found else None
+    coarse = max(min_face_px, min(image.shape[:2]) // 6)
+    for size in sorted({coarse, min_face_px}, reverse=True):
+        found = detector.detect(image, size)
+        if found:
+            return image, found[0]
+    pad = max(image.shape[:2]) // 2
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    found = detector.detect(padded, min_face_px)
+    return (padded, found[0]) if found else None
 
 
 def describe_photos(

@@ -355,3 +355,38 @@ def test_tag_changes_with_preprocessing(models: Path) -> None:
     )
     ta, tb = (registry().load(str(p), context()).tag for p in (a, b))
     assert ta.startswith("standin-arcface@sha256:") and ta != tb
+
+
+def test_describe_photos_with_a_manifest_pack(models: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from facesvc.accuracy_cli import read_photo
+    from facesvc.evaluation import FrameSimulation, describe_photos, scan_identity_folders
+
+    for person in ("s__a", "s__b"):
+        (tmp_path / person).mkdir()
+        for k in range(2):
+            frame = frame_with_block()
+            frame[240 + k, 330] = 90  # photos differ a little
+            Image.fromarray(frame).save(tmp_path / person / f"{k}.png")
+    Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(tmp_path / "s__b" / "empty.png")
+    path = write(
+        models, "onnx_desc.toml", ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW")
+    )
+    pack = registry().load(str(path), context())
+    ds = describe_photos(
+        scan_identity_folders(tmp_path),
+        read_photo,
+        pack.detector,
+        pack.landmarks,
+        pack.embedder,
+        pack=pack.tag,
+        min_face_px=40,
+        simulation=FrameSimulation(variants=3),
+    )
+    assert ds.pack == pack.tag and ds.identities == ("s__a", "s__b")
+    assert [Path(f).name for f in ds.failures] == ["empty.png"]
+    assert ds.descriptors.shape == (4, 512) and ds.variants.shape == (4, 3, 512)
+    assert ds.image_identity.tolist() == [0, 0, 1, 1]
+    # variants are perturbed re-alignments, not copies of the photo's descriptor
+    assert not np.allclose(ds.variants[0, 0], ds.descriptors[0])
