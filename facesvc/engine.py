@@ -1,0 +1,611 @@
+"""One verification, start to end; knows no transport.
+
+The engine is driven by the gRPC and HTTP transports and, in tests, directly. It owns the
+order of the steps, because the order is the policy:
+
+1. the gate window and the enrollment are checked first: OUTSIDE_WINDOW and NOT_ENROLLED
+   never touch the attempt counter;
+2. the frames are decoded (a bad image is the caller's error, not an attempt);
+3. one attempt is reserved atomically in Redis; an exhausted cap ends here, with no face work;
+4. faces, quality, liveness and the match decide;
+5. outcomes the policy does not count (capture problems the participant can fix at once) are
+   refunded; a token is signed only for VERIFIED; every decision is audited.
+
+Redis failing at any step raises ``StoreUnavailable``: the transport answers UNAVAILABLE, and
+no token is ever issued without a completed cap check.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import numpy as np
+
+from facesvc.audit import AuditEvent, AuditLog
+from facesvc.clock import WIB, Clock
+from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
+from facesvc.facework import FaceWork
+from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, Reservation
+from facesvc.limits.windows import GateWindows, WindowClosed
+from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeStore
+from facesvc.liveness.judge import LivenessJudge, LivenessVerdict
+from facesvc.metrics import Metrics
+from facesvc.models.packs import ModelPack
+from facesvc.models.pipeline import FaceAnalysis, FaceStatus
+from facesvc.models.types import RGBImage
+from facesvc.templates import Template, TemplateMetadata, TemplateStore
+from facesvc.tokens.claims import CheckResult, Expectation
+from facesvc.tokens.issuer import IssuedToken, TokenIssuer
+from facesvc.tokens.keys import PublishedKey
+from facesvc.tokens.redemption import TokenRedeemer
+
+#: Capture problems the participant can fix at once: by default they cost no attempt.
+DEFAULT_REFUNDED = frozenset({Decision.NO_FACE, Decision.MULTIPLE_FACES, Decision.LOW_QUALITY})
+
+_FACE_DECISIONS = {
+    FaceStatus.NO_FACE: Decision.NO_FACE,
+    FaceStatus.MULTIPLE_FACES: Decision.MULTIPLE_FACES,
+    FaceStatus.LOW_QUALITY: Decision.LOW_QUALITY,
+}
+
+
+class PolicyError(ValueError):
+    """The request is well formed but the configured policy refuses it before any attempt
+    is spent (e.g. a challenge is required and none was given). Transports answer
+    FAILED_PRECONDITION with the message."""
+
+
+class ScanInProgress(RuntimeError):
+    """A scan with the same idempotency key is still being decided: retry in a moment.
+    Transports answer ABORTED."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the authenticated client's ``name``, its ``role`` (lms, portal,
+    kiosk, admin) and its ``tenant`` (the LMS or venue; the token audience)."""
+
+    name: str
+    role: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyCommand:
+    participant_id: str
+    training_id: str
+    training_type: TrainingType
+    gate: Gate
+    session_id: str
+    frames: Sequence[bytes]
+    caller: Caller
+    scheduled_start: datetime | None = None
+    challenge_id: str | None = None
+    idempotency_key: str | None = None
+    deadline: float | None = None
+    """``time.monotonic()`` seconds after which model work for this call is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameReport:
+    """What the participant (or an enrolling admin) may learn about one image: measured
+    quality, never biometric data. Sizes in pixels, angles in degrees."""
+
+    index: int
+    accepted: bool
+    status: FaceStatus
+    reason: str
+    width_px: int
+    height_px: int
+    face_count: int
+    face_height_px: float = 0.0
+    detection_score: float = 0.0
+    sharpness: float = 0.0
+    brightness: float = 0.0
+    yaw_deg: float = 0.0
+    pitch_deg: float = 0.0
+    roll_deg: float = 0.0
+    live_score: float | None = None
+    failed_checks: tuple[str, ...] = ()
+    """Names of the quality checks the face failed (facesvc.models.quality.Check)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyOutcome:
+    verification_id: str
+    decision: Decision
+    reason: str
+    attempts: CapUsage
+    liveness: LivenessMethod
+    token: IssuedToken | None = None
+    frames: tuple[FrameReport, ...] = ()
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    replayed: bool = False
+    """True when this is the stored answer to an earlier scan with the same idempotency key."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollOutcome:
+    enrolled: bool
+    reason: str
+    metadata: TemplateMetadata | None
+    images: tuple[FrameReport, ...]
+
+
+LivenessPolicy = Callable[[TrainingType, Caller], LivenessMethod]
+"""Which liveness method a scan of a training type by a caller must pass."""
+
+
+class Engine:
+    """Runs enrollments and verifications against the programme's rules.
+
+    Every collaborator is passed in: the engine holds no global state and can be driven
+    from a test with a real Redis and real models and no server.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        pack: ModelPack,
+        faces: FaceWork,
+        windows: GateWindows,
+        caps: AttemptCaps,
+        templates: TemplateStore,
+        challenges: ChallengeStore,
+        liveness_policy: LivenessPolicy,
+        judge: LivenessJudge,
+        issuer: TokenIssuer | None,
+        redeemer: TokenRedeemer | None,
+        published_keys: Callable[[datetime], list[PublishedKey]],
+        audit: AuditLog,
+        metrics: Metrics,
+        refunded: frozenset[Decision] = DEFAULT_REFUNDED,
+    ) -> None:
+        if pack.threshold is None:
+            raise PolicyError(
+                f"model pack {pack.name!r} has no calibration, so no match can be decided: "
+                "run `facesvc calibrate` and set models.calibration"
+            )
+        self._clock = clock
+        self._pack = pack
+        self._threshold: float = pack.threshold
+        self._faces = faces
+        self._windows = windows
+        self._caps = caps
+        self._templates = templates
+        self._challenges = challenges
+        self._liveness_policy = liveness_policy
+        self._judge = judge
+        self._issuer = issuer
+        self._redeemer = redeemer
+        self._published_keys = published_keys
+        self._audit = audit
+        self._metrics = metrics
+        self._refunded = refunded
+
+    @property
+    def pack(self) -> ModelPack:
+        return self._pack
+
+    async def close(self) -> None:
+        """Stop the model workers; in-flight model calls are cancelled."""
+        await self._faces.close()
+
+    # ------------------------------------------------------------------- enrollment
+
+    async def enroll(
+        self, participant_id: str, images: Sequence[bytes], *, replace: bool, caller: Caller
+    ) -> EnrollOutcome:
+        """Store one template from the photos that pass the quality gates.
+
+        Raises ``ImageRejected`` (undecodable photo), ``AlreadyEnrolled`` (enrolled and not
+        ``replace``), ``StoreUnavailable``.
+        """
+        started = time.perf_counter()
+        decoded = await self._faces.decode(images)
+        analyses = await self._faces.analyze(decoded)
+        reports = tuple(_report(i, im, a) for i, (im, a) in enumerate(zip(decoded, analyses)))
+        usable = [a for a in analyses if a.status is FaceStatus.OK]
+        if not usable:
+            reason = "no photo passed the quality checks: " + "; ".join(
+                f"photo {r.index}: {r.reason}" for r in reports
+            )
+            await self._audit_enroll(caller, participant_id, "rejected", reason, started)
+            return EnrollOutcome(False, reason, None, reports)
+        descriptors = await self._faces.embed([_chip(a) for a in usable])
+        template = Template(
+            participant_id=participant_id,
+            model_pack=self._pack.tag,
+            descriptors=descriptors,
+            created_at=self._clock.now(),
+            image_count=len(usable),
+        )
+        metadata = await self._templates.put(template, replace=replace)
+        reason = f"enrolled from {len(usable)} of {len(images)} photos"
+        await self._audit_enroll(caller, participant_id, "ok", reason, started)
+        return EnrollOutcome(True, reason, metadata, reports)
+
+    async def enrollment(self, participant_id: str) -> TemplateMetadata | None:
+        """When and how the participant was enrolled (never the descriptors)."""
+        return await self._templates.metadata(participant_id)
+
+    async def delete_enrollment(self, participant_id: str, *, caller: Caller) -> bool:
+        """Erase the template and every key derived from it; True if there was one."""
+        deleted = await self._templates.delete(participant_id)
+        await self._audit.append(
+            AuditEvent(
+                action="delete",
+                caller=caller.name,
+                tenant=caller.tenant,
+                participant_id=participant_id,
+                outcome="deleted" if deleted else "not_enrolled",
+            )
+        )
+        return deleted
+
+    async def _audit_enroll(
+        self, caller: Caller, participant_id: str, outcome: str, reason: str, started: float
+    ) -> None:
+        await self._audit.append(
+            AuditEvent(
+                action="enroll",
+                caller=caller.name,
+                tenant=caller.tenant,
+                participant_id=participant_id,
+                outcome=outcome,
+                reason=reason,
+                timings_ms={"total": _ms(started)},
+            )
+        )
+
+    # ------------------------------------------------------------ challenge, attempts
+
+    async def start_challenge(
+        self, participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
+    ) -> Challenge:
+        """A fresh single-use challenge bound to the participant, training and gate."""
+        del training_type  # every type draws from the same measurable steps
+        return await self._challenges.issue(participant_id, training_id, gate)
+
+    async def attempts(
+        self, participant_id: str, training_id: str, training_type: TrainingType
+    ) -> CapUsage:
+        """Attempts used and left today (WIB) and when the count resets."""
+        return await self._caps.usage(participant_id, training_id, training_type, self._clock.now())
+
+    # ------------------------------------------------------------------------ tokens
+
+    async def redeem(self, token: str, expected: Expectation, *, caller: Caller) -> CheckResult:
+        """Check and spend a token once. Raises ``StoreUnavailable``."""
+        if self._redeemer is None:
+            raise PolicyError("token signing is not configured on this service")
+        result = await self._redeemer.redeem(token, expected)
+        claims = result.claims
+        await self._audit.append(
+            AuditEvent(
+                action="redeem",
+                caller=caller.name,
+                tenant=caller.tenant,
+                participant_id=claims.sub if claims is not None else "",
+                outcome=result.reason.name,
+                training_id=claims.training_id if claims is not None else "",
+                gate=expected.gate.value,
+                session_id=expected.session_id,
+                verification_id=claims.verification_id if claims is not None else "",
+            )
+        )
+        return result
+
+    def signing_keys(self) -> list[PublishedKey]:
+        """The public keys a gate needs to check tokens offline (the JWKS)."""
+        return self._published_keys(self._clock.now())
+
+    # ------------------------------------------------------------------ verification
+
+    async def verify(self, cmd: VerifyCommand) -> VerifyOutcome:
+        """Decide one scan.
+
+        Raises ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``ValueError``
+        (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
+        ``ScanInProgress``.
+        """
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        now = self._clock.now()
+        method = self._liveness_policy(cmd.training_type, cmd.caller)
+        if method is LivenessMethod.CHALLENGE and not cmd.challenge_id:
+            raise PolicyError(
+                f"{cmd.training_type.value} scans from a {cmd.caller.role} need a liveness "
+                "challenge: call StartLivenessChallenge and send its challenge_id with the frames"
+            )
+
+        window = self._windows.check(cmd.training_type, cmd.gate, cmd.scheduled_start, now)
+        if isinstance(window, WindowClosed):
+            usage = await self._caps.usage(
+                cmd.participant_id, cmd.training_id, cmd.training_type, now
+            )
+            return await self._finish(
+                cmd, Decision.OUTSIDE_WINDOW, window.reason, usage, method, started, timings
+            )
+        template = await self._templates.get(cmd.participant_id)
+        if template is None or template.model_pack != self._pack.tag:
+            usage = await self._caps.usage(
+                cmd.participant_id, cmd.training_id, cmd.training_type, now
+            )
+            reason = (
+                "no face is enrolled for this participant: enroll first"
+                if template is None
+                else "the enrollment was made with another model pack: enroll again"
+            )
+            return await self._finish(
+                cmd, Decision.NOT_ENROLLED, reason, usage, method, started, timings
+            )
+
+        t0 = time.perf_counter()
+        images = await self._faces.decode(cmd.frames)
+        timings["decode"] = _ms(t0)
+
+        t0 = time.perf_counter()
+        held = await self._caps.reserve(
+            cmd.participant_id,
+            cmd.training_id,
+            cmd.training_type,
+            now,
+            idempotency_key=cmd.idempotency_key,
+        )
+        timings["reserve"] = _ms(t0)
+        self._metrics.redis_latency.labels("reserve").observe(timings["reserve"] / 1000)
+        if held.replayed:
+            return _replay(held, method)
+        if isinstance(held, Exhausted):
+            self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
+            usage = CapUsage(held.used, 0, held.limit, held.resets_at)
+            reason = (
+                f"all {held.limit} attempts for today are used; the count resets at "
+                f"{held.resets_at.astimezone(WIB):%H:%M} WIB on {held.resets_at.astimezone(WIB):%Y-%m-%d}"
+            )
+            return await self._finish(
+                cmd,
+                Decision.ATTEMPTS_EXHAUSTED,
+                reason,
+                usage,
+                method,
+                started,
+                timings,
+                held=held,
+            )
+
+        try:
+            decision, reason, reports = await self._decide(cmd, method, template, images, timings)
+        except BaseException:
+            # Nothing was decided (deadline, overload, a bug): the attempt must not count.
+            await self._caps.refund(held)
+            raise
+        if decision in self._refunded:
+            await self._caps.refund(held)
+            usage = CapUsage(held.used - 1, held.remaining + 1, held.limit, held.resets_at)
+        else:
+            usage = CapUsage(held.used, held.remaining, held.limit, held.resets_at)
+        return await self._finish(
+            cmd, decision, reason, usage, method, started, timings, frames=reports, held=held
+        )
+
+    async def _decide(
+        self,
+        cmd: VerifyCommand,
+        method: LivenessMethod,
+        template: Template,
+        images: Sequence[RGBImage],
+        timings: dict[str, float],
+    ) -> tuple[Decision, str, tuple[FrameReport, ...]]:
+        challenge: Challenge | None = None
+        if method is LivenessMethod.CHALLENGE:
+            assert cmd.challenge_id is not None
+            try:
+                challenge = await self._challenges.consume(
+                    cmd.challenge_id, cmd.participant_id, cmd.training_id, cmd.gate
+                )
+            except ChallengeRefused as refused:
+                return Decision.CHALLENGE_FAILED, str(refused), ()
+
+        t0 = time.perf_counter()
+        analyses = await self._faces.analyze(images)
+        timings["faces"] = _ms(t0)
+        reports = tuple(_report(i, im, a) for i, (im, a) in enumerate(zip(images, analyses)))
+        problem = _face_problem(analyses, turns_expected=challenge is not None)
+        if problem is not None:
+            return problem[0], problem[1], reports
+
+        t0 = time.perf_counter()
+        descriptors = await self._faces.embed([_chip(a) for a in analyses], cmd.deadline)
+        timings["embed"] = _ms(t0)
+
+        scores: np.ndarray | None = None
+        if method is not LivenessMethod.OFF:
+            t0 = time.perf_counter()
+            scores = await self._faces.live_scores(images, analyses, cmd.deadline)
+            timings["liveness"] = _ms(t0)
+            reports = tuple(
+                replace(r, live_score=float(s)) for r, s in zip(reports, scores, strict=True)
+            )
+            verdict: LivenessVerdict = self._judge.judge(
+                images, analyses, descriptors, scores, challenge, self._threshold
+            )
+            timings["liveness"] = _ms(t0)
+            if verdict.decision is not None:
+                return verdict.decision, verdict.reason, reports
+
+        t0 = time.perf_counter()
+        frontal = descriptors[[a.status is FaceStatus.OK for a in analyses]]
+        score = self._pack.match(template.descriptors, frontal)
+        timings["match"] = _ms(t0)
+        if not score.accepted(self._threshold):
+            return Decision.NOT_MATCHED, "the face does not match the enrolled participant", reports
+        return Decision.VERIFIED, "the face matches the enrolled participant", reports
+
+    async def _finish(
+        self,
+        cmd: VerifyCommand,
+        decision: Decision,
+        reason: str,
+        usage: CapUsage,
+        method: LivenessMethod,
+        started: float,
+        timings: dict[str, float],
+        *,
+        frames: tuple[FrameReport, ...] = (),
+        held: Reservation | Exhausted | None = None,
+    ) -> VerifyOutcome:
+        verification_id = uuid.uuid4().hex
+        token = None
+        if decision is Decision.VERIFIED:
+            if self._issuer is None:
+                reason += "; no token was issued: token signing is not configured"
+            else:
+                token = self._issuer.issue(
+                    participant_id=cmd.participant_id,
+                    audience=cmd.caller.tenant,
+                    training_id=cmd.training_id,
+                    training_type=cmd.training_type,
+                    gate=cmd.gate,
+                    session_id=cmd.session_id,
+                    liveness=method,
+                    model_pack=self._pack.tag,
+                    verification_id=verification_id,
+                )
+        timings["total"] = _ms(started)
+        outcome = VerifyOutcome(
+            verification_id=verification_id,
+            decision=decision,
+            reason=reason,
+            attempts=usage,
+            liveness=method,
+            token=token,
+            frames=frames,
+            timings_ms=dict(timings),
+        )
+        if held is not None:
+            await self._caps.record_decision(held, _remember(outcome))
+        await self._audit.append(
+            AuditEvent(
+                action="verify",
+                caller=cmd.caller.name,
+                tenant=cmd.caller.tenant,
+                participant_id=cmd.participant_id,
+                outcome=decision.value,
+                reason=reason,
+                training_id=cmd.training_id,
+                training_type=cmd.training_type.value,
+                gate=cmd.gate.value,
+                session_id=cmd.session_id,
+                verification_id=verification_id,
+                timings_ms=timings,
+            )
+        )
+        self._metrics.decisions.labels(
+            decision.value, cmd.training_type.value, cmd.gate.value
+        ).inc()
+        for stage, ms in timings.items():
+            self._metrics.stage_seconds.labels(stage).observe(ms / 1000)
+        return outcome
+
+
+def _face_problem(
+    analyses: Sequence[FaceAnalysis], *, turns_expected: bool
+) -> tuple[Decision, str] | None:
+    """The decision for the first frame whose face cannot be used, with its reason.
+
+    A challenge asks for turned heads, so there a frame may fail the pose check alone; the
+    match then uses the frames that pass every check, and at least one must.
+    """
+    for index, analysis in enumerate(analyses):
+        if analysis.status is FaceStatus.OK:
+            continue
+        if turns_expected and analysis.only_pose_failed:
+            continue
+        where = f"frame {index + 1}: " if len(analyses) > 1 else ""
+        return _FACE_DECISIONS[analysis.status], where + analysis.reason
+    if not any(a.status is FaceStatus.OK for a in analyses):
+        return Decision.LOW_QUALITY, "no frame shows the face straight on: look at the camera"
+    return None
+
+
+def _chip(analysis: FaceAnalysis) -> RGBImage:
+    assert analysis.chip is not None, "only analyses with a measured face are embedded"
+    return analysis.chip
+
+
+def _report(index: int, image: RGBImage, analysis: FaceAnalysis) -> FrameReport:
+    base = FrameReport(
+        index=index,
+        accepted=analysis.status is FaceStatus.OK,
+        status=analysis.status,
+        reason=analysis.reason,
+        width_px=int(image.shape[1]),
+        height_px=int(image.shape[0]),
+        face_count=analysis.faces,
+    )
+    detection, quality = analysis.detection, analysis.quality
+    if detection is None or quality is None:
+        return base
+    return replace(
+        base,
+        face_height_px=detection.box.height,
+        detection_score=detection.score,
+        sharpness=quality.sharpness,
+        brightness=quality.brightness,
+        yaw_deg=quality.pose.yaw,
+        pitch_deg=quality.pose.pitch,
+        roll_deg=quality.pose.roll,
+        failed_checks=tuple(issue.check.value for issue in quality.issues),
+    )
+
+
+def _remember(outcome: VerifyOutcome) -> bytes:
+    """What a retry with the same idempotency key gets back: the decision and the token
+    (the kiosk lost the first answer; the token is only as sensitive as that answer was)."""
+    token = outcome.token
+    return json.dumps(
+        {
+            "decision": outcome.decision.value,
+            "reason": outcome.reason,
+            "verification_id": outcome.verification_id,
+            "token": token.token if token else "",
+            "jti": token.jti if token else "",
+            "expires_at": token.expires_at.isoformat() if token else "",
+        }
+    ).encode()
+
+
+def _replay(held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutcome:
+    """The first answer to a scan retried with the same idempotency key: nothing new is
+    reserved, computed or signed."""
+    if held.prior_decision is None:
+        raise ScanInProgress(
+            "a scan with this idempotency key is still being decided: retry in a moment"
+        )
+    first = json.loads(held.prior_decision)
+    token = None
+    if first["token"]:
+        token = IssuedToken(
+            first["token"], first["jti"], datetime.fromisoformat(first["expires_at"])
+        )
+    return VerifyOutcome(
+        verification_id=first["verification_id"],
+        decision=Decision(first["decision"]),
+        reason=first["reason"],
+        attempts=CapUsage(held.used, held.remaining, held.limit, held.resets_at),
+        liveness=method,
+        token=token,
+        replayed=True,
+    )
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000

@@ -1,0 +1,155 @@
+"""Face work for one request, kept off the event loop and batched across requests.
+
+Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime and Pillow
+release the GIL while they work). Embedding and the presentation-attack model go through
+micro-batchers, so the faces of concurrent requests share one ONNX Runtime call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from facesvc.imaging import DecodeLimits, decode_image
+from facesvc.models.batcher import MicroBatcher
+from facesvc.models.fas import FasFtModel, crop_face, resize_and_pad
+from facesvc.models.pipeline import FaceAnalysis, FacePipeline
+from facesvc.models.types import RGBImage
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """Micro-batching of one model: at most ``max_batch`` faces a call, waiting at most
+    ``max_wait_s`` for company, refusing work beyond ``max_queue`` waiting faces."""
+
+    max_batch: int = 8
+    max_wait_s: float = 0.002
+    max_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PadCrop:
+    """How a face is cut out for the presentation-attack model: a square ``expand`` times
+    the detector box's longer side, centred on the box, resized to the model's input."""
+
+    expand: float = 1.5
+
+
+class FaceWork:
+    """Decode, analyse, embed and score faces for the engine; owns its thread pool."""
+
+    def __init__(
+        self,
+        pipeline: FacePipeline,
+        pad_model: FasFtModel | None,
+        *,
+        decode_limits: DecodeLimits,
+        threads: int,
+        embed_batching: BatchSettings = BatchSettings(),
+        pad_batching: BatchSettings = BatchSettings(max_batch=4),
+        pad_crop: PadCrop = PadCrop(),
+    ) -> None:
+        self.pipeline = pipeline
+        self._decode_limits = decode_limits
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="facework"
+        )
+        self._embedder = MicroBatcher(
+            pipeline.embed,
+            max_batch=embed_batching.max_batch,
+            max_wait_s=embed_batching.max_wait_s,
+            max_queue=embed_batching.max_queue,
+            executor=self._executor,
+        )
+        self._pad_model = pad_model
+        self._pad_crop = pad_crop
+        self._pad: MicroBatcher | None = None
+        if pad_model is not None:
+            self._pad = MicroBatcher(
+                _scores_of(pad_model),
+                max_batch=pad_batching.max_batch,
+                max_wait_s=pad_batching.max_wait_s,
+                max_queue=pad_batching.max_queue,
+                executor=self._executor,
+            )
+
+    @property
+    def has_pad_model(self) -> bool:
+        return self._pad is not None
+
+    async def decode(self, blobs: Sequence[bytes]) -> list[RGBImage]:
+        """Decoded frames, in order. Raises ``ImageRejected`` for the first bad one, its
+        message prefixed with the frame's position."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._executor, decode_image, blob, self._decode_limits)
+                for blob in blobs
+            ),
+            return_exceptions=True,
+        )
+        images: list[RGBImage] = []
+        for index, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if isinstance(result, ValueError):
+                    raise type(result)(f"image {index}: {result}") from result
+                raise result
+            images.append(result)
+        return images
+
+    async def analyze(self, images: Sequence[RGBImage]) -> list[FaceAnalysis]:
+        """One analysis per image (detection, landmarks, quality, aligned chip)."""
+        loop = asyncio.get_running_loop()
+        return list(
+            await asyncio.gather(
+                *(loop.run_in_executor(self._executor, self.pipeline.analyze, im) for im in images)
+            )
+        )
+
+    async def embed(
+        self, chips: Sequence[RGBImage], deadline: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """(N, D) L2-normalised descriptors of N aligned chips, batched with other requests."""
+        return await self._embedder.submit(np.stack(chips), deadline)
+
+    async def live_scores(
+        self,
+        images: Sequence[RGBImage],
+        analyses: Sequence[FaceAnalysis],
+        deadline: float | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """(N,) live scores in [0, 1] of the chosen face in each of N frames."""
+        if self._pad is None or self._pad_model is None:
+            raise RuntimeError("no presentation-attack model is loaded (liveness policy off)")
+        size = self._pad_model.input_size
+        expand = self._pad_crop.expand
+
+        def crops() -> npt.NDArray[np.uint8]:
+            out = []
+            for image, analysis in zip(images, analyses, strict=True):
+                assert analysis.detection is not None
+                out.append(resize_and_pad(crop_face(image, analysis.detection.box, expand), size))
+            return np.stack(out)
+
+        batch = await asyncio.get_running_loop().run_in_executor(self._executor, crops)
+        return (await self._pad.submit(batch, deadline)).reshape(-1)
+
+    async def close(self) -> None:
+        await self._embedder.close()
+        if self._pad is not None:
+            await self._pad.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _scores_of(
+    model: FasFtModel,
+) -> Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]:
+    def run(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        return model.live_scores(list(batch))
+
+    return run

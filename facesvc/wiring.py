@@ -1,0 +1,133 @@
+"""Builds the verification engine and everything it needs from the settings.
+
+This is the one place that knows how the parts are put together: which model pack, which
+stores on which Redis client, which keys and policies. The servers (app.py) receive the
+finished engine; tests build engines the same way with their own settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from facesvc.audit import AuditLog
+from facesvc.clock import Clock, SystemClock
+from facesvc.config import Settings
+from facesvc.domain import LivenessMethod, TrainingType
+from facesvc.engine import Caller, Engine, LivenessPolicy
+from facesvc.facework import FaceWork
+from facesvc.imaging import DecodeLimits
+from facesvc.limits.caps import AttemptCaps, CapRule
+from facesvc.limits.windows import GateWindows
+from facesvc.liveness.challenges import ChallengeStore
+from facesvc.liveness.judge import LivenessJudge
+from facesvc.metrics import Metrics
+from facesvc.models.fas import FasFtModel
+from facesvc.models.packs import ModelPack, PackContext, default_registry
+from facesvc.models.pipeline import FacePipeline
+from facesvc.models.quality import QualityLimits
+from facesvc.redis_client import AsyncRedis
+from facesvc.templates import TemplateStore, keyring_from_settings
+from facesvc.tokens.check import CheckPolicy
+from facesvc.tokens.issuer import TokenIssuer
+from facesvc.tokens.keys import KeyDirectory, PublishedKey
+from facesvc.tokens.redemption import TokenRedeemer
+
+log = logging.getLogger(__name__)
+
+
+def load_pack(settings: Settings) -> ModelPack:
+    """The configured model pack, loaded once per process (seconds: run it off the loop)."""
+    context = PackContext(
+        cache_dir=settings.models.cache_dir,
+        threads=settings.models.threads,
+        calibration_override=None,
+        logger=log,
+    )
+    return default_registry().load(settings.models.pack, context)
+
+
+def liveness_policy(settings: Settings) -> LivenessPolicy:
+    """Map (training type, caller) to the configured liveness method."""
+    live = settings.liveness
+
+    def method(training_type: TrainingType, caller: Caller) -> LivenessMethod:
+        return LivenessMethod(live.policy(training_type.value, kiosk=caller.role == "kiosk"))
+
+    return method
+
+
+async def build_engine(
+    settings: Settings,
+    redis: AsyncRedis,
+    metrics: Metrics,
+    *,
+    clock: Clock | None = None,
+    pack: ModelPack | None = None,
+) -> Engine:
+    """The engine for ``settings``; loads the model pack unless one is given."""
+    clock = clock or SystemClock()
+    if pack is None:
+        pack = await asyncio.to_thread(load_pack, settings)
+    tz = ZoneInfo(settings.limits.timezone)
+    prefix = settings.redis.key_prefix
+    needs_pad = any(
+        p != "off"
+        for p in (
+            settings.liveness.spl,
+            settings.liveness.webinar,
+            settings.liveness.offline,
+            settings.liveness.kiosk,
+        )
+    )
+    pad_model = FasFtModel(threads=settings.models.threads) if needs_pad else None
+    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, QualityLimits())
+    faces = FaceWork(
+        pipeline,
+        pad_model,
+        decode_limits=DecodeLimits(max_bytes=settings.server.max_image_bytes),
+        threads=settings.models.threads,
+    )
+    keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
+    issuer = TokenIssuer(
+        keys, issuer=settings.tokens.issuer, ttl_s=settings.tokens.ttl_s, clock=clock
+    )
+    redeemer = TokenRedeemer(
+        redis,
+        keys,
+        CheckPolicy(issuer=settings.tokens.issuer, leeway_s=settings.tokens.leeway_s),
+        key_prefix=prefix,
+        clock=clock,
+    )
+    caps = AttemptCaps(
+        redis,
+        [CapRule(t, settings.limits.daily_cap(t.value)) for t in TrainingType],
+        key_prefix=prefix,
+        tz=tz,
+        expiry_grace=timedelta(seconds=settings.limits.cap_expiry_grace_s),
+        idempotency_ttl=timedelta(seconds=settings.limits.idempotency_ttl_s),
+    )
+
+    def published(now: datetime) -> list[PublishedKey]:
+        return keys.published(now)
+
+    return Engine(
+        clock=clock,
+        pack=pack,
+        faces=faces,
+        windows=GateWindows(tz=tz),
+        caps=caps,
+        templates=TemplateStore(
+            redis, keyring_from_settings(settings.templates), key_prefix=prefix
+        ),
+        challenges=ChallengeStore(redis, clock=lambda: clock.now().timestamp(), key_prefix=prefix),
+        liveness_policy=liveness_policy(settings),
+        judge=LivenessJudge(live_threshold=settings.liveness.pad_threshold),
+        issuer=issuer,
+        redeemer=redeemer,
+        published_keys=published,
+        audit=AuditLog(redis, stream=f"{prefix.rstrip(':')}:audit"),
+        metrics=metrics,
+    )

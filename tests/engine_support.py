@@ -1,0 +1,114 @@
+"""Real engines for tests: the default model pack loaded once per process, real Redis,
+fresh signing and template keys per test.
+
+Its fixtures (``model_pack``, ``engine_kit``) are registered for every test through
+``pytest_plugins`` in tests/conftest.py; import the helpers directly.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facesvc.clock import FixedClock
+from facesvc.config import Settings, load_settings
+from facesvc.engine import Caller, Engine
+from facesvc.metrics import Metrics
+from facesvc.models.packs import ModelPack
+from facesvc.redis_client import AsyncRedis, redis_client_from_url
+from facesvc.templates import generate_template_key
+from facesvc.tokens.keys import keys_generate
+from facesvc.wiring import build_engine, load_pack
+
+ADMIN = Caller(name="test-admin", role="admin", tenant="programme")
+LMS = Caller(name="test-lms", role="lms", tenant="lms-a")
+
+_PACK: ModelPack | None = None
+
+
+def default_pack() -> ModelPack:
+    """The default (dlib) pack, loaded once per test process: loading takes seconds."""
+    global _PACK
+    if _PACK is None:
+        _PACK = load_pack(load_settings(env={}))
+    return _PACK
+
+
+@pytest.fixture(scope="session")
+def model_pack() -> ModelPack:
+    return default_pack()
+
+
+def engine_settings(tmp_path: Path, redis_url: str, prefix: str, **overrides: Any) -> Settings:
+    """Settings for an engine under test: its own keys in ``tmp_path``, liveness off unless
+    overridden (``liveness__spl="passive"``: dotted names with ``__``)."""
+    key_dir = tmp_path / "token-keys"
+    if not key_dir.exists():
+        keys_generate(key_dir)
+    values: dict[str, Any] = {
+        "redis.url": redis_url,
+        "redis.key_prefix": prefix,
+        "tokens.key_dir": key_dir,
+        "templates.key": generate_template_key("k1"),
+        "liveness.spl": "off",
+        "liveness.webinar": "off",
+        "liveness.offline": "off",
+        "liveness.kiosk": "off",
+    }
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_settings(env={}, overrides=values)
+
+
+@dataclass
+class EngineKit:
+    engine: Engine
+    settings: Settings
+    redis: AsyncRedis
+    clock: FixedClock
+    metrics: Metrics
+
+
+@pytest.fixture
+async def engine_kit(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> AsyncIterator[EngineKit]:
+    """An engine on the real default pack and real Redis, its clock fixed at a known
+    instant (10:00 WIB on a weekday) so window and day-boundary tests can move it."""
+    settings = engine_settings(tmp_path, redis_url, redis_prefix)
+    redis = redis_client_from_url(redis_url, socket_timeout_s=2.0, socket_connect_timeout_s=1.0)
+    clock = FixedClock(datetime(2026, 11, 30, 3, 0, tzinfo=UTC))
+    metrics = Metrics()
+    engine = await build_engine(settings, redis, metrics, clock=clock, pack=model_pack)
+    yield EngineKit(engine, settings, redis, clock, metrics)
+    await engine.close()
+    await redis.aclose()
+
+
+def jpeg(image: np.ndarray, quality: int = 92) -> bytes:
+    """``image`` ((H, W, 3) uint8 RGB) as JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut photo: one real face, always available."""
+    from skimage import data
+
+    return np.asarray(data.astronaut())
+
+
+def insightface_image(name: str) -> np.ndarray:
+    """A photo shipped in the insightface wheel (t1.jpg: several people; Tom_Hanks_54745.png)."""
+    import importlib.resources
+
+    path = importlib.resources.files("insightface") / "data" / "images" / name
+    return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
