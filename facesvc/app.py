@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -25,17 +25,24 @@ from grpc_reflection.v1alpha import reflection
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.config import ConfigError, Settings
-from facesvc.grpc_api import (
-    DevAuthenticator,
-    Engine,
-    FaceVerificationServicer,
-    MetricsInterceptor,
+from facesvc.auth import (
+    ApiKeyAuthenticator,
+    AuthInterceptor,
+    ClientRegistry,
+    KeysFileError,
+    http_auth_middleware,
 )
+from facesvc.clock import SystemClock
+from facesvc.config import ConfigError, Settings
+from facesvc.engine import Engine
+from facesvc.gateway import build_portal
+from facesvc.grpc_api import DevAuthenticator, FaceVerificationServicer, MetricsInterceptor
 from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
+from facesvc.limits.abuse import ClientRateLimiter, RateRule
 from facesvc.metrics import Metrics
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
+from facesvc.tls import insecure_warnings, server_tls
 from facesvc.validation import RequestLimits, transport_limit
 
 log = logging.getLogger(__name__)
@@ -55,25 +62,25 @@ EngineFactory = Callable[[Resources], Awaitable[Engine]]
 health says NOT_SERVING."""
 
 
-def _grpc_credentials(settings: Settings) -> Any | None:
-    sec = settings.security
-    if sec.tls_cert is None or sec.tls_key is None:
+def _authenticator(settings: Settings, redis: AsyncRedis) -> ApiKeyAuthenticator | None:
+    """API-key and mTLS authentication with the per-client rate limit, or None when
+    ``security.api_keys_file`` is unset (development: every caller is an admin, and the
+    start-up banner says so)."""
+    path = settings.security.api_keys_file
+    if path is None:
         return None
-    ca = sec.tls_ca.read_bytes() if sec.tls_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(sec.tls_key.read_bytes(), sec.tls_cert.read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
+    try:
+        registry = ClientRegistry.from_file(path)
+    except KeysFileError as exc:
+        raise ConfigError(f"security.api_keys_file: {exc}") from None
+    abuse = settings.abuse
+    limiter = ClientRateLimiter(
+        redis,
+        RateRule(abuse.client_rate, timedelta(seconds=abuse.client_rate_window_s)),
+        SystemClock(),
+        key_prefix=settings.redis.key_prefix,
     )
-
-
-def _http_ssl(settings: Settings) -> ssl.SSLContext | None:
-    sec = settings.security
-    if sec.tls_cert is None or sec.tls_key is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(sec.tls_cert, sec.tls_key)
-    return ctx
+    return ApiKeyAuthenticator(registry, limiter)
 
 
 def _load_plugin(spec: str) -> Callable[[Any, Settings], None]:
@@ -94,12 +101,8 @@ class App:
         metrics: Metrics | None = None,
         engine_factory: EngineFactory | None = None,
     ) -> None:
-        if settings.security.api_keys_file is not None:
-            raise ConfigError(
-                "security.api_keys_file is set, but API-key authentication arrives with "
-                "issue 10; unset it to run without authentication"
-            )
         self.settings = settings
+        self._tls = server_tls(settings.security)
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
         server = settings.server
@@ -108,17 +111,26 @@ class App:
             socket_connect_timeout_s=settings.redis.connect_timeout_s,
             socket_timeout_s=settings.redis.socket_timeout_s,
         )
+        auth = _authenticator(settings, self.redis)
         self.servicer = FaceVerificationServicer(
             None,
             limits=RequestLimits.from_settings(server),
-            authenticator=DevAuthenticator(),
+            authenticator=auth if auth is not None else DevAuthenticator(),
             loading=engine_factory is not None,
         )
         self.http_app: web.Application = build_http_app(self.metrics, self.health)
         """Add HTTP routes here before ``start()``."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if auth is not None:
+            service = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
+            interceptors.append(AuthInterceptor(auth, service))
+            self.http_app.middlewares.append(http_auth_middleware(auth.registry))
+        # The Scan Wajah page and its JSON gateway (facesvc.gateway) share the HTTP server.
+        self.portal = build_portal(settings, self.redis)
+        self.portal.install(self.http_app)
         self._engine_factory = engine_factory
         self._grpc = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=interceptors,
             maximum_concurrent_rpcs=server.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", transport_limit(server.max_message_bytes)),
@@ -149,12 +161,12 @@ class App:
         for spec in s.server.plugins:
             _load_plugin(spec)(self._grpc, s)
         address = f"{s.server.grpc_host}:{s.server.grpc_port}"
-        credentials = _grpc_credentials(s)
-        if credentials is None:
-            log.warning("gRPC is plaintext (no security.tls_cert): for local development only")
+        for line in insecure_warnings(s.security):
+            log.warning("*** INSECURE, DEVELOPMENT ONLY *** %s", line)
+        if self._tls is None:
             self.grpc_port = self._grpc.add_insecure_port(address)
         else:
-            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+            self.grpc_port = self._grpc.add_secure_port(address, self._tls.grpc_credentials)
         if self.grpc_port == 0:
             raise OSError(f"could not bind gRPC to {address}")
         await self.health.publish()  # NOT_SERVING until the probe and models say otherwise
@@ -163,10 +175,15 @@ class App:
         self._runner = web.AppRunner(self.http_app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, s.server.http_host, s.server.http_port, ssl_context=_http_ssl(s)
+            self._runner,
+            s.server.http_host,
+            s.server.http_port,
+            ssl_context=None if self._tls is None else self._tls.http_context,
         )
         await site.start()
         self.http_port = int(self._runner.addresses[0][1])
+        scheme = "http" if self._tls is None else "https"
+        self.portal.serve_at(f"{scheme}://{s.server.http_host}:{self.http_port}")
 
         probe = RedisProbe(
             self.redis, self.health, s.redis.health_interval_s, s.redis.health_timeout_s
@@ -189,6 +206,7 @@ class App:
         resources = Resources(self.settings, self.redis, self.metrics)
         engine = await self._engine_factory(resources)
         self.servicer.attach_engine(engine)
+        self.portal.attach_engine(engine)
         await self.health.set_models_ready(True)
         log.info("engine ready", extra={"model_pack": self.settings.models.pack})
 

@@ -2,7 +2,7 @@
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
 ``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``portal``,
-``logging``), gathered in :class:`Settings`. Sources, later ones winning:
+``abuse``, ``logging``), gathered in :class:`Settings`. Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
 2. a TOML file (``--config PATH`` or env ``FACESVC_CONFIG``) with one table per
@@ -159,6 +159,9 @@ class ModelSettings:
     """Where converted ONNX models are kept (``python -m facesvc.models.convert`` fills it)."""
     threads: int = 2
     """ONNX Runtime intra-op threads per session."""
+    calibration: Path | None = None
+    """A ``facesvc calibrate`` record that replaces the pack's own (calibrate on photos like
+    your participants'); it must have been made for this pack and these model files."""
 
     def __post_init__(self) -> None:
         _check_positive("models.threads", self.threads)
@@ -264,6 +267,8 @@ class LivenessSettings:
     """Policy for OFFLINE scans not made on a kiosk."""
     kiosk: LivenessPolicy = "challenge"
     """Applies to every scan from a kiosk caller, whatever the training type."""
+    pad_threshold: float = 0.5
+    """Passive presentation-attack score (0-1) below which a frame is judged an attack."""
 
     def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:
         """The policy for a scan of ``training_type`` ("SPL", ...), from a kiosk or not."""
@@ -347,6 +352,35 @@ class PortalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AbuseSettings:
+    """Abuse limits beyond the daily caps (facesvc.limits.abuse), kept in Redis; they fail
+    closed like the caps. The client rate applies to authenticated callers only."""
+
+    client_rate: int = 6000
+    """Requests one API client may make per ``client_rate_window_s`` (a sliding estimate);
+    over it, calls get RESOURCE_EXHAUSTED with a ``retry-after`` in seconds."""
+    client_rate_window_s: float = 60.0
+    """The window of ``client_rate``, in seconds."""
+    spoof_lockout_threshold: int = 3
+    """SPOOF_SUSPECTED decisions for one participant within ``spoof_lockout_window_s`` that
+    pause the participant's scans."""
+    spoof_lockout_window_s: float = 900.0
+    """Seconds within which the suspicions are counted."""
+    spoof_lockout_s: float = 1800.0
+    """Seconds a participant's scans stay paused once the threshold is reached."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "client_rate",
+            "client_rate_window_s",
+            "spoof_lockout_threshold",
+            "spoof_lockout_window_s",
+            "spoof_lockout_s",
+        ):
+            _check_positive(f"abuse.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     """Structured logs on stderr (never images, templates or secrets)."""
 
@@ -373,6 +407,7 @@ class Settings:
     liveness: LivenessSettings = field(default_factory=LivenessSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     portal: PortalSettings = field(default_factory=PortalSettings)
+    abuse: AbuseSettings = field(default_factory=AbuseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

@@ -7,7 +7,8 @@ Nothing here computes a face. Each RPC does the same three things:
    ends as INVALID_ARGUMENT naming the field.
 3. call the engine and map its result to the response message. Until a
    capability is wired in, the RPC answers UNIMPLEMENTED naming what is missing
-   (:data:`MISSING`), never a fake success.
+   (a server started without an engine, or a capability this build lacks), never a fake
+   success.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from datetime import UTC
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -24,29 +25,26 @@ from google.protobuf.message import Message
 from facesvc import validation
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.domain import Gate, TrainingType
+from facesvc.engine import Caller, Engine, PolicyError, ScanInProgress, VerifyCommand
+from facesvc.grpc_mapping import (
+    challenge_response,
+    enroll_response,
+    enrollment_message,
+    redeem_response,
+    signing_keys_response,
+    timestamp,
+    verify_response,
+)
+from facesvc.imaging import ImageRejected
+from facesvc.liveness.judge import ChallengeUnavailable
 from facesvc.metrics import Metrics
+from facesvc.models.batcher import Overloaded
+from facesvc.redis_errors import StoreUnavailable
+from facesvc.templates import AlreadyEnrolled, TemplateUnreadable
+from facesvc.tokens.claims import Expectation
 
-MISSING: dict[str, str] = {
-    "Enroll": "Enroll needs enrollment and the template store (issue 4)",
-    "GetEnrollment": "GetEnrollment needs the template store (issue 4)",
-    "DeleteEnrollment": "DeleteEnrollment needs the template store (issue 4)",
-    "StartLivenessChallenge": "StartLivenessChallenge needs liveness challenges (issue 6)",
-    "Verify": "Verify needs the verification engine (issue 4)",
-    "GetAttempts": "GetAttempts needs the daily attempt caps (issue 4)",
-    "RedeemToken": "RedeemToken needs signed tokens (issue 5)",
-    "GetSigningKeys": "GetSigningKeys needs signed tokens (issue 5)",
-}
-"""What each RPC still lacks; an entry goes when the RPC is wired to the engine."""
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is calling: ``role`` is one of lms, portal, kiosk, admin; ``tenant`` is the
-    LMS or venue the credential belongs to (the token audience for an LMS)."""
-
-    name: str
-    role: str
-    tenant: str
+T = TypeVar("T")
 
 
 class Authenticator(Protocol):
@@ -67,21 +65,12 @@ class DevAuthenticator:
         return Caller(name="anonymous", role="admin", tenant="dev")
 
 
-class Engine(Protocol):
-    """The verification engine (facesvc.engine) as the transport sees it.
-
-    Empty until the engine lands: the servicer only needs to know whether one is
-    there. The engine's own protocol replaces this when it is wired in.
-    """
-
-
 class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     """The ``facesvc.v1.FaceVerification`` service.
 
     ``engine`` is None while no engine is configured: every RPC then validates
-    its request and answers UNIMPLEMENTED with the :data:`MISSING` message.
-    With ``loading``, an engine is on its way (:meth:`attach_engine`) and calls
-    answer UNAVAILABLE until it arrives.
+    its request and answers UNIMPLEMENTED. With ``loading``, an engine is on its way
+    (:meth:`attach_engine`) and calls answer UNAVAILABLE until it arrives.
     """
 
     def __init__(
@@ -116,38 +105,88 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         except validation.InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
-    async def _unimplemented(self, context: grpc.aio.ServicerContext, rpc: str) -> NoReturn:
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
+        """The engine, or abort: UNAVAILABLE while the model pack loads, UNIMPLEMENTED when
+        this server was started without one."""
+        if self._engine is not None:
+            return self._engine
         if self._loading:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the model pack is loading; retry in a few seconds"
             )
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, MISSING[rpc])
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "this server runs without a verification engine (started with engine=None)",
+        )
         raise AssertionError("context.abort returned")  # abort always raises
+
+    async def _call(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        """Await the engine's ``work``, mapping what is not a decision to a status code."""
+        try:
+            return await work
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the scan ran"
+            )
+        except AlreadyEnrolled as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except ChallengeUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        except (PolicyError, TemplateUnreadable) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ScanInProgress as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except (ImageRejected, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise AssertionError("context.abort returned")
 
     # ------------------------------------------------------------ RPCs
 
     async def Enroll(
         self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollResponse:
-        await self._admit(context, "Enroll")
+        caller = await self._admit(context, "Enroll")
         await self._validate(
             context, request, lambda: validation.check_enroll(request, self._limits)
         )
-        await self._unimplemented(context, "Enroll")
+        engine = await self._ready(context)
+        outcome = await self._call(
+            context,
+            engine.enroll(
+                request.participant_id, list(request.images), replace=request.replace, caller=caller
+            ),
+        )
+        return enroll_response(outcome)
 
     async def GetEnrollment(
         self, request: pb.GetEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetEnrollmentResponse:
         await self._admit(context, "GetEnrollment")
         await self._validate(context, request, lambda: validation.check_participant(request))
-        await self._unimplemented(context, "GetEnrollment")
+        engine = await self._ready(context)
+        metadata = await self._call(context, engine.enrollment(request.participant_id))
+        if metadata is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"participant {request.participant_id} is not enrolled: call Enroll first",
+            )
+            raise AssertionError("context.abort returned")
+        return pb.GetEnrollmentResponse(enrollment=enrollment_message(metadata))
 
     async def DeleteEnrollment(
         self, request: pb.DeleteEnrollmentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteEnrollmentResponse:
-        await self._admit(context, "DeleteEnrollment")
+        caller = await self._admit(context, "DeleteEnrollment")
         await self._validate(context, request, lambda: validation.check_participant(request))
-        await self._unimplemented(context, "DeleteEnrollment")
+        engine = await self._ready(context)
+        deleted = await self._call(
+            context, engine.delete_enrollment(request.participant_id, caller=caller)
+        )
+        return pb.DeleteEnrollmentResponse(deleted=deleted)
 
     async def StartLivenessChallenge(
         self, request: pb.StartLivenessChallengeRequest, context: grpc.aio.ServicerContext
@@ -156,37 +195,100 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         await self._validate(
             context, request, lambda: validation.check_start_liveness_challenge(request)
         )
-        await self._unimplemented(context, "StartLivenessChallenge")
+        engine = await self._ready(context)
+        challenge = await self._call(
+            context,
+            engine.start_challenge(
+                request.participant_id,
+                request.training_id,
+                _training_type(request.training_type),
+                _gate(request.gate),
+            ),
+        )
+        return challenge_response(challenge)
 
     async def Verify(
         self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.VerifyResponse:
-        await self._admit(context, "Verify")
+        caller = await self._admit(context, "Verify")
         await self._validate(
             context, request, lambda: validation.check_verify(request, self._limits)
         )
-        await self._unimplemented(context, "Verify")
+        engine = await self._ready(context)
+        remaining = context.time_remaining()
+        command = VerifyCommand(
+            participant_id=request.participant_id,
+            training_id=request.training_id,
+            training_type=_training_type(request.training_type),
+            gate=_gate(request.gate),
+            session_id=request.session_id,
+            frames=list(request.frames),
+            caller=caller,
+            scheduled_start=(
+                request.scheduled_start.ToDatetime(tzinfo=UTC)
+                if request.HasField("scheduled_start")
+                else None
+            ),
+            challenge_id=request.challenge_id or None,
+            idempotency_key=request.idempotency_key or None,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+        )
+        outcome = await self._call(context, engine.verify(command))
+        return verify_response(outcome)
 
     async def GetAttempts(
         self, request: pb.GetAttemptsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAttemptsResponse:
         await self._admit(context, "GetAttempts")
         await self._validate(context, request, lambda: validation.check_get_attempts(request))
-        await self._unimplemented(context, "GetAttempts")
+        engine = await self._ready(context)
+        usage = await self._call(
+            context,
+            engine.attempts(
+                request.participant_id,
+                request.training_id,
+                _training_type(request.training_type),
+            ),
+        )
+        return pb.GetAttemptsResponse(
+            used=usage.used,
+            remaining=usage.remaining,
+            limit=usage.limit,
+            resets_at=timestamp(usage.resets_at),
+        )
 
     async def RedeemToken(
         self, request: pb.RedeemTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.RedeemTokenResponse:
-        await self._admit(context, "RedeemToken")
+        caller = await self._admit(context, "RedeemToken")
         await self._validate(context, request, lambda: validation.check_redeem_token(request))
-        await self._unimplemented(context, "RedeemToken")
+        engine = await self._ready(context)
+        expected = Expectation(
+            audience=request.audience,
+            gate=_gate(request.expected_gate),
+            session_id=request.expected_session_id,
+            training_id=request.expected_training_id or None,
+        )
+        result = await self._call(context, engine.redeem(request.token, expected, caller=caller))
+        return redeem_response(result)
 
     async def GetSigningKeys(
         self, request: pb.GetSigningKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSigningKeysResponse:
         await self._admit(context, "GetSigningKeys")
         await self._validate(context, request, lambda: None)
-        await self._unimplemented(context, "GetSigningKeys")
+        engine = await self._ready(context)
+        return signing_keys_response(engine.signing_keys())
+
+
+def _training_type(value: int) -> TrainingType:
+    """The domain enum of a validated proto ``TrainingType`` value."""
+    return TrainingType(pb.TrainingType.Name(value).removeprefix("TRAINING_TYPE_"))
+
+
+def _gate(value: int) -> Gate:
+    """The domain enum of a validated proto ``Gate`` value."""
+    return Gate(pb.Gate.Name(value).removeprefix("GATE_"))
 
 
 # ---------------------------------------------------------------- metrics

@@ -17,6 +17,8 @@ from prometheus_client import (
 
 # Latency buckets in seconds: a Verify runs detection + embedding on several
 # frames (tens to hundreds of ms), while status RPCs take about a millisecond.
+# Redis round trips on loopback take tens of microseconds; the cap check's target is 0.5 ms.
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -66,7 +68,23 @@ class Metrics:
             registry=r,
         )
         self.decisions = Counter(
-            "facesvc_decisions", "Verify outcomes, by decision.", ["decision"], registry=r
+            "facesvc_decisions",
+            "Verify outcomes, by decision, training type and gate.",
+            ["decision", "training_type", "gate"],
+            registry=r,
+        )
+        self.cap_exhausted = Counter(
+            "facesvc_cap_exhausted",
+            "Verify calls refused because the daily attempt cap was reached.",
+            ["training_type"],
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "facesvc_redis_seconds",
+            "Time of one Redis operation on the verification path, in seconds.",
+            ["op"],
+            buckets=_REDIS_BUCKETS,
+            registry=r,
         )
 
     def render(self) -> tuple[bytes, str]:
