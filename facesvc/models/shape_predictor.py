@@ -236,10 +236,12 @@ def _read_forest(ints: _Ints, num_coords: int) -> tuple[npt.NDArray[np.intp], F3
             if pos >= end:
                 raise DlibFormatError(f"truncated shape predictor in tree {t}")
             n = int(values[pos])
+            if n < 0:
+                raise DlibFormatError(f"negative container size in tree {t}")
             sizes[t, part], starts[t, part] = n, pos + 1
             pos += 1 + n * tokens_each
-    if pos > end or np.any(sizes < 0):
-        raise DlibFormatError("truncated or corrupt shape predictor trees")
+    if pos > end:
+        raise DlibFormatError("truncated shape predictor: its trees run past the end")
     ints.skip(pos - ints.pos)
     num_splits, num_leaves = (int(v) for v in sizes[0]) if num_trees else (0, 1)
     if np.any(sizes != (num_splits, num_leaves)):
@@ -254,9 +256,7 @@ def _read_forest(ints: _Ints, num_coords: int) -> tuple[npt.NDArray[np.intp], F3
 
     split_index = split_at[:, None] + np.arange(4 * num_splits)
     split_values = ints.values[split_index].reshape(num_trees, num_splits, 4)
-    leaf_index = np.asarray(leaves_at, dtype=np.int64)[:, None] + np.arange(
-        num_leaves * leaf_tokens
-    )
+    leaf_index = leaves_at[:, None] + np.arange(num_leaves * leaf_tokens)
     leaf_values = ints.values[leaf_index].reshape(num_trees, num_leaves, leaf_tokens)
     dims = np.abs(leaf_values[..., :2])
     if dims.size and not (np.all(dims[..., 0] * dims[..., 1] == num_coords)):
