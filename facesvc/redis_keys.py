@@ -10,6 +10,9 @@ Layout (``prefix`` defaults to ``facesvc``; tests pass a unique one to isolate t
     <prefix>:{p:<pid>}:template                          STRING  encrypted template
     <prefix>:{p:<pid>}:cap:<training_id>:<yyyymmdd>      SET     reservation ids of that WIB day
     <prefix>:{p:<pid>}:idem:<sha256 hex>                 HASH    outcome of an idempotent reserve
+    <prefix>:{p:<pid>}:abuse:spoof                       ZSET    recent spoof suspicions (ms scores)
+    <prefix>:{p:<pid>}:abuse:lock                        STRING  end of a spoof lockout (Unix ms)
+    <prefix>:{c:<client>}:rate:<window index>            STRING  a client's requests in one window
 """
 
 from __future__ import annotations
@@ -71,6 +74,19 @@ class KeySpace:
     def idempotency(self, participant_id: str, digest: str) -> str:
         """Key of an idempotent reservation; ``digest`` is a hex digest of the client's key."""
         return f"{self.participant(participant_id)}:idem:{digest}"
+
+    def spoof_strikes(self, participant_id: str) -> str:
+        """Key of the participant's recent SPOOF_SUSPECTED decisions (facesvc.limits.abuse)."""
+        return f"{self.participant(participant_id)}:abuse:spoof"
+
+    def lockout(self, participant_id: str) -> str:
+        """Key holding the end of the participant's spoof lockout (facesvc.limits.abuse)."""
+        return f"{self.participant(participant_id)}:abuse:lock"
+
+    def client_rate(self, client_id: str, window: int) -> str:
+        """Key counting one client's requests in rate window number ``window``; the
+        ``{c:...}`` hash tag keeps a client's windows in one Cluster slot."""
+        return f"{self.prefix}:{{c:{validate_id(client_id, 'client id')}}}:rate:{window}"
 
     def template_pattern(self) -> str:
         """SCAN MATCH pattern for every participant's template key."""

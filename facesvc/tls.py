@@ -1,0 +1,90 @@
+"""Transport security of both servers, built from ``[security]``.
+
+- ``tls_cert`` + ``tls_key``: gRPC and HTTP serve TLS (1.2 or later) with that certificate.
+- ``tls_ca`` as well: gRPC requires a client certificate signed by that CA (mTLS; the
+  certificate's CN or subjectAltName then identifies the caller, see :mod:`facesvc.auth`).
+  HTTP asks for one but does not require it, because browsers on the Scan Wajah page hold
+  none; ``/metrics`` can still be read with a certificate instead of a key.
+- no certificate: plaintext, allowed only while ``allow_plaintext`` is on (settings refuse
+  the combination otherwise, so the service never starts unencrypted by accident), and
+  announced with a loud warning at start-up (:func:`insecure_warnings`).
+
+Unreadable or mismatched files are a :class:`~facesvc.config.ConfigError` naming the
+setting, raised before anything binds.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from facesvc.config import ConfigError, SecuritySettings
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """Credentials for the gRPC server and the SSL context for the HTTP server."""
+
+    grpc_credentials: Any  # grpc.ServerCredentials (untyped in grpc's stubs)
+    http_context: ssl.SSLContext
+    mutual: bool
+
+
+def _read(name: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"security.{name}={path}: cannot read it ({exc.strerror})") from None
+
+
+def server_tls(security: SecuritySettings) -> ServerTLS | None:
+    """The TLS set-up for ``security``; None when no certificate is configured."""
+    if security.tls_cert is None or security.tls_key is None:
+        return None
+    cert = _read("tls_cert", security.tls_cert)
+    key = _read("tls_key", security.tls_key)
+    ca = _read("tls_ca", security.tls_ca) if security.tls_ca is not None else None
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(security.tls_cert, security.tls_key)
+    except ssl.SSLError as exc:
+        # Checked here because gRPC would only fail later, at bind, with a vague message.
+        raise ConfigError(
+            "security.tls_cert/tls_key: not a PEM certificate (chain) and its matching "
+            f"private key ({exc.reason})"
+        ) from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"security.tls_ca: not a PEM CA certificate ({exc.reason})") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+    return ServerTLS(credentials, context, mutual=ca is not None)
+
+
+def insecure_warnings(security: SecuritySettings) -> list[str]:
+    """Banner lines for a set-up fit only for local development (empty when none apply)."""
+    lines = []
+    if security.tls_cert is None:
+        lines.append(
+            "PLAINTEXT: gRPC and HTTP serve without TLS (security.allow_plaintext is on and no "
+            "security.tls_cert is set); API keys, photos and tokens cross the network "
+            "unencrypted. For local development only: set security.tls_cert/tls_key and "
+            "security.allow_plaintext=false in production."
+        )
+    if security.api_keys_file is None:
+        lines.append(
+            "NO AUTHENTICATION: security.api_keys_file is unset, so every caller is an admin "
+            "(may enroll and delete). For local development only: create keys with "
+            "`facesvc apikeys add` and set security.api_keys_file."
+        )
+    return lines
