@@ -204,7 +204,76 @@ def _add_audit(sub: SubParsers) -> None:
     tail = a.add_parser("tail", help="print the newest audit events")
     tail.add_argument("-n", type=int, default=20, help="how many events")
     tail.add_argument("--follow", action="store_true", help="keep printing new events")
-    tail.set_defaults(func=_delegate("facesvc.audit", "cli_tail", 10))
+    tail.set_defaults(func=_audit_tail)
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    """Print the newest ``-n`` audit events, one ``id key=value ...`` line each, oldest
+    first; with ``--follow`` keep polling for newer ones until interrupted."""
+    from facesvc.audit import AuditLog
+    from facesvc.redis_client import redis_client_from_url
+
+    settings = settings_from_args(args)
+
+    async def run() -> int:
+        client = redis_client_from_url(settings.redis.url)
+        audit = AuditLog(client, stream=f"{settings.redis.key_prefix.removesuffix(':')}:audit")
+        seen = ""
+        try:
+            while True:
+                for entry_id, fields in await audit.tail(args.n):
+                    if _stream_id(entry_id) > _stream_id(seen):
+                        print(entry_id, " ".join(f"{k}={v}" for k, v in fields.items()))
+                        seen = entry_id
+                if not args.follow:
+                    return 0
+                sys.stdout.flush()
+                await asyncio.sleep(1.0)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id ``<ms>-<seq>`` as a sortable pair ("" sorts first)."""
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms), int(seq)) if ms else (-1, -1)
+
+
+def _add_apikeys(sub: SubParsers) -> None:
+    p = sub.add_parser("apikeys", help="API keys and mTLS identities of callers (roles, tenants)")
+    _add_settings_flags(p)
+    p.add_argument("--file", type=Path, default=None, help="keys file (security.api_keys_file)")
+    a = p.add_subparsers(dest="apikeys_command", required=True, metavar="ACTION")
+    add = a.add_parser("add", help="register a client; prints its new API key once")
+    add.add_argument("--name", required=True, help="client name (audit trail, rate limit)")
+    add.add_argument(
+        "--role", required=True, choices=["lms", "portal", "kiosk", "admin", "monitor"]
+    )
+    add.add_argument("--tenant", required=True, help="the LMS (token audience) or the venue")
+    add.add_argument(
+        "--training-type",
+        action="append",
+        choices=["SPL", "WEBINAR", "OFFLINE"],
+        help="allow only this training type (repeatable); a kiosk is OFFLINE only",
+    )
+    add.add_argument(
+        "--mtls-identity",
+        default=None,
+        help="client certificate CN or subjectAltName; then no API key unless --with-key",
+    )
+    add.add_argument("--with-key", action="store_true", help="also make an API key")
+    add.set_defaults(func=_delegate("facesvc.auth_cli", "cli_apikeys_add", 10))
+    a.add_parser("list", help="list clients (never secrets)").set_defaults(
+        func=_delegate("facesvc.auth_cli", "cli_apikeys_list", 10)
+    )
+    revoke = a.add_parser("revoke", help="remove a client by name")
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(func=_delegate("facesvc.auth_cli", "cli_apikeys_revoke", 10))
 
 
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
@@ -216,6 +285,7 @@ _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
     _add_keys,
     _add_templates,
     _add_audit,
+    _add_apikeys,
 )
 
 
