@@ -176,6 +176,9 @@ class ServerStarter:
             "redis.url": redis_url,
             "redis.key_prefix": self._key_prefix,
             "redis.health_interval_s": 0.1,
+            # A loaded CI machine can take longer than the production 0.5 s to answer a
+            # PING; a stopped Redis is still seen at once (connection refused).
+            "redis.health_timeout_s": 5.0,
             "server.grace_s": 2.0,
             "logging.format": "kv",
         }
