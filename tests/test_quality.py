@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from facesvc.models.alignment import ARCFACE_TEMPLATE_112
 from facesvc.models.dlib_mmod import MMODFaceDetector
 from facesvc.models.dlib_resnet import DlibResnetEmbedder
 from facesvc.models.model_cache import ModelCache
@@ -151,6 +152,15 @@ def test_head_pose_signs_follow_the_image() -> None:
     assert head_pose(tilted, LandmarkLayout.DLIB_5).roll > 10
     with pytest.raises(ValueError, match=r"\(68, 2\)"):
         head_pose(frontal, LandmarkLayout.DLIB_68)
+
+
+def test_head_pose_of_the_arcface_template_is_frontal() -> None:
+    """SCRFD packs give ArcFace's five points (eyes, nose tip, mouth corners) instead."""
+    pose = head_pose(ARCFACE_TEMPLATE_112, LandmarkLayout.ARCFACE_5)
+    assert abs(pose.yaw) < 1 and abs(pose.pitch) < 1 and abs(pose.roll) < 1
+    turned = ARCFACE_TEMPLATE_112.copy()
+    turned[2, 0] -= 8  # nose tip towards the image left
+    assert head_pose(turned, LandmarkLayout.ARCFACE_5).yaw < -15
 
 
 def test_sharpness_needs_detail_not_contrast() -> None:
