@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 REDIS_URL := $(or $(FACESVC_REDIS_URL),redis://127.0.0.1:6379/0)
 TEST_REDIS_URL := $(or $(FACESVC_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 
-.PHONY: run test lint proto venv models redis redis-stop
+.PHONY: run test lint proto venv models redis redis-stop keys
 
 venv: $(INSTALLED)
 
@@ -42,11 +42,16 @@ redis: venv
 redis-stop:
 	$(PY) -m facesvc.redis_local stop
 
-run: venv models redis
+# First run only: a token signing key and a template encryption key under var/keys/.
+keys: venv
+	@test -n "$$(ls var/keys/tokens/*.json 2>/dev/null)" || $(VENV)/bin/facesvc keys generate
+	@test -s var/keys/templates.key || $(VENV)/bin/facesvc templates keygen
+
+run: venv models redis keys
 	$(VENV)/bin/facesvc serve
 
 # Exit code 5 means pytest collected nothing: a broken collection, never a pass.
-test: venv
+test: venv models
 	$(PY) -m facesvc.redis_local ensure --url "$(TEST_REDIS_URL)"
 	FACESVC_TEST_REDIS_URL="$(TEST_REDIS_URL)" $(PY) -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc

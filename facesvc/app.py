@@ -142,6 +142,9 @@ class App:
         )
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.failed = asyncio.Event()
+        """Set when the engine factory raised (``load_error`` says why)."""
+        self.load_error: Exception | None = None
         self.grpc_port = 0
         self.http_port = 0
 
@@ -204,7 +207,15 @@ class App:
     async def _load_engine(self) -> None:
         assert self._engine_factory is not None
         resources = Resources(self.settings, self.redis, self.metrics)
-        engine = await self._engine_factory(resources)
+        try:
+            engine = await self._engine_factory(resources)
+        except Exception as exc:
+            # A service that cannot verify must not look alive: health stays NOT_SERVING
+            # and `facesvc serve` exits non-zero with the reason.
+            log.critical("the engine failed to load: %s", exc)
+            self.load_error = exc
+            self.failed.set()
+            return
         self.servicer.attach_engine(engine)
         self.portal.attach_engine(engine)
         await self.health.set_models_ready(True)

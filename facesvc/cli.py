@@ -98,6 +98,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from facesvc.app import App
     from facesvc.logs import configure_logging
+    from facesvc.wiring import engine_from_resources
 
     settings = settings_from_args(args)
     configure_logging(settings.logging)
@@ -106,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     print("facesvc settings:\n" + describe(settings), file=sys.stderr, flush=True)
 
     async def run() -> int:
-        app = App(settings)
+        app = App(settings, engine_factory=engine_from_resources)
         await app.start()
         print(
             f"facesvc listening: gRPC {settings.server.grpc_host}:{app.grpc_port}, "
@@ -118,7 +119,13 @@ def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(app.failed.wait())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if app.failed.is_set():
+            print(f"facesvc: the engine failed to load: {app.load_error}", file=sys.stderr)
+            await app.stop(0)
+            return 1
         log.info("signal received; shutting down")
         await app.stop()
         return 0
@@ -155,7 +162,19 @@ def _add_eval(sub: SubParsers) -> None:
     p.add_argument("data", type=Path, help="folder of faces, one subfolder per identity")
     p.add_argument("--pack", default=None, help="model pack (default: models.pack)")
     p.add_argument("--out", type=Path, default=None, help="folder for the report and plots")
-    p.set_defaults(func=_delegate("facesvc.evaluation.cli", "run_eval", 11))
+    _add_accuracy_flags(p)
+    p.add_argument("--folds", type=int, default=2, help="identity folds (calibrate vs report)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for 95%% CIs")
+    p.add_argument("--variants", type=int, default=4, help="simulated frames per photo")
+    p.add_argument("--seed", type=int, default=0, help="seed of folds, frames and bootstrap")
+    p.add_argument("--full", action="store_true", help="measure every frame/template rule")
+    p.set_defaults(func=_delegate("facesvc.accuracy_cli", "run_eval", 11))
+
+
+def _add_accuracy_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that ``eval`` and ``calibrate`` share (facesvc.accuracy_cli)."""
+    p.add_argument("--cache", type=Path, default=None, help="descriptor cache (.npz) to reuse")
+    p.add_argument("--min-face-px", type=int, default=60, help="smallest face to detect (px)")
 
 
 def _add_calibrate(sub: SubParsers) -> None:
@@ -164,7 +183,8 @@ def _add_calibrate(sub: SubParsers) -> None:
     p.add_argument("--pack", default=None, help="model pack (default: models.pack)")
     p.add_argument("--fmr", type=float, default=1e-3, help="target false-match rate")
     p.add_argument("--out", type=Path, default=None, help="where to write the calibration record")
-    p.set_defaults(func=_delegate("facesvc.evaluation.cli", "run_calibrate", 11))
+    _add_accuracy_flags(p)
+    p.set_defaults(func=_delegate("facesvc.accuracy_cli", "run_calibrate", 11))
 
 
 def _add_eval_liveness(sub: SubParsers) -> None:
@@ -194,6 +214,9 @@ def _add_templates(sub: SubParsers) -> None:
     t = p.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
     t.add_parser("rekey", help="re-encrypt every template under the current key").set_defaults(
         func=_delegate("facesvc.templates", "cli_rekey", 4)
+    )
+    t.add_parser("keygen", help="add a new template encryption key to the key file").set_defaults(
+        func=_delegate("facesvc.templates", "cli_keygen", 4)
     )
 
 

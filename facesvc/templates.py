@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import re
 import secrets
 import struct
@@ -408,6 +409,25 @@ def _header(kid: str) -> bytes:
 def _aad(header: bytes, participant_id: str) -> bytes:
     """Associated data: binds the value to its header and to one participant."""
     return header + b"\x00" + participant_id.encode("utf-8")
+
+
+def cli_keygen(args: argparse.Namespace) -> int:
+    """``facesvc templates keygen``: append a new key to ``templates.key_file`` (created with
+    mode 0600) and print its id. The newest entry encrypts new templates unless
+    ``templates.active_kid`` says otherwise; run ``templates rekey`` to move old ones."""
+    from facesvc.cli import settings_from_args  # the CLI imports this module on use
+
+    path = settings_from_args(args).templates.key_file
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existing = path.read_text() if path.exists() else ""
+    kid = f"k{len([line for line in existing.splitlines() if line.strip()]) + 1}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, (generate_template_key(kid) + "\n").encode())
+    finally:
+        os.close(fd)
+    print(f"added template key {kid} to {path}")
+    return 0
 
 
 def cli_rekey(args: argparse.Namespace) -> int:

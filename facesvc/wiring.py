@@ -12,6 +12,7 @@ import logging
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
@@ -131,3 +132,9 @@ async def build_engine(
         audit=AuditLog(redis, stream=f"{prefix.rstrip(':')}:audit"),
         metrics=metrics,
     )
+
+
+async def engine_from_resources(resources: Resources) -> Engine:
+    """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
+    up, while health says NOT_SERVING."""
+    return await build_engine(resources.settings, resources.redis, resources.metrics)

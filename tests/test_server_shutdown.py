@@ -21,6 +21,8 @@ import grpc
 import pytest
 
 from facesvc.config import Settings
+from facesvc.templates import generate_template_key
+from facesvc.tokens.keys import keys_generate
 
 SLOW_METHOD = "/facesvc.test.Slow/Wait"
 SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
@@ -57,6 +59,10 @@ def _wait_for(predicate: Any, what: str, within_s: float = 60.0) -> None:
 def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
     env[SLOW_DIR_ENV] = str(tmp_path)
+    # The real engine loads behind the slow call: it needs its own signing and template keys.
+    keys_generate(tmp_path / "token-keys")
+    env["FACESVC_TOKENS_KEY_DIR"] = str(tmp_path / "token-keys")
+    env["FACESVC_TEMPLATES_KEY"] = generate_template_key("k1")
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [
