@@ -136,6 +136,15 @@ def test_blank_image_has_no_face(detector: MMODFaceDetector, value: int) -> None
     assert detector.detect(image, min_face_px=100) == []
 
 
+@pytest.mark.parametrize("side", [1, 6, 7, 12])
+def test_tiny_image_has_no_face(detector: MMODFaceDetector, side: int) -> None:
+    # dlib's own convolutions fail below 7x7 px (the canvas adds 2 x 11 px); here: no face.
+    image = np.full((side, side, 3), 120, dtype=np.uint8)
+    assert detector.detect_full_resolution(image) == []
+    assert detector.detect(image, min_face_px=60) == []
+    assert detector.detect(image, min_face_px=100) == []
+
+
 @pytest.mark.parametrize("min_face_px", [60, 100, 110])
 def test_min_face_scaling_finds_the_astronaut(detector: MMODFaceDetector, min_face_px: int) -> None:
     # dlib's box for her face is 96 px: at 100 and 110 the image is shrunk by one pyramid

@@ -222,20 +222,25 @@ def cached_mmod(cache: ModelCache) -> Path:
 class _OutputGeometry:
     """Where output cell (r, c) sits in the input tensor: (c * stride + offset, r * stride +
     offset), composed from each convolution's ``map_output_to_input``
-    (``p * stride - padding + kernel // 2``). For this file: stride 8, offset 14."""
+    (``p * stride - padding + kernel // 2``); ``min_input``: the fewest input rows and
+    columns that give one output cell (smaller inputs make the convolutions fail, in dlib
+    too). For this file: stride 8, offset 14, min_input 29."""
 
     stride: int
     offset: int
+    min_input: int
 
     @classmethod
     def of(cls, net: DlibNetwork) -> _OutputGeometry:
-        stride, offset = 1, 0
+        stride, offset, min_input = 1, 0, 1
         for con, _, _ in reversed(_conv_stack(net)):
             if con.stride_x != con.stride_y or con.nr != con.nc or con.padding_x != con.padding_y:
                 raise MmodStructureError("non-square convolutions are not supported")
             offset = offset * con.stride_y - con.padding_y + con.nr // 2
             stride *= con.stride_y
-        return cls(stride, offset)
+            # out = 1 + (in + 2 * padding - kernel) // stride must reach the size needed next.
+            min_input = max(1, (min_input - 1) * con.stride_y + con.nr - 2 * con.padding_y)
+        return cls(stride, offset, min_input)
 
 
 # ---------------------------------------------------------------------------------------
@@ -777,6 +782,8 @@ class MMODFaceDetector:
     ) -> list[Detection]:
         """Run the network on a filled ``canvas``; boxes in pixels of the caller's image,
         ``levels_above`` pyramid levels above the plan's (see ``decode_detections``)."""
+        if min(plan.layout.rows, plan.layout.cols) < self._geometry.min_input:
+            return []  # a few pixels: no output cell, and no face could fit anyway
         (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: canvas})
         rects, confidence = decode_detections(
             np.asarray(scores, dtype=np.float32)[0],
