@@ -147,9 +147,13 @@ def _rates_from(raw: dict[str, Any]) -> RatesAtThreshold:
 
 
 def load_calibration(
-    path: Path, pack: str | None = None, pack_digest: str | None = None
+    path: Path,
+    pack: str | None = None,
+    pack_digest: str | None = None,
+    distance: Distance | None = None,
 ) -> Calibration:
-    """Read a calibration JSON; with ``pack``/``pack_digest`` given, refuse one made for another."""
+    """Read a calibration JSON; refuse one made for another pack, model files or distance
+    when ``pack``, ``pack_digest`` or ``distance`` is given."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -203,6 +207,11 @@ def load_calibration(
             f"{path} was calibrated for pack {calibration.pack!r} version "
             f"{calibration.pack_digest}, but the loaded models are {pack_digest}: "
             "re-run `facesvc calibrate` for these models"
+        )
+    if distance is not None and calibration.distance is not distance:
+        raise CalibrationError(
+            f"{path} holds a threshold for {calibration.distance.value} distance, but the pack "
+            f"compares with {distance.value}: re-run `facesvc calibrate` for this pack"
         )
     return calibration
 

@@ -89,6 +89,8 @@ def test_refuses_another_pack_or_version(calibration: Calibration, tmp_path: Pat
         load_calibration(path, pack="other")
     with pytest.raises(CalibrationError, match="re-run"):
         load_calibration(path, pack="test", pack_digest="sha256:def")
+    with pytest.raises(CalibrationError, match="l2 distance, but the pack compares with cosine"):
+        load_calibration(path, pack="test", distance=Distance.COSINE)
 
 
 @pytest.mark.parametrize(

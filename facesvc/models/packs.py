@@ -234,13 +234,18 @@ def _digest(files: list[Path], settings: Mapping[str, Any]) -> str:
 
 
 def _calibration(
-    name: str, digest: str, manifest_dir: Path, declared: str | None, context: PackContext
+    name: str,
+    digest: str,
+    distance: Distance,
+    manifest_dir: Path,
+    declared: str | None,
+    context: PackContext,
 ) -> Calibration | None:
     path = context.calibration_override or (manifest_dir / declared if declared else None)
     if path is None:
         return None
     try:
-        return load_calibration(path, pack=name, pack_digest=digest)
+        return load_calibration(path, pack=name, pack_digest=digest, distance=distance)
     except CalibrationError as e:
         raise PackError(str(e)) from e
 
@@ -318,7 +323,9 @@ def load_onnx_manifest(path: Path, manifest: Mapping[str, Any], context: PackCon
         landmarks=None,
         embedder=embedder,
         distance=distance,
-        calibration=_calibration(name, digest, base, manifest.get("calibration"), context),
+        calibration=_calibration(
+            name, digest, distance, base, manifest.get("calibration"), context
+        ),
         licence=str(manifest.get("licence", "not stated in the manifest")),
     )
 
@@ -356,7 +363,9 @@ def load_insightface_manifest(
         landmarks=None,
         embedder=embedder,
         distance=distance,
-        calibration=_calibration(name, digest, base, manifest.get("calibration"), context),
+        calibration=_calibration(
+            name, digest, distance, base, manifest.get("calibration"), context
+        ),
         licence="InsightFace: non-commercial research only",
     )
 
@@ -379,7 +388,7 @@ def load_dlib_pack(context: PackContext) -> ModelPack:
     calibration_path = context.calibration_override or _shipped_calibration(DLIB_PACK)
     try:
         calibration: Calibration | None = load_calibration(
-            calibration_path, pack=DLIB_PACK, pack_digest=digest
+            calibration_path, pack=DLIB_PACK, pack_digest=digest, distance=Distance.COSINE
         )
     except CalibrationError as e:
         if context.calibration_override is not None:
