@@ -50,10 +50,13 @@ if estimate + 1 <= limit then
   redis.call('PEXPIRE', KEYS[1], 2 * window)
   return 0
 end
-local wait = window - elapsed
-if current < limit and previous > 0 then
-  -- The previous window's weight must fall until one more request fits.
+local wait
+if current < limit then
+  -- Within this window: the previous window's weight must fall until one more fits.
   wait = math.ceil(window * (1 - (limit - 1 - current) / previous)) - elapsed
+else
+  -- This window is full: into the next one, where it weighs as the previous window.
+  wait = window - elapsed + math.ceil(window * (1 - (limit - 1) / current))
 end
 if wait < 1 then wait = 1 end
 return wait

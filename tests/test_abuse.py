@@ -1,0 +1,173 @@
+"""Abuse limits on a real Redis: the per-client request rate and the spoof lockout.
+
+Time is a :class:`FixedClock` moved by the test, so window arithmetic is exact; the
+counters themselves live in Redis under a per-test prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.auth import Client, Role, new_api_key, write_keys_file
+from facesvc.clock import FixedClock
+from facesvc.limits.abuse import (
+    ClientRateLimiter,
+    LockoutRule,
+    ParticipantLocked,
+    RateRule,
+    SpoofLockout,
+)
+from facesvc.redis_client import redis_client_from_url
+from facesvc.redis_errors import StoreUnavailable
+from facesvc.redis_keys import KeySpace
+from tests.conftest import ServerStarter
+
+# A window boundary, so "n seconds into the window" is exact.
+T0 = datetime(2026, 3, 2, 3, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    redis = redis_client_from_url(redis_url)
+    assert isinstance(redis, aioredis.Redis)
+    yield redis
+    await redis.aclose()
+
+
+async def test_rate_admits_the_limit_then_refuses_with_a_wait(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    clock = FixedClock(T0)
+    limiter = ClientRateLimiter(
+        client, RateRule(5, timedelta(seconds=10)), clock, key_prefix=redis_prefix
+    )
+    results = await asyncio.gather(*(limiter.admit("lms-a") for _ in range(8)))
+    assert results.count(None) == 5  # atomic: concurrent calls never overshoot
+    refused = [r for r in results if r is not None]
+    assert all(0 < r <= 2 * 10 for r in refused)  # never longer than two windows
+    assert await limiter.admit("lms-b") is None  # each client has its own budget
+
+
+async def test_rate_slides_the_previous_window_out(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    clock = FixedClock(T0 + timedelta(seconds=9))  # late in window 0
+    limiter = ClientRateLimiter(
+        client, RateRule(10, timedelta(seconds=10)), clock, key_prefix=redis_prefix
+    )
+    for _ in range(10):
+        assert await limiter.admit("c") is None
+    clock.set(T0 + timedelta(seconds=10))  # window 1 starts: window 0 still weighs fully
+    wait = await limiter.admit("c")
+    assert wait is not None and wait > 0
+    # A fixed window would now admit 10 at once; the sliding estimate admits as the
+    # previous window's weight falls: at 5 s in, 10 * 0.5 = 5 are counted, 5 more fit.
+    clock.set(T0 + timedelta(seconds=15))
+    admitted = [await limiter.admit("c") for _ in range(7)]
+    assert admitted.count(None) == 5
+    clock.set(T0 + timedelta(seconds=25))  # window 0 has slid out entirely
+    assert await limiter.admit("c") is None
+
+
+async def test_rate_retry_after_is_enough(client: aioredis.Redis, redis_prefix: str) -> None:
+    clock = FixedClock(T0 + timedelta(seconds=2))
+    limiter = ClientRateLimiter(
+        client, RateRule(3, timedelta(seconds=10)), clock, key_prefix=redis_prefix
+    )
+    for _ in range(3):
+        assert await limiter.admit("c") is None
+    for _ in range(4):  # being told to wait, then waiting that long, always gets in
+        wait = await limiter.admit("c")
+        assert wait is not None
+        clock.advance(timedelta(seconds=wait))
+        assert await limiter.admit("c") is None
+
+
+async def test_lockout_after_threshold_within_window(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    clock = FixedClock(T0)
+    rule = LockoutRule(3, window=timedelta(minutes=15), lock_for=timedelta(minutes=30))
+    lockout = SpoofLockout(client, rule, clock, key_prefix=redis_prefix)
+    assert await lockout.record_spoof("p-1", "v1") is None
+    clock.advance(timedelta(minutes=16))  # v1 has left the window
+    assert await lockout.record_spoof("p-1", "v2") is None
+    assert await lockout.record_spoof("p-1", "v2") is None  # the same decision counts once
+    clock.advance(timedelta(minutes=5))
+    assert await lockout.record_spoof("p-1", "v3") is None
+    await lockout.check("p-1")  # two strikes in the window (v2, v3): not locked
+    clock.advance(timedelta(minutes=1))
+    until = await lockout.record_spoof("p-1", "v4")
+    assert until == clock.now() + timedelta(minutes=30)
+    with pytest.raises(ParticipantLocked) as locked:
+        await lockout.check("p-1")
+    assert locked.value.until == until
+    assert "WIB" in str(locked.value) and "try again" in str(locked.value)
+    await lockout.check("p-2")  # another participant is not affected
+
+    keys = KeySpace(redis_prefix)
+    ttl_ms = await client.pttl(keys.lockout("p-1"))
+    assert 0 < ttl_ms <= 30 * 60 * 1000  # Redis forgets the lock by itself
+    assert not await client.exists(keys.spoof_strikes("p-1"))  # strikes cleared on lock
+    assert keys.lockout("p-1").startswith(keys.participant("p-1"))  # participant hash tag
+
+
+async def test_limits_fail_closed_when_redis_is_down() -> None:
+    dead = redis_client_from_url(
+        "redis://127.0.0.1:1/0", socket_connect_timeout_s=0.2, socket_timeout_s=0.2
+    )
+    clock = FixedClock(T0)
+    try:
+        limiter = ClientRateLimiter(dead, RateRule(5, timedelta(seconds=1)), clock)
+        lockout = SpoofLockout(dead, LockoutRule(3, timedelta(1), timedelta(1)), clock)
+        with pytest.raises(StoreUnavailable):
+            await limiter.admit("c")
+        with pytest.raises(StoreUnavailable):
+            await lockout.check("p")
+        with pytest.raises(StoreUnavailable):
+            await lockout.record_spoof("p", "v")
+    finally:
+        await dead.aclose()
+
+
+def test_rules_refuse_nonsense() -> None:
+    with pytest.raises(ValueError):
+        RateRule(0, timedelta(seconds=1))
+    with pytest.raises(ValueError):
+        LockoutRule(3, timedelta(0), timedelta(1))
+
+
+def test_server_answers_resource_exhausted_with_retry_after(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    key, key_id, digest = new_api_key()
+    path = tmp_path / "keys.json"
+    write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
+    server = start_server(
+        redis_url,
+        security__api_keys_file=str(path),
+        abuse__client_rate="3",
+        abuse__client_rate_window_s="600",
+    )
+    metadata = (("authorization", f"Bearer {key}"),)
+    codes = []
+    for _ in range(5):
+        try:
+            server.stub.GetSigningKeys(pb.GetSigningKeysRequest(), timeout=10, metadata=metadata)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+            last = error
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes[:3]
+    assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    trailers = dict(last.trailing_metadata() or ())
+    assert int(trailers["retry-after"]) >= 1
+    assert "retry after" in (last.details() or "")
