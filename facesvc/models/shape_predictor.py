@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.models.alignment import similarity_transform
 from facesvc.models.dlib_format import DlibFormatError, DlibReader
 from facesvc.models.types import Box, Points, RGBImage
 
@@ -61,18 +60,22 @@ class _Cascade:
     splits and L = 2**D leaves each, flattened tree after tree.
 
     ``anchor`` (P,) landmark each pixel is attached to; ``offset`` (2, P) float32 x and y
-    offsets from that landmark in the mean shape (normalised box units); ``pixel_pairs``
-    (T*S, 2) the two pixels each split compares; ``threshold`` (T*S,) float32 grey-level
-    differences; ``leaves`` (T*L, 2K) float32 shape increments (x0, y0, x1, y1, ...).
+    offsets from that landmark in the mean shape (normalised box units); ``pixel_a``,
+    ``pixel_b`` (T*S,) the two pixels each split compares; ``threshold`` (T*S,) float32
+    grey-level differences; ``leaves`` (T*L, 2K) float32 shape increments (x0, y0, x1, ...).
     """
 
     anchor: npt.NDArray[np.intp]
     offset: F32
-    pixel_pairs: npt.NDArray[np.intp]
+    pixel_a: npt.NDArray[np.intp]
+    pixel_b: npt.NDArray[np.intp]
     threshold: F32
     leaves: F32
-    num_trees: int
     depth: int
+    split_base: npt.NDArray[np.intp]
+    """(T,) index of each tree's first split."""
+    leaf_base: npt.NDArray[np.intp]
+    """(T,) row of each tree's first leaf, minus S (dlib numbers leaves after the splits)."""
 
 
 class ShapePredictorLandmarks:
@@ -83,6 +86,16 @@ class ShapePredictorLandmarks:
         self._mean_shape = mean_shape
         self._cascades = cascades
         self.num_points = int(mean_shape.shape[0])
+        # The similarity from the mean shape to a shape S is A = [[a, -b], [b, a]] with
+        # (a, b) = (sum of c.d, sum of c x d) / sum of |c|^2 over the mean shape's centred
+        # points c and S's points d (least squares; the centring of d drops out because the
+        # c sum to zero). These two rows turn S.ravel() into (a, b) in one product.
+        centred = mean_shape.astype(np.float64) - mean_shape.astype(np.float64).mean(axis=0)
+        perpendicular = np.stack([-centred[:, 1], centred[:, 0]], axis=1)
+        spread = float(np.sum(centred * centred))
+        if spread == 0:
+            raise ValueError("the mean shape's points all coincide")
+        self._similarity_rows = np.stack([centred.ravel(), perpendicular.ravel()]) / spread
 
     @classmethod
     def load(cls, path: Path) -> ShapePredictorLandmarks:
@@ -105,54 +118,62 @@ class ShapePredictorLandmarks:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         left, top = _round_half_up(box.left), _round_half_up(box.top)
         right, bottom = _round_half_up(box.right) - 1, _round_half_up(box.bottom) - 1
-        scale = np.array([[right - left], [bottom - top]], dtype=np.float64)
-        origin = np.array([[left], [top]], dtype=np.float64)
-        size = (image.shape[1], image.shape[0])
-        pixels = np.ascontiguousarray(image).reshape(-1)
-
+        frame = _Frame(
+            pixels=np.ascontiguousarray(image).reshape(-1),
+            width=image.shape[1],
+            limits=np.array([[image.shape[1]], [image.shape[0]]], dtype=np.float64),
+            scale=np.array([[right - left], [bottom - top]], dtype=np.float64),
+            origin=np.array([[left], [top]], dtype=np.float64),
+        )
         shape = self._mean_shape.copy()
         for cascade in self._cascades:
-            values = self._feature_values(cascade, shape, pixels, size, scale, origin)
+            values = self._feature_values(cascade, shape, frame)
             shape = _apply_trees(cascade, values, shape)
-        points = np.floor(shape.T.astype(np.float64) * scale + origin + 0.5).T
+        points = np.floor(shape.T.astype(np.float64) * frame.scale + frame.origin + 0.5).T
         return points.astype(np.float32)
 
-    def _feature_values(
-        self,
-        cascade: _Cascade,
-        shape: F32,
-        pixels: U8,
-        size: tuple[int, int],
-        scale: npt.NDArray[np.float64],
-        origin: npt.NDArray[np.float64],
-    ) -> F32:
+    def _feature_values(self, cascade: _Cascade, shape: F32, frame: _Frame) -> F32:
         """(P,) float32 grey levels of the cascade's pixels placed relative to ``shape``
-        (K, 2); ``pixels`` is the image flattened to (H*W*3,), ``size`` its (width, height);
-        ``scale`` and ``origin`` (2, 1) map normalised box units to pixels."""
-        # dlib computes the transform in double and applies it in float32.
-        tform = similarity_transform(self._mean_shape, shape)[:, :2].astype(np.float32)
+        (K, 2)."""
+        # dlib finds the transform in double and applies it in float32.
+        a, b = (self._similarity_rows @ shape.ravel().astype(np.float64)).astype(np.float32)
+        tform = np.array([[a, -b], [b, a]], dtype=np.float32)
         offset = cascade.offset
         normalised = tform[:, :1] * offset[0] + tform[:, 1:] * offset[1] + shape[cascade.anchor].T
-        xy = np.floor(normalised.astype(np.float64) * scale + origin + 0.5)
-        width, height = size
-        inside = (xy[0] >= 0) & (xy[0] < width) & (xy[1] >= 0) & (xy[1] < height)
-        at = np.where(inside, (xy[1] * width + xy[0]) * 3, 0).astype(np.intp)
-        grey = (pixels[at].astype(np.uint16) + pixels[at + 1] + pixels[at + 2]) // 3
-        return np.where(inside, grey, 0).astype(np.float32)
+        # As dlib: map to pixels in double, then round with floor(v + 0.5).
+        xy = np.floor(normalised.astype(np.float64) * frame.scale + frame.origin + 0.5)
+        inside = np.all((xy >= 0) & (xy < frame.limits), axis=0)
+        at = np.where(inside, xy[1] * frame.width + xy[0], 0).astype(np.intp) * 3
+        pixels = frame.pixels
+        # dlib's grey level of an RGB pixel: (R + G + B) / 3 in integers.
+        total = np.add(pixels[at], pixels[at + 1], dtype=np.uint16) + pixels[at + 2]
+        return np.where(inside, total // 3, 0).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """The image and box of one ``predict`` call: ``pixels`` the image flattened to
+    (H*W*3,), ``width`` its width, ``limits`` (2, 1) its width and height, ``scale`` and
+    ``origin`` (2, 1) the map from normalised box units to pixels."""
+
+    pixels: U8
+    width: int
+    limits: npt.NDArray[np.float64]
+    scale: npt.NDArray[np.float64]
+    origin: npt.NDArray[np.float64]
 
 
 def _apply_trees(cascade: _Cascade, values: F32, shape: F32) -> F32:
     """``shape`` (K, 2) plus the leaves that all of the cascade's trees reach on ``values``."""
-    num_splits = (1 << cascade.depth) - 1
-    trees = np.arange(cascade.num_trees, dtype=np.intp)
-    root = trees * num_splits
-    node = np.zeros(cascade.num_trees, dtype=np.intp)
+    # Every split's outcome at once (cheaper than picking the few on each path first).
+    go_right = (values[cascade.pixel_a] - values[cascade.pixel_b] <= cascade.threshold).view(
+        np.uint8
+    )
+    node = np.zeros(cascade.split_base.size, dtype=np.intp)
     for _ in range(cascade.depth):
-        pair = values[cascade.pixel_pairs[root + node]]
-        go_left = (pair[:, 0] - pair[:, 1]) > cascade.threshold[root + node]
-        node = 2 * node + 2 - go_left  # children of n: 2n + 1 (left), 2n + 2 (right)
-    # Leaves follow the splits in dlib's node numbering: leaf i is node S + i.
-    increments = cascade.leaves[trees * (num_splits + 1) + node - num_splits]
+        # Children of node n: 2n + 1 when the difference exceeds the threshold, else 2n + 2.
+        node = 2 * node + 1 + go_right[cascade.split_base + node]
+    increments = cascade.leaves[cascade.leaf_base + node]
     # cumsum adds row after row in float32: the same rounding as dlib's sequential +=.
     stacked = np.vstack([shape.reshape(1, -1), increments])
     total: F32 = np.cumsum(stacked, axis=0, dtype=np.float32)[-1]
@@ -202,16 +223,19 @@ def _parse(data: bytes) -> tuple[F32, list[_Cascade]]:
             raise DlibFormatError("an anchor index is not a landmark of the shape")
         if pixel_pairs.size and (pixel_pairs.min() < 0 or pixel_pairs.max() >= anchor.size):
             raise DlibFormatError("a split reads a pixel the cascade does not define")
-        num_trees = leaves.shape[0]
+        num_trees, num_leaves = leaves.shape[:2]
+        trees = np.arange(num_trees, dtype=np.intp)
         cascades.append(
             _Cascade(
                 anchor=anchor.astype(np.intp),
                 offset=np.ascontiguousarray(offset.reshape(-1, 2).T),
-                pixel_pairs=pixel_pairs.reshape(-1, 2),
+                pixel_a=np.ascontiguousarray(pixel_pairs[..., 0].reshape(-1)),
+                pixel_b=np.ascontiguousarray(pixel_pairs[..., 1].reshape(-1)),
                 threshold=threshold.reshape(-1),
                 leaves=leaves.reshape(-1, num_coords),
-                num_trees=num_trees,
-                depth=leaves.shape[1].bit_length() - 1,
+                depth=num_leaves.bit_length() - 1,
+                split_base=trees * (num_leaves - 1),
+                leaf_base=trees * num_leaves - (num_leaves - 1),
             )
         )
     return mean_shape, cascades
