@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from facesvc import cli
 from facesvc.config import Settings
 from facesvc.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
@@ -57,6 +58,12 @@ def _wait_for(predicate: Any, what: str, within_s: float = 60.0) -> None:
 
 @pytest.fixture
 def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[subprocess.Popen[bytes]]:
+    # `facesvc serve` loads the real engine and exits non-zero without its keys: give it
+    # a signing key and a template key of its own, so the drain is all that is tested.
+    keys = tmp_path / "keys"
+    assert cli.main(["keys", "--tokens-key-dir", str(keys / "tokens"), "generate"]) == 0
+    key_file = keys / "templates.key"
+    assert cli.main(["templates", "--templates-key-file", str(key_file), "keygen"]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
     env[SLOW_DIR_ENV] = str(tmp_path)
     # The real engine loads behind the slow call: it needs its own signing and template keys.
@@ -73,6 +80,8 @@ def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[subproc
             "--server-plugins", "tests.test_server_shutdown:register_slow_service",
             "--redis-url", redis_url,
             "--redis-key-prefix", redis_prefix,
+            "--tokens-key-dir", str(keys / "tokens"),
+            "--templates-key-file", str(key_file),
         ],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -116,4 +125,5 @@ def test_sigterm_drains_the_in_flight_call_then_exits_zero(
     assert slow.result(timeout=60) == b"finished"
     assert serve.wait(timeout=60) == 0
     assert '"msg": "stopped"' in _log(tmp_path)
+    assert "failed to load" not in _log(tmp_path)
     channel.close()
