@@ -11,7 +11,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACESVC_SERVER_HTTP_HOST=0.0.0.0 \
     FACESVC_SERVER_GRPC_PORT=50051 \
     FACESVC_SERVER_HTTP_PORT=8080 \
-    FACESVC_REDIS_URL=redis://redis:6379/0
+    FACESVC_REDIS_URL=redis://redis:6379/0 \
+    FACESVC_TOKENS_KEY_DIR=/var/lib/facesvc/keys/tokens \
+    FACESVC_TEMPLATES_KEY_FILE=/var/lib/facesvc/keys/templates.key
 
 RUN groupadd --system --gid 10001 facesvc \
     && useradd --system --uid 10001 --gid facesvc --home-dir /home/facesvc --create-home facesvc
@@ -29,7 +31,8 @@ RUN mkdir -p "$FACESVC_MODELS_CACHE_DIR" \
     && python -m facesvc.models.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
     && chmod -R a+rX "$FACESVC_MODELS_CACHE_DIR"
 
-# Keys and other state live in /var/lib/facesvc (mount a volume or secrets there).
+# Keys live in /var/lib/facesvc/keys (mount a volume or secrets there): `facesvc serve`
+# refuses to start without a signing key and a template key (compose's `keys` job makes them).
 RUN mkdir -p /var/lib/facesvc && chown facesvc:facesvc /var/lib/facesvc
 WORKDIR /var/lib/facesvc
 USER facesvc
