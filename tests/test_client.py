@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import importlib.util
 import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.client import (
+    AsyncFaceVerificationClient,
     AsyncTokenVerifier,
+    Decision,
     FaceVerificationClient,
     InvalidArgument,
     KeySetUnavailable,
     TokenVerifier,
+    Unauthenticated,
     _redemption,
 )
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
+from facesvc.templates import generate_template_key
 from facesvc.tokens import (
     CheckReason,
     Expectation,
@@ -34,6 +42,9 @@ from facesvc.tokens import (
     load_key_ring,
 )
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_encode
+from tests.browser.support import EngineHolder
+from tests.conftest import ServerStarter
+from tests.engine_support import astronaut, jpeg
 
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 ISSUER = "facesvc-test"
@@ -257,3 +268,87 @@ def test_server_errors_become_sdk_exceptions(facesvc_server: object) -> None:
             client.verify("", "t-1", TrainingType.SPL, Gate.SESSION, [b"x"], session_id="s-1")
     assert "participant_id" in info.value.message
     assert info.value.code.name == "INVALID_ARGUMENT"
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _example_gate() -> ModuleType:
+    """examples/lms_gate.py, imported from its file (examples/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "lms_gate.py"
+    spec = importlib.util.spec_from_file_location("lms_gate_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sdk_against_the_real_service(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    """Enroll, verify, check offline, admit once through the example gate: the real engine,
+    real Redis, API keys over gRPC metadata."""
+    keys = {}
+    clients = []
+    for name, role, tenant in (("ops", Role.ADMIN, "ops"), ("gate", Role.LMS, "lms-a")):
+        key, key_id, digest = new_api_key()
+        clients.append(Client(name, role, tenant, key_id, digest))
+        keys[name] = key
+    write_keys_file(tmp_path / "api-keys.json", clients)
+    key_dir = tmp_path / "token-keys"
+    keys_generate(key_dir, now=datetime.now(UTC) - timedelta(minutes=1))
+    holder = EngineHolder()
+    running = start_server(
+        redis_url,
+        engine_factory=holder,
+        security__api_keys_file=tmp_path / "api-keys.json",
+        tokens__key_dir=key_dir,
+        tokens__issuer=ISSUER,
+        templates__key=generate_template_key("k1"),
+        liveness__spl="off",
+    )
+    running.wait_health(health_pb2.HealthCheckResponse.SERVING, within_s=120)
+    target = running.grpc_target
+    slow = 60.0  # the machine is shared: a first inference may take a while
+    with FaceVerificationClient(target, insecure=True) as anonymous, pytest.raises(Unauthenticated):
+        anonymous.signing_keys()
+    with FaceVerificationClient(
+        target, insecure=True, api_key=keys["ops"], timeout_s=slow
+    ) as admin:
+        enrolled = admin.enroll("p-1", [jpeg(astronaut())], replace=True)
+        assert enrolled.enrolled, enrolled.reason
+        assert enrolled.enrollment is not None and enrolled.enrollment.image_count == 1
+
+    lms = FaceVerificationClient(target, insecure=True, api_key=keys["gate"], timeout_s=slow)
+    try:
+        frames = [jpeg(astronaut(), 80)] * 2
+        result = lms.verify("p-1", "t-1", TrainingType.SPL, Gate.SESSION, frames, session_id="s-1")
+        assert result.decision is Decision.VERIFIED, result.reason
+        assert result.token is not None and result.token_expires_at is not None
+        assert lms.attempts("p-1", "t-1", TrainingType.SPL).used == 1
+
+        verifier = TokenVerifier.from_client(lms, issuer=ISSUER)
+        offline = verifier.verify(result.token, EXPECTED)
+        assert offline.ok and offline.claims is not None
+        assert offline.claims.sub == "p-1" and offline.claims.aud == "lms-a"
+        assert offline.claims.verification_id == result.verification_id
+        jti = offline.claims.jti
+
+        gate = _example_gate().Gatekeeper(lms, verifier, audience="lms-a", training_id="t-1")
+        assert gate.admit("s-2", result.token) == (False, "token refused: WRONG_SESSION")
+        assert gate.admit("s-1", result.token) == (True, "welcome, participant p-1")
+        assert gate.admit("s-1", result.token) == (False, "token refused: ALREADY_USED")
+    finally:
+        lms.close()
+
+    async def again() -> None:
+        async with AsyncFaceVerificationClient(target, insecure=True, api_key=keys["gate"]) as c:
+            used = await c.redeem(
+                result.token or "", audience="lms-a", gate=Gate.SESSION, session_id="s-1"
+            )
+            assert not used.valid and used.reason is CheckReason.ALREADY_USED
+            assert used.claims is not None and used.claims.jti == jti
+            assert list(await c.signing_keys()) == list(load_key_ring(key_dir).public_keys(T0))
+
+    asyncio.run(again())
