@@ -30,6 +30,7 @@ from facesvc.audit import AuditEvent, AuditLog
 from facesvc.clock import WIB, Clock
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
 from facesvc.facework import FaceWork
+from facesvc.limits.abuse import SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, Reservation
 from facesvc.limits.windows import GateWindows, WindowClosed
 from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeStore
@@ -166,6 +167,7 @@ class Engine:
         audit: AuditLog,
         metrics: Metrics,
         refunded: frozenset[Decision] = DEFAULT_REFUNDED,
+        lockout: SpoofLockout | None = None,
     ) -> None:
         if pack.threshold is None:
             raise PolicyError(
@@ -188,6 +190,7 @@ class Engine:
         self._audit = audit
         self._metrics = metrics
         self._refunded = refunded
+        self._lockout = lockout
 
     @property
     def pack(self) -> ModelPack:
@@ -269,8 +272,12 @@ class Engine:
     async def start_challenge(
         self, participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
     ) -> Challenge:
-        """A fresh single-use challenge bound to the participant, training and gate."""
+        """A fresh single-use challenge bound to the participant, training and gate.
+
+        Raises ``ParticipantLocked`` while the participant's scans are paused."""
         del training_type  # every type draws from the same measurable steps
+        if self._lockout is not None:
+            await self._lockout.check(participant_id)
         return await self._challenges.issue(participant_id, training_id, gate)
 
     async def attempts(
@@ -313,7 +320,7 @@ class Engine:
 
         Raises ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``ValueError``
         (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
-        ``ScanInProgress``.
+        ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent).
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -324,6 +331,8 @@ class Engine:
                 f"{cmd.training_type.value} scans from a {cmd.caller.role} need a liveness "
                 "challenge: call StartLivenessChallenge and send its challenge_id with the frames"
             )
+        if self._lockout is not None:
+            await self._lockout.check(cmd.participant_id)
 
         window = self._windows.check(cmd.training_type, cmd.gate, cmd.scheduled_start, now)
         if isinstance(window, WindowClosed):
@@ -508,6 +517,9 @@ class Engine:
                 timings_ms=timings,
             )
         )
+        if decision is Decision.SPOOF_SUSPECTED and self._lockout is not None:
+            # After the audit append: the lockout is a consequence of an audited decision.
+            await self._lockout.record_spoof(cmd.participant_id, verification_id)
         self._metrics.decisions.labels(
             decision.value, cmd.training_type.value, cmd.gate.value
         ).inc()

@@ -37,6 +37,7 @@ from facesvc.grpc_mapping import (
     verify_response,
 )
 from facesvc.imaging import ImageRejected
+from facesvc.limits.abuse import ParticipantLocked
 from facesvc.liveness.judge import ChallengeUnavailable
 from facesvc.metrics import Metrics
 from facesvc.models.batcher import Overloaded
@@ -128,6 +129,9 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}")
+        except ParticipantLocked as exc:
+            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the scan ran"

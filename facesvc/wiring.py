@@ -20,6 +20,7 @@ from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
 from facesvc.facework import FaceWork
 from facesvc.imaging import DecodeLimits
+from facesvc.limits.abuse import LockoutRule, SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.limits.windows import GateWindows
 from facesvc.liveness.challenges import ChallengeStore
@@ -130,6 +131,16 @@ async def build_engine(
         redeemer=redeemer,
         published_keys=published,
         audit=AuditLog(redis, stream=f"{prefix.rstrip(':')}:audit"),
+        lockout=SpoofLockout(
+            redis,
+            LockoutRule(
+                settings.abuse.spoof_lockout_threshold,
+                window=timedelta(seconds=settings.abuse.spoof_lockout_window_s),
+                lock_for=timedelta(seconds=settings.abuse.spoof_lockout_s),
+            ),
+            clock,
+            key_prefix=prefix,
+        ),
         metrics=metrics,
     )
 

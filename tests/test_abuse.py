@@ -29,6 +29,7 @@ from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
 from tests.conftest import ServerStarter
+from tests.test_service_verify import PID, enroll, genuine, start, verify
 
 # A window boundary, so "n seconds into the window" is exact.
 T0 = datetime(2026, 3, 2, 3, 0, 0, tzinfo=UTC)
@@ -109,7 +110,7 @@ async def test_lockout_after_threshold_within_window(
     assert until == clock.now() + timedelta(minutes=30)
     with pytest.raises(ParticipantLocked) as locked:
         await lockout.check("p-1")
-    assert locked.value.until == until
+    assert locked.value.until == until and locked.value.retry_after_s == 30 * 60
     assert "WIB" in str(locked.value) and "try again" in str(locked.value)
     await lockout.check("p-2")  # another participant is not affected
 
@@ -171,3 +172,45 @@ def test_server_answers_resource_exhausted_with_retry_after(
     trailers = dict(last.trailing_metadata() or ())
     assert int(trailers["retry-after"]) >= 1
     assert "retry after" in (last.details() or "")
+
+
+def test_spoof_suspicions_lock_the_participant_before_any_attempt_is_spent(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    # Every frame is judged an attack (no live score reaches 2.0), so each scan ends
+    # SPOOF_SUSPECTED; two of them lock the participant.
+    server = start(
+        start_server,
+        redis_url,
+        tmp_path,
+        liveness__spl="passive",
+        liveness__pad_threshold=2.0,
+        abuse__spoof_lockout_threshold=2,
+    )
+    assert enroll(server).enrolled
+    for _ in range(2):
+        assert verify(server, genuine()).decision == pb.DECISION_SPOOF_SUSPECTED
+    with pytest.raises(grpc.RpcError) as locked:
+        verify(server, genuine())
+    assert locked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "paused until" in (locked.value.details() or "")
+    retry_after = int(dict(locked.value.trailing_metadata() or ())["retry-after"])
+    assert 1790 <= retry_after <= 1800
+    with pytest.raises(grpc.RpcError) as challenge:
+        server.stub.StartLivenessChallenge(
+            pb.StartLivenessChallengeRequest(
+                participant_id=PID,
+                training_id="course-1",
+                training_type=pb.TRAINING_TYPE_SPL,
+                gate=pb.GATE_SESSION,
+            ),
+            timeout=10,
+        )
+    assert challenge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    attempts = server.stub.GetAttempts(
+        pb.GetAttemptsRequest(
+            participant_id=PID, training_id="course-1", training_type=pb.TRAINING_TYPE_SPL
+        ),
+        timeout=10,
+    )
+    assert attempts.used == 2  # the refused scan spent nothing

@@ -138,11 +138,12 @@ class LockoutRule:
 class ParticipantLocked(Exception):
     """Scans of this participant are refused until ``until`` (repeated spoof suspicions).
 
-    Transports answer RESOURCE_EXHAUSTED with a retry-after; the message tells the person
-    what happened and when to try again, without saying which frames looked fake.
+    Transports answer RESOURCE_EXHAUSTED with ``retry_after_s`` (whole seconds, at least 1);
+    the message tells the person what happened and when to try again, without saying which
+    frames looked fake.
     """
 
-    def __init__(self, participant_id: str, until: datetime) -> None:
+    def __init__(self, participant_id: str, until: datetime, retry_after_s: int) -> None:
         super().__init__(
             f"scans for participant {participant_id} are paused until "
             f"{until.astimezone(WIB):%Y-%m-%d %H:%M} WIB after repeated suspected spoofing; "
@@ -150,6 +151,7 @@ class ParticipantLocked(Exception):
         )
         self.participant_id = participant_id
         self.until = until
+        self.retry_after_s = retry_after_s
 
 
 class SpoofLockout:
@@ -172,7 +174,9 @@ class SpoofLockout:
         async with store_errors("check the spoof lockout"):
             until_ms = await self._client.get(self._keys.lockout(participant_id))
         if until_ms is not None:
-            raise ParticipantLocked(participant_id, _from_ms(int(until_ms)))
+            until = _from_ms(int(until_ms))
+            wait_s = (until - self._clock.now()).total_seconds()
+            raise ParticipantLocked(participant_id, until, max(1, math.ceil(wait_s)))
 
     async def record_spoof(self, participant_id: str, strike_id: str) -> datetime | None:
         """Count one SPOOF_SUSPECTED decision (``strike_id``: its verification id, so a
