@@ -116,3 +116,11 @@ def test_serve_flags_reach_the_settings() -> None:
     s = settings_from_args(args)
     assert s.server.grpc_port == 0
     assert s.redis.url == "redis://127.0.0.1:1/0"
+
+
+def test_readme_settings_table_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [i.env for i in settings_info() if f"`{i.env}`" not in readme]
+    assert not missing, (
+        f"README.md's settings table lacks {missing}: paste the output of `facesvc settings`"
+    )
