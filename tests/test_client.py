@@ -327,6 +327,9 @@ def test_sdk_against_the_real_service(
         assert result.decision is Decision.VERIFIED, result.reason
         assert result.token is not None and result.token_expires_at is not None
         assert lms.attempts("p-1", "t-1", TrainingType.SPL).used == 1
+        challenge = lms.start_challenge("p-1", "t-1", TrainingType.SPL, Gate.SESSION)
+        assert challenge.steps and challenge.min_frames == len(challenge.steps) + 1
+        assert challenge.expires_at is not None and challenge.expires_at > datetime.now(UTC)
 
         verifier = TokenVerifier.from_client(lms, issuer=ISSUER)
         offline = verifier.verify(result.token, EXPECTED)
