@@ -43,6 +43,7 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, PolicyError, ScanInProgress, VerifyCommand, VerifyOutcome
 from facesvc.imaging import ImageRejected
 from facesvc.launch import LaunchTicket, LaunchTickets, TicketRefused, return_url_with_token
+from facesvc.limits.abuse import ParticipantLocked
 from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
 from facesvc.redis_client import AsyncRedis
@@ -252,6 +253,9 @@ class Portal:
                 response = _error(exc.status, exc.code, str(exc))
             except TicketRefused as exc:
                 response = _error(401, "TICKET_" + exc.problem.value, str(exc))
+            except ParticipantLocked as exc:
+                response = _error(429, "LOCKED", str(exc))
+                response.headers["Retry-After"] = str(exc.retry_after_s)
             except StoreUnavailable:
                 log.warning("scan refused: Redis unavailable", exc_info=True)
                 response = _error(
