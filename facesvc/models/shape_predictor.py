@@ -45,13 +45,19 @@ U8 = npt.NDArray[np.uint8]
 # none, so any exponent that large is rejected as corruption.
 _FIRST_SPECIAL_EXPONENT = 32000
 
-# Lane spacing for the token walk, tried in order: each lane must fall into step with the
-# true token boundaries within one spacing, which real files do within a few tokens.
-_LANE_SPACINGS = (1024, 16384)
+# Token walk (see _token_offsets): lane spacing in bytes and warm-up steps, tried in order.
+# A warm-up can move a lane at most 16 bytes a step, so it never passes the next lane's
+# start. Real files fall into step within a few tokens.
+_LANE_PLANS = ((1024, 64), (16384, 1024))
+# Lanes run in batches covering this many bytes, so what they read stays in cache.
+_BATCH_BYTES = 1 << 22
 # Lanes are pruned every _PRUNE_EVERY steps and may overshoot their end by up to 16 bytes a
 # step meanwhile; the padding keeps every such position indexable.
 _PRUNE_EVERY = 16
 _PAD = 16 * _PRUNE_EVERY + 16
+
+# Control bytes of packed integers: bits 0x70 clear, a byte count of 1 to 8.
+_VALID_CONTROL = np.array([c & 0x70 == 0 and 1 <= c & 0x0F <= 8 for c in range(256)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,49 +346,62 @@ def _decode_packed_ints(data: U8, start: int) -> I64:
     magnitude."""
     offsets = _token_offsets(data, start)
     control = data[offsets]
-    size = control & 0x0F
-    if np.any(control & 0x70) or np.any(size == 0) or np.any(size > 8):
+    if not _VALID_CONTROL[control].all():
         raise DlibFormatError("not a stream of dlib packed integers (bad control byte)")
-    magnitude = data[offsets + 1].astype(np.int64)
-    # Most values are one to three bytes long: only the longer ones go round again.
-    longer = np.flatnonzero(size > 1)
-    for j in range(1, 8):
+    size = control & 0x0F
+    # Floats' mantissas and exponents take one to three bytes: read three for every value
+    # (clipped at the end of the stream) and keep the ones that belong to it.
+    magnitude = data.take(offsets + 1).astype(np.int64)
+    magnitude += (size > 1) * (data.take(offsets + 2, mode="clip").astype(np.int64) << 8)
+    magnitude += (size > 2) * (data.take(offsets + 3, mode="clip").astype(np.int64) << 16)
+    longer = np.flatnonzero(size > 3)
+    for j in range(3, 8):
         if not longer.size:
             break
         magnitude[longer] |= data[offsets[longer] + 1 + j].astype(np.int64) << (8 * j)
         longer = longer[size[longer] > j + 1]
-    return np.where(control & 0x80, -magnitude, magnitude)
+    negative = control >= 0x80
+    np.negative(magnitude, out=magnitude, where=negative)
+    return magnitude
 
 
 def _token_offsets(data: U8, start: int) -> I64:
     """Byte offsets of the control bytes of the packed integers in ``data[start:]``.
 
     The next control byte is at ``offset + 1 + (data[offset] & 0x0F)``: a linked list that
-    is slow to follow one step at a time in Python. Instead many lanes walk it in lock step
-    from evenly spaced starting bytes. A lane started inside a value reads garbage at first
-    but soon lands on a true control byte, after which it follows the true chain. Each lane
-    therefore walks two spacings and reports only the second (the first lane, which starts
-    on a true control byte, reports both). The union is then checked to be exactly one
-    unbroken chain from ``start`` to the end, so a lane that had not fallen into step can
-    only cost a retry with wider spacing, never a wrong answer.
+    is slow to follow one step at a time in Python. Instead many lanes follow it in lock
+    step. Lanes start at evenly spaced bytes; one started inside a value reads garbage at
+    first but soon lands on a true control byte and from then on follows the true chain,
+    so each lane first takes some unrecorded warm-up steps. Then every lane records the
+    offsets from where its warm-up ended up to where the next lane's did. Lanes run a few
+    thousand at a time so that the bytes they read stay in the processor's cache. The union
+    is checked to be exactly one unbroken chain from ``start`` to the end, so a lane that
+    had not fallen into step can only cost a retry with a longer warm-up, never a wrong
+    answer.
     """
     n = int(data.size)
     step = np.ones(n + _PAD, dtype=np.uint8)
     step[:n] = (data & 0x0F) + 1
-    for spacing in _LANE_SPACINGS:
-        pos = np.arange(start, n, spacing, dtype=np.int64)
-        report_from = pos + spacing
-        report_from[:1] = start
-        stop = np.minimum(pos + 2 * spacing, n)
+    for spacing, warm_up in _LANE_PLANS:
+        anchors = np.arange(start, n, spacing, dtype=np.int64)
+        followers = anchors[1:]  # the first lane starts on a true control byte
+        for _ in range(warm_up):
+            followers += step[followers]
+            np.minimum(followers, n, out=followers)
+        ends = np.append(anchors[1:], n)
         seen = np.zeros(n + _PAD, dtype=np.bool_)
-        steps = 0
-        while pos.size:
-            seen[pos[pos >= report_from]] = True
-            pos += step[pos]
-            steps += 1
-            if steps % _PRUNE_EVERY == 0:
-                live = pos < stop
-                pos, report_from, stop = pos[live], report_from[live], stop[live]
+        per_batch = max(_BATCH_BYTES // spacing, 1)
+        for first in range(0, anchors.size, per_batch):
+            pos = anchors[first : first + per_batch].copy()
+            end = ends[first : first + per_batch]
+            steps = 0
+            while pos.size:
+                seen[pos] = True
+                pos += step[pos]
+                steps += 1
+                if steps % _PRUNE_EVERY == 0:
+                    live = pos < end
+                    pos, end = pos[live], end[live]
         offsets = np.flatnonzero(seen[:n])
         following = offsets + step[offsets]
         if (
