@@ -176,10 +176,26 @@ class Portal:
         self._now = now
         self._engine = engine
         self._page, self._assets, self._version = _load_assets()
+        self._base_url = settings.portal.public_url.rstrip("/")
 
     def attach_engine(self, engine: ScanEngine) -> None:
         """Serve scans with ``engine`` from now on."""
         self._engine = engine
+
+    @property
+    def tickets(self) -> LaunchTickets | None:
+        """The launch tickets (None when the token key directory cannot be read)."""
+        return self._tickets
+
+    def serve_at(self, base_url: str) -> None:
+        """The HTTP server's own URL, known once it is bound: the base of page URLs unless
+        ``portal.public_url`` names another."""
+        if not self._settings.portal.public_url:
+            self._base_url = base_url.rstrip("/")
+
+    def page_url(self, ticket: LaunchTicket) -> str:
+        """The Scan Wajah page URL for ``ticket``, which rides in the fragment."""
+        return f"{self._base_url}{PAGE_PATH}#ticket={ticket.token}"
 
     def install(self, app: web.Application) -> None:
         """Add the routes and the security headers to ``app`` (before it starts)."""
