@@ -182,7 +182,7 @@ class _DRect:
         return _DRect.spanning(pts[:, 0], pts[:, 1])
 
 
-def _round_half_up(v: float) -> int:
+def round_half_up(v: float) -> int:
     """dlib's conversion of a float coordinate to an integer pixel: floor(v + 0.5)."""
     return math.floor(v + 0.5)
 
@@ -211,8 +211,8 @@ def _extract_image_chip(
     out = np.zeros((rows, cols, 3), dtype=np.uint8)
     if crop.is_empty():
         return out  # the face lies wholly outside the frame
-    left, top = _round_half_up(crop.left), _round_half_up(crop.top)
-    right, bottom = _round_half_up(crop.right), _round_half_up(crop.bottom)
+    left, top = round_half_up(crop.left), round_half_up(crop.top)
+    right, bottom = round_half_up(crop.right), round_half_up(crop.bottom)
     source = image[top : bottom + 1, left : right + 1]
 
     local = rect.translated(-left, -top)

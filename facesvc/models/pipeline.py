@@ -129,7 +129,8 @@ class FacePipeline:
         embedder call."""
         if len(chips) == 0:
             return np.zeros((0, self._embedder.dim), dtype=np.float32)
-        return self._embedder.embed(np.ascontiguousarray(np.stack(list(chips)), dtype=np.uint8))
+        batch = chips if isinstance(chips, np.ndarray) else np.stack(list(chips))
+        return self._embedder.embed(np.ascontiguousarray(batch, dtype=np.uint8))
 
     def _points(self, image: RGBImage, detection: Detection) -> tuple[Points, LandmarkLayout]:
         """The landmarks that measure the pose, and their layout."""

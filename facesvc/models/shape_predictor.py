@@ -27,13 +27,13 @@ in Python, so the stream is split into tokens with a vectorised walk (see
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.models.alignment import round_half_up
 from facesvc.models.dlib_format import DlibFormatError, DlibReader
 from facesvc.models.types import Box, Points, RGBImage
 
@@ -122,8 +122,8 @@ class ShapePredictorLandmarks:
         """
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        left, top = _round_half_up(box.left), _round_half_up(box.top)
-        right, bottom = _round_half_up(box.right) - 1, _round_half_up(box.bottom) - 1
+        left, top = round_half_up(box.left), round_half_up(box.top)
+        right, bottom = round_half_up(box.right) - 1, round_half_up(box.bottom) - 1
         frame = _Frame(
             pixels=np.ascontiguousarray(image).reshape(-1),
             width=image.shape[1],
@@ -184,11 +184,6 @@ def _apply_trees(cascade: _Cascade, values: F32, shape: F32) -> F32:
     stacked = np.vstack([shape.reshape(1, -1), increments])
     total: F32 = np.cumsum(stacked, axis=0, dtype=np.float32)[-1]
     return total.reshape(shape.shape)
-
-
-def _round_half_up(v: float) -> int:
-    """dlib's rounding of a coordinate to a whole pixel: floor(v + 0.5)."""
-    return math.floor(v + 0.5)
 
 
 # ---------------------------------------------------------------------------------------
