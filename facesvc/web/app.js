@@ -124,7 +124,9 @@
   function renderProblem() {
     const p = state.problem;
     $("h-problem").textContent = t("problem." + p.kind + ".title");
-    $("problem-message").textContent = p.message || t("problem." + p.kind + ".body");
+    // Localised text where the page knows the case; the server's own words otherwise.
+    const known = p.messageKey && t(p.messageKey) !== p.messageKey ? t(p.messageKey) : "";
+    $("problem-message").textContent = known || p.message || t("problem." + p.kind + ".body");
     $("problem-help").textContent = t("problem." + p.kind + ".help");
     $("problem-free").hidden = !p.free;
     $("btn-problem-retry").hidden = !p.retry;
@@ -145,7 +147,13 @@
 
   function showProblem(kind, options) {
     const o = options || {};
-    state.problem = { kind: kind, message: o.message || "", retry: o.retry || null, free: o.free !== false };
+    state.problem = {
+      kind: kind,
+      message: o.message || "",
+      messageKey: o.messageKey || "",
+      retry: o.retry || null,
+      free: o.free !== false,
+    };
     stopCamera();
     show("problem");
   }
@@ -199,7 +207,7 @@
     const nothingSent = free !== false;
     if (error instanceof HttpError) {
       if (error.code.startsWith("TICKET_") || error.status === 401) {
-        showProblem("link", { message: error.message, retry: null });
+        showProblem("link", { messageKey: "ticket." + error.code, retry: null });
       } else if (error.status >= 500 || error.status === 429) {
         showProblem("server", { message: error.message, retry: retry, free: nothingSent });
       } else {

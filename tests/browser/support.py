@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import http.server
+import http.server as http_server
 import json
 import threading
 import urllib.error
@@ -82,7 +82,7 @@ def multipart(fields: dict[str, str], frames: Sequence[bytes]) -> tuple[bytes, s
 class FakeLms:
     """The LMS's return endpoint: answers 200 to every GET and records its path+query."""
 
-    server: http.server.ThreadingHTTPServer
+    server: http_server.ThreadingHTTPServer
     thread: threading.Thread
     requests: list[str] = field(default_factory=list)
 
@@ -94,7 +94,7 @@ class FakeLms:
     def start(cls) -> FakeLms:
         seen: list[str] = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(http_server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 seen.append(self.path)
                 body = b"<!doctype html><title>LMS</title><h1>Back at the LMS</h1>"
@@ -107,7 +107,7 @@ class FakeLms:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         return cls(server, thread, seen)
