@@ -185,3 +185,12 @@ def test_rejects_more_steps_than_allowed(redis_url: str) -> None:
             allowed_steps=(Step.TURN_LEFT,),
             num_steps=2,
         )
+
+
+def test_default_steps_always_include_a_turn(redis_url: str, redis_prefix: str) -> None:
+    async def scenario(store: ChallengeStore, clock: FakeTime) -> None:
+        for _ in range(40):
+            steps = (await store.issue("p1", "t1", Gate.REDEEM)).steps
+            assert {Step.TURN_LEFT, Step.TURN_RIGHT} & set(steps)
+
+    run(scenario, redis_url, redis_prefix, num_steps=2)

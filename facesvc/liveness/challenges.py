@@ -44,8 +44,13 @@ class Step(enum.StrEnum):
 
 
 DEFAULT_STEPS: tuple[Step, ...] = (Step.TURN_LEFT, Step.TURN_RIGHT, Step.LOOK_UP, Step.COME_CLOSER)
-"""Steps issued by default: those measured with low error from landmarks and box
-(see facesvc/liveness/pose.py for the measured error per step)."""
+"""Steps issued by default: those measured apart from other movement on real photos
+(facesvc/liveness/pose.py). LOOK_DOWN is left out: a turn moves the nose below the
+eye line as much as looking down does."""
+
+
+TURNS = frozenset({Step.TURN_LEFT, Step.TURN_RIGHT})
+"""Steps that turn the head: the ones whose frames show parallax."""
 
 
 class RefusalReason(enum.StrEnum):
@@ -157,9 +162,15 @@ class ChallengeStore:
         return f"{self._keys.prefix}:{{ch:{challenge_id}}}:challenge-owner"
 
     def _random_steps(self) -> tuple[Step, ...]:
-        pool = list(self._allowed)
+        """A random ordering of distinct allowed steps with at least one turn when
+        turns are allowed: only a turn shows the face's depth (parallax) with any
+        landmark layout, and a flat picture tilted or brought closer can fake the
+        other steps."""
         rng = secrets.SystemRandom()
-        return tuple(rng.sample(pool, self._num_steps))
+        while True:
+            steps = tuple(rng.sample(self._allowed, self._num_steps))
+            if not TURNS.isdisjoint(steps) or TURNS.isdisjoint(self._allowed):
+                return steps
 
     async def issue(self, participant: str, training: str, gate: Gate) -> Challenge:
         """Create and store a new challenge for this participant, training and gate."""
