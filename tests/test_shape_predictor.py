@@ -13,6 +13,7 @@ import pytest
 
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.dlib_format import DlibFormatError
+from facesvc.models.model_cache import ModelCache
 from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, RGBImage
 
@@ -100,6 +101,21 @@ def test_faces_near_and_over_the_edge_read_zero_outside(
     expected = np.array([(p.x, p.y) for p in theirs(image, rect).parts()], dtype=float)
     got = ours.predict(image, Box(-30, 6, 66, 102))
     assert np.abs(got - expected).max() <= TOLERANCE_PX
+
+
+def test_cached_arrays_give_the_same_landmarks(tmp_path: Path) -> None:
+    """load_cached parses once, stores the arrays, and reads them back on the next load."""
+    cache = ModelCache(tmp_path)
+    path = MODELS / MODEL_FILES[0]
+    first = ShapePredictorLandmarks.load_cached(cache, path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    second = ShapePredictorLandmarks.load_cached(cache, path)
+    data = pytest.importorskip("skimage.data")
+    image = np.ascontiguousarray(data.astronaut(), dtype=np.uint8)
+    box = Box(176, 77, 266, 167)
+    expected = ShapePredictorLandmarks.load(path).predict(image, box)
+    assert np.array_equal(first.predict(image, box), expected)
+    assert np.array_equal(second.predict(image, box), expected)
 
 
 def test_point_count_is_the_models(models: tuple[ShapePredictorLandmarks, Any]) -> None:
