@@ -4,6 +4,7 @@ and the HTTP side (/metrics, /healthz)."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -227,10 +228,6 @@ def test_healthz_reflects_health(api_server: RunningServer) -> None:
 def test_metrics_count_calls_by_method_and_code(facesvc_server: RunningServer) -> None:
     _error(facesvc_server, "Verify", WELL_FORMED["Verify"])
     _error(facesvc_server, "Verify", _verify(participant_id=""))
-    status, content_type, body = _get(f"{facesvc_server.http_url}/metrics")
-    assert status == 200
-    assert content_type.startswith("text/plain")
-    lines = set(body.decode().splitlines())
     method = 'method="facesvc.v1.FaceVerification/Verify"'
     expected = {
         f'facesvc_grpc_calls_total{{code="UNIMPLEMENTED",{method}}} 1.0',
@@ -238,6 +235,17 @@ def test_metrics_count_calls_by_method_and_code(facesvc_server: RunningServer) -
         f"facesvc_grpc_call_seconds_count{{{method}}} 2.0",
         "facesvc_serving 1.0",
     }
+    # gRPC sends an aborted call's status before the handler unwinds, so the client can
+    # be told INVALID_ARGUMENT a moment before the call is counted: poll briefly.
+    deadline = time.monotonic() + 20
+    while True:
+        status, content_type, body = _get(f"{facesvc_server.http_url}/metrics")
+        lines = set(body.decode().splitlines())
+        if expected <= lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200
+    assert content_type.startswith("text/plain")
     seen = sorted(line for line in lines if line.startswith(("facesvc_grpc_calls", "facesvc_serv")))
     assert expected <= lines, f"missing {expected - lines}; saw {seen}"
 
