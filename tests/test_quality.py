@@ -22,6 +22,7 @@ from facesvc.models.quality import (
     LandmarkLayout,
     QualityLimits,
     QualityReport,
+    exposure,
     head_pose,
     select_face,
     sharpness,
@@ -170,6 +171,16 @@ def test_sharpness_needs_detail_not_contrast() -> None:
     assert sharpness(detail) > 100 * LIMITS.min_sharpness
     # A dimmer copy of the same detail measures the same.
     assert sharpness(detail * 0.3) == pytest.approx(sharpness(detail), rel=1e-6)
+
+
+def test_exposure_reads_the_inner_face_and_counts_the_off_frame_part_as_clipped() -> None:
+    image = np.full((200, 200, 3), 120, dtype=np.uint8)
+    image[:, :60] = 255  # a white wall left of the face
+    mean, clipped = exposure(image, Box(50, 50, 150, 150))  # inner face: x 75-125, y 75-125
+    assert mean == pytest.approx(120) and clipped == 0
+    mean, clipped = exposure(image, Box(150, 50, 250, 150))  # half the inner face off the frame
+    assert mean == pytest.approx(120) and clipped == pytest.approx(0.5)
+    assert exposure(image, Box(-100, 50, -10, 150)) == (0.0, 1.0)
 
 
 def test_limits_are_validated() -> None:

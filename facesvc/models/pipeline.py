@@ -119,7 +119,7 @@ class FacePipeline:
         points, layout = self._points(image, detection)
         align_points = detection.landmarks if detection.landmarks is not None else points
         chip = self._embedder.align(image, align_points)
-        report = assess_quality(detection, points, layout, chip, self._limits)
+        report = assess_quality(image, detection, points, layout, chip, self._limits)
         status = FaceStatus.OK if report.passed else FaceStatus.LOW_QUALITY
         reasons = tuple(issue.reason for issue in report.issues)
         return FaceAnalysis(status, reasons, len(detections), detection, points, chip, report)

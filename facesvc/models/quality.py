@@ -12,9 +12,9 @@ Measurements (``assess_quality``):
   standard contrast (``sharpness``). Because the
   chip has a fixed size, this measures the face's detail at the matcher's scale: a small
   face upsampled into the chip measures blurry, as it is for the matcher;
-- exposure: mean grey level (0-255) of that central region, and the fraction of its pixels
-  that are clipped (grey <= 5 or >= 250, including the black fill where the face runs off
-  the frame);
+- exposure: mean grey level (0-255) of the inner face in the source image (the central
+  half of the detector's box: eyes, nose and mouth, not dark hair or background) and the
+  fraction of it that is clipped (grey <= 5 or >= 250, or outside the frame);
 - head pose from five landmarks (``head_pose``).
 
 Choosing the face (``select_face``), the rule for "exactly one usable face":
@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112, DLIB_MEAN_FACE_5
-from facesvc.models.types import Detection, Points, RGBImage
+from facesvc.models.types import Box, Detection, Points, RGBImage
 
 # Head model for ``head_pose``, in units of the distance between the eye centres: the nose
 # point lies _NOSE_DEPTH of it in front of the eyes: 26 mm for 58 mm, the depth of the eye
@@ -193,19 +193,18 @@ def select_face(detections: Sequence[Detection], limits: QualityLimits) -> FaceS
 
 
 def assess_quality(
+    image: RGBImage,
     detection: Detection,
     landmarks: Points,
     layout: LandmarkLayout,
     chip: RGBImage,
     limits: QualityLimits,
 ) -> QualityReport:
-    """Measure the face in ``detection`` (box in source pixels) with its landmarks (source
-    pixels, in ``layout``) and its aligned (S, S, 3) uint8 chip."""
-    grey = _face_region(_grey(chip))
+    """Measure the face in ``detection`` (box in pixels of the (H, W, 3) uint8 ``image``)
+    with its landmarks (image pixels, in ``layout``) and its aligned (S, S, 3) uint8 chip."""
     face_px = min(detection.box.width, detection.box.height)
-    sharp = sharpness(grey)
-    brightness = float(grey.mean())
-    clipped = float(np.mean((grey <= 5) | (grey >= 250)))
+    sharp = sharpness(_chip_face(_grey(chip)))
+    brightness, clipped = exposure(image, detection.box)
     pose = head_pose(landmarks, layout)
 
     issues: list[QualityIssue] = []
@@ -353,13 +352,34 @@ def _eyes_and_nose(
     return eye_a, eye_b, nose, drop
 
 
-def _grey(chip: RGBImage) -> npt.NDArray[np.float64]:
-    """(S, S) float64 luma (ITU-R BT.601) of an RGB chip."""
-    rgb = chip.astype(np.float64)
-    return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+def exposure(image: RGBImage, box: Box) -> tuple[float, float]:
+    """Mean grey level (0-255) and clipped fraction of the inner face: the central half (in
+    width and height) of the detector's ``box`` in the (H, W, 3) uint8 ``image``, which holds
+    eyes, nose and mouth but not the hair or background. Clipped pixels are grey <= 5 or
+    >= 250; the part of the region outside the frame counts as clipped."""
+    cx, cy = (box.left + box.right) / 2, (box.top + box.bottom) / 2
+    half_w, half_h = box.width / 4, box.height / 4
+    left, right = round(cx - half_w), round(cx + half_w)
+    top, bottom = round(cy - half_h), round(cy + half_h)
+    area = max(right - left, 1) * max(bottom - top, 1)
+    height, width = image.shape[:2]
+    region = image[
+        max(top, 0) : max(min(bottom, height), 0), max(left, 0) : max(min(right, width), 0)
+    ]
+    if not region.size:
+        return 0.0, 1.0
+    grey = _grey(region)
+    clipped = int(np.count_nonzero((grey <= 5) | (grey >= 250))) + area - grey.size
+    return float(grey.mean()), clipped / area
 
 
-def _face_region(grey: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _grey(rgb: RGBImage) -> npt.NDArray[np.float64]:
+    """(H, W) float64 luma (ITU-R BT.601) of (H, W, 3) RGB pixels."""
+    values = rgb.astype(np.float64)
+    return 0.299 * values[..., 0] + 0.587 * values[..., 1] + 0.114 * values[..., 2]
+
+
+def _chip_face(grey: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """The central two thirds of an aligned chip: the face without the chip's margins."""
     h, w = grey.shape
     return grey[h // 6 : h - h // 6, w // 6 : w - w // 6]
