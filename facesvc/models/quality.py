@@ -65,11 +65,11 @@ class QualityLimits:
     - ``min_detect_px`` 40: smaller faces are not looked for (detection time grows as this
       shrinks); faces between this and ``min_face_px`` are found and refused as too small,
       so the person is told to come closer rather than that there is no face.
-    - ``min_sharpness`` 15: a focused webcam face chip measures well above 50, and a
-      Gaussian blur of 2 pixels (radius) brings it under 10.
-    - ``min_brightness`` 40, ``max_brightness`` 215: mean grey of the face region;
+    - ``min_sharpness`` 15: focused faces measure in the hundreds (dim webcam frames in
+      the tens); a face blurred by a few pixels at the chip's scale falls below it.
+    - ``min_brightness`` 40, ``max_brightness`` 215: mean grey of the inner face;
       outside this range the face is in the sensor's toe or shoulder and detail is lost.
-    - ``max_clipped_fraction`` 0.25: at most a quarter of the face region black- or
+    - ``max_clipped_fraction`` 0.25: at most a quarter of the inner face black- or
       white-clipped (or off the frame).
     - ``max_abs_yaw_deg`` 30, ``max_abs_pitch_deg`` 25: beyond these, frontal-face
       matchers lose accuracy fast; pitch from five points is the weaker estimate.
