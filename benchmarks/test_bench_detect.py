@@ -22,7 +22,8 @@ from facesvc.models.model_cache import ModelCache
 from facesvc.models.types import Detection, RGBImage
 
 THREADS = 2
-# A selfie's face at 640x480 is 120 px tall or more; 100 px is the service's working minimum.
+# A selfie's face fills a quarter or more of a 640x480 frame's height (120 px and up); 100 px
+# enters dlib's pyramid one level down (5/6 scale).
 MIN_FACE_PX = 100
 
 
