@@ -112,11 +112,15 @@ class App:
             socket_timeout_s=settings.redis.socket_timeout_s,
         )
         auth = _authenticator(settings, self.redis)
+        # The Scan Wajah page and its JSON gateway (facesvc.gateway) share the HTTP server;
+        # CreateLaunchTicket issues its tickets.
+        self.portal = build_portal(settings, self.redis)
         self.servicer = FaceVerificationServicer(
             None,
             limits=RequestLimits.from_settings(server),
             authenticator=auth if auth is not None else DevAuthenticator(),
             loading=engine_factory is not None,
+            launcher=self.portal,
         )
         self.http_app: web.Application = build_http_app(self.metrics, self.health)
         """Add HTTP routes here before ``start()``."""
@@ -125,8 +129,6 @@ class App:
             service = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
             interceptors.append(AuthInterceptor(auth, service))
             self.http_app.middlewares.append(http_auth_middleware(auth.registry))
-        # The Scan Wajah page and its JSON gateway (facesvc.gateway) share the HTTP server.
-        self.portal = build_portal(settings, self.redis)
         self.portal.install(self.http_app)
         self._engine_factory = engine_factory
         self._grpc = grpc.aio.server(

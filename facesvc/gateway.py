@@ -42,13 +42,24 @@ from facesvc.config import Settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, PolicyError, ScanInProgress, VerifyCommand, VerifyOutcome
 from facesvc.imaging import ImageRejected
-from facesvc.launch import LaunchTicket, LaunchTickets, TicketRefused, return_url_with_token
+from facesvc.launch import (
+    LaunchScope,
+    LaunchTicket,
+    LaunchTickets,
+    TicketRefused,
+    return_url_with_token,
+)
 from facesvc.limits.abuse import ParticipantLocked
 from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
 from facesvc.redis_client import AsyncRedis
 from facesvc.redis_errors import StoreUnavailable
-from facesvc.tokens.keys import KeyDirectory, KeyDirectoryError, PublicKeySource
+from facesvc.tokens.keys import (
+    KeyDirectory,
+    KeyDirectoryError,
+    NoSigningKeyError,
+    PublicKeySource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +203,20 @@ class Portal:
         ``portal.public_url`` names another."""
         if not self._settings.portal.public_url:
             self._base_url = base_url.rstrip("/")
+
+    def launch(self, scope: LaunchScope) -> tuple[LaunchTicket, str]:
+        """A ticket for ``scope`` and the page URL carrying it (CreateLaunchTicket).
+
+        Raises ``LaunchRefused`` (a bad field, or a return URL outside the tenant's
+        allowlist) and ``NoSigningKeyError`` (no usable token key).
+        """
+        if self._tickets is None:
+            raise NoSigningKeyError(
+                f"the token key directory {self._settings.tokens.key_dir} cannot be read: "
+                "run `facesvc keys generate` (tickets are signed with the token keys)"
+            )
+        ticket = self._tickets.issue(scope)
+        return ticket, self.page_url(ticket)
 
     def page_url(self, ticket: LaunchTicket) -> str:
         """The Scan Wajah page URL for ``ticket``, which rides in the fragment."""

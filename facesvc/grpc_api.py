@@ -37,6 +37,7 @@ from facesvc.grpc_mapping import (
     verify_response,
 )
 from facesvc.imaging import ImageRejected
+from facesvc.launch import Launcher, LaunchRefused, LaunchScope
 from facesvc.limits.abuse import ParticipantLocked
 from facesvc.liveness.judge import ChallengeUnavailable
 from facesvc.metrics import Metrics
@@ -44,6 +45,7 @@ from facesvc.models.batcher import Overloaded
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.templates import AlreadyEnrolled, TemplateUnreadable
 from facesvc.tokens.claims import Expectation
+from facesvc.tokens.keys import NoSigningKeyError
 
 T = TypeVar("T")
 
@@ -81,11 +83,13 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         limits: validation.RequestLimits,
         authenticator: Authenticator,
         loading: bool = False,
+        launcher: Launcher | None = None,
     ) -> None:
         self._engine = engine
         self._limits = limits
         self._auth = authenticator
         self._loading = loading
+        self._launcher = launcher
 
     def attach_engine(self, engine: Engine) -> None:
         """Serve with ``engine`` from now on (called once the model pack has loaded)."""
@@ -283,6 +287,46 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         await self._validate(context, request, lambda: None)
         engine = await self._ready(context)
         return signing_keys_response(engine.signing_keys())
+
+    async def CreateLaunchTicket(
+        self, request: pb.CreateLaunchTicketRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateLaunchTicketResponse:
+        caller = await self._admit(context, "CreateLaunchTicket")
+        await self._validate(
+            context, request, lambda: validation.check_create_launch_ticket(request)
+        )
+        if self._launcher is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this server runs without the Scan Wajah portal"
+            )
+            raise AssertionError("context.abort returned")
+        scope = LaunchScope(
+            participant_id=request.participant_id,
+            training_id=request.training_id,
+            training_type=_training_type(request.training_type),
+            gate=_gate(request.gate),
+            session_id=request.session_id,
+            scheduled_start=(
+                request.scheduled_start.ToDatetime(tzinfo=UTC)
+                if request.HasField("scheduled_start")
+                else None
+            ),
+            return_url=request.return_url,
+            # The token audience is the caller's own tenant, never a request field.
+            tenant=caller.tenant,
+        )
+        try:
+            ticket, page_url = self._launcher.launch(scope)
+        except LaunchRefused as exc:
+            code = grpc.StatusCode.PERMISSION_DENIED if exc.not_allowed else None
+            await context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("context.abort returned") from exc
+        except NoSigningKeyError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise AssertionError("context.abort returned") from exc
+        return pb.CreateLaunchTicketResponse(
+            ticket=ticket.token, page_url=page_url, expires_at=timestamp(ticket.expires_at)
+        )
 
 
 def _training_type(value: int) -> TrainingType:

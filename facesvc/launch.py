@@ -105,6 +105,13 @@ class TicketKeys(Protocol):
     def public_keys(self, now: datetime) -> PublicKeySet: ...
 
 
+class Launcher(Protocol):
+    """What CreateLaunchTicket calls (``facesvc.gateway.Portal``): issue a ticket for a
+    scope and name the page URL that carries it."""
+
+    def launch(self, scope: LaunchScope) -> tuple[LaunchTicket, str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchScope:
     """What a ticket binds: the scan to perform and where the browser returns.

@@ -113,7 +113,9 @@ def _printable(field: str, value: str) -> None:
         )
 
 
-def _training(req: pb.VerifyRequest | pb.StartLivenessChallengeRequest) -> None:
+def _training(
+    req: pb.VerifyRequest | pb.StartLivenessChallengeRequest | pb.CreateLaunchTicketRequest,
+) -> None:
     _identifier("participant_id", req.participant_id)
     _identifier("training_id", req.training_id)
     _enum("training_type", req.training_type, "TrainingType")
@@ -163,6 +165,15 @@ def check_verify(req: pb.VerifyRequest, limits: RequestLimits) -> None:
     _printable("challenge_id", req.challenge_id)
     _blobs("frames", list(req.frames), limits.max_frames, limits.max_image_bytes)
     _printable("idempotency_key", req.idempotency_key)
+
+
+def check_create_launch_ticket(req: pb.CreateLaunchTicketRequest) -> None:
+    _training(req)
+    _session("session_id", req.session_id, req.gate)
+    if req.HasField("scheduled_start"):
+        _timestamp("scheduled_start", req.scheduled_start)
+    if not req.return_url:
+        raise InvalidArgument("return_url", "is required: the page sends the browser back there")
 
 
 def check_get_attempts(req: pb.GetAttemptsRequest) -> None:

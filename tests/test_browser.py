@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from grpc_health.v1 import health_pb2
 
-from facesvc.domain import Gate, TrainingType
-from facesvc.launch import LaunchScope, LaunchTickets
+from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.domain import Gate
 from facesvc.tokens import CheckPolicy, Expectation, PublicKeySet, check_token
 from tests.browser.support import (
     EngineHolder,
@@ -218,21 +218,19 @@ def wait_redirect(page: Any, lms: FakeLms, timeout_s: float = 120.0) -> None:
 
 
 def ticket_for(service: RunningServer, lms: FakeLms, participant: str, **changes: Any) -> str:
-    tickets = service.app.portal.tickets
-    assert isinstance(tickets, LaunchTickets)
-    values: dict[str, Any] = {
+    """Acting as the LMS: CreateLaunchTicket over gRPC; returns the page URL to open."""
+    fields: dict[str, Any] = {
         "participant_id": participant,
         "training_id": "t-1",
-        "training_type": TrainingType.SPL,
-        "gate": Gate.SESSION,
+        "training_type": pb.TRAINING_TYPE_SPL,
+        "gate": pb.GATE_SESSION,
         "session_id": "s-1",
-        "scheduled_start": None,
         "return_url": f"{lms.origin}/return/?course=7",
-        "tenant": "dev",
     }
-    values.update(changes)
-    ticket = tickets.issue(LaunchScope(**values))
-    return service.app.portal.page_url(ticket)
+    fields.update(changes)
+    reply = service.stub.CreateLaunchTicket(pb.CreateLaunchTicketRequest(**fields), timeout=10)
+    page_url: str = reply.page_url
+    return page_url
 
 
 def attempts_used(service: RunningServer, page_url: str) -> int:
@@ -344,7 +342,7 @@ def test_a_challenge_shows_its_steps_one_at_a_time(
     )
     page, watch = new_page(browser, service.http_url)
     page_url = ticket_for(
-        service, lms, "p-net", training_type=TrainingType.WEBINAR, training_id="t-web"
+        service, lms, "p-net", training_type=pb.TRAINING_TYPE_WEBINAR, training_id="t-web"
     )
     page.goto(page_url)
     # The photo video cannot answer head turns; this test is about what the page shows,
@@ -408,7 +406,7 @@ def test_an_exhausted_cap_shows_the_reason_attempts_left_and_reset_time(
     service: RunningServer, lms: FakeLms, playwright: Any
 ) -> None:
     page_url = ticket_for(
-        service, lms, "p-cap", training_type=TrainingType.OFFLINE, training_id="t-off"
+        service, lms, "p-cap", training_type=pb.TRAINING_TYPE_OFFLINE, training_id="t-off"
     )
     ticket = page_url.split("#ticket=", 1)[1]
     # One real scan of someone else's face spends the OFFLINE cap of 1.

@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2
 
+from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, TrainingType
 from facesvc.launch import (
@@ -251,6 +253,52 @@ def test_a_ticket_needs_a_session_for_the_session_gate(server: RunningServer) ->
         tickets_of(server).issue(scope(session_id=""))
     with pytest.raises(LaunchRefused, match="participant_id"):
         tickets_of(server).issue(scope(participant_id="p 1"))
+
+
+# ---------------------------------------------------------------- CreateLaunchTicket (gRPC)
+
+
+def _launch_request(**changes: Any) -> pb.CreateLaunchTicketRequest:
+    fields: dict[str, Any] = {
+        "participant_id": "p-1",
+        "training_id": "t-1",
+        "training_type": pb.TRAINING_TYPE_SPL,
+        "gate": pb.GATE_SESSION,
+        "session_id": "s-1",
+        "return_url": RETURN + "?course=7",
+    }
+    fields.update(changes)
+    return pb.CreateLaunchTicketRequest(**fields)
+
+
+def test_the_lms_gets_a_ticket_and_the_page_url_over_grpc(server: RunningServer) -> None:
+    reply = server.stub.CreateLaunchTicket(_launch_request(), timeout=10)
+    assert reply.page_url == f"{server.http_url}/scan/#ticket={reply.ticket}"
+    expires = reply.expires_at.ToDatetime(tzinfo=UTC)
+    assert timedelta(0) < expires - datetime.now(UTC) <= timedelta(seconds=600)
+    opened = tickets_of(server).open(reply.ticket)
+    # The dev authenticator's tenant becomes the audience: never a request field.
+    assert (opened.scope.participant_id, opened.scope.tenant) == ("p-1", "dev")
+    assert opened.scope.return_url == RETURN + "?course=7"
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"return_url": "https://evil.example/lms/return/"}, grpc.StatusCode.PERMISSION_DENIED),
+        ({"return_url": "https://lms-b.example/back/"}, grpc.StatusCode.PERMISSION_DENIED),
+        ({"return_url": RETURN + "../x/"}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"return_url": ""}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"session_id": ""}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"gate": 0}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_create_launch_ticket_refusals(
+    server: RunningServer, changes: dict[str, Any], code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.CreateLaunchTicket(_launch_request(**changes), timeout=10)
+    assert info.value.code() == code, info.value.details()
 
 
 # ---------------------------------------------------------------- scans with the real engine

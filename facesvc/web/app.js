@@ -258,6 +258,9 @@
     }
     show("camera");
     setFeedback("camera.starting");
+    $("step-banner").hidden = true;
+    $("step-list").hidden = true;
+    $("btn-start-scan").hidden = false;
     $("btn-start-scan").disabled = true;
     try {
       state.stream = await navigator.mediaDevices.getUserMedia({
@@ -385,6 +388,7 @@
     if (state.scanning) return;
     state.scanning = true;
     $("btn-start-scan").disabled = true;
+    $("btn-start-scan").hidden = true; // the steps now lead; nothing to press until the result
     const s = state.session;
     let challenge = { challenge_id: "", steps: [], min_frames: s.capture.min_frames, expires_at: null };
     try {
