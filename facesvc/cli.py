@@ -299,6 +299,24 @@ def _add_apikeys(sub: SubParsers) -> None:
     revoke.set_defaults(func=_delegate("facesvc.auth_cli", "cli_apikeys_revoke", 10))
 
 
+def _add_passes(sub: SubParsers) -> None:
+    p = sub.add_parser("passes", help="venue passes: the QR codes kiosks scan (OFFLINE)")
+    _add_settings_flags(p)
+    a = p.add_subparsers(dest="passes_command", required=True, metavar="ACTION")
+    issue = a.add_parser("issue", help="sign a pass and write its QR code as a PNG")
+    issue.add_argument("--participant", required=True)
+    issue.add_argument("--training", required=True, help="the OFFLINE training id")
+    issue.add_argument("--session", required=True, help="the meeting id")
+    issue.add_argument("--start", required=True, help="scheduled start, ISO 8601 with zone")
+    issue.add_argument("--venue", required=True, help="venue id (the kiosk's tenant)")
+    issue.add_argument("--gate", choices=["redeem", "session"], default="redeem")
+    issue.add_argument("--expires", default=None, help="ISO 8601 (default: start + 2 h)")
+    issue.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    issue.add_argument("--key-dir", type=Path, default=None, help="default: tokens.key_dir")
+    issue.add_argument("--print-pass", action="store_true", help="also print the pass text")
+    issue.set_defaults(func=_delegate("facesvc.kiosk.passes", "cli_passes_issue", 8))
+
+
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
     _add_serve,
     _add_settings,
@@ -309,6 +327,7 @@ _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
     _add_templates,
     _add_audit,
     _add_apikeys,
+    _add_passes,
 )
 
 

@@ -1,0 +1,342 @@
+"""The venue pass: what the participant's QR code carries, how it is signed, checked and drawn.
+
+A pass is a compact JWS (``facesvc.tokens.jws``: EdDSA, explicit ``typ``, ``kid``) signed by
+the programme's key under its own type :data:`PASS_TYPE`, so a pass is never accepted as a
+verification token or a launch ticket, nor the other way round. The QR code's text is the JWS
+itself (about 500 ASCII characters: a version-14-ish QR code, easy for a phone screen).
+
+Claims (JSON; times are Unix seconds)::
+
+    sub              the participant
+    training_id      the OFFLINE training
+    session_id       the meeting this pass is for
+    gate             "REDEEM" (first meeting) or "SESSION" (each later meeting)
+    scheduled_start  the meeting's scheduled start
+    venue            the venue (the kiosk's tenant) where the pass is valid
+    iat, exp, jti    issued, expires, the pass's own id
+
+Security properties:
+
+- Everything the kiosk sends to Verify is inside the signature: an edited code fails the
+  signature check, a code for another venue is refused by the kiosk of this one.
+- A copied code (a screenshot sent to a friend) still names its participant: the service
+  compares the face with that participant's enrollment, and counts the attempts on them.
+- Expired passes are refused (``exp``; a small leeway absorbs kiosk clock drift).
+- The kiosk enforces nothing else: the redeem window, caps and liveness are the service's,
+  so a pass that checks here can still be refused by Verify (OUTSIDE_WINDOW...).
+
+Where the kiosk gets the programme's public keys (:class:`PassKeys`): a JWKS file given to it
+(:class:`JwksFileKeys`), or the service's GetSigningKeys (:class:`ServiceKeys`) when passes
+are signed with the service's token keys (``facesvc passes issue`` does that by default).
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import qrcode
+import qrcode.constants
+import zxingcpp
+from PIL import Image
+
+from facesvc.clock import Clock, SystemClock, require_aware
+from facesvc.domain import Gate
+from facesvc.models.types import RGBImage
+from facesvc.redis_keys import validate_id
+from facesvc.tokens.claims import CheckReason
+from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
+from facesvc.tokens.keys import SigningKey
+
+PASS_TYPE = "facesvc-venue-pass+jwt"  # noqa: S105  (a media type, not a secret)
+"""The ``typ`` of a venue pass's JWS header."""
+
+LEEWAY = timedelta(seconds=60)
+"""Tolerated drift between the issuer's clock and a kiosk's when judging ``exp``."""
+
+PASS_GATES = frozenset({Gate.REDEEM, Gate.SESSION})
+"""OFFLINE has no post-test gate (see facesvc.limits.windows)."""
+
+
+class PassProblem(enum.Enum):
+    """Why a pass was refused."""
+
+    MALFORMED = "MALFORMED"
+    """Not a venue pass, or damaged."""
+    FORGED = "FORGED"
+    """Edited, or not signed by the programme."""
+    EXPIRED = "EXPIRED"
+    WRONG_VENUE = "WRONG_VENUE"
+
+
+class PassRefused(Exception):
+    """A scanned pass cannot be used; ``problem`` says why."""
+
+    def __init__(self, problem: PassProblem, detail: str) -> None:
+        super().__init__(f"{problem.value}: {detail}")
+        self.problem = problem
+        self.detail = detail
+
+
+class PassKeysUnavailable(Exception):
+    """The programme's public keys could not be obtained (the service is unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VenuePass:
+    """One participant's admission to one meeting at one venue (times tz-aware, UTC)."""
+
+    participant_id: str
+    training_id: str
+    session_id: str
+    gate: Gate
+    scheduled_start: datetime
+    venue: str
+    issued_at: datetime
+    expires_at: datetime
+    pass_id: str
+
+    def claims(self) -> dict[str, Any]:
+        """The JWS payload (see the module docstring)."""
+        return {
+            "sub": self.participant_id,
+            "training_id": self.training_id,
+            "session_id": self.session_id,
+            "gate": self.gate.value,
+            "scheduled_start": _epoch(self.scheduled_start),
+            "venue": self.venue,
+            "iat": _epoch(self.issued_at),
+            "exp": _epoch(self.expires_at),
+            "jti": self.pass_id,
+        }
+
+
+def new_pass(
+    *,
+    participant_id: str,
+    training_id: str,
+    session_id: str,
+    scheduled_start: datetime,
+    venue: str,
+    gate: Gate = Gate.REDEEM,
+    expires_at: datetime | None = None,
+    now: datetime | None = None,
+) -> VenuePass:
+    """A pass with a fresh id, valid until ``expires_at`` (default: the end of the OFFLINE
+    redeem window, 2 h after ``scheduled_start``). Raises ValueError for an id the service
+    would refuse, a naive time, or a gate OFFLINE does not have."""
+    for value, name in (
+        (participant_id, "participant"),
+        (training_id, "training"),
+        (session_id, "session"),
+        (venue, "venue"),
+    ):
+        validate_id(value, name)
+    if gate not in PASS_GATES:
+        raise ValueError(f"an OFFLINE pass is for REDEEM or SESSION, not {gate.value}")
+    start = require_aware(scheduled_start, "scheduled_start").astimezone(UTC)
+    issued = require_aware(now, "now") if now is not None else SystemClock().now()
+    expires = (
+        start + timedelta(hours=2) if expires_at is None else require_aware(expires_at, "expires")
+    )
+    if expires <= issued:
+        raise ValueError("the pass would be expired when issued: give a later expiry")
+    return VenuePass(
+        participant_id=participant_id,
+        training_id=training_id,
+        session_id=session_id,
+        gate=gate,
+        scheduled_start=start,
+        venue=venue,
+        issued_at=issued.astimezone(UTC),
+        expires_at=expires.astimezone(UTC),
+        pass_id=secrets.token_urlsafe(12),
+    )
+
+
+def sign_pass(venue_pass: VenuePass, key: SigningKey) -> str:
+    """The pass as a compact JWS signed by the programme's ``key``: the QR code's text."""
+    return sign_compact(venue_pass.claims(), key.private_key, key.kid, typ=PASS_TYPE)
+
+
+def open_pass(text: str, keys: PublicKeySet, *, venue: str, now: datetime) -> VenuePass:
+    """Check a scanned pass (signature, type, claims, expiry, venue) and read it.
+
+    Raises :class:`PassRefused`. A ``kid`` missing from ``keys`` is FORGED here; callers that
+    can refresh their keys do so first (see :class:`PassChecker`).
+    """
+    try:
+        verified = verify_compact(text, keys, typ=PASS_TYPE)
+    except TokenRejected as exc:
+        if exc.reason is CheckReason.MALFORMED:
+            raise PassRefused(PassProblem.MALFORMED, str(exc)) from exc
+        raise PassRefused(PassProblem.FORGED, str(exc)) from exc
+    try:
+        venue_pass = _from_claims(verified.payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        # Signed by the programme yet unreadable: an issuer bug, not an attack; still refused.
+        raise PassRefused(PassProblem.MALFORMED, f"claims: {exc}") from exc
+    if now >= venue_pass.expires_at + LEEWAY:
+        raise PassRefused(
+            PassProblem.EXPIRED, f"expired at {venue_pass.expires_at:%Y-%m-%d %H:%M} UTC"
+        )
+    if venue_pass.venue != venue:
+        raise PassRefused(
+            PassProblem.WRONG_VENUE, f"the pass is for venue {venue_pass.venue!r}, not {venue!r}"
+        )
+    return venue_pass
+
+
+def _epoch(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def _text(claims: dict[str, Any], name: str) -> str:
+    value = claims[name]
+    if not isinstance(value, str):
+        raise TypeError(f"{name} is not a string")
+    return validate_id(value, name)
+
+
+def _moment(claims: dict[str, Any], name: str) -> datetime:
+    value = claims[name]
+    # bool is an int subclass: a "true" exp must not pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} is not an integer")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _from_claims(claims: dict[str, Any]) -> VenuePass:
+    gate = Gate(claims["gate"])
+    if gate not in PASS_GATES:
+        raise ValueError(f"gate {gate.value} is not an OFFLINE gate")
+    jti = claims["jti"]
+    if not isinstance(jti, str) or not jti:
+        raise TypeError("jti is not a string")
+    return VenuePass(
+        participant_id=_text(claims, "sub"),
+        training_id=_text(claims, "training_id"),
+        session_id=_text(claims, "session_id"),
+        gate=gate,
+        scheduled_start=_moment(claims, "scheduled_start"),
+        venue=_text(claims, "venue"),
+        issued_at=_moment(claims, "iat"),
+        expires_at=_moment(claims, "exp"),
+        pass_id=jti,
+    )
+
+
+# --------------------------------------------------------------------------- programme keys
+
+
+class PassKeys(Protocol):
+    """The programme's published keys. ``refresh=True`` asks for a fresh copy (a pass named a
+    key not seen yet); raises :class:`PassKeysUnavailable` when none can be had."""
+
+    def keys(self, *, refresh: bool = False) -> PublicKeySet: ...
+
+
+class JwksFileKeys:
+    """Keys from a JWKS file handed to the kiosk (``/.well-known/jwks.json`` saved, or the
+    programme's own pass-key JWKS); read again on refresh, so replacing the file is enough."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._keys: PublicKeySet | None = None
+
+    def keys(self, *, refresh: bool = False) -> PublicKeySet:
+        """See :class:`PassKeys`."""
+        if self._keys is None or refresh:
+            try:
+                self._keys = PublicKeySet.from_json(self._path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise PassKeysUnavailable(f"cannot read the pass keys {self._path}: {exc}") from exc
+        return self._keys
+
+
+class ServiceKeys:
+    """Keys from the service's GetSigningKeys (``fetch``: ``client.signing_keys``).
+
+    Fetched on first use and kept; a refresh is made at most once per ``min_refresh_s``,
+    so a stream of junk passes naming unknown keys cannot hammer the service.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], PublicKeySet],
+        *,
+        min_refresh_s: float = 30.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._min_refresh = timedelta(seconds=min_refresh_s)
+        self._clock = clock or SystemClock()
+        self._keys: PublicKeySet | None = None
+        self._fetched_at: datetime | None = None
+
+    def keys(self, *, refresh: bool = False) -> PublicKeySet:
+        """See :class:`PassKeys`."""
+        now = self._clock.now()
+        recent = self._fetched_at is not None and now - self._fetched_at < self._min_refresh
+        if self._keys is None or (refresh and not recent):
+            try:
+                self._keys = self._fetch()
+            except Exception as exc:  # any transport failure means the same: no keys now
+                raise PassKeysUnavailable(f"cannot fetch the programme's keys: {exc}") from exc
+            self._fetched_at = now
+        return self._keys
+
+
+class PassChecker:
+    """Checks scanned passes for one venue with the programme's keys.
+
+    ``check`` raises :class:`PassRefused` or :class:`PassKeysUnavailable`.
+    """
+
+    def __init__(self, keys: PassKeys, venue: str, clock: Clock | None = None) -> None:
+        self._keys = keys
+        self._venue = venue
+        self._clock = clock or SystemClock()
+
+    @property
+    def venue(self) -> str:
+        return self._venue
+
+    def check(self, text: str) -> VenuePass:
+        """The pass ``text`` encodes, once its signature, expiry and venue check out."""
+        now = self._clock.now()
+        try:
+            return open_pass(text, self._keys.keys(), venue=self._venue, now=now)
+        except PassRefused as exc:
+            if exc.problem is not PassProblem.FORGED:
+                raise
+            # A key rotated in after the last fetch looks forged until the keys are refreshed.
+            return open_pass(text, self._keys.keys(refresh=True), venue=self._venue, now=now)
+
+
+# --------------------------------------------------------------------------- QR images
+
+
+def qr_png(text: str, *, box_px: int = 8) -> bytes:
+    """``text`` as a QR code PNG (error correction M, 4-module quiet zone, ``box_px`` pixels
+    per module: about 600 px wide for a pass)."""
+    code = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, box_size=box_px)
+    code.add_data(text)
+    code.make(fit=True)
+    buffer = io.BytesIO()
+    code.make_image().save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_qr(image: RGBImage) -> list[str]:
+    """The texts of every QR code found in ``image`` ((H, W, 3) uint8 RGB), in reading order."""
+    grey = Image.fromarray(image).convert("L")
+    qr_only = zxingcpp.BarcodeFormats(zxingcpp.BarcodeFormat.QRCode)
+    found = zxingcpp.read_barcodes(grey, formats=qr_only)
+    return [code.text for code in found if code.valid]
