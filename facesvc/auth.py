@@ -357,7 +357,11 @@ def permission_problem(client: Client, rpc: str) -> str | None:
 
 def _training_type(request: Message) -> TrainingType | None:
     if isinstance(
-        request, pb.VerifyRequest | pb.StartLivenessChallengeRequest | pb.GetAttemptsRequest
+        request,
+        pb.VerifyRequest
+        | pb.StartLivenessChallengeRequest
+        | pb.GetAttemptsRequest
+        | pb.CreateLaunchTicketRequest,
     ):
         name = pb.TrainingType.Name(request.training_type) if request.training_type else ""
         return TrainingType(name.removeprefix("TRAINING_TYPE_")) if name else None
