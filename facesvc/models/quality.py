@@ -285,11 +285,12 @@ def head_pose(landmarks: Points, layout: LandmarkLayout) -> HeadPose:
 
     Weak-perspective model: in a frontal face the nose point lies a known drop below the eye
     line (from the layout's mean face) and ``_NOSE_DEPTH`` eye-distances in front of
-    the eyes. Yaw comes from the nose's sideways shift against the (foreshortened) eye
-    distance. Pitch comes from the nose's drop below the eye line; that drop shrinks for
-    chin up and, more slowly, for chin down, so the sign is ambiguous and the
-    smaller-magnitude solution is reported: treat pitch as a coarse gate (it misses heads
-    bowed by less than about 30 degrees).
+    the eyes. Yaw comes from the nose's sideways shift against the eye distance. Pitch
+    comes from the nose's drop below the eye line, which shrinks fast for chin up and
+    slowly for chin down; of the two angles that fit, the smaller one is reported, so treat
+    pitch as a coarse gate. On ../shared/data/poses (42 labelled photos, 5 people plus 12
+    AFLW2000 faces) yaw came out with the right sign, up to 1.5 times too large, and pitch
+    within 9 degrees on average.
     """
     eye_a, eye_b, nose, drop = _eyes_and_nose(np.asarray(landmarks, dtype=np.float64), layout)
     # Eye on the image's left first, so a level face has roll 0.
@@ -305,12 +306,12 @@ def head_pose(landmarks: Points, layout: LandmarkLayout) -> HeadPose:
     nose_y = s * rel[0] + c * rel[1]
 
     yaw = math.atan(nose_x / (eye_dist * _NOSE_DEPTH))
-    scale = eye_dist / math.cos(yaw)
-    # nose_y / scale = drop*cos(pitch) - depth*cos(yaw)*sin(pitch) = amp*cos(pitch + shift)
-    depth = _NOSE_DEPTH * math.cos(yaw)
-    amp = math.hypot(drop, depth)
-    shift = math.atan2(depth, drop)
-    ratio = min(max(nose_y / (scale * amp), -1.0), 1.0)
+    # nose_y / eye_dist ~ drop*cos(pitch) - depth*sin(pitch) = amp*cos(pitch + shift). The
+    # eye distance is taken as seen, not corrected by cos(yaw): the yaw estimate is the
+    # less certain one, and correcting by it made turned heads look raised.
+    amp = math.hypot(drop, _NOSE_DEPTH)
+    shift = math.atan2(_NOSE_DEPTH, drop)
+    ratio = min(max(nose_y / (eye_dist * amp), -1.0), 1.0)
     spread = math.acos(ratio)
     pitch = min((spread - shift, -spread - shift), key=abs)
     return HeadPose(math.degrees(yaw), math.degrees(pitch), math.degrees(roll))
