@@ -664,7 +664,7 @@ def _round_half_up(values: npt.NDArray[np.float64]) -> IntArray:
     return np.floor(values + 0.5).astype(np.int64)
 
 
-def decode_detections(
+def _decode_detections(
     scores: FloatArray,
     geometry: _OutputGeometry,
     windows: IntArray,
@@ -864,11 +864,11 @@ class MMODFaceDetector:
         self, canvas: FloatArray, plan: _PyramidPlan, levels_above: int
     ) -> list[Detection]:
         """Run the network on a filled ``canvas``; boxes in pixels of the caller's image,
-        ``levels_above`` pyramid levels above the plan's (see ``decode_detections``)."""
+        ``levels_above`` pyramid levels above the plan's (see ``_decode_detections``)."""
         if min(plan.layout.rows, plan.layout.cols) < self._geometry.min_input:
             return []  # a few pixels: no output cell, and no face could fit anyway
         (scores,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: canvas})
-        rects, confidence = decode_detections(
+        rects, confidence = _decode_detections(
             np.asarray(scores, dtype=np.float32)[0],
             self._geometry,
             self._windows,
