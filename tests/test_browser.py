@@ -34,10 +34,11 @@ from tests.browser.support import (
     http,
     multipart,
     portal_overrides,
+    stranger,
     write_y4m,
 )
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, astronaut, insightface_image, jpeg
+from tests.engine_support import ADMIN, astronaut, jpeg
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -410,7 +411,7 @@ def test_an_exhausted_cap_shows_the_reason_attempts_left_and_reset_time(
     )
     ticket = page_url.split("#ticket=", 1)[1]
     # One real scan of someone else's face spends the OFFLINE cap of 1.
-    body, content_type = multipart({}, [jpeg(insightface_image("Tom_Hanks_54745.png"))])
+    body, content_type = multipart({}, [jpeg(stranger())])
     spent = http(
         "POST",
         service.http_url + "/api/v1/verify",

@@ -29,9 +29,9 @@ from facesvc.redis_client import redis_client_from_url
 from facesvc.tokens import CheckPolicy, Expectation, PublicKeySet, check_token
 from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import KeyDirectory
-from tests.browser.support import EngineHolder, http, multipart, portal_overrides
+from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import astronaut, insightface_image, jpeg
+from tests.engine_support import astronaut, jpeg
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETURN = "http://127.0.0.1:9/lms/return/"
@@ -329,8 +329,8 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
     assert session.json()["liveness"] == "off"
 
     # Someone else's face: NOT_MATCHED counts against the cap.
-    stranger = jpeg(insightface_image("Tom_Hanks_54745.png"))
-    body, content_type = multipart({"idempotency_key": "k-1"}, [stranger])
+    someone_else = jpeg(stranger())
+    body, content_type = multipart({"idempotency_key": "k-1"}, [someone_else])
     headers = {**bearer(ticket.token), "Content-Type": content_type}
     first = http("POST", running.http_url + "/api/v1/verify", headers=headers, body=body)
     assert first.status == 200, first.body

@@ -162,6 +162,16 @@ def write_y4m(
     return path
 
 
+def stranger() -> np.ndarray:
+    """A real face that is not the astronaut: the leftmost person of insightface's group
+    photo t1.jpg (face at x 52-167, y 263-378; no other face in the crop, which also keeps
+    the head pose within the quality limits), enlarged twice like a close webcam frame."""
+    from tests.engine_support import insightface_image
+
+    crop = Image.fromarray(insightface_image("t1.jpg")[180:470, 0:250])
+    return np.asarray(crop.resize((crop.width * 2, crop.height * 2), Image.Resampling.LANCZOS))
+
+
 # ---------------------------------------------------------------- server settings
 
 
