@@ -232,8 +232,11 @@ def _extract_image_chip(
     chip_to_source = np.array([[ax[0], ay[0], tl[0]], [ax[1], ay[1], tl[1]]])
     xs, ys = _map_grid(chip_to_source, rows, cols)
     values, inside = _bilinear(source, xs, ys)
-    # dlib assigns a double to an unsigned char by clamping and truncating.
-    out[inside] = np.clip(values[inside], 0, 255).astype(np.uint8)
+    # dlib assigns a double to an unsigned char by clamping and truncating; a blend of
+    # bytes with weights summing to one needs no clamping.
+    if inside.all():
+        return values.astype(np.uint8)
+    out[inside] = values[inside].astype(np.uint8)
     return out
 
 
@@ -275,21 +278,28 @@ def _bilinear(image: RGBImage, xs: F64, ys: F64) -> tuple[F64, npt.NDArray[np.bo
     """Bilinear samples of ``image`` (H, W, C) at (xs, ys) and whether each sample had all
     four neighbours inside the image (dlib's ``interpolate_bilinear``); samples without them
     are zero. ``image`` must be at least 2x2. Returns values (..., C) float64 and the mask
-    (...)."""
+    (...). The arithmetic is dlib's, in double, term for term."""
     height, width = image.shape[:2]
     left = np.floor(xs)
     top = np.floor(ys)
-    inside = (left >= 0) & (top >= 0) & (left + 1 < width) & (top + 1 < height)
-    # Flat indices into (H*W, C); outside samples read pixel 0 and are masked afterwards.
-    flat = np.where(inside, top * width + left, 0).astype(np.intp)
-    dx = inside.astype(np.intp)
+    inside = (left >= 0) & (top >= 0) & (left < width - 1) & (top < height - 1)
+    everywhere = bool(inside.all())
+    # Flat indices into (H*W, C); outside samples read pixel 0 and are zeroed afterwards.
+    flat = top * width + left
+    if not everywhere:
+        flat = np.where(inside, flat, 0)
+    at = flat.astype(np.intp)
+    dx = 1 if everywhere else inside.astype(np.intp)
     dy = dx * width
     pixels = image.reshape(-1, image.shape[2])
-    tl = pixels[flat].astype(np.float64)
-    tr = pixels[flat + dx].astype(np.float64)
-    bl = pixels[flat + dy].astype(np.float64)
-    br = pixels[flat + dy + dx].astype(np.float64)
     fx = (xs - left)[..., None]
     fy = (ys - top)[..., None]
-    values = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
-    return np.where(inside[..., None], values, 0.0), inside
+    gx = 1 - fx
+    gy = 1 - fy
+    # uint8 times float64 converts exactly, as dlib's assignment to double does.
+    upper = gx * np.take(pixels, at, axis=0) + fx * np.take(pixels, at + dx, axis=0)
+    lower = gx * np.take(pixels, at + dy, axis=0) + fx * np.take(pixels, at + dy + dx, axis=0)
+    values = gy * upper + fy * lower
+    if not everywhere:
+        values = np.where(inside[..., None], values, 0.0)
+    return values, inside
