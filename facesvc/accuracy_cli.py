@@ -156,8 +156,8 @@ def _report(ds: DescriptorSet, results: Sequence[LeverResult], folds: int, seed:
         + ".",
         f"Operating points: threshold at FMR 1e-3 calibrated on the other fold "
         f"({folds} identity folds, stratified by source, seed {seed}); counts pooled over folds.",
-        "ROC AUC, EER and FNMR @ FMR are threshold-free, over all comparisons of the lever,"
-        " with 95% intervals from a bootstrap over identities.",
+        "ROC AUC, EER and FNMR @ FMR are threshold-free, over the same report-fold"
+        " comparisons, with 95% intervals from a bootstrap over identities.",
         "",
         "## Levers, all sources",
         "",
