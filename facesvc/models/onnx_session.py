@@ -19,12 +19,16 @@ class SessionSettings:
 
     ``intra_threads``: threads for one operator (>= 1). ``denormal_as_zero``: flush denormal
     floats to zero (the FAS model is pathologically slow without it). ``optimize``: apply all
-    of ONNX Runtime's graph optimisations (off only to debug a graph).
+    of ONNX Runtime's graph optimisations (off only to debug a graph). ``spin``: let idle
+    intra-op threads busy-wait for the next operator (a little lower latency on an idle
+    machine, but on a shared one or beside other workers it burns the cores the other
+    requests need, so it is off by default).
     """
 
     intra_threads: int = 1
     denormal_as_zero: bool = False
     optimize: bool = True
+    spin: bool = False
 
     def __post_init__(self) -> None:
         if self.intra_threads < 1:
@@ -42,6 +46,8 @@ def create_session(model: Path | bytes, settings: SessionSettings) -> ort.Infere
         if settings.optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if not settings.spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if settings.denormal_as_zero:
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
     source = str(model) if isinstance(model, Path) else model
