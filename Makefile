@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 REDIS_URL := $(or $(FACESVC_REDIS_URL),redis://127.0.0.1:6379/0)
 TEST_REDIS_URL := $(or $(FACESVC_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 
-.PHONY: run test lint proto venv models redis redis-stop keys
+.PHONY: run test lint proto venv models redis redis-stop browser-deps keys
 
 venv: $(INSTALLED)
 
@@ -63,3 +63,13 @@ lint: venv
 
 proto: venv
 	$(PY) -m facesvc.protogen
+
+# ---------------------------------------------------------------- browser tests
+# tests/test_browser.py (marker `browser`) drives Debian's chromium through Playwright for
+# Python, which the dev extra installs; `playwright install` is never needed. Without a
+# chromium those tests skip, unless FACESVC_REQUIRE_BROWSER=1 (CI: `make browser-deps test`).
+# Needs root for apt; FACESVC_CHROMIUM names another binary.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+	chromium --version
