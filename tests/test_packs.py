@@ -390,3 +390,37 @@ def test_describe_photos_with_a_manifest_pack(models: Path, tmp_path: Path) -> N
     assert ds.image_identity.tolist() == [0, 0, 1, 1]
     # variants are perturbed re-alignments, not copies of the photo's descriptor
     assert not np.allclose(ds.variants[0, 0], ds.descriptors[0])
+
+
+def test_calibrate_command_output_loads_into_the_pack(models: Path, tmp_path: Path) -> None:
+    """`facesvc calibrate` on a manifest pack writes a record that the same pack accepts."""
+    import argparse
+
+    from PIL import Image
+
+    from facesvc.accuracy_cli import run_calibrate
+
+    rng = np.random.default_rng(9)
+    for person in ("s__a", "s__b", "t__c"):
+        (tmp_path / "faces" / person).mkdir(parents=True)
+        base = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) // 4
+        for k in range(2):
+            frame = base.copy()
+            frame[224:256, 320:352] = frame_with_block()[224:256, 320:352]
+            frame[rng.integers(0, 480, 50), rng.integers(0, 640, 50)] = 255  # photo noise
+            Image.fromarray(frame).save(tmp_path / "faces" / person / f"{k}.png")
+    manifest = write(
+        models, "onnx_calcmd.toml", ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW")
+    )
+    out = tmp_path / "calibration.json"
+    args = argparse.Namespace(
+        pack=str(manifest), data=tmp_path / "faces", cache=None, min_face_px=40, fmr=0.25, out=out
+    )
+    assert run_calibrate(args) == 0
+    pack = registry().load(str(manifest), context(calibration_override=out))
+    assert pack.calibration is not None and pack.threshold is not None
+    assert pack.calibration.data.identities == 3 and pack.calibration.data.images == 6
+    assert pack.calibration.overall.genuine_pairs == 3
+    assert pack.calibration.overall.impostor_pairs == 12
+    assert [s.source for s in pack.calibration.per_source] == ["s", "t"]
+    assert pack.calibration.centre is not None and len(pack.calibration.centre) == 512
