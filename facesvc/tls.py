@@ -85,6 +85,7 @@ def insecure_warnings(security: SecuritySettings) -> list[str]:
         lines.append(
             "NO AUTHENTICATION: security.api_keys_file is unset, so every caller is an admin "
             "(may enroll and delete). For local development only: create keys with "
-            "`facesvc apikeys add` and set security.api_keys_file."
+            "`facesvc apikeys add`, set security.api_keys_file and "
+            "security.allow_anonymous=false in production."
         )
     return lines

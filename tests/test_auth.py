@@ -557,6 +557,11 @@ def test_plaintext_refused_when_tls_is_required() -> None:
         load_settings(env={}, overrides={"security.allow_plaintext": "false"})
 
 
+def test_running_without_keys_refused_when_authentication_is_required() -> None:
+    with pytest.raises(ConfigError, match="allow_anonymous is off"):
+        load_settings(env={}, overrides={"security.allow_anonymous": "false"})
+
+
 def test_unreadable_or_mismatched_certificates_stop_the_start(
     start_server: ServerStarter, redis_url: str, pki: Pki, tmp_path: Path
 ) -> None:
