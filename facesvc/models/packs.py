@@ -401,7 +401,7 @@ def load_dlib_pack(context: PackContext) -> ModelPack:
         name=DLIB_PACK,
         digest=digest,
         detector=MMODFaceDetector.load(cache, context.threads),
-        landmarks=ShapePredictorLandmarks.load(landmarks_dat),
+        landmarks=ShapePredictorLandmarks.load_cached(cache, landmarks_dat),
         embedder=DlibResnetEmbedder.load(cache, context.threads),
         distance=Distance.COSINE,
         calibration=calibration,
