@@ -292,9 +292,6 @@ class SecuritySettings:
     """CA for client certificates: set it to require mTLS."""
     allow_plaintext: bool = True
     """Serve gRPC without TLS when no certificate is set. Turn off in production."""
-    allow_anonymous: bool = True
-    """Without ``api_keys_file``, treat every caller as an admin (local development). Turn
-    off in production: the service then refuses to start without a keys file."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -304,11 +301,6 @@ class SecuritySettings:
         if self.tls_cert is None and not self.allow_plaintext:
             raise ConfigError(
                 "security.allow_plaintext is off but no security.tls_cert/tls_key is set"
-            )
-        if self.api_keys_file is None and not self.allow_anonymous:
-            raise ConfigError(
-                "security.allow_anonymous is off but no security.api_keys_file is set: "
-                "create one with `facesvc apikeys add`"
             )
 
 
@@ -330,10 +322,14 @@ class PortalSettings:
     (camera set-up, retries); a VERIFIED scan spends it at once."""
     frame_width_px: int = 640
     """The page downscales camera frames to this width before JPEG-compressing them."""
+    verify_timeout_s: float = 45.0
+    """Seconds the page waits for a scan's answer before it offers a retry, which resends
+    the same frames under the same idempotency key (no second attempt)."""
 
     def __post_init__(self) -> None:
         _check_positive("portal.ticket_ttl_s", self.ticket_ttl_s)
         _check_positive("portal.frame_width_px", self.frame_width_px)
+        _check_positive("portal.verify_timeout_s", self.verify_timeout_s)
         if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
             raise ConfigError(f"portal.public_url={self.public_url!r}: use an http(s) URL")
         for entry in self.return_urls:

@@ -353,6 +353,7 @@ class Portal:
                 "frames_per_pose": _FRAMES_PER_POSE,
                 "min_frames": _PASSIVE_MIN_FRAMES,
                 "max_frames": self._settings.server.max_frames,
+                "verify_timeout_ms": round(self._settings.portal.verify_timeout_s * 1000),
             },
         }
 

@@ -106,6 +106,8 @@ def service(
         liveness__webinar="challenge",
         liveness__offline="off",
         limits__cap_offline=1,
+        # Long enough for a scan on a busy 2-core machine, short enough to test a timeout.
+        portal__verify_timeout_s=30.0,
     )
     running = start_module_server(redis_url, engine_factory=holder, **overrides)
     running.wait_health(SERVING, within_s=180)
@@ -244,7 +246,9 @@ def attempts_used(service: RunningServer, page_url: str) -> int:
     return used
 
 
-def assert_token_verifies(service: RunningServer, url: str, participant: str) -> None:
+def assert_token_verifies(
+    service: RunningServer, url: str, participant: str, training_id: str = "t-1"
+) -> None:
     query = parse_qs(urlsplit(url).query)
     assert query["course"] == ["7"]
     (token,) = query["token"]
@@ -252,7 +256,7 @@ def assert_token_verifies(service: RunningServer, url: str, participant: str) ->
     result = check_token(
         token,
         jwks,
-        Expectation(audience="dev", gate=Gate.SESSION, session_id="s-1", training_id="t-1"),
+        Expectation(audience="dev", gate=Gate.SESSION, session_id="s-1", training_id=training_id),
         CheckPolicy(issuer=service.app.settings.tokens.issuer),
         datetime.now(UTC),
     )
@@ -340,6 +344,37 @@ def test_a_network_failure_shows_a_retry_that_resends_the_same_scan(
     wait_redirect(page, lms)
     assert_token_verifies(service, page.url, "p-net")
     assert [e for e in watch.errors if "ERR_INTERNET_DISCONNECTED" not in e] == []
+    browser.close()
+
+
+def test_a_timeout_offers_a_retry_that_resends_the_same_scan(
+    service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
+) -> None:
+    browser = _launch(
+        playwright,
+        ["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={face_video}"],
+    )
+    page, watch = new_page(browser, service.http_url)
+    page_url = ticket_for(service, lms, "p-net", training_id="t-slow")
+    page.goto(page_url)
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:
+        held.append(route)  # never answered: the server seems to hang
+
+    page.route("**/api/v1/verify", hold)
+    run_scan(page)
+    wait_screen(page, "problem", timeout_ms=90_000)
+    assert page.locator("#h-problem").inner_text() == "Waktu habis"
+    assert held, "the scan was sent"
+    snap(page, "timeout")
+    page.unroute("**/api/v1/verify")
+    page.click("#btn-problem-retry")
+    wait_redirect(page, lms)
+    assert_token_verifies(service, page.url, "p-net", training_id="t-slow")
+    # One scan, one attempt (asked with a fresh link: the first one is spent).
+    assert attempts_used(service, ticket_for(service, lms, "p-net", training_id="t-slow")) == 1
+    assert [e for e in watch.errors if "ERR_" not in e] == []
     browser.close()
 
 

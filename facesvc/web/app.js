@@ -453,7 +453,8 @@
     scan.blobs.forEach((blob, i) => form.append("frame", blob, "frame-" + i + ".jpg"));
     let response;
     try {
-      response = await api("POST", "/api/v1/verify", form, VERIFY_TIMEOUT_MS);
+      const timeout = state.session.capture.verify_timeout_ms || VERIFY_TIMEOUT_MS;
+      response = await api("POST", "/api/v1/verify", form, timeout);
     } catch (error) {
       handleFailure(error, submitScan, false);
       return;
