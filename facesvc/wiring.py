@@ -14,11 +14,12 @@ from zoneinfo import ZoneInfo
 
 from facesvc.app import Resources
 from facesvc.audit import AuditLog
+from facesvc.calibration import log_calibration_status
 from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
-from facesvc.facework import FaceWork
+from facesvc.facework import BatchSettings, FaceWork
 from facesvc.imaging import DecodeLimits
 from facesvc.limits.abuse import LockoutRule, SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapRule
@@ -45,10 +46,12 @@ def load_pack(settings: Settings) -> ModelPack:
     context = PackContext(
         cache_dir=settings.models.cache_dir,
         threads=settings.models.threads,
-        calibration_override=None,
+        calibration_override=settings.models.calibration,
         logger=log,
     )
-    return default_registry().load(settings.models.pack, context)
+    pack = default_registry().load(settings.models.pack, context)
+    log_calibration_status(log, pack.name, pack.calibration)
+    return pack
 
 
 def liveness_policy(settings: Settings) -> LivenessPolicy:
@@ -86,11 +89,18 @@ async def build_engine(
     )
     pad_model = FasFtModel(threads=settings.models.threads) if needs_pad else None
     pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, QualityLimits())
+    throughput = settings.throughput
     faces = FaceWork(
         pipeline,
         pad_model,
         decode_limits=DecodeLimits(max_bytes=settings.server.max_image_bytes),
         threads=settings.models.threads,
+        embed_batching=BatchSettings(
+            throughput.embed_max_batch, throughput.max_wait_s, throughput.max_queue
+        ),
+        pad_batching=BatchSettings(
+            throughput.pad_max_batch, throughput.max_wait_s, throughput.max_queue
+        ),
     )
     keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
     issuer = TokenIssuer(
