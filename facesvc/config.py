@@ -292,6 +292,9 @@ class SecuritySettings:
     """CA for client certificates: set it to require mTLS."""
     allow_plaintext: bool = True
     """Serve gRPC without TLS when no certificate is set. Turn off in production."""
+    allow_anonymous: bool = True
+    """Without ``api_keys_file``, treat every caller as an admin (local development). Turn
+    off in production: the service then refuses to start without a keys file."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -301,6 +304,11 @@ class SecuritySettings:
         if self.tls_cert is None and not self.allow_plaintext:
             raise ConfigError(
                 "security.allow_plaintext is off but no security.tls_cert/tls_key is set"
+            )
+        if self.api_keys_file is None and not self.allow_anonymous:
+            raise ConfigError(
+                "security.allow_anonymous is off but no security.api_keys_file is set: "
+                "create one with `facesvc apikeys add`"
             )
 
 
