@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.admission import AdmissionInterceptor, InFlightLimit
 from facesvc.auth import (
     ApiKeyAuthenticator,
     AuthInterceptor,
@@ -103,6 +104,7 @@ class App:
     ) -> None:
         self.settings = settings
         self._tls = server_tls(settings.security)
+        self._shares_ports = settings.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
         server = settings.server
@@ -124,7 +126,17 @@ class App:
         )
         self.http_app: web.Application = build_http_app(self.metrics, self.health)
         """Add HTTP routes here before ``start()``."""
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        throughput = settings.throughput
+        admission = AdmissionInterceptor(
+            self.metrics,
+            InFlightLimit(throughput.max_in_flight_verify),
+            retry_after_s=throughput.retry_after_s,
+        )
+        # Refusing under overload is the cheapest answer: before authentication's Redis trip.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            MetricsInterceptor(self.metrics),
+            admission,
+        ]
         if auth is not None:
             service = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
             interceptors.append(AuthInterceptor(auth, service))
@@ -137,9 +149,10 @@ class App:
             options=[
                 ("grpc.max_receive_message_length", transport_limit(server.max_message_bytes)),
                 ("grpc.max_send_message_length", server.max_message_bytes),
-                # One process per port: a second server on the same port is an
-                # operator error that must fail loudly, not share traffic.
-                ("grpc.so_reuseport", 0),
+                # Workers (server.workers > 1) share the port and the kernel spreads
+                # connections over them. A single process keeps it to itself: a second
+                # server on its port is an operator error that must fail loudly.
+                ("grpc.so_reuseport", int(self._shares_ports)),
             ],
         )
         self._runner: web.AppRunner | None = None
@@ -184,6 +197,7 @@ class App:
             s.server.http_host,
             s.server.http_port,
             ssl_context=None if self._tls is None else self._tls.http_context,
+            reuse_port=self._shares_ports,
         )
         await site.start()
         self.http_port = int(self._runner.addresses[0][1])

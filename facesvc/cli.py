@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,8 +29,6 @@ from facesvc.config import (
     settings_info,
     shown,
 )
-
-log = logging.getLogger("facesvc.cli")
 
 Handler = Callable[[argparse.Namespace], int]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -96,46 +92,25 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from facesvc.app import App
     from facesvc.logs import configure_logging
-    from facesvc.wiring import engine_from_resources
+    from facesvc.workers import serve
 
     settings = settings_from_args(args)
     configure_logging(settings.logging)
-    if settings.server.workers != 1:
-        raise ConfigError("server.workers > 1 arrives with issue 9; use 1 for now")
     print("facesvc settings:\n" + describe(settings), file=sys.stderr, flush=True)
-
-    async def run() -> int:
-        app = App(settings, engine_factory=engine_from_resources)
-        await app.start()
-        print(
-            f"facesvc listening: gRPC {settings.server.grpc_host}:{app.grpc_port}, "
-            f"HTTP {settings.server.http_host}:{app.http_port} (/metrics, /healthz)",
-            file=sys.stderr,
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        stopped = asyncio.create_task(stop.wait())
-        failed = asyncio.create_task(app.failed.wait())
-        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
-        if app.failed.is_set():
-            print(f"facesvc: the engine failed to load: {app.load_error}", file=sys.stderr)
-            await app.stop(0)
-            return 1
-        log.info("signal received; shutting down")
-        await app.stop()
-        return 0
-
-    return asyncio.run(run())
+    return serve(settings)
 
 
 def _add_serve(sub: SubParsers) -> None:
     p = sub.add_parser("serve", help="run the gRPC and HTTP servers")
     _add_settings_flags(p)
+    p.add_argument(
+        "--workers",
+        dest="setting__server__workers",
+        metavar="N",
+        default=None,
+        help="worker processes sharing the ports (same as --server-workers)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -191,7 +166,7 @@ def _add_eval_liveness(sub: SubParsers) -> None:
     p = sub.add_parser("eval-liveness", help="APCER/BPCER of the passive model on live/ and spoof/")
     p.add_argument("data", type=Path, help="folder with live/ and spoof/ subfolders")
     p.add_argument("--out", type=Path, default=None, help="folder for the report and the curve")
-    p.set_defaults(func=_delegate("facesvc.liveness.evaluate", "main", 6))
+    p.set_defaults(func=_delegate("facesvc.liveness.evaluation", "main", 6))
 
 
 def _add_keys(sub: SubParsers) -> None:

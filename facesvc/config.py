@@ -1,7 +1,7 @@
 """Every setting of facesvc, typed, in one place.
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
-``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``portal``,
+``throughput``, ``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``portal``,
 ``abuse``, ``logging``), gathered in :class:`Settings`. Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
@@ -104,9 +104,10 @@ class ServerSettings:
     max_image_bytes: int = 4 * 1024 * 1024
     """Largest single encoded frame or photo."""
     workers: int = 1
-    """Worker processes sharing the gRPC port (SO_REUSEPORT); 1 = this process only."""
+    """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
+    models, under a supervisor that restarts a crashed one; 1 = this process only."""
     max_concurrent_rpcs: int = 64
-    """Calls served at once; more wait in the gRPC queue."""
+    """Calls served at once per worker; more wait in the gRPC queue."""
     plugins: tuple[str, ...] = ()
     """``module:function`` callables run as ``function(server, settings)`` at start-up to
     register extra gRPC services (operator tooling; the drain test uses one)."""
@@ -157,14 +158,50 @@ class ModelSettings:
     """Name of the model pack (the open dlib-derived pack unless an operator installs another)."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
     """Where converted ONNX models are kept (``python -m facesvc.models.convert`` fills it)."""
-    threads: int = 2
-    """ONNX Runtime intra-op threads per session."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads per session and face-work threads, per worker process;
+    0 = the CPU cores this process may use divided by ``server.workers`` (at least 1)."""
     calibration: Path | None = None
     """A ``facesvc calibrate`` record that replaces the pack's own (calibrate on photos like
     your participants'); it must have been made for this pack and these model files."""
 
     def __post_init__(self) -> None:
-        _check_positive("models.threads", self.threads)
+        if self.threads < 0:
+            raise ConfigError(f"models.threads={self.threads}: must be 0 (automatic) or more")
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputSettings:
+    """Micro-batching of the embedder and the liveness model, and overload limits; all per
+    worker process. Under overload a caller gets RESOURCE_EXHAUSTED at once (with a
+    ``retry-after`` in seconds) instead of every caller timing out together."""
+
+    embed_max_batch: int = 8
+    """Most faces in one embedder call; concurrent requests' faces share it."""
+    pad_max_batch: int = 4
+    """Most faces in one presentation-attack model call."""
+    max_wait_s: float = 0.002
+    """Longest a face waits for company before its batch runs, in seconds: a lone request
+    is never delayed by more than this."""
+    max_queue: int = 256
+    """Faces waiting for one model; beyond it new work is refused at once (RESOURCE_EXHAUSTED)."""
+    max_in_flight_verify: int = 32
+    """Verify calls one worker serves at once; more are refused at once with
+    RESOURCE_EXHAUSTED, before any attempt is reserved. Keep it below
+    ``server.max_concurrent_rpcs``, where gRPC itself would queue the call instead."""
+    retry_after_s: float = 1.0
+    """The ``retry-after`` (seconds) sent with an overload refusal."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_max_batch", "pad_max_batch", "max_in_flight_verify", "retry_after_s"):
+            _check_positive(f"throughput.{name}", getattr(self, name))
+        if self.max_wait_s < 0:
+            raise ConfigError(f"throughput.max_wait_s={self.max_wait_s}: must be 0 or more")
+        if self.max_queue < max(self.embed_max_batch, self.pad_max_batch):
+            raise ConfigError(
+                f"throughput.max_queue={self.max_queue}: must hold at least one full batch "
+                "(embed_max_batch and pad_max_batch)"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +450,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
+    throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     templates: TemplatesSettings = field(default_factory=TemplatesSettings)
     tokens: TokensSettings = field(default_factory=TokensSettings)
@@ -594,7 +632,19 @@ def load_settings(
         if value is not dataclasses.MISSING:
             sections.setdefault(info.section, {})[info.name] = value
     built = {name: cls(**sections.get(name, {})) for name, cls in _section_types().items()}
+    models: ModelSettings = built["models"]
+    if models.threads == 0:
+        built["models"] = dataclasses.replace(
+            models, threads=max(1, usable_cores() // built["server"].workers)
+        )
     return Settings(**built)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- describing

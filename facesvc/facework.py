@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,11 +26,12 @@ from facesvc.models.types import RGBImage
 @dataclass(frozen=True, slots=True)
 class BatchSettings:
     """Micro-batching of one model: at most ``max_batch`` faces a call, waiting at most
-    ``max_wait_s`` for company, refusing work beyond ``max_queue`` waiting faces."""
+    ``max_wait_s`` for company, refusing work beyond ``max_queue`` waiting faces (the
+    ``throughput`` settings)."""
 
-    max_batch: int = 8
-    max_wait_s: float = 0.002
-    max_queue: int = 256
+    max_batch: int
+    max_wait_s: float
+    max_queue: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +52,8 @@ class FaceWork:
         *,
         decode_limits: DecodeLimits,
         threads: int,
-        embed_batching: BatchSettings = BatchSettings(),
-        pad_batching: BatchSettings = BatchSettings(max_batch=4),
+        embed_batching: BatchSettings,
+        pad_batching: BatchSettings,
         pad_crop: PadCrop = PadCrop(),
     ) -> None:
         self.pipeline = pipeline
@@ -102,8 +104,16 @@ class FaceWork:
             images.append(result)
         return images
 
-    async def analyze(self, images: Sequence[RGBImage]) -> list[FaceAnalysis]:
-        """One analysis per image (detection, landmarks, quality, aligned chip)."""
+    async def analyze(
+        self, images: Sequence[RGBImage], deadline: float | None = None
+    ) -> list[FaceAnalysis]:
+        """One analysis per image (detection, landmarks, quality, aligned chip).
+
+        Raises ``TimeoutError`` without analysing anything when ``deadline``
+        (``time.monotonic()`` seconds) has already passed: nobody waits for the answer.
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("the call's deadline passed before its faces were analysed")
         loop = asyncio.get_running_loop()
         return list(
             await asyncio.gather(

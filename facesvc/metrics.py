@@ -1,10 +1,18 @@
-"""Prometheus metrics of one facesvc process.
+"""Prometheus metrics of one facesvc process, or of all worker processes together.
 
 :class:`Metrics` owns its :class:`~prometheus_client.CollectorRegistry` (never the
 global default one), so each server or test builds its own and they never mix.
+
+With ``server.workers > 1`` the supervisor (facesvc.workers) points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any worker imports
+prometheus_client: every worker then keeps its values in files there, and ``/metrics`` in
+any worker renders all of them (counters and histograms summed over workers, gauges as
+their ``multiprocess_mode`` says).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -14,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Latency buckets in seconds: a Verify runs detection + embedding on several
 # frames (tens to hundreds of ms), while status RPCs take about a millisecond.
@@ -32,10 +41,19 @@ class Metrics:
     - ``serving`` / ``redis_up`` / ``models_ready``: 1 or 0, mirroring health.
     - ``stage_seconds``: histogram of seconds per verification ``stage`` (for the engine).
     - ``decisions``: counter of Verify outcomes by ``decision`` (for the engine).
+    - ``worker_calls``: unary calls this process has begun, by ``method``; across workers
+      it keeps a ``pid`` label per live worker, showing how SO_REUSEPORT spread the load.
+
+    ``multiprocess_dir``: the workers' shared ``PROMETHEUS_MULTIPROC_DIR``; :meth:`render`
+    then aggregates every worker's values instead of this registry's. Gauges declare how
+    they aggregate: health gauges per live worker (``pid`` label), in-flight calls summed.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: Path | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._multiprocess_dir = multiprocess_dir
         r = self.registry
         self.grpc_calls = Counter(
             "facesvc_grpc_calls",
@@ -51,14 +69,37 @@ class Metrics:
             registry=r,
         )
         self.grpc_in_flight = Gauge(
-            "facesvc_grpc_in_flight_calls", "gRPC calls being served now.", ["method"], registry=r
+            "facesvc_grpc_in_flight_calls",
+            "gRPC calls being served now.",
+            ["method"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.serving = Gauge("facesvc_serving", "1 when health is SERVING, else 0.", registry=r)
+        # Health is per worker: each live worker reports its own, so one stuck worker shows.
+        self.serving = Gauge(
+            "facesvc_serving",
+            "1 when health is SERVING, else 0.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.redis_up = Gauge(
-            "facesvc_redis_up", "1 when the last Redis ping answered.", registry=r
+            "facesvc_redis_up",
+            "1 when the last Redis ping answered.",
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.models_ready = Gauge(
-            "facesvc_models_ready", "1 when the model pack is loaded.", registry=r
+            "facesvc_models_ready",
+            "1 when the model pack is loaded.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.worker_calls = Gauge(
+            "facesvc_worker_calls",
+            "Unary gRPC calls this worker process has begun since it started, by method.",
+            ["method"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.stage_seconds = Histogram(
             "facesvc_stage_seconds",
@@ -88,5 +129,11 @@ class Metrics:
         )
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type, for the /metrics endpoint."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text and its content type, for the /metrics endpoint: this
+        process's metrics, or every worker's when ``multiprocess_dir`` is set."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # A fresh registry per scrape: the collector reads the workers' files as they are now.
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers, path=str(self._multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(workers), CONTENT_TYPE_LATEST

@@ -1,0 +1,249 @@
+"""`facesvc serve --workers 2`: two worker processes behind one gRPC and one HTTP port.
+
+Each test runs the real command as a subprocess (real engine, real Redis, keys in tmp,
+liveness off). A call's worker is told apart by its pid: every worker prints it in its
+"listening" line and /metrics labels the per-worker series with it. Each gRPC call goes
+over a fresh connection (a local subchannel pool), so SO_REUSEPORT hashes it afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.config import Settings
+from facesvc.templates import generate_template_key
+from facesvc.tokens.keys import keys_generate
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_METHOD = "/facesvc.test.SlowByPid/Wait"
+SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
+LISTENING = re.compile(
+    r"facesvc listening: gRPC 127\.0\.0\.1:(\d+), HTTP 127\.0\.0\.1:(\d+) .*"
+    r"\[worker (\d+) of 2, pid (\d+)\]"
+)
+GET_ATTEMPTS = "facesvc.v1.FaceVerification/GetAttempts"
+OK_GET_ATTEMPTS = ("facesvc_grpc_calls_total", (("code", "OK"), ("method", GET_ATTEMPTS)))
+LOAD_S = 240.0  # two model packs loading on a busy 2-core machine
+
+
+def register_slow_service(server: Any, settings: Settings) -> None:
+    """Plugin: ``SlowByPid/Wait(b"<n>")`` writes ``started-<pid>-<n>`` and answers once
+    ``release`` exists, so a test holds calls in flight on each worker without sleeping."""
+    directory = Path(os.environ[SLOW_DIR_ENV])
+
+    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        (directory / f"started-{os.getpid()}-{request.decode()}").touch()
+        while not (directory / "release").exists():
+            await asyncio.sleep(0.02)
+        return b"finished"
+
+    handler = grpc.unary_unary_rpc_method_handler(wait)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("facesvc.test.SlowByPid", {"Wait": handler}),)
+    )
+
+
+def _wait_for(predicate: Callable[[], Any], what: str, within_s: float = 60.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Workers:
+    """The supervisor process and what its workers printed."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def listening(self) -> dict[int, tuple[int, int, int]]:
+        """pid -> (gRPC port, HTTP port, worker index) of every worker that has listened."""
+        return {
+            int(pid): (int(g), int(h), int(i)) for g, h, i, pid in LISTENING.findall(self.log())
+        }
+
+    def ports(self) -> tuple[int, int]:
+        (grpc_port, http_port, _), *_ = self.listening().values()
+        return grpc_port, http_port
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics (served by whichever worker the connection reached)."""
+        _, http_port = self.ports()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def per_worker(self, name: str, **labels: str) -> dict[int, float]:
+        """pid -> value of the per-worker series ``name`` with ``labels``."""
+        out = {}
+        for (sample, keys), value in self.metrics().items():
+            found = dict(keys)
+            if sample == name and all(found.get(k) == v for k, v in labels.items()):
+                out[int(found["pid"])] = value
+        return out
+
+    def ready_pids(self) -> set[int]:
+        return {pid for pid, v in self.per_worker("facesvc_models_ready").items() if v == 1}
+
+    def channel(self) -> grpc.Channel:
+        """A channel with a connection of its own: the kernel picks its worker afresh."""
+        grpc_port, _ = self.ports()
+        return grpc.insecure_channel(
+            f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
+
+@pytest.fixture
+def workers(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Workers]:
+    keys_generate(tmp_path / "token-keys")
+    (tmp_path / "templates.key").write_text(generate_template_key("k1") + "\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FACESVC_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env[SLOW_DIR_ENV] = str(tmp_path)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "facesvc.cli", "serve",
+                "--workers", "2",
+                "--server-grpc-port", "0",
+                "--server-http-port", "0",
+                "--server-grace-s", "60",
+                "--server-plugins", "tests.test_workers:register_slow_service",
+                "--redis-url", redis_url,
+                "--redis-key-prefix", redis_prefix,
+                "--tokens-key-dir", str(tmp_path / "token-keys"),
+                "--templates-key-file", str(tmp_path / "templates.key"),
+                "--liveness-spl", "off",
+                "--logging-format", "kv",
+            ],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    running = Workers(proc, log_path)
+    yield running
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in running.listening():  # a worker outlives a killed supervisor by moments
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _ready(workers: Workers, count: int = 2) -> set[int]:
+    """Wait until ``count`` workers have listened and loaded their models; their pids."""
+
+    def check() -> bool:
+        assert workers.proc.poll() is None, workers.log()
+        return len(workers.listening()) >= count and len(workers.ready_pids()) >= count
+
+    _wait_for(check, f"{count} workers to load their models", LOAD_S)
+    return workers.ready_pids()
+
+
+def test_two_workers_answer_and_their_metrics_add_up(workers: Workers) -> None:
+    pids = _ready(workers)
+    assert len(pids) == 2 and pids == set(workers.listening())
+    grpc_ports = {g for g, _, _ in workers.listening().values()}
+    assert len(grpc_ports) == 1  # one shared port, not a port per worker
+    # Health is per worker: each live worker reports its own.
+    assert set(workers.per_worker("facesvc_serving").values()) == {1.0}
+
+    calls = 0
+    request = pb.GetAttemptsRequest(
+        participant_id="p-1", training_id="t-1", training_type=pb.TRAINING_TYPE_SPL
+    )
+    while calls < 60:
+        with workers.channel() as channel:
+            stub = pb_grpc.FaceVerificationStub(channel)  # type: ignore[no-untyped-call]
+            reply = stub.GetAttempts(request, timeout=30)
+        assert reply.used == 0 and reply.limit == 5
+        calls += 1
+        served = workers.per_worker("facesvc_worker_calls", method=GET_ATTEMPTS)
+        if calls >= 20 and len(served) == 2 and all(served.values()):
+            break
+    served = workers.per_worker("facesvc_worker_calls", method=GET_ATTEMPTS)
+    assert set(served) == pids and all(served.values()), served  # both workers answered
+    assert sum(served.values()) == calls
+    # Summed over the workers, whichever one served each call.
+    assert workers.metrics()[OK_GET_ATTEMPTS] == calls
+
+    # A worker that dies is replaced; the calls it served stay in the totals.
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: len(workers.listening()) == 3, "the supervisor to restart the killed worker")
+    pids_after = _ready(workers)
+    assert victim not in pids_after and len(pids_after) == 2
+    assert workers.metrics()[OK_GET_ATTEMPTS] == calls
+    assert "worker exited; restarting it" in workers.log()
+
+    workers.proc.send_signal(signal.SIGTERM)
+    assert workers.proc.wait(timeout=90) == 0, workers.log()
+
+
+def _started(directory: Path, n: int) -> list[int]:
+    """The pid of the worker serving slow call ``n``, once it has started (else [])."""
+    return [int(p.name.split("-")[1]) for p in directory.glob(f"started-*-{n}")]
+
+
+def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path: Path) -> None:
+    _ready(workers)
+    channels: list[grpc.Channel] = []
+    calls: list[grpc.Future] = []
+    busy: set[int] = set()
+    # Slow calls over fresh connections until each worker holds at least one.
+    while len(busy) < 2 and len(calls) < 40:
+        n = len(calls)
+        channel = workers.channel()
+        channels.append(channel)
+        calls.append(channel.unary_unary(SLOW_METHOD).future(str(n).encode(), timeout=120))
+        _wait_for(partial(_started, tmp_path, n), f"slow call {n} to start")
+        busy.add(_started(tmp_path, n)[0])
+    assert busy == set(workers.listening()), "40 fresh connections all reached one worker"
+
+    workers.proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: workers.log().count("msg=draining") == 2, "both workers to start draining")
+    assert workers.proc.poll() is None  # the calls in flight hold it open
+    assert not any(call.done() for call in calls)
+    with workers.channel() as fresh:  # no worker listens any more: refused at once
+        with pytest.raises(grpc.RpcError) as refused:
+            fresh.unary_unary(SLOW_METHOD)(b"", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    (tmp_path / "release").touch()
+    assert [call.result(timeout=60) for call in calls] == [b"finished"] * len(calls)
+    assert workers.proc.wait(timeout=60) == 0, workers.log()
+    assert workers.log().count("msg=stopped") == 2
+    assert "restarting" not in workers.log()
+    for channel in channels:
+        channel.close()
