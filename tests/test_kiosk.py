@@ -20,7 +20,8 @@ from PIL import Image
 
 from facesvc import cli
 from facesvc.auth import Client, Role, new_api_key, write_keys_file
-from facesvc.client import FaceVerificationClient, ServiceUnavailable, VerifyResult
+from facesvc.client import Challenge, FaceVerificationClient, ServiceUnavailable, VerifyResult
+from facesvc.config import LimitsSettings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk import __main__ as kiosk_main
 from facesvc.kiosk.camera import StillFrames
@@ -57,7 +58,9 @@ def genuine_face() -> np.ndarray:
 
 
 def impostor_face() -> np.ndarray:
-    return insightface_image("Tom_Hanks_54745.png")
+    """Another real person: the man at the right edge of insightface's group photo t1.jpg
+    (a near-frontal face; its neighbours are turned too far for the quality gates)."""
+    return np.ascontiguousarray(insightface_image("t1.jpg")[160:505, 998:1280])
 
 
 def qr_frame(text: str) -> np.ndarray:
@@ -214,14 +217,14 @@ class Venue:
     def used(self, training_id: str) -> int:
         return self.admin.attempts(PID, training_id, TrainingType.OFFLINE).used
 
+    def close(self) -> None:
+        self.kiosk.close()
+        self.admin.close()
 
-@pytest.fixture(scope="module")
-def venue(
-    start_module_server: ServerStarter, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Venue]:
-    """One server for the module (loading the engine takes seconds); each test uses its own
-    training id, so attempt counts never mix."""
-    tmp = tmp_path_factory.mktemp("kiosk-service")
+
+def open_venue(starter: ServerStarter, redis_url: str, tmp: Path, **overrides: Any) -> Venue:
+    """Start the service with an admin and this venue's kiosk as its only clients, and enroll
+    ``PID`` with the astronaut photo."""
     keys: dict[str, str] = {}
     clients = []
     for name, role, tenant, types in (
@@ -232,12 +235,9 @@ def venue(
         clients.append(Client(name, role, tenant, key_id, digest, training_types=types))
         keys[name] = key
     write_keys_file(tmp / "api-keys.json", clients)
+    settings: dict[str, Any] = {"liveness__kiosk": "off", **overrides}
     server = start(
-        start_module_server,
-        redis_url,
-        tmp,
-        security__api_keys_file=tmp / "api-keys.json",
-        liveness__kiosk="off",
+        starter, redis_url, tmp, security__api_keys_file=tmp / "api-keys.json", **settings
     )
     slow = 60.0  # a first inference on a shared machine may take a while
     admin = FaceVerificationClient(
@@ -252,12 +252,21 @@ def venue(
     now = datetime.now(UTC)
     jwks_file = tmp / "programme-jwks.json"
     jwks_file.write_text(ring.public_keys(now).to_json())
-    yield Venue(
+    return Venue(
         server, keys["kiosk-jkt-01"], ring.signing_key(now), kiosk, admin, jwks_file,
         tmp / "token-keys",
     )  # fmt: skip
-    kiosk.close()
-    admin.close()
+
+
+@pytest.fixture(scope="module")
+def venue(
+    start_module_server: ServerStarter, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Venue]:
+    """One server for the module (loading the engine takes seconds); each test uses its own
+    training id, so attempt counts never mix."""
+    opened = open_venue(start_module_server, redis_url, tmp_path_factory.mktemp("kiosk-service"))
+    yield opened
+    opened.close()
 
 
 @dataclass
@@ -283,6 +292,7 @@ def scan(
     *,
     keys: PassKeys,
     tries: int = 3,
+    challenge: bool = False,
 ) -> Scan:
     """One kiosk scan of ``pass_text`` and ``faces``, waiting for nothing (sleeps recorded)."""
     events: list[ScanEvent] = []
@@ -294,6 +304,7 @@ def scan(
         events.append,
         retry=RetryPolicy(call_timeout_s=60, max_tries=tries),
         capture=CaptureSettings(frames=len(faces), live=False),
+        challenge=challenge,
         sleep=sleeps.append,
     )
     final = flow.scan()
@@ -469,3 +480,53 @@ def test_programme_cli_mints_a_pass_and_headless_kiosk_admits_writing_no_images(
     assert all("ts" in line for line in lines)
     assert image_files(tmp_path) == before
     assert not any(os.scandir(run / "tmp")) and not any(os.scandir(run / "home"))
+
+
+class RecordsChallenges:
+    """The kiosk's connection, noting each challenge issued and each one Verify was sent."""
+
+    def __init__(self, client: FaceVerificationClient) -> None:
+        self._client = client
+        self.issued: list[Challenge] = []
+        self.sent: list[str] = []
+
+    def verify(self, *args: Any, **kwargs: Any) -> VerifyResult:
+        self.sent.append(kwargs["challenge_id"])
+        return self._client.verify(*args, **kwargs)
+
+    def start_challenge(self, *args: Any, **kwargs: Any) -> Challenge:
+        challenge = self._client.start_challenge(*args, **kwargs)
+        self.issued.append(challenge)
+        return challenge
+
+
+@pytest.mark.slow
+def test_a_kiosk_walks_the_participant_through_the_challenge_the_service_requires(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    challenged = open_venue(start_server, redis_url, tmp_path, liveness__kiosk="challenge")
+    try:
+        text = challenged.pass_text("t-challenge")
+        keys = service_keys(challenged)
+        # A kiosk set up without --challenge is told what is missing; nothing is spent.
+        done = scan(challenged.kiosk, text, [genuine_face()], keys=keys)
+        assert done.final.state is ScanState.SERVICE_REFUSED
+        assert "StartLivenessChallenge" in done.final.detail
+        assert challenged.used("t-challenge") == 0
+
+        recorder = RecordsChallenges(challenged.kiosk)
+        faces = [genuine_face()] * 8  # still photos: they cannot turn their head
+        done = scan(recorder, text, faces, keys=keys, challenge=True)
+        [issued] = recorder.issued
+        shown = [e.step for e in done.events if e.state is ScanState.CHALLENGE]
+        assert shown == issued.steps
+        assert recorder.sent and set(recorder.sent) == {issued.challenge_id}
+        # However the service judges still photos (a failed challenge, or no challenge checker
+        # in this build), they are never let in.
+        assert done.final.state is not ScanState.ADMITTED
+    finally:
+        challenged.close()
+
+
+def test_a_scan_gives_up_long_before_the_service_forgets_its_idempotency_key() -> None:
+    assert RetryPolicy().worst_case_s < LimitsSettings().idempotency_ttl_s
