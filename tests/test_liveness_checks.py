@@ -8,6 +8,7 @@ embedder on ../shared/data/poses (skipped when absent) and skimage's astronaut.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,26 @@ def test_flat_motion_that_passes_a_lax_turn_threshold_is_spoof() -> None:
     result = check_liveness([LEFT, RIGHT], frames, lax)
     assert result.decision is Decision.SPOOF_SUSPECTED
     assert result.parallax is not None and result.parallax < lax.min_parallax
+
+
+def test_68_points_decide_parallax_when_every_frame_has_them() -> None:
+    # 5 points of a turning head, but 68 points that one homography maps between
+    # frames (a flat picture): the 68 points win, and show no depth.
+    rng = np.random.default_rng(7)
+    flat_68 = rng.uniform(200, 440, (68, 2))
+    warps = [np.eye(3), np.array([[0.8, 0.05, 60], [0.0, 1.0, 0], [4e-4, 0, 1]])]
+    warps.append(np.array([[0.8, -0.05, 10], [0.0, 1.0, 5], [-4e-4, 0, 1]]))
+    heads = [project(HEAD), project(HEAD, yaw=40), project(HEAD, yaw=-40)]
+    frames = [
+        replace(frame(p), landmarks_68=apply_homography(h, flat_68).astype(np.float32))
+        for p, h in zip(heads, warps, strict=True)
+    ]
+    result = check_liveness([LEFT, RIGHT], frames, THRESHOLDS)
+    assert result.decision is Decision.SPOOF_SUSPECTED
+    assert result.parallax is not None and result.parallax < 1e-6
+    # With 68 points missing on one frame the 5 points are used throughout.
+    frames[2] = replace(frames[2], landmarks_68=None)
+    assert check_liveness([LEFT, RIGHT], frames, THRESHOLDS).passed
 
 
 def test_two_people_fail_as_not_matched() -> None:
