@@ -52,6 +52,8 @@ from facesvc.launch import (
 from facesvc.limits.abuse import ParticipantLocked
 from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
+from facesvc.liveness.judge import ChallengeUnavailable
+from facesvc.models.batcher import Overloaded
 from facesvc.redis_client import AsyncRedis
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.tokens.keys import (
@@ -93,7 +95,6 @@ _FRAMES_PER_POSE = 2
 _PASSIVE_MIN_FRAMES = 3
 """Frames of a scan without a challenge: several frames are the service's own lever on
 accuracy (DESIGN.md), and a few JPEGs of 640 px are still small."""
-_VERIFY_DEADLINE_S = 30.0
 
 
 class ScanEngine(Protocol):
@@ -385,7 +386,8 @@ class Portal:
             scheduled_start=scope.scheduled_start,
             challenge_id=fields.get("challenge_id") or None,
             idempotency_key=fields.get("idempotency_key") or None,
-            deadline=time.monotonic() + _VERIFY_DEADLINE_S,
+            # The page stops waiting then too, and offers to resend the same scan.
+            deadline=time.monotonic() + self._settings.portal.verify_timeout_s,
         )
         try:
             outcome = await engine.verify(command)
@@ -395,6 +397,16 @@ class Portal:
             raise ApiError(412, "POLICY", str(exc)) from exc
         except ScanInProgress as exc:
             raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
+        except ValueError as exc:  # invalid input the engine found; nothing was spent
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
+        except Overloaded as exc:
+            raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
+        except ChallengeUnavailable as exc:
+            raise ApiError(501, "CHALLENGE_UNAVAILABLE", str(exc)) from exc
+        except TimeoutError as exc:
+            raise ApiError(
+                504, "TIMEOUT", "the scan took too long on the server; send it again"
+            ) from exc
         body: dict[str, Any] = {
             "decision": outcome.decision.value,
             "reason": outcome.reason,
