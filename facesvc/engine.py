@@ -320,7 +320,9 @@ class Engine:
 
         Raises ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``ValueError``
         (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
-        ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent).
+        ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent),
+        ``TimeoutError`` (``cmd.deadline`` passed; nothing spent) and ``Overloaded`` (the
+        models' queues are full; nothing spent).
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -360,6 +362,9 @@ class Engine:
         images = await self._faces.decode(cmd.frames)
         timings["decode"] = _ms(t0)
 
+        if cmd.deadline is not None and time.monotonic() >= cmd.deadline:
+            # Nobody waits for the answer any more: no attempt may be spent on it.
+            raise TimeoutError("the call's deadline passed before its attempt was reserved")
         t0 = time.perf_counter()
         held = await self._caps.reserve(
             cmd.participant_id,
@@ -424,7 +429,7 @@ class Engine:
                 return Decision.CHALLENGE_FAILED, str(refused), ()
 
         t0 = time.perf_counter()
-        analyses = await self._faces.analyze(images)
+        analyses = await self._faces.analyze(images, cmd.deadline)
         timings["faces"] = _ms(t0)
         reports = tuple(_report(i, im, a) for i, (im, a) in enumerate(zip(images, analyses)))
         problem = _face_problem(analyses, turns_expected=challenge is not None)
