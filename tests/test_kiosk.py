@@ -3,24 +3,26 @@ Redis, the kiosk's own API key; plus the pass rules and the staff screen on thei
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
 from facesvc import cli
 from facesvc.auth import Client, Role, new_api_key, write_keys_file
-from facesvc.client import Challenge, FaceVerificationClient, ServiceUnavailable, VerifyResult
+from facesvc.client import Challenge, FaceVerificationClient, VerifyResult
 from facesvc.config import LimitsSettings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk import __main__ as kiosk_main
@@ -293,10 +295,18 @@ def scan(
     keys: PassKeys,
     tries: int = 3,
     challenge: bool = False,
+    wait: bool = False,
 ) -> Scan:
-    """One kiosk scan of ``pass_text`` and ``faces``, waiting for nothing (sleeps recorded)."""
+    """One kiosk scan of ``pass_text`` and ``faces``; backoff waits are recorded, and only
+    waited out when ``wait`` (a reconnecting channel needs the time)."""
     events: list[ScanEvent] = []
     sleeps: list[float] = []
+
+    def pause(seconds: float) -> None:
+        sleeps.append(seconds)
+        if wait:
+            time.sleep(seconds)
+
     flow = ScanFlow(
         service,
         PassChecker(keys, VENUE),
@@ -305,7 +315,7 @@ def scan(
         retry=RetryPolicy(call_timeout_s=60, max_tries=tries),
         capture=CaptureSettings(frames=len(faces), live=False),
         challenge=challenge,
-        sleep=sleeps.append,
+        sleep=pause,
     )
     final = flow.scan()
     assert events[-1] is final and final.final
@@ -404,35 +414,97 @@ def test_a_service_that_cannot_be_reached_is_a_state_not_a_crash(venue: Venue) -
     assert venue.used("t-down") == 0
 
 
-class LosesFirstAnswer:
-    """The kiosk's connection, losing the first Verify answer after the service decided it
-    (a response dropped on the way back): the kiosk sees a deadline pass."""
+_HTTP2_FRAME_HEADER = 9
+_HTTP2_HEADERS = 0x1
 
-    def __init__(self, client: FaceVerificationClient) -> None:
-        self._client = client
-        self.keys: list[str] = []
 
-    def verify(self, *args: Any, **kwargs: Any) -> VerifyResult:
-        answer = self._client.verify(*args, **kwargs)
-        self.keys.append(kwargs["idempotency_key"])
-        if len(self.keys) == 1:
-            raise ServiceUnavailable(grpc.StatusCode.DEADLINE_EXCEEDED, "answer lost on the way")
-        return answer
+class AnswerDroppingProxy:
+    """A TCP proxy in front of the service that cuts the connection the moment the service
+    starts its first RPC answer (its first HTTP/2 HEADERS frame): the service has decided and
+    recorded the scan, the kiosk never hears of it and sees the connection reset. Later
+    connections pass through untouched."""
 
-    def start_challenge(self, *args: Any, **kwargs: Any) -> Any:
-        return self._client.start_challenge(*args, **kwargs)
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self.dropped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                kiosk, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            service = socket.create_connection(self._upstream)
+            threading.Thread(target=self._requests, args=(kiosk, service), daemon=True).start()
+            threading.Thread(target=self._answers, args=(service, kiosk), daemon=True).start()
+
+    @staticmethod
+    def _cut(*ends: socket.socket) -> None:
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def _requests(self, kiosk: socket.socket, service: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := kiosk.recv(65536):
+                service.sendall(data)
+        self._cut(kiosk, service)
+
+    def _answers(self, service: socket.socket, kiosk: socket.socket) -> None:
+        pending = b""
+        with contextlib.suppress(OSError):
+            while data := service.recv(65536):
+                pending += data
+                ready = b""
+                # Forward whole frames only, so the first answer is recognised before any of
+                # it reaches the kiosk.
+                while len(pending) >= _HTTP2_FRAME_HEADER:
+                    size = _HTTP2_FRAME_HEADER + int.from_bytes(pending[:3], "big")
+                    if len(pending) < size:
+                        break
+                    frame, pending = pending[:size], pending[size:]
+                    if frame[3] == _HTTP2_HEADERS:
+                        with self._lock:
+                            drop, self.dropped = not self.dropped, True
+                        if drop:
+                            kiosk.sendall(ready)
+                            break
+                    ready += frame
+                else:
+                    kiosk.sendall(ready)
+                    continue
+                break
+        self._cut(service, kiosk)
 
 
 @pytest.mark.slow
 def test_a_lost_answer_is_retried_without_spending_a_second_attempt(venue: Venue) -> None:
-    lossy = LosesFirstAnswer(venue.kiosk)
-    done = scan(lossy, venue.pass_text("t-retry"), [genuine_face()], keys=service_keys(venue))
+    proxy = AnswerDroppingProxy(venue.server.grpc_target)
+    try:
+        with FaceVerificationClient(
+            proxy.target, insecure=True, api_key=venue.kiosk_key, timeout_s=60
+        ) as lossy:
+            text = venue.pass_text("t-retry")
+            done = scan(
+                lossy, text, [genuine_face()], keys=JwksFileKeys(venue.jwks_file), wait=True
+            )
+    finally:
+        proxy.close()
+    assert proxy.dropped
     assert done.final.state is ScanState.ADMITTED, done.final
-    assert done.result.replayed and done.final.tries == 2
-    assert len(lossy.keys) == 2 and lossy.keys[0] == lossy.keys[1]
+    # The retry carried the first try's key: the service replayed its first answer.
+    assert done.result.replayed and done.final.tries >= 2
     assert ScanState.RETRYING in done.states
-    assert venue.used("t-retry") == 1
-    assert done.result.attempts_used == 1
+    assert venue.used("t-retry") == 1 and done.result.attempts_used == 1
 
 
 def image_files(*roots: Path) -> set[Path]:
