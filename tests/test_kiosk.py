@@ -602,3 +602,22 @@ def test_a_kiosk_walks_the_participant_through_the_challenge_the_service_require
 
 def test_a_scan_gives_up_long_before_the_service_forgets_its_idempotency_key() -> None:
     assert RetryPolicy().worst_case_s < LimitsSettings().idempotency_ttl_s
+
+
+def test_every_state_decision_and_pass_problem_has_its_own_screen() -> None:
+    venue_pass = new_pass(
+        participant_id=PID,
+        training_id="t-1",
+        session_id="m-1",
+        scheduled_start=datetime.now(UTC),
+        venue=VENUE,
+    )
+    events = [ScanEvent(state) for state in ScanState]
+    events += [ScanEvent(ScanState.PASS_REFUSED, problem=p) for p in PassProblem]
+    for decision in Decision:
+        result = VerifyResult(
+            decision, "reason", 1, 9, 10, datetime.now(UTC), None, None, "v", [], None, False
+        )
+        events.append(ScanEvent(ScanState.NOT_ADMITTED, venue_pass=venue_pass, result=result))
+    screens = [render(event, color=False) for event in events]
+    assert len(set(screens)) == len(screens)  # no two situations look alike to staff
