@@ -309,6 +309,14 @@ class Engine:
         )
         return result
 
+    async def inspect(self, frame: bytes) -> FrameReport:
+        """What the quality gates see in one frame, for live guidance before a scan (the
+        Scan Wajah page's pre-check): no attempt is spent, nothing is matched, stored or
+        audited. Raises ``ImageRejected``."""
+        (image,) = await self._faces.decode([frame])
+        (analysis,) = await self._faces.analyze([image])
+        return _report(0, image, analysis)
+
     def signing_keys(self) -> list[PublishedKey]:
         """The public keys a gate needs to check tokens offline (the JWKS)."""
         return self._published_keys(self._clock.now())

@@ -40,7 +40,14 @@ from aiohttp import BodyPartReader, web
 from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
 from facesvc.domain import Decision, Gate, TrainingType
-from facesvc.engine import Caller, PolicyError, ScanInProgress, VerifyCommand, VerifyOutcome
+from facesvc.engine import (
+    Caller,
+    FrameReport,
+    PolicyError,
+    ScanInProgress,
+    VerifyCommand,
+    VerifyOutcome,
+)
 from facesvc.imaging import ImageRejected
 from facesvc.launch import (
     LaunchScope,
@@ -109,6 +116,8 @@ class ScanEngine(Protocol):
     async def attempts(
         self, participant_id: str, training_id: str, training_type: TrainingType
     ) -> CapUsage: ...
+
+    async def inspect(self, frame: bytes) -> FrameReport: ...
 
 
 class ApiError(Exception):
@@ -233,6 +242,7 @@ class Portal:
         app.router.add_get("/api/v1/session", self._api(self._session))
         app.router.add_post("/api/v1/challenge", self._api(self._challenge))
         app.router.add_post("/api/v1/verify", self._api(self._verify))
+        app.router.add_post("/api/v1/precheck", self._api(self._precheck))
 
     # ------------------------------------------------------------------ static
 
@@ -369,6 +379,33 @@ class Portal:
             "steps": [step.value for step in challenge.steps],
             "expires_at": _iso(datetime.fromtimestamp(challenge.expires_at, UTC)),
             "min_frames": min(poses * _FRAMES_PER_POSE, self._settings.server.max_frames),
+        }
+
+    async def _precheck(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
+        """One camera frame (the raw JPEG as the body) through the quality gates, for the
+        camera screen's live feedback: costs no attempt. The page sends at most one at a
+        time, every few seconds, while the participant positions their face."""
+        engine = self._engine_or_busy()
+        if request.content_type not in ("image/jpeg", "image/png", "image/webp"):
+            raise ApiError(415, "BAD_UPLOAD", "send one frame as image/jpeg")
+        limit = self._settings.server.max_image_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, "TOO_LARGE", f"a frame may be at most {limit} bytes")
+        frame = await request.content.read(limit + 1)
+        if len(frame) > limit:
+            raise ApiError(413, "TOO_LARGE", f"a frame may be at most {limit} bytes")
+        try:
+            report = await engine.inspect(frame)
+        except ImageRejected as exc:
+            raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
+        except Overloaded as exc:
+            raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
+        return {
+            "status": report.status.value,
+            "accepted": report.accepted,
+            "reason": report.reason,
+            "face_count": report.face_count,
+            "failed_checks": list(report.failed_checks),
         }
 
     async def _verify(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:

@@ -271,6 +271,10 @@ def run_scan(page: Any, *, on_screen: Callable[[str], None] | None = None) -> No
     wait_screen(page, "camera")
     wait_true(page, "document.getElementById('video').videoWidth > 0")
     page.wait_for_selector("#btn-start-scan:not([disabled])")
+    # Live feedback: the server's pre-check of a camera frame finds one usable face, and
+    # the oval turns green.
+    page.wait_for_selector("#guide-oval.ok", timeout=60_000)
+    assert page.locator("#feedback").inner_text().startswith("Bagus")
     if on_screen:
         on_screen("camera")
     page.click("#btn-start-scan")

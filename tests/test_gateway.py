@@ -31,7 +31,7 @@ from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import KeyDirectory
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import astronaut, jpeg
+from tests.engine_support import astronaut, insightface_image, jpeg
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETURN = "http://127.0.0.1:9/lms/return/"
@@ -327,6 +327,29 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
     assert session.status == 200, session.body
     assert session.json()["attempts"] == {**session.json()["attempts"], "used": 0, "limit": 1}
     assert session.json()["liveness"] == "off"
+
+    # The camera screen's pre-check looks at single frames and costs nothing.
+    for image, status, faces in (
+        (astronaut(), "OK", 1),
+        (insightface_image("t1.jpg"), "MULTIPLE_FACES", 6),
+    ):
+        checked = http(
+            "POST",
+            running.http_url + "/api/v1/precheck",
+            headers={**bearer(ticket.token), "Content-Type": "image/jpeg"},
+            body=jpeg(image),
+        )
+        assert checked.status == 200, checked.body
+        assert (checked.json()["status"], checked.json()["face_count"]) == (status, faces)
+    not_an_image = http(
+        "POST",
+        running.http_url + "/api/v1/precheck",
+        headers={**bearer(ticket.token), "Content-Type": "image/jpeg"},
+        body=b"not a jpeg",
+    )
+    assert not_an_image.status == 422
+    after = http("GET", running.http_url + "/api/v1/session", headers=bearer(ticket.token))
+    assert after.json()["attempts"]["used"] == 0
 
     # Someone else's face: NOT_MATCHED counts against the cap.
     someone_else = jpeg(stranger())

@@ -15,6 +15,7 @@
   const HOLD_MS = 1800; // time to perform a step before its frames are taken
   const FRAME_GAP_MS = 250;
   const FEEDBACK_EVERY_MS = 500;
+  const PRECHECK_EVERY_MS = 2500; // the server looks for the face at most this often
   const DARK_LUMA = 60;
   const BRIGHT_LUMA = 215;
 
@@ -31,6 +32,8 @@
     feedbackTimer: 0,
     detector: null,
     pendingScan: null, // {challengeId, idempotencyKey, blobs}: resent as-is on retry
+    precheckBusy: false,
+    precheckAt: 0,
     scanning: false,
   };
 
@@ -308,9 +311,10 @@
     $("guide-oval").classList.toggle("ok", key === "feedback.ok");
   }
 
-  /* Cheap live checks: brightness of the oval's centre from a 64x48 copy of the frame, and
-   * where the browser has a built-in face detector, face count and size. The server checks
-   * everything again on the real frames. */
+  /* Live checks: brightness of the oval's centre from a 64x48 copy of the frame (every
+   * half second, free), then face count, size, sharpness and pose: from the browser's own
+   * face detector where there is one, else from the server's pre-check of one frame every
+   * few seconds (no attempt is spent). The scan itself is checked again in full. */
   async function updateFeedback() {
     const video = $("video");
     if (state.scanning || !video.videoWidth) return;
@@ -335,11 +339,53 @@
         if (faces[0].boundingBox.height < video.videoHeight * 0.3) {
           return setFeedback("feedback.too_far");
         }
+        return setFeedback("feedback.ok");
       } catch (_) {
         state.detector = null; // unsupported on this device after all
       }
     }
-    setFeedback(state.detector ? "feedback.ok" : "feedback.position");
+    // No detector in this browser: a neutral instruction until the server's pre-check says
+    // more (light problems seen here a moment ago no longer hold).
+    const neutral = ["", "camera.starting", "feedback.dark", "feedback.bright"];
+    if (neutral.includes(state.feedbackKey)) setFeedback("feedback.position");
+    precheck(luma);
+  }
+
+  const PRECHECK_FEEDBACK = {
+    NO_FACE: "feedback.no_face",
+    MULTIPLE_FACES: "feedback.many_faces",
+    OK: "feedback.ok",
+  };
+  const CHECK_FEEDBACK = {
+    face_size: "feedback.too_far",
+    sharpness: "feedback.blurry",
+    yaw: "feedback.straight",
+    pitch: "feedback.straight",
+    clipping: "feedback.bright",
+  };
+
+  /* One frame to the server's pre-check, never two at once; failures are ignored (the
+   * guidance is advice, the scan decides). */
+  async function precheck(luma) {
+    const now = Date.now();
+    if (state.precheckBusy || now - state.precheckAt < PRECHECK_EVERY_MS) return;
+    state.precheckBusy = true;
+    state.precheckAt = now;
+    try {
+      const report = await api("POST", "/api/v1/precheck", await captureFrame());
+      if (state.scanning || state.screen !== "camera") return;
+      let key = PRECHECK_FEEDBACK[report.status] || "feedback.position";
+      if (report.status === "LOW_QUALITY") {
+        const check = report.failed_checks[0];
+        if (check === "brightness") key = luma < 128 ? "feedback.dark" : "feedback.bright";
+        else key = CHECK_FEEDBACK[check] || "feedback.position";
+      }
+      setFeedback(key);
+    } catch (_) {
+      /* offline or busy: keep the last advice; the scan reports its own problems */
+    } finally {
+      state.precheckBusy = false;
+    }
   }
 
   // ------------------------------------------------------------------ scan
