@@ -62,12 +62,16 @@ class Level:
 # ---------------------------------------------------------------- images
 
 
-def frame_640x480(image: Image.Image) -> bytes:
-    """The photo fitted into a 640x480 canvas (as a webcam frame would be), JPEG q90."""
+def frame_jpeg(image: Image.Image, size: tuple[int, int] = FRAME_SIZE) -> bytes:
+    """The photo fitted into a 640x480 canvas (as a webcam frame would be), that frame
+    scaled to ``size`` (width, height; 4:3 keeps the scene as it is: a camera of higher
+    resolution, the same face larger in pixels), JPEG q90."""
     image = image.convert("RGB")
     image.thumbnail(FRAME_SIZE)
     canvas = Image.new("RGB", FRAME_SIZE, (96, 96, 96))
     canvas.paste(image, ((FRAME_SIZE[0] - image.width) // 2, (FRAME_SIZE[1] - image.height) // 2))
+    if size != FRAME_SIZE:
+        canvas = canvas.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     canvas.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -85,7 +89,7 @@ def load_people(faces: Path | None, limit: int) -> list[tuple[bytes, list[bytes]
             )
             if len(photos) < 2:
                 continue
-            frames = [frame_640x480(Image.open(p)) for p in photos]
+            frames = [frame_jpeg(Image.open(p)) for p in photos]
             people.append((frames[0], frames[1:]))
             if len(people) == limit:
                 break
@@ -93,7 +97,7 @@ def load_people(faces: Path | None, limit: int) -> list[tuple[bytes, list[bytes]
     from skimage import data
 
     astronaut = Image.fromarray(data.astronaut())
-    frame = frame_640x480(astronaut)
+    frame = frame_jpeg(astronaut)
     return [(frame, [frame])]
 
 
