@@ -290,6 +290,9 @@ def _add_passes(sub: SubParsers) -> None:
     issue.add_argument("--key-dir", type=Path, default=None, help="default: tokens.key_dir")
     issue.add_argument("--print-pass", action="store_true", help="also print the pass text")
     issue.set_defaults(func=_delegate("facesvc.kiosk.passes", "cli_passes_issue", 8))
+    jwks = a.add_parser("jwks", help="print the public keys that check passes (for --pass-keys)")
+    jwks.add_argument("--key-dir", type=Path, default=None, help="default: tokens.key_dir")
+    jwks.set_defaults(func=_delegate("facesvc.kiosk.passes", "cli_passes_jwks", 8))
 
 
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (

@@ -528,6 +528,8 @@ def test_programme_cli_mints_a_pass_and_headless_kiosk_admits_writing_no_images(
     )  # fmt: skip
     assert code == 0
     issued = json.loads(capsys.readouterr().out)
+    assert cli.main(["passes", "jwks", "--key-dir", str(venue.key_dir)]) == 0
+    (inputs / "programme-jwks.json").write_text(capsys.readouterr().out)
     (inputs / "face.jpg").write_bytes(jpeg(genuine_face()))
 
     # Where a careless kiosk would leave pictures: its working folder, home and temp.
@@ -541,6 +543,7 @@ def test_programme_cli_mints_a_pass_and_headless_kiosk_admits_writing_no_images(
     before = image_files(tmp_path)
     code = kiosk_main.main(
         ["--target", venue.server.grpc_target, "--venue", VENUE, "--insecure", "--headless",
+         "--pass-keys", str(inputs / "programme-jwks.json"),
          "--timeout-s", "60", "--frames", "1",
          "--images", str(inputs / "pass.png"), str(inputs / "face.jpg")]
     )  # fmt: skip

@@ -1,9 +1,10 @@
-"""``facesvc passes issue``: the programme side of venue passes (registered in facesvc.cli).
+"""``facesvc passes issue | jwks``: the programme side of venue passes (see facesvc.cli).
 
 Signs a :class:`~facesvc.kiosk.qr.VenuePass` with the active key of a key directory (by
 default the service's token keys, ``tokens.key_dir``, whose public half the service already
 publishes through GetSigningKeys and /.well-known/jwks.json, where kiosks fetch it) and
-writes the QR code as a PNG. The participant dashboard would call :func:`issue_pass_png`
+writes the QR code as a PNG; ``facesvc passes jwks`` prints the matching public keys for
+kiosks that are given a key file. The participant dashboard would call :func:`issue_pass_png`
 the same way when it shows the code.
 
 Key lifetime: token keys retire a few minutes after a rotation, and a pass signed by a
@@ -71,4 +72,17 @@ def cli_passes_issue(args: argparse.Namespace) -> int:
     if args.print_pass:
         line["pass"] = text
     print(json.dumps(line))
+    return 0
+
+
+def cli_passes_jwks(args: argparse.Namespace) -> int:
+    """Print the JWKS of the keys published now in the key directory: the file a kiosk
+    takes as ``--pass-keys`` when passes are not checked against GetSigningKeys."""
+    key_dir: Path = args.key_dir or settings_from_args(args).tokens.key_dir
+    try:
+        keys = load_key_ring(key_dir).public_keys(SystemClock().now())
+    except KeyDirectoryError as exc:
+        print(f"facesvc: {exc}", file=sys.stderr)
+        return 2
+    print(keys.to_json())
     return 0
