@@ -543,21 +543,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 # ---------------------------------------------------------------- HTTP
 
 
-def _http_peer_identities(request: web.Request) -> list[str]:
-    """CN and subjectAltNames of a verified HTTP client certificate (ssl's getpeercert())."""
-    transport = request.transport
-    cert = transport.get_extra_info("peercert") if transport is not None else None
-    if not cert:
-        return []
-    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
-    names.extend(value for _kind, value in cert.get("subjectAltName", ()))
-    return names
-
-
 def http_auth_middleware(
     registry: ClientRegistry, protected: Mapping[str, frozenset[Role]] = HTTP_ROLES
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """aiohttp middleware guarding the ``protected`` paths (exact match) by role."""
+    """aiohttp middleware guarding the ``protected`` paths (exact match) by role.
+
+    API keys only: the HTTP server requests no client certificates (see :mod:`facesvc.tls`).
+    """
 
     @web.middleware
     async def middleware(
@@ -566,12 +558,8 @@ def http_auth_middleware(
         allowed = protected.get(request.path)
         if allowed is None:
             return await handler(request)
-        header = request.headers.get("Authorization")
-        if header is not None:
-            key = bearer_key(header)
-            client = registry.by_key(key) if key is not None else None
-        else:
-            client = registry.by_identity(_http_peer_identities(request))
+        key = bearer_key(request.headers.get("Authorization", ""))
+        client = registry.by_key(key) if key is not None else None
         if client is None:
             raise web.HTTPUnauthorized(
                 text=f"{request.path} needs a credential: send `Authorization: Bearer <api key>`",

@@ -3,8 +3,9 @@
 - ``tls_cert`` + ``tls_key``: gRPC and HTTP serve TLS (1.2 or later) with that certificate.
 - ``tls_ca`` as well: gRPC requires a client certificate signed by that CA (mTLS; the
   certificate's CN or subjectAltName then identifies the caller, see :mod:`facesvc.auth`).
-  HTTP asks for one but does not require it, because browsers on the Scan Wajah page hold
-  none; ``/metrics`` can still be read with a certificate instead of a key.
+  HTTP never asks for one: it serves the Scan Wajah page to browsers, and a TLS certificate
+  request makes a browser that holds any client certificate prompt the participant to pick
+  one. ``/metrics`` takes an API key instead.
 - no certificate: plaintext, allowed only while ``allow_plaintext`` is on (settings refuse
   the combination otherwise, so the service never starts unencrypted by accident), and
   announced with a loud warning at start-up (:func:`insecure_warnings`).
@@ -61,10 +62,10 @@ def server_tls(security: SecuritySettings) -> ServerTLS | None:
         ) from None
     if ca is not None:
         try:
-            context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
-        except ssl.SSLError as exc:
-            raise ConfigError(f"security.tls_ca: not a PEM CA certificate ({exc.reason})") from None
-        context.verify_mode = ssl.CERT_OPTIONAL
+            ssl.create_default_context(cadata=ca.decode("ascii", errors="replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            # gRPC would refuse it only at the first handshake, with no word about the file.
+            raise ConfigError(f"security.tls_ca: not a PEM CA certificate ({exc})") from None
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )

@@ -533,7 +533,7 @@ def test_mtls_server_refuses_clients_without_a_certificate_and_plaintext(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_https_metrics_with_a_key_or_a_client_certificate(
+def test_https_serves_browsers_without_asking_for_a_certificate(
     mtls_server: tuple[RunningServer, Keys], pki: Pki, tmp_path: Path
 ) -> None:
     server, keys = mtls_server
@@ -549,7 +549,8 @@ def test_https_metrics_with_a_key_or_a_client_certificate(
     (tmp_path / "c.pem").write_bytes(cert + key)
     with_cert = ssl.create_default_context(cadata=pki.ca.decode())
     with_cert.load_cert_chain(tmp_path / "c.pem")
-    assert _http_get(url, context=with_cert) == 403  # a kiosk certificate is not a monitor
+    # HTTP never asks for the certificate (no browser prompt), so it identifies nobody.
+    assert _http_get(url, context=with_cert) == 401
 
 
 def test_plaintext_refused_when_tls_is_required() -> None:
@@ -578,6 +579,14 @@ def test_unreadable_or_mismatched_certificates_stop_the_start(
             redis_url,
             security__tls_cert=str(tmp_path / "other.pem"),
             security__tls_key=str(pki.server_key),
+        )
+    (tmp_path / "ca.txt").write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"security\.tls_ca"):
+        start_server(
+            redis_url,
+            security__tls_cert=str(pki.server_cert),
+            security__tls_key=str(pki.server_key),
+            security__tls_ca=str(tmp_path / "ca.txt"),
         )
 
 
