@@ -7,6 +7,8 @@ engine as the gRPC transport and, like it, compute nothing themselves::
     GET  /.well-known/jwks.json   the published token keys (RFC 7517)
     GET  /api/v1/session          what the launch ticket allows and today's attempts
     POST /api/v1/challenge        a liveness challenge for the ticket's scan
+    POST /api/v1/precheck         one camera frame (raw image/jpeg body) through the quality
+                                  gates, for live guidance; costs no attempt
     POST /api/v1/verify           multipart/form-data: ``frame`` files (JPEG/PNG/WebP, in
                                   capture order), ``challenge_id``, ``idempotency_key``
 
@@ -26,6 +28,7 @@ to this origin only, no inline code, no framing), X-Frame-Options, a no-referrer
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -99,6 +102,8 @@ _VERSION_MARK = "__VERSION__"
 _MAX_FIELD_CHARS = 128
 _FRAMES_PER_POSE = 2
 """Frames the page takes per pose (the frontal one and each challenge step)."""
+_PRECHECK_CONCURRENCY = 2
+"""Pre-checks run at once per process; more are refused (503) rather than queued."""
 _PASSIVE_MIN_FRAMES = 3
 """Frames of a scan without a challenge: several frames are the service's own lever on
 accuracy (DESIGN.md), and a few JPEGs of 640 px are still small."""
@@ -197,6 +202,8 @@ class Portal:
         self._now = now
         self._engine = engine
         self._page, self._assets, self._version = _load_assets()
+        # Pre-checks are advice: a few at a time at most, so they never crowd out scans.
+        self._precheck_slots = asyncio.Semaphore(_PRECHECK_CONCURRENCY)
         self._base_url = settings.portal.public_url.rstrip("/")
 
     def attach_engine(self, engine: ScanEngine) -> None:
@@ -394,8 +401,11 @@ class Portal:
         frame = await request.content.read(limit + 1)
         if len(frame) > limit:
             raise ApiError(413, "TOO_LARGE", f"a frame may be at most {limit} bytes")
+        if self._precheck_slots.locked():
+            raise ApiError(503, "BUSY", "live guidance is busy; the scan itself still works")
         try:
-            report = await engine.inspect(frame)
+            async with self._precheck_slots:
+                report = await engine.inspect(frame)
         except ImageRejected as exc:
             raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
         except Overloaded as exc:
