@@ -109,6 +109,9 @@ class OpenCVCamera:
         self._capture: Any = cv2.VideoCapture(index)
         if not self._capture.isOpened():
             raise CameraError(f"camera {index} cannot be opened: is it connected and free?")
+        # Face frames are taken after a pause (a head turn, a step closer): a deep driver
+        # queue would hand back what the camera saw before it. Not every backend honours it.
+        self._capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
 
     def grab(self) -> RGBImage:
         """The newest frame as RGB; raises :class:`CameraError` when the camera stops."""
