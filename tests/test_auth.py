@@ -42,8 +42,9 @@ from facesvc.auth import (
     read_keys_file,
     write_keys_file,
 )
+from facesvc.client import FaceVerificationClient, PermissionDenied, Unauthenticated
 from facesvc.config import ConfigError, load_settings
-from facesvc.domain import TrainingType
+from facesvc.domain import Gate, TrainingType
 from tests.conftest import RunningServer, ServerStarter
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64  # validation only looks at sizes, not pixels
@@ -598,3 +599,22 @@ def test_plaintext_and_no_auth_are_announced_loudly(
     banner = [r.getMessage() for r in caplog.records if "INSECURE" in r.getMessage()]
     assert any("PLAINTEXT" in line for line in banner)
     assert any("NO AUTHENTICATION" in line for line in banner)
+
+
+def test_the_sdk_authenticates_over_tls_with_a_key_or_a_certificate(
+    mtls_server: tuple[RunningServer, Keys], pki: Pki
+) -> None:
+    server, keys = mtls_server
+    target = f"localhost:{server.app.grpc_port}"
+    cert, key = pki.issue("kiosk-sby.venues.example")
+    tls = {"root_certificates": pki.ca, "certificate_chain": cert, "private_key": key}
+    kiosk = FaceVerificationClient(target, api_key=keys.keys["kiosk-jkt"], **tls)
+    by_certificate = FaceVerificationClient(target, **tls)
+    bad = FaceVerificationClient(target, api_key="fsk_000000000000_" + "x" * 43, **tls)
+    with kiosk, by_certificate, bad:
+        with pytest.raises(PermissionDenied, match="role kiosk may not call Enroll"):
+            kiosk.enroll("p-1", [JPEG])
+        with pytest.raises(PermissionDenied, match="role kiosk may not call RedeemToken"):
+            by_certificate.redeem("a.b.c", audience="venue-sby", gate=Gate.REDEEM)
+        with pytest.raises(Unauthenticated):
+            bad.enroll("p-1", [JPEG])
