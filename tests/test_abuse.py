@@ -28,6 +28,7 @@ from facesvc.limits.abuse import (
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
+from facesvc.redis_local import RedisServer
 from tests.conftest import ServerStarter
 from tests.test_service_verify import PID, enroll, genuine, start, verify
 
@@ -214,3 +215,22 @@ def test_spoof_suspicions_lock_the_participant_before_any_attempt_is_spent(
         timeout=10,
     )
     assert attempts.used == 2  # the refused scan spent nothing
+
+
+def test_rate_limit_fails_closed_through_the_server(
+    start_server: ServerStarter, dedicated_redis: RedisServer, tmp_path: Path
+) -> None:
+    key, key_id, digest = new_api_key()
+    path = tmp_path / "keys.json"
+    write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
+    server = start_server(dedicated_redis.url, security__api_keys_file=str(path))
+    metadata = (("authorization", f"Bearer {key}"),)
+    dedicated_redis.stop()
+    with pytest.raises(grpc.RpcError) as down:
+        server.stub.GetSigningKeys(pb.GetSigningKeysRequest(), timeout=10, metadata=metadata)
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "client request rate" in (down.value.details() or "")
+    dedicated_redis.start()
+    with pytest.raises(grpc.RpcError) as up:  # no engine: past the limiter, UNIMPLEMENTED
+        server.stub.GetSigningKeys(pb.GetSigningKeysRequest(), timeout=10, metadata=metadata)
+    assert up.value.code() == grpc.StatusCode.UNIMPLEMENTED
