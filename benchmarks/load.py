@@ -1,6 +1,8 @@
 """Load generator: drive a running facesvc over gRPC with real face images.
 
     python -m benchmarks.load --spawn                      # start a service, sweep, report
+    python -m benchmarks.load --spawn --workers 2 --frame-size 1280x960 --name load-w2-1280
+    python -m benchmarks.load --spawn --soak-s 600 --soak-concurrency 4    # memory soak
     python -m benchmarks.load --target HOST:PORT --api-key KEY --concurrency 1,4,16
 
 Every request is a one-frame Verify of an enrolled person (640x480 JPEG) against a fresh
@@ -9,7 +11,14 @@ a bounded time and reports throughput, p50/p95/p99 latency, errors by status cod
 decisions. In the same run, on the same images, it measures the bare pipeline (decode +
 detect + landmarks + align + embed + match, in-process, no server) and the
 ``face_recognition`` library (dlib), so the ratios it prints are side by side on one
-machine at one moment. Results go to ``<out>/load.json`` and ``<out>/load.png``.
+machine at one moment. Results go to ``<out>/<name>.json`` and ``<out>/<name>.png``.
+
+With ``--spawn`` it also samples the resident memory (RSS) of every server process (the
+supervisor and each worker) every ``--rss-interval-s``; ``--soak-s`` runs one concurrency
+for that long and reports each process's RSS over time and its growth. Callers spread over
+``--channels`` connections, so SO_REUSEPORT spreads them over the workers as many clients
+would. Each level records the machine's 1-minute load average at its end: on a shared
+machine the figures mean little without it.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -26,7 +36,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -57,6 +69,10 @@ class Level:
     p99_ms: float
     errors: dict[str, int] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)
+    load_average_1m: float = 0.0
+    """The machine's 1-minute load average when the level ended."""
+    rss_mib: dict[str, float] = field(default_factory=dict)
+    """Largest RSS of each server process during the level (with --spawn), in MiB."""
 
 
 # ---------------------------------------------------------------- images
@@ -77,10 +93,13 @@ def frame_jpeg(image: Image.Image, size: tuple[int, int] = FRAME_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def load_people(faces: Path | None, limit: int) -> list[tuple[bytes, list[bytes]]]:
-    """(enrollment photo, probe frames) per person: from identity folders (the first photo
-    enrolls, the others probe) or, without a folder, the photos that ship with the
-    dependencies (each enrolls and probes with itself, re-encoded)."""
+def load_people(
+    faces: Path | None, limit: int, size: tuple[int, int] = FRAME_SIZE
+) -> list[tuple[bytes, list[bytes]]]:
+    """(enrollment photo, probe frames of ``size``) per person: from identity folders (the
+    first photo enrolls, the others probe) or, without a folder, the photos that ship with
+    the dependencies (each enrolls and probes with itself, re-encoded). Enrollment photos
+    are always 640x480."""
     people: list[tuple[bytes, list[bytes]]] = []
     if faces is not None:
         for folder in sorted(p for p in faces.iterdir() if p.is_dir()):
@@ -89,16 +108,15 @@ def load_people(faces: Path | None, limit: int) -> list[tuple[bytes, list[bytes]
             )
             if len(photos) < 2:
                 continue
-            frames = [frame_jpeg(Image.open(p)) for p in photos]
-            people.append((frames[0], frames[1:]))
+            images = [Image.open(p) for p in photos]
+            people.append((frame_jpeg(images[0]), [frame_jpeg(im, size) for im in images[1:]]))
             if len(people) == limit:
                 break
         return people
     from skimage import data
 
-    astronaut = Image.fromarray(data.astronaut())
-    frame = frame_jpeg(astronaut)
-    return [(frame, [frame])]
+    astronaut = Image.fromarray(data.astronaut())  # type: ignore[no-untyped-call]
+    return [(frame_jpeg(astronaut), [frame_jpeg(astronaut, size)])]
 
 
 # ---------------------------------------------------------------- the service
@@ -110,19 +128,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_service(workers: int, redis_url: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+@dataclass
+class Spawned:
+    """A ``facesvc serve`` started for the run."""
+
+    proc: subprocess.Popen[bytes]
+    target: str
+    """host:port of its gRPC server."""
+    metrics_url: str
+    home: Path
+    """Its keys and its log (serve.log)."""
+
+
+def spawn_service(workers: int, redis_url: str) -> Spawned:
     """``facesvc serve`` on free ports with liveness off and keys of its own."""
     from facesvc.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
     home = Path(tempfile.mkdtemp(prefix="facesvc-load-"))
     keys_generate(home / "token-keys")
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
     env.update(
         {
             "FACESVC_SERVER_GRPC_PORT": str(port),
-            "FACESVC_SERVER_HTTP_PORT": str(free_port()),
+            "FACESVC_SERVER_HTTP_PORT": str(http_port),
             "FACESVC_SERVER_WORKERS": str(workers),
             "FACESVC_REDIS_URL": redis_url,
             "FACESVC_REDIS_KEY_PREFIX": f"load{uuid.uuid4().hex[:8]}:",
@@ -139,7 +169,30 @@ def spawn_service(workers: int, redis_url: str) -> tuple[subprocess.Popen[bytes]
     proc = subprocess.Popen(
         [sys.executable, "-m", "facesvc.cli", "serve"], env=env, stdout=log, stderr=log
     )
-    return proc, f"127.0.0.1:{port}", home
+    return Spawned(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}/metrics", home)
+
+
+def wait_workers_serving(spawned: Spawned, workers: int, within_s: float = 300) -> None:
+    """Wait until ``workers`` processes report SERVING in the aggregated /metrics (one
+    gRPC health check would reach only the worker its connection landed on)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if spawned.proc.poll() is not None:
+            raise RuntimeError(f"facesvc exited; see {spawned.home / 'serve.log'}")
+        try:
+            with urllib.request.urlopen(spawned.metrics_url, timeout=5) as reply:
+                text = reply.read().decode()
+        except OSError:
+            text = ""
+        serving = [
+            line
+            for line in text.splitlines()
+            if line.startswith("facesvc_serving") and line.endswith(" 1.0")
+        ]
+        if len(serving) >= workers:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{workers} facesvc workers did not become SERVING within {within_s:.0f} s")
 
 
 def wait_serving(target: str, within_s: float = 300) -> None:
@@ -157,15 +210,115 @@ def wait_serving(target: str, within_s: float = 300) -> None:
     raise TimeoutError(f"facesvc at {target} did not become SERVING within {within_s:.0f} s")
 
 
+# ---------------------------------------------------------------- memory
+
+
+class RssSampler:
+    """Samples the resident memory of a process and its descendants (the supervisor and its
+    workers) every ``interval_s`` on a thread, from /proc (Linux)."""
+
+    def __init__(self, root_pid: int, interval_s: float) -> None:
+        self._root = root_pid
+        self._interval_s = interval_s
+        self._began = time.monotonic()
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        """(seconds since start, {"worker <pid>": MiB, ...}) per sample."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def now(self) -> float:
+        return time.monotonic() - self._began
+
+    def peak_between(self, start: float, end: float) -> dict[str, float]:
+        """Largest RSS of each process over the samples taken between ``start`` and ``end``."""
+        peak: dict[str, float] = {}
+        for at, rss in self.samples:
+            if start <= at <= end:
+                for name, mib in rss.items():
+                    peak[name] = max(peak.get(name, 0.0), mib)
+        return peak
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = {f"{_role(pid)} {pid}": mib for pid, mib in _tree_rss(self._root).items()}
+            self.samples.append((round(self.now(), 1), rss))
+            self._stop.wait(self._interval_s)
+
+
+def _tree_rss(root: int) -> dict[int, float]:
+    """RSS in MiB of ``root`` and every descendant that is a Python process."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it exited meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    out: dict[int, float] = {}
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                out[pid] = int(line.split()[1]) / 1024
+    return out
+
+
+def _role(pid: int) -> str:
+    """ "worker", "helper" (multiprocessing's resource tracker) or "server" (the process
+    started: the supervisor when there are workers, else the only server)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    if b"spawn_main" in cmdline:
+        return "worker"
+    if b"resource_tracker" in cmdline:
+        return "helper"
+    return "server"
+
+
+def soak_growth(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Per process: mean RSS over the last fifth of the samples minus the mean over the
+    second fifth (the first fifth is warm-up: arenas and caches fill), in MiB."""
+    names = {name for _, rss in samples for name in rss}
+    n = len(samples)
+    early, late = samples[n // 5 : 2 * n // 5], samples[4 * n // 5 :]
+    out = {}
+    for name in sorted(names):
+        a = [rss[name] for _, rss in early if name in rss]
+        b = [rss[name] for _, rss in late if name in rss]
+        if a and b:
+            out[name] = round(float(np.mean(b) - np.mean(a)), 1)
+    return out
+
+
 # ---------------------------------------------------------------- the sweep
 
 
 async def run_level(
-    stub: pb_grpc.FaceVerificationStub,
+    stubs: list[pb_grpc.FaceVerificationStub],
     metadata: tuple[tuple[str, str], ...],
     probes: list[tuple[str, bytes]],
     concurrency: int,
     duration_s: float,
+    rss: RssSampler | None = None,
 ) -> Level:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -173,7 +326,7 @@ async def run_level(
     stop_at = time.monotonic() + duration_s
     rng = np.random.default_rng(concurrency)
 
-    async def worker() -> None:
+    async def worker(stub: pb_grpc.FaceVerificationStub) -> None:
         while time.monotonic() < stop_at:
             participant, frame = probes[int(rng.integers(len(probes)))]
             request = pb.VerifyRequest(
@@ -193,8 +346,8 @@ async def run_level(
             latencies.append((time.perf_counter() - started) * 1000)
             decisions[pb.Decision.Name(reply.decision).removeprefix("DECISION_")] += 1
 
-    began = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    began, rss_began = time.monotonic(), rss.now() if rss else 0.0
+    await asyncio.gather(*(worker(stubs[i % len(stubs)]) for i in range(concurrency)))
     elapsed = time.monotonic() - began
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     return Level(
@@ -207,6 +360,8 @@ async def run_level(
         p99_ms=float(q[2]),
         errors=dict(errors),
         decisions=dict(decisions),
+        load_average_1m=os.getloadavg()[0],
+        rss_mib=rss.peak_between(rss_began, rss.now()) if rss else {},
     )
 
 
@@ -217,24 +372,33 @@ async def sweep(
     levels: list[int],
     duration_s: float,
     warmup_s: float,
+    channels: int,
+    rss: RssSampler | None,
 ) -> list[Level]:
     metadata: tuple[tuple[str, str], ...] = (
         (("authorization", f"Bearer {api_key}"),) if api_key else ()
     )
-    options = [("grpc.max_send_message_length", 16 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.FaceVerificationStub(channel)
+    # A local subchannel pool gives each channel its own TCP connection.
+    options = [("grpc.max_send_message_length", 16 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.FaceVerificationStub(channel) for channel in opened]  # type: ignore[no-untyped-call]
+        stub = stubs[0]
         probes: list[tuple[str, bytes]] = []
         for index, (enroll_frame, frames) in enumerate(people):
             participant = f"load-{index}"
-            await stub.Enroll(
+            enrolled = await stub.Enroll(
                 pb.EnrollRequest(participant_id=participant, images=[enroll_frame], replace=True),
                 metadata=metadata,
                 timeout=60,
             )
-            probes.extend((participant, f) for f in frames)
-        await run_level(stub, metadata, probes, 2, warmup_s)
-        return [await run_level(stub, metadata, probes, c, duration_s) for c in levels]
+            if enrolled.enrolled:  # probes of a refused enrollment would time only NOT_ENROLLED
+                probes.extend((participant, f) for f in frames)
+        await run_level(stubs, metadata, probes, 2, warmup_s)
+        return [await run_level(stubs, metadata, probes, c, duration_s, rss) for c in levels]
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 # ---------------------------------------------------------------- side-by-side baselines
@@ -268,7 +432,7 @@ def _bare_worker(frames: list[bytes], duration_s: float) -> int:
 def _face_recognition_worker(frames: list[bytes], duration_s: float) -> int:
     """Scans done in ``duration_s`` by the face_recognition library (HOG detector, 5-point
     landmarks, dlib's ResNet: its defaults) on one process."""
-    import face_recognition
+    import face_recognition  # type: ignore[import-untyped]
 
     known = None
     done = 0
@@ -287,7 +451,7 @@ def baseline(worker: Any, frames: list[bytes], duration_s: float, processes: int
     """Scans per second over ``processes`` processes each running ``worker``."""
     with concurrent.futures.ProcessPoolExecutor(processes) as pool:
         counts = list(pool.map(worker, [frames] * processes, [duration_s] * processes))
-    return sum(counts) / duration_s
+    return float(sum(counts)) / duration_s
 
 
 # ---------------------------------------------------------------- report
@@ -321,6 +485,30 @@ def plot(levels: list[Level], bare_rps: float | None, fr_rps: float | None, path
     fig.savefig(path, dpi=110)
 
 
+def plot_rss(samples: list[tuple[float, dict[str, float]]], path: Path) -> None:
+    """RSS of each server process over the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in sorted({n for _, rss in samples for n in rss}):
+        points = [(at, rss[name]) for at, rss in samples if name in rss]
+        ax.plot([t for t, _ in points], [m for _, m in points], label=name)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS, MiB")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="host:port of a running facesvc (else --spawn)")
@@ -332,71 +520,103 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("FACESVC_API_KEY"))
     parser.add_argument("--faces", type=Path, help="identity folders (default: bundled photos)")
     parser.add_argument("--people", type=int, default=20, help="identities to enroll")
+    parser.add_argument("--frame-size", type=_size, default=FRAME_SIZE, help="probe WxH")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--duration-s", type=float, default=20.0, help="per concurrency level")
     parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--channels", type=int, default=8, help="gRPC connections to spread over")
     parser.add_argument("--baseline-s", type=float, default=20.0, help="0 skips the baselines")
     parser.add_argument("--baseline-processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--soak-s", type=float, default=0.0, help="run one level this long")
+    parser.add_argument("--soak-concurrency", type=int, default=4)
+    parser.add_argument("--rss-interval-s", type=float, default=2.0, help="with --spawn")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="load", help="output file stem")
     args = parser.parse_args(argv)
     if not args.target and not args.spawn:
         parser.error("give --target HOST:PORT or --spawn")
+    soak = args.soak_s > 0
+    levels_wanted = (
+        [args.soak_concurrency] if soak else [int(c) for c in args.concurrency.split(",")]
+    )
+    duration_s = args.soak_s if soak else args.duration_s
+    baseline_s = 0.0 if soak else args.baseline_s
 
-    people = load_people(args.faces, args.people)
+    people = load_people(args.faces, args.people, args.frame_size)
     frames = [f for _, probe in people for f in probe]
-    proc = None
+    load_before = os.getloadavg()
+    spawned = None
     target = args.target
+    rss: RssSampler | None = None
     if args.spawn:
-        proc, target, home = spawn_service(args.workers, args.redis_url)
-        print(f"spawned facesvc at {target} (log: {home / 'serve.log'})", file=sys.stderr)
+        spawned = spawn_service(args.workers, args.redis_url)
+        target = spawned.target
+        print(f"spawned facesvc at {target} (log: {spawned.home / 'serve.log'})", file=sys.stderr)
     try:
-        wait_serving(target)
-        levels = asyncio.run(
-            sweep(
-                target,
-                args.api_key,
-                people,
-                [int(c) for c in args.concurrency.split(",")],
-                args.duration_s,
-                args.warmup_s,
+        if spawned is not None:
+            wait_workers_serving(spawned, args.workers)
+            rss = RssSampler(spawned.proc.pid, args.rss_interval_s)
+        else:
+            wait_serving(target)
+        with rss if rss is not None else contextlib.nullcontext():
+            levels = asyncio.run(
+                sweep(
+                    target,
+                    args.api_key,
+                    people,
+                    levels_wanted,
+                    duration_s,
+                    args.warmup_s,
+                    args.channels,
+                    rss,
+                )
             )
-        )
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        if spawned is not None:
+            spawned.proc.send_signal(signal.SIGTERM)
+            spawned.proc.wait(60)
     bare_rps = fr_rps = None
-    if args.baseline_s > 0:
-        bare_rps = baseline(_bare_worker, frames, args.baseline_s, args.baseline_processes)
-        fr_rps = baseline(
-            _face_recognition_worker, frames, args.baseline_s, args.baseline_processes
-        )
+    if baseline_s > 0:
+        bare_rps = baseline(_bare_worker, frames, baseline_s, args.baseline_processes)
+        fr_rps = baseline(_face_recognition_worker, frames, baseline_s, args.baseline_processes)
 
     best = max(lv.throughput_rps for lv in levels)
+    at_16 = next((lv.throughput_rps for lv in levels if lv.concurrency == 16), None)
     report = {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "load_average": os.getloadavg(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
+        "workers": args.workers if args.spawn else None,
+        "frame_size": "x".join(map(str, args.frame_size)),
         "frames": len(frames),
         "people": len(people),
+        "channels": args.channels,
         "levels": [asdict(lv) for lv in levels],
         "bare_pipeline_rps": bare_rps,
         "face_recognition_rps": fr_rps,
         "service_over_bare": best / bare_rps if bare_rps else None,
+        "service_at_16_over_bare": at_16 / bare_rps if bare_rps and at_16 else None,
         "service_over_face_recognition": best / fr_rps if fr_rps else None,
         "p50_ms_at_concurrency_1": next((lv.p50_ms for lv in levels if lv.concurrency == 1), None),
+        "rss_samples": rss.samples if rss else [],
+        "rss_growth_mib": soak_growth(rss.samples) if rss and soak else None,
         "median_of": "one run; repeat the command for more",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load.json").write_text(json.dumps(report, indent=2))
-    plot(levels, bare_rps, fr_rps, args.out / "load.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    if soak and rss is not None:
+        plot_rss(rss.samples, args.out / f"{args.name}.png")
+    else:
+        plot(levels, bare_rps, fr_rps, args.out / f"{args.name}.png")
     for lv in levels:
         print(
             f"c={lv.concurrency:3d} {lv.throughput_rps:7.1f} rps  p50 {lv.p50_ms:7.1f}  "
             f"p95 {lv.p95_ms:7.1f}  p99 {lv.p99_ms:7.1f} ms  errors {lv.errors}  {lv.decisions}"
+            f"  load {lv.load_average_1m:.1f}  rss {lv.rss_mib}"
         )
     if bare_rps and fr_rps:
         print(
@@ -404,7 +624,9 @@ def main(argv: list[str] | None = None) -> int:
             f"best service {best:.1f}/s = {best / bare_rps:.0%} of bare, "
             f"{best / fr_rps:.1f}x face_recognition"
         )
-    print(f"wrote {args.out / 'load.json'} and {args.out / 'load.png'}")
+    if report["rss_growth_mib"] is not None:
+        print(f"RSS growth over the soak (MiB): {report['rss_growth_mib']}")
+    print(f"wrote {args.out / args.name}.json and .png")
     return 0
 
 
