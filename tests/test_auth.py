@@ -60,8 +60,16 @@ EXPECTED_RPCS: dict[str, set[str]] = {
         "GetAttempts",
         "RedeemToken",
         "GetSigningKeys",
+        "CreateLaunchTicket",
     },
-    "lms": {"StartLivenessChallenge", "Verify", "GetAttempts", "RedeemToken", "GetSigningKeys"},
+    "lms": {
+        "StartLivenessChallenge",
+        "Verify",
+        "GetAttempts",
+        "RedeemToken",
+        "GetSigningKeys",
+        "CreateLaunchTicket",
+    },
     "portal": {"StartLivenessChallenge", "Verify", "GetAttempts", "GetSigningKeys"},
     "kiosk": {"StartLivenessChallenge", "Verify", "GetSigningKeys"},
     "monitor": set(),
@@ -96,6 +104,14 @@ def requests(
             token="a.b.c", expected_gate=pb.GATE_REDEEM, audience=audience
         ),
         "GetSigningKeys": pb.GetSigningKeysRequest(),
+        "CreateLaunchTicket": pb.CreateLaunchTicketRequest(
+            participant_id="p-1",
+            training_id="t-1",
+            training_type=training_type,
+            gate=pb.GATE_SESSION,
+            session_id="s-1",
+            return_url="https://lms-a.example/return/",
+        ),
     }
 
 
@@ -176,7 +192,7 @@ def test_each_role_reaches_exactly_its_rpcs(keyed: tuple[RunningServer, Keys], r
 def test_role_table_matches_the_issue() -> None:
     for role, rpcs in EXPECTED_RPCS.items():
         table = {rpc for rpc, roles in ROLE_TABLE.items() if Role(role) in roles}
-        assert table - {"CreateLaunchTicket"} == rpcs
+        assert table == rpcs
 
 
 def test_enroll_by_kiosk_says_to_use_an_admin_key(keyed: tuple[RunningServer, Keys]) -> None:
