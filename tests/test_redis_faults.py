@@ -1,6 +1,6 @@
 """Redis faults through the real service: a crash and restart of a real redis-server (AOF,
 ``appendfsync always``) in the middle of a burst of Verify calls, and the whole service on a
-real three-node Redis Cluster.
+real three-node Redis Cluster and behind a real Sentinel.
 
 Accounting in the restart test: every scan carries its own idempotency key and is retried,
 as a kiosk or LMS gate would, until it gets a decision. A scan whose attempt was reserved
@@ -29,7 +29,11 @@ from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.redis_local import RedisServer
 from tests.conftest import RunningServer, ServerStarter
 from tests.test_audit import as_caller
-from tests.test_redis_topologies import cluster  # noqa: F401  (the three-node cluster fixture)
+from tests.test_redis_topologies import (
+    SentinelServer,
+    cluster,  # noqa: F401  (the three-node cluster fixture)
+)
+from tests.test_redis_topologies import binary as redis_server_binary
 from tests.test_service_verify import PID, enroll, genuine, start
 
 pytestmark = pytest.mark.slow
@@ -184,3 +188,23 @@ def test_the_service_on_a_redis_cluster(
     assert {"template", "cap", "idem", "jti"} <= kinds, kinds
     assert len(slots) == 1  # every key of the participant in one slot
     assert rate_keys  # the client's rate windows live on the cluster too
+
+
+def test_the_service_behind_a_redis_sentinel(
+    start_server: ServerStarter, dedicated_redis: RedisServer, tmp_path: Path
+) -> None:
+    sentinel = SentinelServer(
+        redis_server_binary(), tmp_path / "sentinel", dedicated_redis.port, "facesvc-main"
+    )
+    sentinel.start()
+    try:
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/facesvc-main/0"
+        server = start(start_server, url, tmp_path, limits__cap_spl=2)
+        assert enroll(server).enrolled
+        burst = Burst(server, genuine())
+        outcomes = Counter(burst.scan("course-1") for _ in range(3))
+        assert outcomes == Counter({"VERIFIED": 2, "ATTEMPTS_EXHAUSTED": 1})
+        with redis.Redis(port=dedicated_redis.port) as master:  # the data is on the master
+            assert any(f"{{p:{PID}}}:cap:course-1".encode() in k for k in master.scan_iter())
+    finally:
+        sentinel.stop()
