@@ -213,7 +213,7 @@ class Engine:
         started = time.perf_counter()
         decoded = await self._faces.decode(images)
         analyses = await self._faces.analyze(decoded)
-        reports = tuple(_report(i, im, a) for i, (im, a) in enumerate(zip(decoded, analyses)))
+        reports = _reports(decoded, analyses)
         usable = [a for a in analyses if a.status is FaceStatus.OK]
         if not usable:
             reason = "no photo passed the quality checks: " + "; ".join(
@@ -388,9 +388,10 @@ class Engine:
         if isinstance(held, Exhausted):
             self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
             usage = CapUsage(held.used, 0, held.limit, held.resets_at)
+            resets = held.resets_at.astimezone(WIB)
             reason = (
                 f"all {held.limit} attempts for today are used; the count resets at "
-                f"{held.resets_at.astimezone(WIB):%H:%M} WIB on {held.resets_at.astimezone(WIB):%Y-%m-%d}"
+                f"{resets:%H:%M} WIB on {resets:%Y-%m-%d}"
             )
             return await self._finish(
                 cmd,
@@ -406,8 +407,9 @@ class Engine:
         try:
             decision, reason, reports = await self._decide(cmd, method, template, images, timings)
         except BaseException:
-            # Nothing was decided (deadline, overload, a bug): the attempt must not count.
-            await self._caps.refund(held)
+            # Nothing was decided (deadline, overload, a bug): the attempt must not count,
+            # and a retry with the same idempotency key must be decided afresh.
+            await self._caps.abandon(held)
             raise
         if decision in self._refunded:
             await self._caps.refund(held)
@@ -439,7 +441,7 @@ class Engine:
         t0 = time.perf_counter()
         analyses = await self._faces.analyze(images, cmd.deadline)
         timings["faces"] = _ms(t0)
-        reports = tuple(_report(i, im, a) for i, (im, a) in enumerate(zip(images, analyses)))
+        reports = _reports(images, analyses)
         problem = _face_problem(analyses, turns_expected=challenge is not None)
         if problem is not None:
             return problem[0], problem[1], reports
@@ -564,6 +566,15 @@ def _face_problem(
 def _chip(analysis: FaceAnalysis) -> RGBImage:
     assert analysis.chip is not None, "only analyses with a measured face are embedded"
     return analysis.chip
+
+
+def _reports(
+    images: Sequence[RGBImage], analyses: Sequence[FaceAnalysis]
+) -> tuple[FrameReport, ...]:
+    return tuple(
+        _report(i, image, analysis)
+        for i, (image, analysis) in enumerate(zip(images, analyses, strict=True))
+    )
 
 
 def _report(index: int, image: RGBImage, analysis: FaceAnalysis) -> FrameReport:

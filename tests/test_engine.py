@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -224,3 +225,17 @@ async def test_metrics_count_decisions_exhaustions_and_redis_time(engine_kit: En
     assert registry.get_sample_value("facesvc_decisions_total", labels) == 5
     assert registry.get_sample_value("facesvc_cap_exhausted_total", {"training_type": "SPL"}) == 1
     assert registry.get_sample_value("facesvc_redis_seconds_count", {"op": "reserve"}) == 6
+
+
+async def test_a_scan_past_its_deadline_costs_nothing_and_its_retry_is_decided(
+    engine_kit: EngineKit,
+) -> None:
+    await enroll(engine_kit)
+    with pytest.raises(TimeoutError):
+        await engine_kit.engine.verify(
+            scan([impostor_frame()], idempotency_key="scan-7", deadline=time.monotonic() - 1)
+        )
+    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
+    retry = await engine_kit.engine.verify(scan([impostor_frame()], idempotency_key="scan-7"))
+    assert retry.decision is Decision.NOT_MATCHED and not retry.replayed
+    assert retry.attempts.used == 1

@@ -266,6 +266,22 @@ class AttemptCaps:
             removed = await self._client.srem(key, reservation.reservation_id)
         return bool(removed)
 
+    async def abandon(self, reservation: Reservation) -> None:
+        """Undo a reservation whose scan ended without a decision (deadline passed, server
+        overloaded, a crash): the attempt is given back and the idempotency record is
+        forgotten, so a retry with the same key is decided afresh instead of hearing "still
+        being decided" until the record expires. Both keys share the participant's hash
+        tag, so one MULTI covers them on Redis Cluster too."""
+        key = self._keys.cap(reservation.participant_id, reservation.training_id, reservation.day)
+        async with (
+            store_errors("abandon an undecided attempt"),
+            self._client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.srem(key, reservation.reservation_id)
+            if reservation.idempotency_record is not None:
+                pipe.delete(reservation.idempotency_record)
+            await pipe.execute()
+
     async def usage(
         self, participant_id: str, training_id: str, training_type: TrainingType, now: datetime
     ) -> CapUsage:
