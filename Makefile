@@ -51,7 +51,7 @@ run: venv models redis keys
 	$(VENV)/bin/facesvc serve
 
 # Exit code 5 means pytest collected nothing: a broken collection, never a pass.
-test: venv models
+test: venv models browser-deps
 	$(PY) -m facesvc.redis_local ensure --url "$(TEST_REDIS_URL)"
 	FACESVC_TEST_REDIS_URL="$(TEST_REDIS_URL)" $(PY) -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
@@ -67,9 +67,15 @@ proto: venv
 # ---------------------------------------------------------------- browser tests
 # tests/test_browser.py (marker `browser`) drives Debian's chromium through Playwright for
 # Python, which the dev extra installs; `playwright install` is never needed. Without a
-# chromium those tests skip, unless FACESVC_REQUIRE_BROWSER=1 (CI: `make browser-deps test`).
+# chromium those tests skip, unless FACESVC_REQUIRE_BROWSER=1 (as .ci/run sets). `make test`
+# installs Debian's chromium first when it runs as root.
 # Needs root for apt; FACESVC_CHROMIUM names another binary.
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
-	chromium --version
+	@if command -v $${FACESVC_CHROMIUM:-chromium} >/dev/null 2>&1; then \
+		$${FACESVC_CHROMIUM:-chromium} --version; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null && chromium --version; \
+	else \
+		echo "no chromium and no root to install it: the browser tests will skip"; \
+	fi
