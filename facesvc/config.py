@@ -306,6 +306,9 @@ class LivenessSettings:
     """Applies to every scan from a kiosk caller, whatever the training type."""
     pad_threshold: float = 0.5
     """Passive presentation-attack score (0-1) below which a frame is judged an attack."""
+    passive_frames: int = 2
+    """Most frames of one scan the passive model scores (spread from first to last): it costs
+    hundreds of milliseconds a face on a CPU."""
 
     def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:
         """The policy for a scan of ``training_type`` ("SPL", ...), from a kiosk or not."""

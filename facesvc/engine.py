@@ -24,8 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-import numpy as np
-
 from facesvc.audit import AuditEvent, AuditLog
 from facesvc.clock import WIB, Clock
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
@@ -34,7 +32,7 @@ from facesvc.limits.abuse import SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, Reservation
 from facesvc.limits.windows import GateWindows, WindowClosed
 from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeStore
-from facesvc.liveness.judge import LivenessJudge, LivenessVerdict
+from facesvc.liveness.judge import LivenessJudge, frames_to_score
 from facesvc.metrics import Metrics
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceAnalysis, FaceStatus
@@ -168,6 +166,7 @@ class Engine:
         metrics: Metrics,
         refunded: frozenset[Decision] = DEFAULT_REFUNDED,
         lockout: SpoofLockout | None = None,
+        passive_frames: int = 2,
     ) -> None:
         if pack.threshold is None:
             raise PolicyError(
@@ -190,6 +189,7 @@ class Engine:
         self._audit = audit
         self._metrics = metrics
         self._refunded = refunded
+        self._passive_frames = passive_frames
         self._lockout = lockout
 
     @property
@@ -450,15 +450,17 @@ class Engine:
         descriptors = await self._faces.embed([_chip(a) for a in analyses], cmd.deadline)
         timings["embed"] = _ms(t0)
 
-        scores: np.ndarray | None = None
         if method is not LivenessMethod.OFF:
             t0 = time.perf_counter()
-            scores = await self._faces.live_scores(images, analyses, cmd.deadline)
-            timings["liveness"] = _ms(t0)
-            reports = tuple(
-                replace(r, live_score=float(s)) for r, s in zip(reports, scores, strict=True)
+            scored = frames_to_score(len(analyses), self._passive_frames)
+            some = await self._faces.live_scores(
+                [images[i] for i in scored], [analyses[i] for i in scored], cmd.deadline
             )
-            verdict: LivenessVerdict = self._judge.judge(
+            scores: list[float | None] = [None] * len(analyses)
+            for i, value in zip(scored, some, strict=True):
+                scores[i] = float(value)
+            reports = tuple(replace(r, live_score=s) for r, s in zip(reports, scores, strict=True))
+            verdict = self._judge.judge(
                 images, analyses, descriptors, scores, challenge, self._threshold
             )
             timings["liveness"] = _ms(t0)

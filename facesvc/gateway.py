@@ -62,7 +62,6 @@ from facesvc.launch import (
 from facesvc.limits.abuse import ParticipantLocked
 from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
-from facesvc.liveness.judge import ChallengeUnavailable
 from facesvc.models.batcher import Overloaded
 from facesvc.redis_client import AsyncRedis
 from facesvc.redis_errors import StoreUnavailable
@@ -448,8 +447,6 @@ class Portal:
             raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
         except Overloaded as exc:
             raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
-        except ChallengeUnavailable as exc:
-            raise ApiError(501, "CHALLENGE_UNAVAILABLE", str(exc)) from exc
         except TimeoutError as exc:
             raise ApiError(
                 504, "TIMEOUT", "the scan took too long on the server; send it again"

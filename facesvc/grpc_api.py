@@ -39,7 +39,6 @@ from facesvc.grpc_mapping import (
 from facesvc.imaging import ImageRejected
 from facesvc.launch import Launcher, LaunchRefused, LaunchScope
 from facesvc.limits.abuse import ParticipantLocked
-from facesvc.liveness.judge import ChallengeUnavailable
 from facesvc.metrics import Metrics
 from facesvc.models.batcher import Overloaded
 from facesvc.redis_errors import StoreUnavailable
@@ -142,8 +141,6 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             )
         except AlreadyEnrolled as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except ChallengeUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
         except (PolicyError, TemplateUnreadable) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ScanInProgress as exc:

@@ -12,6 +12,9 @@ import logging
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import numpy as np
+import numpy.typing as npt
+
 from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.calibration import log_calibration_status
@@ -136,7 +139,12 @@ async def build_engine(
         ),
         challenges=ChallengeStore(redis, clock=lambda: clock.now().timestamp(), key_prefix=prefix),
         liveness_policy=liveness_policy(settings),
-        judge=LivenessJudge(live_threshold=settings.liveness.pad_threshold),
+        judge=LivenessJudge(
+            live_threshold=settings.liveness.pad_threshold,
+            identity_metric=pack.distance,
+            identity_centre=None if pack.calibration is None else _centre(pack),
+        ),
+        passive_frames=settings.liveness.passive_frames,
         issuer=issuer,
         redeemer=redeemer,
         published_keys=published,
@@ -159,3 +167,10 @@ async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
     return await build_engine(resources.settings, resources.redis, resources.metrics)
+
+
+def _centre(pack: ModelPack) -> npt.NDArray[np.float32] | None:
+    """The pack's calibration centre as an array, for the liveness same-person check."""
+    assert pack.calibration is not None
+    centre = pack.calibration.centre
+    return None if centre is None else np.asarray(centre, dtype=np.float32)

@@ -7,6 +7,7 @@ Its fixtures (``model_pack``, ``engine_kit``) are registered for every test thro
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -76,20 +77,31 @@ class EngineKit:
     metrics: Metrics
 
 
+@contextlib.asynccontextmanager
+async def running_engine(
+    tmp_path: Path, redis_url: str, prefix: str, pack: ModelPack, **overrides: Any
+) -> AsyncIterator[EngineKit]:
+    """An engine on ``pack`` and real Redis with ``overrides`` (see ``engine_settings``), its
+    clock fixed at 10:00 WIB on a weekday so window and day-boundary tests can move it."""
+    settings = engine_settings(tmp_path, redis_url, prefix, **overrides)
+    redis = redis_client_from_url(redis_url, socket_timeout_s=2.0, socket_connect_timeout_s=1.0)
+    clock = FixedClock(datetime(2026, 11, 30, 3, 0, tzinfo=UTC))
+    metrics = Metrics()
+    engine = await build_engine(settings, redis, metrics, clock=clock, pack=pack)
+    try:
+        yield EngineKit(engine, settings, redis, clock, metrics)
+    finally:
+        await engine.close()
+        await redis.aclose()
+
+
 @pytest.fixture
 async def engine_kit(
     tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
 ) -> AsyncIterator[EngineKit]:
-    """An engine on the real default pack and real Redis, its clock fixed at a known
-    instant (10:00 WIB on a weekday) so window and day-boundary tests can move it."""
-    settings = engine_settings(tmp_path, redis_url, redis_prefix)
-    redis = redis_client_from_url(redis_url, socket_timeout_s=2.0, socket_connect_timeout_s=1.0)
-    clock = FixedClock(datetime(2026, 11, 30, 3, 0, tzinfo=UTC))
-    metrics = Metrics()
-    engine = await build_engine(settings, redis, metrics, clock=clock, pack=model_pack)
-    yield EngineKit(engine, settings, redis, clock, metrics)
-    await engine.close()
-    await redis.aclose()
+    """An engine with liveness off (``running_engine`` with no overrides)."""
+    async with running_engine(tmp_path, redis_url, redis_prefix, model_pack) as kit:
+        yield kit
 
 
 def jpeg(image: np.ndarray, quality: int = 92) -> bytes:

@@ -1,69 +1,90 @@
 """The liveness verdict on one scan, from the faces the pipeline measured.
 
-The engine calls :meth:`LivenessJudge.judge` after embedding and scoring every frame. A
-verdict with a decision ends the scan (SPOOF_SUSPECTED, CHALLENGE_FAILED, NOT_MATCHED for
-a scan that mixes people); ``decision=None`` lets the match decide.
+The engine calls :meth:`LivenessJudge.judge` after embedding every frame and scoring some of
+them with the passive model. It turns the pipeline's analyses into the observations that
+:func:`facesvc.liveness.checks.check_liveness` decides on, with the pack's own distance as
+the same-person test: one code path for passive-only and challenge scans.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.domain import Decision
 from facesvc.liveness.challenges import Challenge
+from facesvc.liveness.checks import (
+    FrameObservation,
+    LivenessResult,
+    LivenessThresholds,
+    check_liveness,
+    face_thumbnail,
+)
+from facesvc.models.matching import Distance
 from facesvc.models.pipeline import FaceAnalysis
 from facesvc.models.types import RGBImage
 
 
-@dataclass(frozen=True, slots=True)
-class LivenessVerdict:
-    decision: Decision | None
-    reason: str = ""
-
-
-PASSED = LivenessVerdict(None)
-
-
-class ChallengeUnavailable(NotImplementedError):
-    """Challenge-response liveness is configured but this build cannot check it.
-    Transports answer UNIMPLEMENTED."""
+def frames_to_score(count: int, budget: int) -> list[int]:
+    """Which of ``count`` frames the passive model scores: at most ``budget``, spread evenly
+    from the first (frontal) to the last, because the model costs hundreds of milliseconds
+    a face and neighbouring frames add little."""
+    if count <= budget:
+        return list(range(count))
+    return (
+        sorted({round(i * (count - 1) / (budget - 1)) for i in range(budget)})
+        if budget > 1
+        else [0]
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LivenessJudge:
-    """Passive presentation-attack threshold, and (when set) the challenge checker.
+    """Decides liveness with the pack's metric and the passive model's calibrated threshold.
 
-    ``live_threshold`` is the passive model's score below which a frame counts as an attack,
-    calibrated to a stated attack-acceptance rate (facesvc/models/fas_calibration.json).
+    ``live_threshold``: mean passive score (0-1) below which a scan is an attack.
+    ``identity_metric`` / ``identity_centre``: the pack's distance and calibration centre,
+    so "the same person in every frame" is judged as the match is.
     """
 
     live_threshold: float
+    identity_metric: Distance = Distance.COSINE
+    identity_centre: npt.NDArray[np.float32] | None = field(default=None, compare=False)
 
     def judge(
         self,
         images: Sequence[RGBImage],
         analyses: Sequence[FaceAnalysis],
         descriptors: npt.NDArray[np.float32],
-        live_scores: npt.NDArray[np.float32],
+        live_scores: Sequence[float | None],
         challenge: Challenge | None,
         match_threshold: float,
-    ) -> LivenessVerdict:
-        """The verdict on F frames: their images, analyses, (F, D) descriptors and (F,)
-        live scores; ``challenge`` is the consumed challenge for challenge-response scans."""
-        if challenge is not None:
-            raise ChallengeUnavailable(
-                "challenge-response liveness is not available in this build: "
-                "set the liveness policy to passive or off"
+    ) -> LivenessResult:
+        """The verdict on F frames in capture order: their images, analyses, (F, D)
+        descriptors and live scores (None for frames not scored); ``challenge`` is the
+        consumed challenge of a challenge-response scan, None for passive only."""
+        observations = []
+        for image, analysis, descriptor, score in zip(
+            images, analyses, descriptors, live_scores, strict=True
+        ):
+            assert analysis.detection is not None and analysis.landmarks is not None
+            box = analysis.detection.box
+            observations.append(
+                FrameObservation(
+                    landmarks=analysis.landmarks,
+                    box=box,
+                    descriptor=descriptor,
+                    live_score=score,
+                    thumbnail=face_thumbnail(image, box),
+                )
             )
-        weakest = float(np.min(live_scores))
-        if weakest < self.live_threshold:
-            return LivenessVerdict(
-                Decision.SPOOF_SUSPECTED,
-                "the camera seems to see a photo or a screen, not a live face: "
-                "scan your own face directly, in good light",
-            )
-        return PASSED
+        thresholds = LivenessThresholds(
+            max_identity_distance=match_threshold,
+            passive_threshold=self.live_threshold,
+            identity_metric=self.identity_metric,
+            identity_centre=self.identity_centre,
+        )
+        steps = challenge.steps if challenge is not None else ()
+        return check_liveness(steps, observations, thresholds)

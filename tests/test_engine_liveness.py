@@ -1,0 +1,106 @@
+"""Liveness through the engine: a challenge is consumed once, still photos never pass it,
+and the passive model's verdict ends a scan as SPOOF_SUSPECTED."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from facesvc.domain import Decision, Gate, TrainingType
+from facesvc.engine import VerifyCommand
+from facesvc.liveness.judge import frames_to_score
+from facesvc.models.packs import ModelPack
+from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, jpeg, running_engine
+
+PID = "participant-9"
+
+
+def command(frames: list[bytes], challenge_id: str | None) -> VerifyCommand:
+    return VerifyCommand(
+        participant_id=PID,
+        training_id="training-3",
+        training_type=TrainingType.SPL,
+        gate=Gate.SESSION,
+        session_id="s-1",
+        frames=frames,
+        caller=LMS,
+        challenge_id=challenge_id,
+    )
+
+
+def still_frames(count: int) -> list[bytes]:
+    """The same photo as ``count`` frames, each re-encoded a little differently (a printed
+    photo held still in front of a camera)."""
+    face = astronaut()
+    return [jpeg(np.asarray(Image.fromarray(face).rotate(i * 0.5)), 90 - i) for i in range(count)]
+
+
+async def enrolled(kit: EngineKit) -> None:
+    outcome = await kit.engine.enroll(PID, [jpeg(astronaut())], replace=False, caller=ADMIN)
+    assert outcome.enrolled
+
+
+async def test_a_still_photo_fails_the_challenge_and_the_challenge_is_single_use(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack, liveness__spl="challenge"
+    ) as kit:
+        await enrolled(kit)
+        challenge = await kit.engine.start_challenge(
+            PID, "training-3", TrainingType.SPL, Gate.SESSION
+        )
+        assert challenge.steps
+        first = await kit.engine.verify(command(still_frames(4), challenge.challenge_id))
+        assert first.decision in (Decision.CHALLENGE_FAILED, Decision.SPOOF_SUSPECTED)
+        assert first.token is None
+        again = await kit.engine.verify(command(still_frames(4), challenge.challenge_id))
+        assert again.decision is Decision.CHALLENGE_FAILED
+        assert "used" in again.reason.lower()
+
+
+async def test_a_challenge_for_another_participant_is_refused(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack, liveness__spl="challenge"
+    ) as kit:
+        await enrolled(kit)
+        foreign = await kit.engine.start_challenge(
+            "someone-else", "training-3", TrainingType.SPL, Gate.SESSION
+        )
+        outcome = await kit.engine.verify(command(still_frames(3), foreign.challenge_id))
+        assert outcome.decision is Decision.CHALLENGE_FAILED
+        assert outcome.token is None
+
+
+async def test_passive_policy_decides_on_the_models_score(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    # Threshold 1.0: no live score reaches it, so the passive verdict must stop the scan;
+    # threshold 0.0: every score passes it, so the match decides.
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack,
+        liveness__spl="passive", liveness__pad_threshold=1.0,
+    ) as kit:  # fmt: skip
+        await enrolled(kit)
+        refused = await kit.engine.verify(command(still_frames(1), None))
+        assert refused.decision is Decision.SPOOF_SUSPECTED
+        assert refused.frames[0].live_score is not None
+        assert refused.attempts.used == 1  # a suspected spoof counts
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix + "b:", model_pack,
+        liveness__spl="passive", liveness__pad_threshold=0.0,
+    ) as kit:  # fmt: skip
+        await enrolled(kit)
+        passed = await kit.engine.verify(command(still_frames(1), None))
+        assert passed.decision is Decision.VERIFIED
+
+
+def test_the_passive_model_scores_a_bounded_spread_of_frames() -> None:
+    assert frames_to_score(1, 2) == [0]
+    assert frames_to_score(5, 2) == [0, 4]
+    assert frames_to_score(7, 3) == [0, 3, 6]
+    assert frames_to_score(3, 5) == [0, 1, 2]
