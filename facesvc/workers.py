@@ -212,12 +212,10 @@ class Supervisor:
             if self._stopping and time.monotonic() >= kill_at:
                 self._signal_all(signal.SIGKILL)
                 kill_at = float("inf")
-            now = time.monotonic()
-            wakes = [s.restart_at for s in self._slots if s.restart_at is not None]
-            wakes.append(kill_at if self._stopping and kill_at < float("inf") else now + 3600)
-            ready = multiprocessing.connection.wait(
-                [*running, wake], timeout=max(0.0, min(wakes) - now)
-            )
+            # Sleep until a worker exits, a signal arrives, a restart or the kill is due.
+            due = min([kill_at, *(s.restart_at for s in self._slots if s.restart_at is not None)])
+            timeout = None if due == float("inf") else max(0.0, due - time.monotonic())
+            ready = multiprocessing.connection.wait([*running, wake], timeout=timeout)
             for item in ready:
                 if item is wake:
                     with contextlib.suppress(BlockingIOError):
