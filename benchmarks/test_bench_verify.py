@@ -12,8 +12,8 @@ figures are the service's work without gRPC. Groups:
 - ``verify-by-enrolled``: the same at 640x480 with 1 or 10,000 participants enrolled:
   a Verify reads only its participant's template, so the cost must not grow.
 - ``cap-check``: one ``AttemptCaps.reserve`` round trip (a Lua script on Redis). Target:
-  p99 <= 0.5 ms; pytest-benchmark prints no p99, so it is in ``extra_info["p99_ms"]``
-  (``--benchmark-json``).
+  p99 <= 0.5 ms. pytest-benchmark prints no p99: ``extra_info`` has ``awaited_p50_ms`` and
+  ``awaited_p99_ms``, the round trip as the engine awaits it (``--benchmark-json``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,13 +153,19 @@ def test_cap_check_round_trip(benchmark: BenchmarkFixture, kit: Kit) -> None:
         kit.redis, [CapRule(t, 1_000_000) for t in TrainingType], key_prefix=kit.prefix
     )
     now = datetime.now(UTC)
+    seconds: list[float] = []
 
-    def run() -> int:
-        held = kit.loop.run_until_complete(caps.reserve(PID, "bench-caps", TrainingType.SPL, now))
+    async def reserve() -> int:
+        # Timed inside the running loop, as the engine awaits it: pytest-benchmark's own
+        # figures also include starting the loop for each round.
+        started = time.perf_counter()
+        held = await caps.reserve(PID, "bench-caps", TrainingType.SPL, now)
+        seconds.append(time.perf_counter() - started)
         return held.used
 
+    def run() -> int:
+        return kit.loop.run_until_complete(reserve())
+
     assert benchmark.pedantic(run, rounds=2000, warmup_rounds=50) > 0
-    if benchmark.stats is not None:  # None under --benchmark-disable (a smoke run)
-        times = np.asarray(benchmark.stats.stats.data)
-        benchmark.extra_info["p50_ms"] = float(np.percentile(times, 50) * 1000)
-        benchmark.extra_info["p99_ms"] = float(np.percentile(times, 99) * 1000)
+    p50, p99 = np.percentile(seconds[50:], [50, 99]) * 1000
+    benchmark.extra_info.update(awaited_p50_ms=float(p50), awaited_p99_ms=float(p99))
