@@ -97,9 +97,8 @@ def warp_to_template(
     xs, ys = _map_grid(inverse, size, size)
     # One black pixel around the frame lets border samples blend towards black smoothly.
     padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
-    values, inside = _bilinear(padded, xs + 1.0, ys + 1.0)
-    out = np.where(inside[..., None], np.floor(values + 0.5), 0.0)
-    return np.clip(out, 0, 255).astype(np.uint8, order="C")
+    values = _bilinear(padded, xs + 1.0, ys + 1.0)  # 0 beyond the padding
+    return np.clip(np.floor(values + 0.5), 0, 255).astype(np.uint8, order="C")
 
 
 def dlib_face_chip(
@@ -231,13 +230,11 @@ def _extract_image_chip(
     ay = (bl - tl) / max(rows - 1, 1)
     chip_to_source = np.array([[ax[0], ay[0], tl[0]], [ax[1], ay[1], tl[1]]])
     xs, ys = _map_grid(chip_to_source, rows, cols)
-    values, inside = _bilinear(source, xs, ys)
+    values = _bilinear(source, xs, ys)
     # dlib assigns a double to an unsigned char by clamping and truncating; a blend of
-    # bytes with weights summing to one needs no clamping.
-    if inside.all():
-        return values.astype(np.uint8, order="C")
-    out[inside] = values[inside].astype(np.uint8)
-    return out
+    # bytes with weights summing to one needs no clamping. Samples without four neighbours
+    # are already 0, the black dlib leaves them.
+    return values.astype(np.uint8, order="C")
 
 
 def _pyramid_down_2(image: RGBImage) -> RGBImage:
@@ -290,12 +287,12 @@ def _map_grid(m: F64, rows: int, cols: int) -> tuple[F64, F64]:
     return m[0, 0] * c + m[0, 1] * r + m[0, 2], m[1, 0] * c + m[1, 1] * r + m[1, 2]
 
 
-def _bilinear(image: RGBImage, xs: F64, ys: F64) -> tuple[F64, npt.NDArray[np.bool_]]:
-    """Bilinear samples of ``image`` (H, W, C) at (xs, ys) and whether each sample had all
-    four neighbours inside the image (dlib's ``interpolate_bilinear``); samples without them
-    are zero. ``image`` must be at least 2x2. Returns values (..., C) float64 (a transposed
-    view: convert with ``order="C"``) and the mask (...). The arithmetic is dlib's, in
-    double, term for term."""
+def _bilinear(image: RGBImage, xs: F64, ys: F64) -> F64:
+    """Bilinear samples (..., C) float64 of ``image`` (H, W, C) at (xs, ys) (...), zero
+    where a sample lacks any of its four neighbours inside the image (dlib's
+    ``interpolate_bilinear``). ``image`` must be at least 2x2. The result is a transposed
+    view: convert it with ``order="C"``. The arithmetic is dlib's, in double, term for
+    term."""
     height, width, channels = image.shape
     left = np.floor(xs).ravel()
     top = np.floor(ys).ravel()
@@ -323,4 +320,5 @@ def _bilinear(image: RGBImage, xs: F64, ys: F64) -> tuple[F64, npt.NDArray[np.bo
     values = gy * upper + fy * lower
     if not everywhere:
         values = np.where(inside, values, 0.0)
-    return values.T.reshape(*xs.shape, channels), inside.reshape(xs.shape)
+    samples: F64 = values.T.reshape(*xs.shape, channels)
+    return samples
