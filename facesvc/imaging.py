@@ -25,7 +25,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from facesvc.models.types import RGBImage
 
@@ -48,15 +48,25 @@ class DecodeLimits:
     ``max_bytes``: encoded size in bytes (8 MiB: a 12 MP phone JPEG is 3-6 MB).
     ``max_pixels``: width * height (25 MP: above any phone or webcam frame a scan needs,
     and 75 MB as RGB). ``formats``: accepted formats, among "JPEG", "PNG", "WebP".
+    ``jpeg_reduce_to_side``: None decodes every image at full size. When set, a JPEG whose
+    longer side is at least twice this is decoded at 1/2, 1/4 or 1/8 scale, the strongest
+    reduction that keeps its longer side at least this long: libjpeg scales while it
+    decodes, so a 4000x3000 phone photo comes out 2000x1500 (at 1280) in about a fifth of
+    the CPU time of a full decode (measured 50 ms against 270 ms). The pixels differ from a
+    full decode followed by a resize, and faces shrink with the image: set it only where
+    the faces that matter stay above the detector's smallest size at the reduced scale.
     """
 
     max_bytes: int = 8 * _MIB
     max_pixels: int = 25_000_000
     formats: frozenset[str] = field(default_factory=lambda: frozenset({"JPEG", "PNG", "WebP"}))
+    jpeg_reduce_to_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0:
             raise ValueError("max_bytes and max_pixels must be positive")
+        if self.jpeg_reduce_to_side is not None and self.jpeg_reduce_to_side <= 0:
+            raise ValueError("jpeg_reduce_to_side must be positive (or None: full size)")
         unknown = self.formats - _OPENERS.keys()
         if unknown:
             raise ValueError(f"unsupported formats {sorted(unknown)}; known: JPEG, PNG, WebP")
@@ -85,6 +95,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> RGBImage:
     try:
         with Image.open(io.BytesIO(data), formats=pillow_formats) as image:
             _check_header(image, limits)
+            if limits.jpeg_reduce_to_side is not None:
+                _reduce_jpeg(image, limits.jpeg_reduce_to_side)
             return _to_rgb(_load_upright(image))
     except ImageRejected:
         raise
@@ -115,6 +127,20 @@ def _check_header(image: Image.Image, limits: DecodeLimits) -> None:
     # A multi-picture JPEG holds the photo and a preview: its first frame is the photo.
     if getattr(image, "is_animated", False) and image.format != "MPO":
         raise ImageRejected("animated images are not accepted: send a single still photo")
+
+
+def _reduce_jpeg(image: Image.Image, side: int) -> None:
+    """Ask libjpeg to decode ``image`` (not yet loaded) at the strongest power-of-two
+    reduction that keeps its longer side at least ``side``; other formats, and JPEGs whose
+    longer side is under twice ``side``, decode at full size."""
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return
+    width, height = image.size
+    longer = max(width, height)
+    if longer < 2 * side:
+        return
+    # Pillow picks the largest 1/s with both sides at least the requested ones.
+    image.draft(None, (-(-width * side // longer), -(-height * side // longer)))
 
 
 def _load_upright(image: Image.Image) -> Image.Image:
