@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.config import Settings
+from facesvc.config import Settings, load_settings, usable_cores
 from facesvc.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 
@@ -247,3 +247,34 @@ def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path:
     assert "restarting" not in workers.log()
     for channel in channels:
         channel.close()
+
+
+def test_a_worker_that_cannot_start_makes_the_supervisor_give_up(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # A keys file that does not exist fails every worker at start-up, before any model
+    # loads: restarting cannot help, so the supervisor must stop rather than loop.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "facesvc.cli", "serve",
+            "--workers", "2",
+            "--server-grpc-port", "0",
+            "--server-http-port", "0",
+            "--redis-url", redis_url,
+            "--security-api-keys-file", str(tmp_path / "missing.toml"),
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=LOAD_S,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "worker keeps failing at start-up; stopping all workers" in done.stderr
+    assert done.stderr.count("worker exited; restarting it") >= 4
+
+
+def test_threads_per_worker_default_to_the_cores_divided_among_workers() -> None:
+    cores = usable_cores()
+    assert load_settings(env={}).models.threads == cores
+    crowded = load_settings(env={}, overrides={"server.workers": 2 * cores})
+    assert crowded.models.threads == 1  # never 0
+    chosen = load_settings(env={}, overrides={"server.workers": 2, "models.threads": 3})
+    assert chosen.models.threads == 3
