@@ -20,10 +20,11 @@ from __future__ import annotations
 import re
 from datetime import date
 
+from facesvc.domain import ID_PATTERN
+
 # Identifiers end up inside key names, SCAN patterns and hash tags: refuse the characters that
 # would break them ("{" "}" move the hash tag, "*?[]\\" are glob syntax in SCAN MATCH, ":" is
 # the separator, whitespace and control characters make keys unreadable in redis-cli).
-_ID = re.compile(r"[A-Za-z0-9._@+\-]{1,128}")
 _PREFIX = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
 
@@ -32,7 +33,7 @@ def validate_id(value: str, field: str) -> str:
 
     Allowed: 1-128 of ``A-Z a-z 0-9 . _ @ + -``.
     """
-    if not _ID.fullmatch(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(
             f"{field} must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', '@', '+', '-' "
             f"(got {value!r})"

@@ -17,12 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.config import ServerSettings
+from facesvc.domain import ID_CHARS, ID_PATTERN
 
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 8192
 # Identifiers come from the programme's systems and end up in Redis keys, logs
 # and token claims: a conservative alphabet keeps all three safe.
-_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]+")
 _PRINTABLE_RE = re.compile(r"[\x21-\x7e]+")
 # Timestamps outside 1970..9999 are client bugs, not schedules.
 _MAX_TIMESTAMP_S = 253402300799
@@ -67,8 +67,8 @@ def _identifier(field: str, value: str, *, required: bool = True) -> None:
         return
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(field, f"is {len(value)} characters; at most {MAX_ID_CHARS}")
-    if not _ID_RE.fullmatch(value):
-        raise InvalidArgument(field, "may hold only letters, digits and - _ . : @")
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(field, f"may hold only {ID_CHARS}")
 
 
 def _enum(field: str, value: int, name: str) -> None:
