@@ -146,8 +146,9 @@ def _reduce_jpeg(image: Image.Image, side: int) -> None:
 def _load_upright(image: Image.Image) -> Image.Image:
     """Decode the first frame and apply its EXIF orientation."""
     image.load()
-    upright = ImageOps.exif_transpose(image)
-    return upright if upright is not None else image
+    # In place: otherwise an upright photo (nearly every frame) is copied for nothing.
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> RGBImage:
@@ -166,5 +167,6 @@ def _to_rgb(image: Image.Image) -> RGBImage:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, rgba)
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    # Pillow's convert copies even an RGB image to RGB: skip it for the usual JPEG.
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(rgb)
