@@ -17,8 +17,10 @@ SO_REUSEPORT: the kernel spreads incoming connections over them. The supervisor
 - forwards SIGTERM/SIGINT to every worker (each drains its calls within
   ``server.grace_s``) and exits once all have stopped: 0 if every one stopped cleanly;
 - restarts a worker that exits on its own, after a back-off that doubles with each quick
-  failure; a worker that keeps failing at start-up (bad keys, missing models) makes the
-  supervisor stop the others and exit 1 instead of looping for ever.
+  failure; a worker that keeps failing at start-up (missing keys or models) makes the
+  supervisor stop the others and exit 1 instead of looping for ever, and a worker that
+  refuses its settings (exit 2, :data:`CONFIG_ERROR_EXIT`) makes it stop at once with 2,
+  as a single ``facesvc serve`` would: no restart can fix a setting.
 
 A worker stops by itself when its supervisor dies, so no orphan keeps the ports.
 """
@@ -44,13 +46,15 @@ from types import FrameType
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from facesvc.config import Settings
+from facesvc.config import ConfigError, Settings
 from facesvc.logs import configure_logging
 from facesvc.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONFIG_ERROR_EXIT = 2
+"""Exit code of a worker (and of ``facesvc``) whose settings are refused."""
 
 
 def serve(settings: Settings) -> int:
@@ -101,7 +105,12 @@ def _worker_main(settings: Settings, index: int, metrics_dir: str) -> None:
     configure_logging(settings.logging)
     tag = f" [worker {index} of {settings.server.workers}, pid {os.getpid()}]"
     metrics = Metrics(multiprocess_dir=Path(metrics_dir))
-    sys.exit(asyncio.run(serve_process(settings, metrics, tag)))
+    try:
+        code = asyncio.run(serve_process(settings, metrics, tag))
+    except ConfigError as exc:
+        print(f"facesvc: {exc}", file=sys.stderr, flush=True)
+        code = CONFIG_ERROR_EXIT
+    sys.exit(code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +149,11 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._slots = [_Slot(i) for i in range(settings.server.workers)]
         self._stopping = False
-        self._failed = False
+        self._exit_code = 0
 
     def run(self) -> int:
-        """Start the workers, supervise them, return 0 after a clean stop or 1."""
+        """Start the workers, supervise them; 0 after a clean stop, 2 when a worker refused
+        the settings, else 1."""
         metrics_dir, owned = _metrics_dir()
         reserved: list[socket.socket] = []
         wake_r, wake_w = socket.socketpair()
@@ -173,7 +183,7 @@ class Supervisor:
                 sock.close()
             if owned:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
-        return 1 if self._failed else 0
+        return self._exit_code
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # The wake-up fd interrupts the wait; the loop does the forwarding.
@@ -239,10 +249,14 @@ class Supervisor:
         mark_process_dead(process.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
         if self._stopping:
             if code != 0:
-                self._failed = True
+                self._exit_code = self._exit_code or 1
             log.info(
                 "worker stopped", extra={"worker": slot.index, "pid": process.pid, "code": code}
             )
+            return
+        if code == CONFIG_ERROR_EXIT:
+            log.critical("a worker refused the settings; stopping all workers")
+            self._exit_code, self._stopping = CONFIG_ERROR_EXIT, True
             return
         lived_s = time.monotonic() - slot.started_at
         p = self._policy
@@ -252,7 +266,7 @@ class Supervisor:
                 "worker keeps failing at start-up; stopping all workers",
                 extra={"worker": slot.index, "code": code, "failures": slot.quick_failures},
             )
-            self._failed = self._stopping = True
+            self._exit_code, self._stopping = 1, True
             return
         backoff = min(p.max_backoff_s, p.first_backoff_s * 2 ** max(0, slot.quick_failures - 1))
         slot.restart_at = time.monotonic() + backoff

@@ -249,11 +249,11 @@ def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path:
         channel.close()
 
 
-def test_a_worker_that_cannot_start_makes_the_supervisor_give_up(
+def test_a_worker_refusing_its_settings_stops_the_supervisor_at_once(
     tmp_path: Path, redis_url: str
 ) -> None:
-    # A keys file that does not exist fails every worker at start-up, before any model
-    # loads: restarting cannot help, so the supervisor must stop rather than loop.
+    # A keys file that does not exist is refused by every worker at start-up: no restart
+    # can fix a setting, so the supervisor exits 2 (as one `facesvc serve` does) and says why.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
     done = subprocess.run(
         [
@@ -266,9 +266,10 @@ def test_a_worker_that_cannot_start_makes_the_supervisor_give_up(
         ],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=LOAD_S,
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "worker keeps failing at start-up; stopping all workers" in done.stderr
-    assert done.stderr.count("worker exited; restarting it") >= 4
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "facesvc: security.api_keys_file" in done.stderr
+    assert "a worker refused the settings; stopping all workers" in done.stderr
+    assert "restarting" not in done.stderr
 
 
 def test_threads_per_worker_default_to_the_cores_divided_among_workers() -> None:
