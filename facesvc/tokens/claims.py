@@ -85,7 +85,9 @@ class VerificationClaims:
             # bool is a subclass of int: a "true" exp must not pass as 1.
             if type(value) is not kind:
                 raise ValueError(f"claim {name!r} missing or not a JSON {kind.__name__}")
-            values[name] = _ENUM_CLAIMS[name](value) if name in _ENUM_CLAIMS else value
+            values[name] = value
+        for name, enum in _ENUM_CLAIMS.items():
+            values[name] = enum(values[name])
         return cls(**values)
 
 
