@@ -309,6 +309,17 @@ class LivenessSettings:
     passive_frames: int = 2
     """Most frames of one scan the passive model scores (spread from first to last): it costs
     hundreds of milliseconds a face on a CPU."""
+    challenge_steps: tuple[str, ...] = ()
+    """Steps a challenge may ask for (TURN_LEFT, TURN_RIGHT, LOOK_UP, LOOK_DOWN, COME_CLOSER),
+    drawn in random order. Empty: TURN_LEFT, TURN_RIGHT, LOOK_UP, COME_CLOSER, the steps
+    measured apart from other movement; a set without a turn loses the parallax check."""
+    challenge_length: int = 2
+    """Steps in one challenge (distinct, so at most the number of allowed steps)."""
+
+    def __post_init__(self) -> None:
+        # Step names and the length against them are checked where the steps are known
+        # (facesvc.wiring.challenge_steps): this module imports nothing of the service.
+        _check_positive("liveness.challenge_length", self.challenge_length)
 
     def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:
         """The policy for a scan of ``training_type`` ("SPL", ...), from a kiosk or not."""

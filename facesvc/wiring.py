@@ -19,7 +19,7 @@ from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.calibration import log_calibration_status
 from facesvc.clock import Clock, SystemClock
-from facesvc.config import Settings
+from facesvc.config import ConfigError, Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
 from facesvc.facework import BatchSettings, FaceWork
@@ -27,7 +27,7 @@ from facesvc.imaging import DecodeLimits
 from facesvc.limits.abuse import LockoutRule, SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.limits.windows import GateWindows
-from facesvc.liveness.challenges import ChallengeStore
+from facesvc.liveness.challenges import DEFAULT_STEPS, ChallengeStore, Step
 from facesvc.liveness.judge import LivenessJudge
 from facesvc.metrics import Metrics
 from facesvc.models.fas import FasFtModel
@@ -137,7 +137,13 @@ async def build_engine(
         templates=TemplateStore(
             redis, keyring_from_settings(settings.templates), key_prefix=prefix
         ),
-        challenges=ChallengeStore(redis, clock=lambda: clock.now().timestamp(), key_prefix=prefix),
+        challenges=ChallengeStore(
+            redis,
+            clock=lambda: clock.now().timestamp(),
+            key_prefix=prefix,
+            allowed_steps=challenge_steps(settings),
+            num_steps=settings.liveness.challenge_length,
+        ),
         liveness_policy=liveness_policy(settings),
         judge=LivenessJudge(
             live_threshold=settings.liveness.pad_threshold,
@@ -167,6 +173,27 @@ async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
     return await build_engine(resources.settings, resources.redis, resources.metrics)
+
+
+def challenge_steps(settings: Settings) -> tuple[Step, ...]:
+    """The steps challenges are drawn from (``liveness.challenge_steps``, empty = the default
+    set); a name that is no step, or a length the set cannot fill, stops the start here,
+    naming the setting, instead of failing the first challenge."""
+    live = settings.liveness
+    try:
+        steps = tuple(Step(name.strip().upper()) for name in live.challenge_steps)
+    except ValueError:
+        raise ConfigError(
+            f"liveness.challenge_steps={','.join(live.challenge_steps)}: use names from "
+            + ", ".join(Step)
+        ) from None
+    steps = steps or DEFAULT_STEPS
+    if live.challenge_length > len(set(steps)):
+        raise ConfigError(
+            f"liveness.challenge_length={live.challenge_length}: at most {len(set(steps))}, "
+            "the number of distinct liveness.challenge_steps"
+        )
+    return steps
 
 
 def _centre(pack: ModelPack) -> npt.NDArray[np.float32] | None:
