@@ -86,8 +86,8 @@ class VerificationClaims:
             if type(value) is not kind:
                 raise ValueError(f"claim {name!r} missing or not a JSON {kind.__name__}")
             values[name] = value
-        for name, enum in _ENUM_CLAIMS.items():
-            values[name] = enum(values[name])
+        for name, vocabulary in _ENUM_CLAIMS.items():
+            values[name] = vocabulary(values[name])
         return cls(**values)
 
 
