@@ -67,6 +67,7 @@ from google.protobuf.message import Message
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.domain import TrainingType
 from facesvc.engine import Caller
+from facesvc.proto_enums import TRAINING_TYPES
 from facesvc.redis_errors import StoreUnavailable
 
 
@@ -363,8 +364,7 @@ def _training_type(request: Message) -> TrainingType | None:
         | pb.GetAttemptsRequest
         | pb.CreateLaunchTicketRequest,
     ):
-        name = pb.TrainingType.Name(request.training_type) if request.training_type else ""
-        return TrainingType(name.removeprefix("TRAINING_TYPE_")) if name else None
+        return TRAINING_TYPES.from_wire(request.training_type) if request.training_type else None
     return None
 
 

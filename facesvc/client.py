@@ -34,7 +34,6 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import Enum
 from typing import Any, TypeVar
 
 import grpc
@@ -44,6 +43,14 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
+from facesvc.proto_enums import (
+    DECISIONS,
+    GATES,
+    LIVENESS_METHODS,
+    REDEEM_REASONS,
+    TRAINING_TYPES,
+    bare_name,
+)
 from facesvc.tokens import (
     DEFAULT_LEEWAY_S,
     CheckPolicy,
@@ -146,25 +153,7 @@ class KeySetUnavailable(Exception):
     """The token verifier could not get a fresh key set; check online (``redeem``) instead."""
 
 
-# --------------------------------------------------------------------------- enum mapping
-
-_E = TypeVar("_E", bound=Enum)
-
-
-def _to_proto(value: Enum, prefix: str) -> str:
-    """A domain enum member as its proto value's name (``Gate.SESSION`` -> ``GATE_SESSION``);
-    protobuf accepts the name wherever an enum field is set and refuses unknown names."""
-    return f"{prefix}_{value.name}"
-
-
-def _from_proto(number: int, prefix: str, proto_enum: Any, enum: type[_E]) -> _E:
-    """A proto enum value as the domain member of the same name."""
-    return enum[str(proto_enum.Name(number)).removeprefix(f"{prefix}_")]
-
-
-def _name(number: int, prefix: str, proto_enum: Any) -> str:
-    """A proto enum value as its bare name (``QUALITY_ISSUE_BLURRY`` -> ``BLURRY``)."""
-    return str(proto_enum.Name(number)).removeprefix(f"{prefix}_")
+# --------------------------------------------------------------------------- wire values
 
 
 def _time(message: Any, field: str) -> datetime | None:
@@ -281,7 +270,7 @@ def _quality(q: pb.ImageQuality) -> ImageQuality:
     return ImageQuality(
         index=q.index,
         accepted=q.accepted,
-        issue=None if q.issue == 0 else _name(q.issue, "QUALITY_ISSUE", pb.QualityIssue),
+        issue=None if q.issue == 0 else bare_name(pb.QualityIssue, "QUALITY_ISSUE", q.issue),
         reason=q.reason,
         width_px=q.width_px,
         height_px=q.height_px,
@@ -319,7 +308,7 @@ def _enroll_result(r: pb.EnrollResponse) -> EnrollResult:
 def _challenge(r: pb.StartLivenessChallengeResponse) -> Challenge:
     return Challenge(
         challenge_id=r.challenge_id,
-        steps=[_name(s, "CHALLENGE_STEP", pb.ChallengeStep) for s in r.steps],
+        steps=[bare_name(pb.ChallengeStep, "CHALLENGE_STEP", s) for s in r.steps],
         expires_at=_time(r, "expires_at"),
         min_frames=r.min_frames,
     )
@@ -328,7 +317,7 @@ def _challenge(r: pb.StartLivenessChallengeResponse) -> Challenge:
 def _verify_result(r: pb.VerifyResponse) -> VerifyResult:
     liveness = r.liveness_method
     return VerifyResult(
-        decision=_from_proto(r.decision, "DECISION", pb.Decision, Decision),
+        decision=DECISIONS.from_wire(r.decision),
         reason=r.reason,
         attempts_used=r.attempts_used,
         attempts_remaining=r.attempts_remaining,
@@ -338,9 +327,7 @@ def _verify_result(r: pb.VerifyResponse) -> VerifyResult:
         token_expires_at=_time(r, "token_expires_at"),
         verification_id=r.verification_id,
         frames=[_quality(q) for q in r.frames],
-        liveness_method=None
-        if liveness == 0
-        else _from_proto(liveness, "LIVENESS_METHOD", pb.LivenessMethod, LivenessMethod),
+        liveness_method=None if liveness == 0 else LIVENESS_METHODS.from_wire(liveness),
         replayed=r.replayed,
     )
 
@@ -369,21 +356,17 @@ def _redemption(r: pb.RedeemTokenResponse) -> Redemption:
             exp=_seconds(c, "expires_at"),
             jti=c.token_id,
             training_id=c.training_id,
-            training_type=_from_proto(
-                c.training_type, "TRAINING_TYPE", pb.TrainingType, TrainingType
-            ),
-            gate=_from_proto(c.gate, "GATE", pb.Gate, Gate),
+            training_type=TRAINING_TYPES.from_wire(c.training_type),
+            gate=GATES.from_wire(c.gate),
             session_id=c.session_id,
-            liveness=_from_proto(
-                c.liveness_method, "LIVENESS_METHOD", pb.LivenessMethod, LivenessMethod
-            ),
+            liveness=LIVENESS_METHODS.from_wire(c.liveness_method),
             model_pack=c.model_pack,
             verification_id=c.verification_id,
         )
         kid = c.key_id or None
     return Redemption(
         valid=r.valid,
-        reason=CheckReason[_name(r.reason, "REDEEM_REASON", pb.RedeemReason)],
+        reason=REDEEM_REASONS.from_wire(r.reason),
         message=r.message,
         claims=claims,
         kid=kid,
@@ -411,8 +394,8 @@ def _verify_request(
     request = pb.VerifyRequest(
         participant_id=participant_id,
         training_id=training_id,
-        training_type=_to_proto(training_type, "TRAINING_TYPE"),
-        gate=_to_proto(gate, "GATE"),
+        training_type=TRAINING_TYPES.to_wire(training_type),
+        gate=GATES.to_wire(gate),
         session_id=session_id,
         challenge_id=challenge_id,
         frames=list(frames),
@@ -429,7 +412,7 @@ def _redeem_request(
     return pb.RedeemTokenRequest(
         token=token,
         audience=audience,
-        expected_gate=_to_proto(gate, "GATE"),
+        expected_gate=GATES.to_wire(gate),
         expected_session_id=session_id,
         expected_training_id=training_id,
     )
@@ -546,8 +529,8 @@ class FaceVerificationClient:
         request = pb.StartLivenessChallengeRequest(
             participant_id=participant_id,
             training_id=training_id,
-            training_type=_to_proto(training_type, "TRAINING_TYPE"),
-            gate=_to_proto(gate, "GATE"),
+            training_type=TRAINING_TYPES.to_wire(training_type),
+            gate=GATES.to_wire(gate),
         )
         return self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
 
@@ -584,7 +567,7 @@ class FaceVerificationClient:
         request = pb.GetAttemptsRequest(
             participant_id=participant_id,
             training_id=training_id,
-            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+            training_type=TRAINING_TYPES.to_wire(training_type),
         )
         return self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
 
@@ -688,8 +671,8 @@ class AsyncFaceVerificationClient:
         request = pb.StartLivenessChallengeRequest(
             participant_id=participant_id,
             training_id=training_id,
-            training_type=_to_proto(training_type, "TRAINING_TYPE"),
-            gate=_to_proto(gate, "GATE"),
+            training_type=TRAINING_TYPES.to_wire(training_type),
+            gate=GATES.to_wire(gate),
         )
         return await self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
 
@@ -726,7 +709,7 @@ class AsyncFaceVerificationClient:
         request = pb.GetAttemptsRequest(
             participant_id=participant_id,
             training_id=training_id,
-            training_type=_to_proto(training_type, "TRAINING_TYPE"),
+            training_type=TRAINING_TYPES.to_wire(training_type),
         )
         return await self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
 

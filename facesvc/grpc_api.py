@@ -25,7 +25,6 @@ from google.protobuf.message import Message
 from facesvc import validation
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.domain import Gate, TrainingType
 from facesvc.engine import Caller, Engine, PolicyError, ScanInProgress, VerifyCommand
 from facesvc.grpc_mapping import (
     challenge_response,
@@ -41,6 +40,7 @@ from facesvc.launch import Launcher, LaunchRefused, LaunchScope
 from facesvc.limits.abuse import ParticipantLocked
 from facesvc.metrics import Metrics
 from facesvc.models.batcher import Overloaded
+from facesvc.proto_enums import GATES, TRAINING_TYPES
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.templates import AlreadyEnrolled, TemplateUnreadable
 from facesvc.tokens.claims import Expectation
@@ -206,8 +206,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             engine.start_challenge(
                 request.participant_id,
                 request.training_id,
-                _training_type(request.training_type),
-                _gate(request.gate),
+                TRAINING_TYPES.from_wire(request.training_type),
+                GATES.from_wire(request.gate),
             ),
         )
         return challenge_response(challenge)
@@ -224,8 +224,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         command = VerifyCommand(
             participant_id=request.participant_id,
             training_id=request.training_id,
-            training_type=_training_type(request.training_type),
-            gate=_gate(request.gate),
+            training_type=TRAINING_TYPES.from_wire(request.training_type),
+            gate=GATES.from_wire(request.gate),
             session_id=request.session_id,
             frames=list(request.frames),
             caller=caller,
@@ -252,7 +252,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             engine.attempts(
                 request.participant_id,
                 request.training_id,
-                _training_type(request.training_type),
+                TRAINING_TYPES.from_wire(request.training_type),
             ),
         )
         return pb.GetAttemptsResponse(
@@ -270,7 +270,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         engine = await self._ready(context)
         expected = Expectation(
             audience=request.audience,
-            gate=_gate(request.expected_gate),
+            gate=GATES.from_wire(request.expected_gate),
             session_id=request.expected_session_id,
             training_id=request.expected_training_id or None,
         )
@@ -300,8 +300,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         scope = LaunchScope(
             participant_id=request.participant_id,
             training_id=request.training_id,
-            training_type=_training_type(request.training_type),
-            gate=_gate(request.gate),
+            training_type=TRAINING_TYPES.from_wire(request.training_type),
+            gate=GATES.from_wire(request.gate),
             session_id=request.session_id,
             scheduled_start=(
                 request.scheduled_start.ToDatetime(tzinfo=UTC)
@@ -324,16 +324,6 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         return pb.CreateLaunchTicketResponse(
             ticket=ticket.token, page_url=page_url, expires_at=timestamp(ticket.expires_at)
         )
-
-
-def _training_type(value: int) -> TrainingType:
-    """The domain enum of a validated proto ``TrainingType`` value."""
-    return TrainingType(pb.TrainingType.Name(value).removeprefix("TRAINING_TYPE_"))
-
-
-def _gate(value: int) -> Gate:
-    """The domain enum of a validated proto ``Gate`` value."""
-    return Gate(pb.Gate.Name(value).removeprefix("GATE_"))
 
 
 # ---------------------------------------------------------------- metrics

@@ -1,4 +1,4 @@
-"""Domain values to facesvc.v1 messages: the one place that knows both vocabularies."""
+"""Engine results as facesvc.v1 messages; enum values map through :mod:`facesvc.proto_enums`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.engine import EnrollOutcome, FrameReport, VerifyOutcome
 from facesvc.liveness.challenges import Challenge
 from facesvc.models.pipeline import FaceStatus
+from facesvc.proto_enums import (
+    DECISIONS,
+    GATES,
+    LIVENESS_METHODS,
+    REDEEM_REASONS,
+    TRAINING_TYPES,
+)
 from facesvc.templates import TemplateMetadata
 from facesvc.tokens.claims import CheckReason, CheckResult
 from facesvc.tokens.keys import PublishedKey
@@ -88,7 +95,7 @@ def _issue(report: FrameReport) -> pb.QualityIssue:
 def verify_response(outcome: VerifyOutcome) -> pb.VerifyResponse:
     usage = outcome.attempts
     response = pb.VerifyResponse(
-        decision=pb.Decision.Value(f"DECISION_{outcome.decision.value}"),
+        decision=DECISIONS.to_wire(outcome.decision),
         reason=outcome.reason,
         attempts_used=usage.used,
         attempts_remaining=usage.remaining,
@@ -96,9 +103,7 @@ def verify_response(outcome: VerifyOutcome) -> pb.VerifyResponse:
         attempts_reset_at=timestamp(usage.resets_at),
         verification_id=outcome.verification_id,
         frames=[image_quality(r, _issue(r)) for r in outcome.frames],
-        liveness_method=pb.LivenessMethod.Value(
-            f"LIVENESS_METHOD_{outcome.liveness.value.upper()}"
-        ),
+        liveness_method=LIVENESS_METHODS.to_wire(outcome.liveness),
         replayed=outcome.replayed,
     )
     if outcome.token is not None:
@@ -139,9 +144,7 @@ def challenge_response(challenge: Challenge) -> pb.StartLivenessChallengeRespons
 
 
 def redeem_response(result: CheckResult) -> pb.RedeemTokenResponse:
-    reason = _REDEEM_FALLBACK.get(result.reason) or pb.RedeemReason.Value(
-        f"REDEEM_REASON_{result.reason.value}"
-    )
+    reason = _REDEEM_FALLBACK.get(result.reason) or REDEEM_REASONS.to_wire(result.reason)
     response = pb.RedeemTokenResponse(
         valid=result.ok, reason=reason, message=result.reason.value.replace("_", " ").lower()
     )
@@ -154,17 +157,15 @@ def redeem_response(result: CheckResult) -> pb.RedeemTokenResponse:
                 audience=claims.aud,
                 participant_id=claims.sub,
                 training_id=claims.training_id,
-                training_type=pb.TrainingType.Value(f"TRAINING_TYPE_{claims.training_type.value}"),
-                gate=pb.Gate.Value(f"GATE_{claims.gate.value}"),
+                training_type=TRAINING_TYPES.to_wire(claims.training_type),
+                gate=GATES.to_wire(claims.gate),
                 session_id=claims.session_id,
                 issued_at=_epoch(claims.iat),
                 not_before=_epoch(claims.nbf),
                 expires_at=_epoch(claims.exp),
                 verification_id=claims.verification_id,
                 key_id=result.kid or "",
-                liveness_method=pb.LivenessMethod.Value(
-                    f"LIVENESS_METHOD_{claims.liveness.value.upper()}"
-                ),
+                liveness_method=LIVENESS_METHODS.to_wire(claims.liveness),
                 model_pack=claims.model_pack,
             )
         )
