@@ -276,6 +276,38 @@ def _scrfd(
     return ScrfdDetector(model, (size[0], size[1]), threshold), model_path
 
 
+def _scrfd_pack(
+    name: str,
+    path: Path,
+    manifest: Mapping[str, Any],
+    context: PackContext,
+    recogniser: Path,
+    embedder: Embedder,
+    distance: Distance,
+    licence: str,
+) -> ModelPack:
+    """What both manifest kinds finish alike: the SCRFD detector of the [detector] table,
+    the digest over both model files and both tables, and the calibration."""
+    detector, det_path = _scrfd(path.parent, manifest, path, context)
+    settings = {
+        "recogniser": dict(_table(manifest, "recogniser", path)),
+        "detector": dict(_table(manifest, "detector", path)),
+    }
+    digest = _digest([recogniser, det_path], settings)
+    return ModelPack(
+        name=name,
+        digest=digest,
+        detector=detector,
+        landmarks=None,
+        embedder=embedder,
+        distance=distance,
+        calibration=_calibration(
+            name, digest, distance, path.parent, manifest.get("calibration"), context
+        ),
+        licence=licence,
+    )
+
+
 def load_onnx_manifest(path: Path, manifest: Mapping[str, Any], context: PackContext) -> ModelPack:
     """A ``kind = "onnx"`` pack: a generic recogniser described by its manifest."""
     base = path.parent
@@ -304,7 +336,6 @@ def load_onnx_manifest(path: Path, manifest: Mapping[str, Any], context: PackCon
     )
     output_size = _field(rec, "output_size", int, where)
     distance = _enum(rec, "distance", Distance, where, "cosine")
-    detector, det_path = _scrfd(base, manifest, path, context)
     try:
         embedder = OnnxEmbedder(
             create_session(model_path, SessionSettings(intra_threads=context.threads)),
@@ -314,20 +345,8 @@ def load_onnx_manifest(path: Path, manifest: Mapping[str, Any], context: PackCon
         )
     except ValueError as e:
         raise PackError(f"{where}: {e}") from e
-    settings = {"recogniser": dict(rec), "detector": dict(_table(manifest, "detector", path))}
-    digest = _digest([model_path, det_path], settings)
-    return ModelPack(
-        name=name,
-        digest=digest,
-        detector=detector,
-        landmarks=None,
-        embedder=embedder,
-        distance=distance,
-        calibration=_calibration(
-            name, digest, distance, base, manifest.get("calibration"), context
-        ),
-        licence=str(manifest.get("licence", "not stated in the manifest")),
-    )
+    licence = str(manifest.get("licence", "not stated in the manifest"))
+    return _scrfd_pack(name, path, manifest, context, model_path, embedder, distance, licence)
 
 
 def load_insightface_manifest(
@@ -353,21 +372,8 @@ def load_insightface_manifest(
         )
     except ValueError as e:
         raise PackError(f"{where}: {e}") from e
-    detector, det_path = _scrfd(base, manifest, path, context)
-    settings = {"recogniser": dict(rec), "detector": dict(_table(manifest, "detector", path))}
-    digest = _digest([model_path, det_path], settings)
-    return ModelPack(
-        name=name,
-        digest=digest,
-        detector=detector,
-        landmarks=None,
-        embedder=embedder,
-        distance=distance,
-        calibration=_calibration(
-            name, digest, distance, base, manifest.get("calibration"), context
-        ),
-        licence="InsightFace: non-commercial research only",
-    )
+    licence = "InsightFace: non-commercial research only"
+    return _scrfd_pack(name, path, manifest, context, model_path, embedder, distance, licence)
 
 
 def _shipped_calibration(name: str) -> Path:
