@@ -27,18 +27,6 @@ class Overloaded(RuntimeError):
     """The batcher's queue is full: retry after a short back-off or shed the request."""
 
 
-@dataclass(frozen=True, slots=True)
-class BatchStats:
-    """What the batcher has done so far (for metrics and benchmarks)."""
-
-    calls: int
-    items: int
-
-    @property
-    def mean_batch(self) -> float:
-        return self.items / self.calls if self.calls else 0.0
-
-
 @dataclass(slots=True)
 class _Pending:
     items: npt.NDArray[np.uint8]
@@ -74,16 +62,6 @@ class MicroBatcher:
         self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._calls = 0
-        self._items = 0
-
-    @property
-    def stats(self) -> BatchStats:
-        return BatchStats(calls=self._calls, items=self._items)
-
-    @property
-    def queued_items(self) -> int:
-        return self._queued_items
 
     async def submit(
         self, items: npt.NDArray[np.uint8], deadline: float | None = None
@@ -146,8 +124,6 @@ class MicroBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            self._calls += 1
-            self._items += int(stacked.shape[0])
             offset = 0
             for p in batch:
                 n = int(p.items.shape[0])
