@@ -32,7 +32,6 @@ class ServerTLS:
 
     grpc_credentials: Any  # grpc.ServerCredentials (untyped in grpc's stubs)
     http_context: ssl.SSLContext
-    mutual: bool
 
 
 def _read(name: str, path: Path) -> bytes:
@@ -69,7 +68,7 @@ def server_tls(security: SecuritySettings) -> ServerTLS | None:
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
-    return ServerTLS(credentials, context, mutual=ca is not None)
+    return ServerTLS(credentials, context)
 
 
 def insecure_warnings(security: SecuritySettings) -> list[str]:
