@@ -380,6 +380,27 @@ def _key_set(r: pb.GetSigningKeysResponse) -> PublicKeySet:
 # --------------------------------------------------------------------------- requests
 
 
+def _challenge_request(
+    participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
+) -> pb.StartLivenessChallengeRequest:
+    return pb.StartLivenessChallengeRequest(
+        participant_id=participant_id,
+        training_id=training_id,
+        training_type=TRAINING_TYPES.to_wire(training_type),
+        gate=GATES.to_wire(gate),
+    )
+
+
+def _attempts_request(
+    participant_id: str, training_id: str, training_type: TrainingType
+) -> pb.GetAttemptsRequest:
+    return pb.GetAttemptsRequest(
+        participant_id=participant_id,
+        training_id=training_id,
+        training_type=TRAINING_TYPES.to_wire(training_type),
+    )
+
+
 def _verify_request(
     participant_id: str,
     training_id: str,
@@ -431,7 +452,7 @@ _Out = TypeVar("_Out")
 
 
 class _Connection:
-    """What both clients share: target, credentials, metadata and the default deadline."""
+    """What both clients share: the call metadata (the API key) and the default deadline."""
 
     def __init__(self, api_key: str | None, timeout_s: float) -> None:
         if timeout_s <= 0:
@@ -526,12 +547,7 @@ class FaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Challenge:
         """Get a single-use liveness challenge for the next ``verify`` of this scan."""
-        request = pb.StartLivenessChallengeRequest(
-            participant_id=participant_id,
-            training_id=training_id,
-            training_type=TRAINING_TYPES.to_wire(training_type),
-            gate=GATES.to_wire(gate),
-        )
+        request = _challenge_request(participant_id, training_id, training_type, gate)
         return self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
 
     def verify(
@@ -564,11 +580,7 @@ class FaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """Today's attempt count; spends nothing."""
-        request = pb.GetAttemptsRequest(
-            participant_id=participant_id,
-            training_id=training_id,
-            training_type=TRAINING_TYPES.to_wire(training_type),
-        )
+        request = _attempts_request(participant_id, training_id, training_type)
         return self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
 
     def redeem(
@@ -668,12 +680,7 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Challenge:
         """See :meth:`FaceVerificationClient.start_challenge`."""
-        request = pb.StartLivenessChallengeRequest(
-            participant_id=participant_id,
-            training_id=training_id,
-            training_type=TRAINING_TYPES.to_wire(training_type),
-            gate=GATES.to_wire(gate),
-        )
+        request = _challenge_request(participant_id, training_id, training_type, gate)
         return await self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
 
     async def verify(
@@ -706,11 +713,7 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """See :meth:`FaceVerificationClient.attempts`."""
-        request = pb.GetAttemptsRequest(
-            participant_id=participant_id,
-            training_id=training_id,
-            training_type=TRAINING_TYPES.to_wire(training_type),
-        )
+        request = _attempts_request(participant_id, training_id, training_type)
         return await self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
 
     async def redeem(
