@@ -61,7 +61,8 @@ class Authenticator(Protocol):
 
 class DevAuthenticator:
     """No authentication: every caller is an admin. Used only when
-    ``security.api_keys_file`` is unset (local development; issue 10 brings keys)."""
+    ``security.api_keys_file`` is unset (local development; the start-up banner says so);
+    with a keys file, :class:`facesvc.auth.ApiKeyAuthenticator` takes its place."""
 
     async def authenticate(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
         return Caller(name="anonymous", role="admin", tenant="dev")
