@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -230,11 +230,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             session_id=request.session_id,
             frames=list(request.frames),
             caller=caller,
-            scheduled_start=(
-                request.scheduled_start.ToDatetime(tzinfo=UTC)
-                if request.HasField("scheduled_start")
-                else None
-            ),
+            scheduled_start=_scheduled_start(request),
             challenge_id=request.challenge_id or None,
             idempotency_key=request.idempotency_key or None,
             deadline=None if remaining is None else time.monotonic() + remaining,
@@ -304,11 +300,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             training_type=TRAINING_TYPES.from_wire(request.training_type),
             gate=GATES.from_wire(request.gate),
             session_id=request.session_id,
-            scheduled_start=(
-                request.scheduled_start.ToDatetime(tzinfo=UTC)
-                if request.HasField("scheduled_start")
-                else None
-            ),
+            scheduled_start=_scheduled_start(request),
             return_url=request.return_url,
             # The token audience is the caller's own tenant, never a request field.
             tenant=caller.tenant,
@@ -325,6 +317,16 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         return pb.CreateLaunchTicketResponse(
             ticket=ticket.token, page_url=page_url, expires_at=timestamp(ticket.expires_at)
         )
+
+
+def _scheduled_start(
+    request: pb.VerifyRequest | pb.CreateLaunchTicketRequest,
+) -> datetime | None:
+    """The request's optional ``scheduled_start`` (tz-aware, UTC), or None when unset."""
+    if not request.HasField("scheduled_start"):
+        return None
+    moment: datetime = request.scheduled_start.ToDatetime(tzinfo=UTC)
+    return moment
 
 
 # ---------------------------------------------------------------- metrics
