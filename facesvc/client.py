@@ -783,7 +783,15 @@ class _JwksCache:
         return self.attempted_at is None or now - self.attempted_at >= self.min_refresh
 
     def fetch_failed(self, exc: Exception) -> KeySetUnavailable:
-        return KeySetUnavailable(f"could not fetch the token signing keys: {exc}")
+        return KeySetUnavailable(
+            f"could not fetch the token signing keys ({exc}); check the token online with redeem()"
+        )
+
+    def refetch_too_soon(self) -> KeySetUnavailable:
+        return KeySetUnavailable(
+            "the last fetch of the token signing keys failed less than "
+            f"{self.min_refresh.total_seconds():g} s ago; check the token online with redeem()"
+        )
 
     def store(self, keys: PublicKeySet, now: datetime) -> PublicKeySet:
         self.keys, self.fetched_at = keys, now
@@ -845,7 +853,7 @@ class TokenVerifier:
             keys = self._cache.usable(now)
             if keys is None:
                 if not self._cache.may_refresh(now):
-                    raise KeySetUnavailable("signing keys fetched too recently and failed")
+                    raise self._cache.refetch_too_soon()
                 keys = self._refresh(now)
             result = check_token(token, keys, expected, self._policy, now)
             if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
@@ -900,7 +908,7 @@ class AsyncTokenVerifier:
             keys = self._cache.usable(now)
             if keys is None:
                 if not self._cache.may_refresh(now):
-                    raise KeySetUnavailable("signing keys fetched too recently and failed")
+                    raise self._cache.refetch_too_soon()
                 keys = await self._refresh(now)
             result = check_token(token, keys, expected, self._policy, now)
             if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
