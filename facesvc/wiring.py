@@ -22,7 +22,7 @@ from facesvc.clock import Clock, SystemClock
 from facesvc.config import ConfigError, Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
-from facesvc.facework import BatchSettings, FaceWork
+from facesvc.facework import BatchSettings, FaceWork, PadCrop
 from facesvc.imaging import DecodeLimits
 from facesvc.limits.abuse import LockoutRule, SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapRule
@@ -30,7 +30,7 @@ from facesvc.limits.windows import GateWindows
 from facesvc.liveness.challenges import DEFAULT_STEPS, ChallengeStore, Step
 from facesvc.liveness.judge import LivenessJudge
 from facesvc.metrics import Metrics
-from facesvc.models.fas import FasFtModel
+from facesvc.models.fas import FasFtModel, load_fas_calibration
 from facesvc.models.packs import ModelPack, PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline
 from facesvc.models.quality import QualityLimits
@@ -90,7 +90,12 @@ async def build_engine(
             settings.liveness.kiosk,
         )
     )
-    pad_model = FasFtModel(threads=settings.models.threads) if needs_pad else None
+    # The passive model runs at the input size and crop its threshold was calibrated with.
+    pad = load_fas_calibration(settings.liveness.pad_calibration)
+    pad_model = FasFtModel(pad.input_size, threads=settings.models.threads) if needs_pad else None
+    pad_threshold = (
+        settings.liveness.pad_threshold if settings.liveness.pad_threshold >= 0 else pad.threshold
+    )
     pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, QualityLimits())
     throughput = settings.throughput
     faces = FaceWork(
@@ -104,6 +109,7 @@ async def build_engine(
         pad_batching=BatchSettings(
             throughput.pad_max_batch, throughput.max_wait_s, throughput.max_queue
         ),
+        pad_crop=PadCrop(expand=pad.crop_expand),
     )
     keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
     issuer = TokenIssuer(
@@ -146,7 +152,7 @@ async def build_engine(
         ),
         liveness_policy=liveness_policy(settings),
         judge=LivenessJudge(
-            live_threshold=settings.liveness.pad_threshold,
+            live_threshold=pad_threshold,
             identity_metric=pack.distance,
             identity_centre=None if pack.calibration is None else _centre(pack),
         ),
