@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from facesvc.redis_client import reply_text
 from facesvc.redis_errors import store_errors
 
 DEFAULT_STREAM = "facesvc:audit"
@@ -60,17 +61,13 @@ class AuditLog:
             entry_id = await self._redis.xadd(
                 self._stream, event.to_fields(), maxlen=self._max_len, approximate=True
             )
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return reply_text(entry_id)
 
     async def tail(self, count: int = 20) -> list[tuple[str, dict[str, str]]]:
         """The newest ``count`` events, oldest first, as (stream id, fields)."""
         async with store_errors("read the audit stream"):
             rows = await self._redis.xrevrange(self._stream, count=count)
         return [
-            (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+            (reply_text(entry_id), {reply_text(k): reply_text(v) for k, v in fields.items()})
             for entry_id, fields in reversed(rows)
         ]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
