@@ -35,7 +35,7 @@ Measured on ../shared/data/poses with the default pack's own detector (MMOD) and
   1.06 across talking frames.
 
 With 68 points (dlib's 68-point model on the same boxes) turns measure worse
-(13.8 to 40.5 degrees for the same 30-degree turns), so the 5-point layout is
+(5.1 to 40.5 degrees for the same 30-degree turns), so the 5-point layout is
 the one the thresholds are set for.
 """
 
