@@ -85,12 +85,12 @@ class LivenessThresholds:
     """The first frame's largest |yaw|, degrees (frontal photos measured up to 14)."""
     turn_min_yaw_deg: float = 24.0
     """Yaw change that answers a turn, degrees: 30-degree turns measured 23.9-59.7
-    (1 of 36 below 24), near-frontal talking frames up to 23.0 (4 of 110 pairs
-    above 24), look up/down 0 of 48 above."""
+    (1 of 36 below 24); near-frontal talking frames 4 of 110 pairs at 24 or more;
+    look up/down and frontal repeats 0 of 48."""
     look_min_nose_rise: float = 0.10
     """Change of ``nose_drop`` that answers LOOK_UP (a rise) or LOOK_DOWN (a fall):
     30-degree look-ups measured 0.106-0.242 (18 of 18 above), other movements 0 of
-    66 and talking frames 0 of 110 above."""
+    66 (largest 0.031) and talking frames 0 of 110 (largest 0.096) above."""
     look_max_yaw_deg: float = 15.0
     """A look up/down frame must stay within this yaw change, degrees: turning
     also moves the nose across the eye line."""
