@@ -43,7 +43,7 @@ from facesvc.domain import Gate, TrainingType
 from facesvc.redis_client import AsyncRedis
 from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace, validate_id
-from facesvc.tokens.claims import CheckReason
+from facesvc.tokens.claims import CheckReason, str_claim, time_claim
 from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
 from facesvc.tokens.keys import SigningKey
 
@@ -334,41 +334,22 @@ def _check_scope(scope: LaunchScope) -> None:
         raise LaunchRefused("scheduled_start must carry a time zone")
 
 
-def _text(claims: dict[str, Any], name: str) -> str:
-    value = claims[name]
-    if not isinstance(value, str):
-        raise TypeError(f"claim {name} is not a string")
-    return value
-
-
-def _seconds(claims: dict[str, Any], name: str) -> int:
-    value = claims[name]
-    # bool is an int subclass: a "true" exp must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"claim {name} is not an integer")
-    return value
-
-
 def _ticket_from_claims(claims: dict[str, Any], token: str) -> LaunchTicket:
     start = claims.get("scheduled_start")
     scope = LaunchScope(
-        participant_id=_text(claims, "sub"),
-        training_id=_text(claims, "training_id"),
-        training_type=TrainingType(_text(claims, "training_type")),
-        gate=Gate(_text(claims, "gate")),
-        session_id=_text(claims, "session_id"),
-        scheduled_start=(
-            None
-            if start is None
-            else datetime.fromtimestamp(_seconds(claims, "scheduled_start"), UTC)
-        ),
-        return_url=_text(claims, "return_url"),
-        tenant=_text(claims, "tenant"),
+        participant_id=str_claim(claims, "sub"),
+        training_id=str_claim(claims, "training_id"),
+        training_type=TrainingType(str_claim(claims, "training_type")),
+        gate=Gate(str_claim(claims, "gate")),
+        session_id=str_claim(claims, "session_id"),
+        scheduled_start=None if start is None else time_claim(claims, "scheduled_start"),
+        return_url=str_claim(claims, "return_url"),
+        tenant=str_claim(claims, "tenant"),
     )
     _check_scope(scope)
     return LaunchTicket(
         scope=scope,
-        ticket_id=_text(claims, "jti"),
-        expires_at=datetime.fromtimestamp(_seconds(claims, "exp"), UTC),
+        ticket_id=str_claim(claims, "jti"),
+        expires_at=time_claim(claims, "exp"),
         token=token,
     )

@@ -50,7 +50,7 @@ from facesvc.clock import Clock, SystemClock, require_aware
 from facesvc.domain import Gate
 from facesvc.models.types import RGBImage
 from facesvc.redis_keys import validate_id
-from facesvc.tokens.claims import CheckReason
+from facesvc.tokens.claims import CheckReason, str_claim, time_claim
 from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
 from facesvc.tokens.keys import SigningKey
 
@@ -197,37 +197,26 @@ def _epoch(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
-def _text(claims: dict[str, Any], name: str) -> str:
-    value = claims[name]
-    if not isinstance(value, str):
-        raise TypeError(f"{name} is not a string")
-    return validate_id(value, name)
-
-
-def _moment(claims: dict[str, Any], name: str) -> datetime:
-    value = claims[name]
-    # bool is an int subclass: a "true" exp must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} is not an integer")
-    return datetime.fromtimestamp(value, UTC)
+def _id(claims: dict[str, Any], name: str) -> str:
+    return validate_id(str_claim(claims, name), name)
 
 
 def _from_claims(claims: dict[str, Any]) -> VenuePass:
     gate = Gate(claims["gate"])
     if gate not in PASS_GATES:
         raise ValueError(f"gate {gate.value} is not an OFFLINE gate")
-    jti = claims["jti"]
-    if not isinstance(jti, str) or not jti:
-        raise TypeError("jti is not a string")
+    jti = str_claim(claims, "jti")
+    if not jti:
+        raise ValueError("claim jti is empty")
     return VenuePass(
-        participant_id=_text(claims, "sub"),
-        training_id=_text(claims, "training_id"),
-        session_id=_text(claims, "session_id"),
+        participant_id=_id(claims, "sub"),
+        training_id=_id(claims, "training_id"),
+        session_id=_id(claims, "session_id"),
         gate=gate,
-        scheduled_start=_moment(claims, "scheduled_start"),
-        venue=_text(claims, "venue"),
-        issued_at=_moment(claims, "iat"),
-        expires_at=_moment(claims, "exp"),
+        scheduled_start=time_claim(claims, "scheduled_start"),
+        venue=_id(claims, "venue"),
+        issued_at=time_claim(claims, "iat"),
+        expires_at=time_claim(claims, "exp"),
         pass_id=jti,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from facesvc.domain import Gate, LivenessMethod, TrainingType
@@ -112,6 +113,24 @@ _ENUM_CLAIMS: dict[str, type[TrainingType] | type[Gate] | type[LivenessMethod]] 
     "gate": Gate,
     "liveness": LivenessMethod,
 }
+
+
+def str_claim(claims: Mapping[str, Any], name: str) -> str:
+    """Claim ``name`` of a signed payload; KeyError when absent, TypeError unless a string."""
+    value = claims[name]
+    if not isinstance(value, str):
+        raise TypeError(f"claim {name} is not a string")
+    return value
+
+
+def time_claim(claims: Mapping[str, Any], name: str) -> datetime:
+    """Claim ``name`` (integer Unix seconds) as a UTC datetime; KeyError when absent,
+    TypeError unless an integer."""
+    value = claims[name]
+    # bool is an int subclass: a "true" exp must not pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"claim {name} is not an integer")
+    return datetime.fromtimestamp(value, UTC)
 
 
 @dataclass(frozen=True, slots=True)
