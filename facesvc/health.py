@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.metrics import Metrics
 from facesvc.redis_client import AsyncRedis, redis_reachable
 
-FACESVC_SERVICE = "facesvc.v1.FaceVerification"
-"""The gRPC service name health is reported for, besides the overall ``""``."""
+FACESVC_SERVICE: str = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
+"""The gRPC service name health is reported for, besides the overall ``""``; read from the
+proto so that it follows the package (``facesvc.v1.FaceVerification``)."""
 
 log = logging.getLogger(__name__)
 
