@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from aiohttp import BodyPartReader, web
 
+from facesvc.auth import bearer_key
 from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
 from facesvc.domain import Decision, Gate, TrainingType
@@ -329,14 +330,14 @@ class Portal:
             raise ApiError(
                 503, "NO_KEYS", "this service has no signing keys, so it cannot check scan links"
             )
-        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+        credential = bearer_key(request.headers.get("Authorization", ""))
+        if credential is None:
             raise ApiError(
                 401,
                 "TICKET_MISSING",
                 "open the face scan from your training page: this request has no scan link",
             )
-        ticket = self._tickets.open(credential.strip())
+        ticket = self._tickets.open(credential)
         await self._tickets.check_unspent(ticket)
         return ticket
 
