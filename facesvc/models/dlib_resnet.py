@@ -52,7 +52,7 @@ from facesvc.models.dlib_format import (
 )
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
-from facesvc.models.types import Points, RGBImage
+from facesvc.models.types import Points, RGBImage, unit_descriptors
 
 RESNET_DAT = "dlib_face_recognition_resnet_model_v1.dat"
 CONVERTER_NAME = "dlib_resnet"
@@ -365,10 +365,7 @@ class DlibResnetEmbedder:
 
     def embed(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
         """(N, 128) L2-normalised float32 descriptors (compare with cosine similarity)."""
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        unit: FloatArray = (raw / np.maximum(norms, np.float32(1e-12))).astype(np.float32)
-        return unit
+        return unit_descriptors(self.embed_raw(chips))
 
     def align(self, image: RGBImage, landmarks: Points) -> RGBImage:
         """The (150, 150, 3) uint8 chip of ``image`` for the (5, 2) landmarks of dlib's

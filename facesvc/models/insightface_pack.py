@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.models.types import Box, Detection, Points, RGBImage
+from facesvc.models.types import Box, Detection, Points, RGBImage, unit_descriptors
 
 NON_COMMERCIAL_WARNING = (
     "InsightFace model weights (buffalo_l, antelopev2 and the other published packs) are "
@@ -120,9 +120,7 @@ class ArcFaceEmbedder:
         return np.asarray(self._model.get_feat(bgr), dtype=np.float32).reshape(len(chips), -1)
 
     def embed(self, chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return np.asarray(raw / np.maximum(norms, 1e-12), dtype=np.float32)
+        return unit_descriptors(self.embed_raw(chips))
 
 
 def warn_non_commercial(logger: logging.Logger, pack: str) -> None:

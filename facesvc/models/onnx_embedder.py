@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112, warp_to_template
-from facesvc.models.types import Points, RGBImage
+from facesvc.models.types import Points, RGBImage, unit_descriptors
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -154,6 +154,4 @@ class OnnxEmbedder:
 
     def embed(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
         """(N, dim) float32 L2-normalised descriptors for (N, size, size, 3) uint8 RGB chips."""
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return np.asarray(raw / np.maximum(norms, 1e-12), dtype=np.float32)
+        return unit_descriptors(self.embed_raw(chips))

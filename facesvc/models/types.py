@@ -93,6 +93,13 @@ class Embedder(Protocol):
         ...
 
 
+def unit_descriptors(raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """(N, dim) float32 descriptors scaled to unit length, as :meth:`Embedder.embed` returns
+    them; an all-zero row stays zero."""
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    return np.asarray(raw / np.maximum(norms, np.float32(1e-12)), dtype=np.float32)
+
+
 class PresentationAttackModel(Protocol):
     def live_scores(self, crops: list[RGBImage]) -> npt.NDArray[np.float32]:
         """(N,) scores in [0, 1], higher means more likely a live face."""
