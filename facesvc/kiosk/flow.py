@@ -204,18 +204,17 @@ class RetryPolicy:
         if self.first_delay_s < 0 or self.max_delay_s < self.first_delay_s:
             raise ValueError("need 0 <= first_delay_s <= max_delay_s")
 
+    def _longest_delay_s(self, failed_try: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2.0 ** (failed_try - 1))
+
     def delay_s(self, failed_try: int, rng: random.Random) -> float:
         """The wait after failed try ``failed_try`` (1-based)."""
-        ceiling = min(self.max_delay_s, self.first_delay_s * 2.0 ** (failed_try - 1))
-        return ceiling * rng.uniform(0.5, 1.0)
+        return self._longest_delay_s(failed_try) * rng.uniform(0.5, 1.0)
 
     @property
     def worst_case_s(self) -> float:
         """The longest one scan's calls can take, every try timing out after the most wait."""
-        waits = sum(
-            min(self.max_delay_s, self.first_delay_s * 2.0 ** (n - 1))
-            for n in range(1, self.max_tries)
-        )
+        waits = sum(self._longest_delay_s(n) for n in range(1, self.max_tries))
         return self.max_tries * self.call_timeout_s + waits
 
 
