@@ -401,7 +401,8 @@ class ScanFlow:
                 self._sleep(wait)
         return ScanEvent(
             ScanState.UNREACHABLE,
-            f"no answer after {self._retry.max_tries} tries: {last}",
+            f"no answer after {self._retry.max_tries} tries ({last}); nothing was admitted: "
+            "scan again when the network is back",
             venue_pass=venue_pass,
             tries=self._retry.max_tries,
         )
