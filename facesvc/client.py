@@ -112,15 +112,17 @@ class InvalidArgument(FaceServiceError):
 
 
 class Unauthenticated(FaceServiceError):
-    """No or an unknown API key / client certificate."""
+    """No, or an unknown or revoked, API key / client certificate: pass the ``api_key`` (or
+    certificate) the service's operator registered for this client."""
 
 
 class PermissionDenied(FaceServiceError):
-    """The credential's role may not make this call (or not for this audience)."""
+    """The credential's role may not make this call (or not for this audience or training
+    type); the message names the role to use. Retrying with the same key will not help."""
 
 
 class NotFound(FaceServiceError):
-    """The participant has no enrollment."""
+    """The participant has no enrollment: ``enroll`` them first."""
 
 
 class AlreadyExists(FaceServiceError):
