@@ -301,7 +301,7 @@ class LaunchTickets:
         return ticket
 
     def _spent_key(self, ticket: LaunchTicket) -> str:
-        return f"{self._space.participant(ticket.scope.participant_id)}:launch:{ticket.ticket_id}"
+        return self._space.launch_spent(ticket.scope.participant_id, ticket.ticket_id)
 
     async def check_unspent(self, ticket: LaunchTicket) -> None:
         """Raise :class:`TicketRefused` (SPENT) when a VERIFIED scan already used

@@ -12,7 +12,13 @@ Layout (``prefix`` defaults to ``facesvc``; tests pass a unique one to isolate t
     <prefix>:{p:<pid>}:idem:<sha256 hex>                 HASH    outcome of an idempotent reserve
     <prefix>:{p:<pid>}:abuse:spoof                       ZSET    recent spoof suspicions (ms scores)
     <prefix>:{p:<pid>}:abuse:lock                        STRING  end of a spoof lockout (Unix ms)
+    <prefix>:{p:<pid>}:jti:<jti>                         STRING  a redeemed verification token
+    <prefix>:{p:<pid>}:launch:<ticket id>                STRING  a launch ticket spent by a scan
+    <prefix>:{p:<pid>}:challenge:<id>                    HASH    a liveness challenge
+    <prefix>:{ch:<id>}:challenge-owner                   STRING  the participant of a challenge
     <prefix>:{c:<client>}:rate:<window index>            STRING  a client's requests in one window
+
+The challenge keys are built in :mod:`facesvc.liveness.challenges`, the others here.
 """
 
 from __future__ import annotations
@@ -83,6 +89,14 @@ class KeySpace:
     def lockout(self, participant_id: str) -> str:
         """Key holding the end of the participant's spoof lockout (facesvc.limits.abuse)."""
         return f"{self.participant(participant_id)}:abuse:lock"
+
+    def token_use(self, participant_id: str, jti: str) -> str:
+        """Key marking the verification token ``jti`` as redeemed (facesvc.tokens.redemption)."""
+        return f"{self.participant(participant_id)}:jti:{jti}"
+
+    def launch_spent(self, participant_id: str, ticket_id: str) -> str:
+        """Key marking a launch ticket as spent by a VERIFIED scan (facesvc.launch)."""
+        return f"{self.participant(participant_id)}:launch:{ticket_id}"
 
     def client_rate(self, client_id: str, window: int) -> str:
         """Key counting one client's requests in rate window number ``window``; the

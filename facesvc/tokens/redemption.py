@@ -42,7 +42,7 @@ class TokenRedeemer:
 
     def used_key(self, participant_id: str, jti: str) -> str:
         """The Redis key that marks ``jti`` of ``participant_id`` as used."""
-        return f"{self._space.participant(participant_id)}:jti:{jti}"
+        return self._space.token_use(participant_id, jti)
 
     async def redeem(self, token: str, expected: Expectation) -> CheckResult:
         """Check ``token`` against ``expected`` and, when it passes, spend it.
