@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from datetime import date
 
-from facesvc.domain import ID_PATTERN
+from facesvc.domain import ID_CHARS, ID_PATTERN
 
 # Identifiers end up inside key names, SCAN patterns and hash tags: refuse the characters that
 # would break them ("{" "}" move the hash tag, "*?[]\\" are glob syntax in SCAN MATCH, ":" is
@@ -35,15 +35,10 @@ _PREFIX = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
 
 def validate_id(value: str, field: str) -> str:
-    """Return ``value`` if it is usable in a key, else raise ValueError naming ``field``.
-
-    Allowed: 1-128 of ``A-Z a-z 0-9 . _ @ + -``.
-    """
+    """Return ``value`` if it is usable in a key (:data:`facesvc.domain.ID_PATTERN`), else
+    raise ValueError naming ``field``."""
     if not ID_PATTERN.fullmatch(value):
-        raise ValueError(
-            f"{field} must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', '@', '+', '-' "
-            f"(got {value!r})"
-        )
+        raise ValueError(f"{field} must be 1-128 characters, only {ID_CHARS} (got {value!r})")
     return value
 
 
