@@ -1,7 +1,8 @@
 """The HTTP side of the service (aiohttp): ``/metrics`` and ``/healthz``.
 
-The Scan Wajah page and its JSON gateway (issue 7) add their routes to the
-same :class:`aiohttp.web.Application`, so one process serves both protocols.
+The Scan Wajah page and its JSON gateway (:mod:`facesvc.gateway`) add their routes to
+the same :class:`aiohttp.web.Application`, so one process serves both protocols; the
+``/metrics`` guard is :func:`facesvc.auth.http_auth_middleware`.
 """
 
 from __future__ import annotations
