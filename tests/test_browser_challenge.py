@@ -2,24 +2,27 @@
 
 The fake camera plays real photos of ONE real person (the ``freefield_subject`` of
 ``../shared/data/poses``, set A: 640x480 webcam photos taken at labelled head directions):
-a frontal pose, then the head turned to the person's own left. The page asks for the
-challenge the service issues, walks through its steps and uploads its frames; the engine
+frontal, the head turned to the person's own left, and to their own right. The page asks for
+the challenge the service issues, walks through its steps and uploads its frames; the engine
 measures the poses from landmarks and decides. The participant is enrolled from a frontal
 photo of another session (set B, other clothes), as an enrollment made earlier would be.
 
-The challenge is made deterministic through configuration (``liveness.challenge_steps``
-= TURN_LEFT, ``liveness.challenge_length`` = 1): a fixed video cannot answer a random order.
-The page takes its frames on its own clock (``HOLD_MS`` after each instruction, then two
-frames ``FRAME_GAP_MS`` apart, facesvc/web/app.js), and Chromium loops the video on its own,
-so the test presses "start" when it sees the looped video return to the frontal pose and
-lays out the video so each pose is on screen from the middle of one instruction's hold to the
-middle of the next: about a second of slack either way on a busy machine.
+Configuration narrows the challenge to the two turns (``liveness.challenge_steps`` =
+TURN_LEFT,TURN_RIGHT, ``liveness.challenge_length`` = 2), whose order stays random. The video
+plays both orders in one loop (frontal, left, right, frontal, right, left). The page takes its
+frames on its own clock (``HOLD_MS`` after each instruction, then two frames ``FRAME_GAP_MS``
+apart, facesvc/web/app.js) counted from the challenge's arrival, and Chromium loops the video
+on its own: so the test holds the page's challenge response, as a slow network would, until
+the video starts the frontal pose that leads into the issued order. Each pose is then on
+screen from the middle of one instruction's hold to the middle of the next: about a second of
+slack either way on a busy machine.
 
 Skips without ../shared/data (or ``FACESVC_SHARED_DATA``) and without a Chromium.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -52,18 +55,24 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SUBJECT_A = "poses/freefield_subject__A_gray_5dir_targets"
 SUBJECT_B = "poses/freefield_subject__B_gray_5dir_targets"
-# Set A's repeats per labelled direction (SOURCES.md): azimuth 0, and azimuth -30, where the
-# nose points toward image right, i.e. the person's own left in an unmirrored webcam picture.
+# Set A's repeats per labelled direction (SOURCES.md): azimuth 0; azimuth -30, where the nose
+# points toward image right, i.e. the person's own left in an unmirrored webcam picture (the
+# page sends frames as the camera sees them); azimuth +30, their own right.
 FRONTAL_A = ("image1.jpg", "image6.jpg", "image11.jpg")
 OWN_LEFT_A = ("image0.jpg", "image5.jpg", "image10.jpg")
+OWN_RIGHT_A = ("image2.jpg", "image7.jpg", "image12.jpg")
+STEP_SEGMENT = {"TURN_LEFT": "own-left", "TURN_RIGHT": "own-right"}
 ENROLL_B = "image1.jpg"  # set B, azimuth 0
 
 FPS = 10
 # app.js: HOLD_MS = 1800 before a pose's frames, then 2 frames FRAME_GAP_MS = 250 apart, so one
-# pose lasts about 2.4 s. Each video segment starts mid-hold of its pose: the frontal one
-# (shown when "start" is pressed) runs 0.9 s into the second pose's hold.
+# pose lasts about 2.4 s. The frontal segment starts as the challenge reaches the page and runs
+# 0.9 s into the second pose's hold; each turn then lasts one pose; the second turn a little
+# less, so that the loop (about 15.6 s) stays short.
 POSE_PERIOD_S = 2.4
-SEGMENT_S = POSE_PERIOD_S + 0.9
+FRONTAL_S = POSE_PERIOD_S + 0.8
+FIRST_TURN_S = POSE_PERIOD_S
+SECOND_TURN_S = POSE_PERIOD_S - 0.2
 JITTER_PX = 3
 SIGNATURE = (32, 24)  # width, height of the gray thumbnails that tell the poses apart
 
@@ -150,16 +159,16 @@ class VideoPhase:
         seen = np.asarray(values, dtype=np.float32).reshape(SIGNATURE[1], SIGNATURE[0])
         return min(self._refs, key=lambda ref: float(np.abs(ref[1] - seen).mean()))[0]
 
-    def wait_for_start_of(self, page: Any, name: str, timeout_s: float = 60.0) -> None:
-        """Return as soon as the preview changes from another segment to ``name``."""
+    def wait_for_change(self, page: Any, before: str, after: str, timeout_s: float = 60.0) -> None:
+        """Return as soon as the preview changes from segment ``before`` to ``after``."""
         deadline = time.monotonic() + timeout_s
         previous = self.now(page)
         while True:
             current = self.now(page)
-            if current == name and previous != name:
+            if previous == before and current == after:
                 return
             previous = current
-            assert time.monotonic() < deadline, f"the video never came back to {name!r}"
+            assert time.monotonic() < deadline, f"the video never went {before} -> {after}"
             page.wait_for_timeout(20)
 
 
@@ -187,14 +196,14 @@ def service(
     holder: EngineHolder,
 ) -> RunningServer:
     """The real service with challenge-response liveness for SPL scans, every challenge
-    being the single step TURN_LEFT (see the module doc)."""
+    being the two turns in random order (see the module doc)."""
     _need_browser()
     overrides = portal_overrides(
         tmp_path_factory.mktemp("portal"),
         [f"dev={lms.origin}/return/"],
         liveness__spl="challenge",
-        liveness__challenge_steps=("TURN_LEFT",),
-        liveness__challenge_length=1,
+        liveness__challenge_steps=("TURN_LEFT", "TURN_RIGHT"),
+        liveness__challenge_length=2,
         liveness__pad_threshold=PAD_THRESHOLD,
         portal__verify_timeout_s=60.0,
     )
@@ -238,7 +247,7 @@ def fake_camera(video: Path) -> list[str]:
 # ---------------------------------------------------------------- tests
 
 
-def test_a_real_head_turn_answers_the_challenge_and_returns_a_token(
+def test_real_head_turns_answer_the_challenge_and_the_redirect_carries_a_token(
     shared_data: Path,  # first: without the photos the test skips before a server starts
     service: RunningServer,
     lms: FakeLms,
@@ -247,33 +256,61 @@ def test_a_real_head_turn_answers_the_challenge_and_returns_a_token(
     tmp_path: Path,
 ) -> None:
     enroll(holder, shared_data, "p-turn")
-    frontal = Segment(
-        "frontal", tuple(_photo(shared_data, SUBJECT_A, n) for n in FRONTAL_A), SEGMENT_S
-    )
-    left = Segment(
-        "own-left", tuple(_photo(shared_data, SUBJECT_A, n) for n in OWN_LEFT_A), SEGMENT_S
-    )
-    video = build_video(tmp_path / "turn-left.y4m", [frontal, left])
-    phase = VideoPhase([frontal, left])
+
+    def segment(name: str, files: Sequence[str], seconds: float) -> Segment:
+        return Segment(name, tuple(_photo(shared_data, SUBJECT_A, f) for f in files), seconds)
+
+    segments = [
+        segment("frontal", FRONTAL_A, FRONTAL_S),
+        segment("own-left", OWN_LEFT_A, FIRST_TURN_S),
+        segment("own-right", OWN_RIGHT_A, SECOND_TURN_S),
+        segment("frontal", FRONTAL_A, FRONTAL_S),
+        segment("own-right", OWN_RIGHT_A, FIRST_TURN_S),
+        segment("own-left", OWN_LEFT_A, SECOND_TURN_S),
+    ]
+    video = build_video(tmp_path / "turns.y4m", segments)
+    phase = VideoPhase(segments)
 
     browser = _launch(playwright, fake_camera(video))
     page, watch = new_page(browser, service.http_url)
     page.goto(ticket_for(service, lms, "p-turn"))
     open_camera(page)
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:
+        held.append(route)
+
+    page.route("**/api/v1/challenge", hold)
+    # "Start" as the loop's last turn begins, a couple of seconds before a frontal segment:
+    # whichever order is issued, the page then waits at most about 10 s for its challenge,
+    # within its 15 s request timeout.
+    phase.wait_for_change(page, "own-right", "own-left")
+    page.click("#btn-start-scan")
+    deadline = time.monotonic() + 10
+    while not held:
+        assert time.monotonic() < deadline, "the page did not ask for a challenge"
+        page.wait_for_timeout(10)
+    issued = held[0].fetch()
+    steps = issued.json()["steps"]
+    assert sorted(steps) == ["TURN_LEFT", "TURN_RIGHT"], steps
     with page.expect_response("**/api/v1/verify", timeout=180_000) as verify:
-        phase.wait_for_start_of(page, "frontal")
-        page.click("#btn-start-scan")
+        # In the loop, the frontal segment that leads into the issued order comes after the
+        # other order's last turn, which is the issued first one.
+        phase.wait_for_change(page, STEP_SEGMENT[steps[0]], "frontal")
+        held[0].fulfill(response=issued)
         page.wait_for_selector("#step-banner:not([hidden])")
-        steps = page.locator("#step-list li")
-        assert steps.count() == 2  # look straight, then the one issued step
-        assert steps.nth(1).inner_text() == "Tolehkan kepala ke kiri Anda"
+        items = page.locator("#step-list li")
+        assert items.count() == 3  # look straight, then the two issued steps in their order
+        words = {"TURN_LEFT": "ke kiri Anda", "TURN_RIGHT": "ke kanan Anda"}
+        for i, step in enumerate(steps, start=1):
+            assert items.nth(i).inner_text().endswith(words[step])
         page.wait_for_selector("#step-list li:nth-child(2)[aria-current='step']", timeout=20_000)
-        assert page.locator("#step-banner").inner_text().startswith("Langkah 2 dari 2")
-        snap(page, "challenge-turn-left")
+        assert page.locator("#step-banner").inner_text().startswith("Langkah 2 dari 3")
+        snap(page, "challenge-turn")
     answer = verify.value.json()
     assert answer["decision"] == "VERIFIED", answer
     assert answer["liveness"] == "challenge"
-    assert len(answer["frames"]) == 4  # two frames per pose (gateway _FRAMES_PER_POSE)
+    assert len(answer["frames"]) == 6  # two frames per pose (gateway _FRAMES_PER_POSE)
     wait_redirect(page, lms)
     assert_token_verifies(service, page.url, "p-turn")
     assert any(p.startswith("/return/?course=7&token=") for p in lms.requests)
@@ -291,7 +328,7 @@ def test_a_still_frontal_photo_fails_the_challenge_on_the_page_with_a_retry(
     tmp_path: Path,
 ) -> None:
     enroll(holder, shared_data, "p-still")
-    still = Segment("frontal", (_photo(shared_data, SUBJECT_A, FRONTAL_A[0]),), 2 * SEGMENT_S)
+    still = Segment("frontal", (_photo(shared_data, SUBJECT_A, FRONTAL_A[0]),), FRONTAL_S)
     video = build_video(tmp_path / "still.y4m", [still], jitter=False)
     returned_before = len(lms.requests)
 
@@ -303,11 +340,11 @@ def test_a_still_frontal_photo_fails_the_challenge_on_the_page_with_a_retry(
         page.click("#btn-start-scan")
     answer = verify.value.json()
     assert answer["decision"] == "CHALLENGE_FAILED", answer
-    assert "turn your head to your left" in answer["reason"]
+    assert re.match(r"We did not see you turn your head to your (left|right)\.", answer["reason"])
     assert "redirect_url" not in answer
     wait_screen(page, "result")
     assert page.locator("#result-message").inner_text().startswith("Gerakan kepala tidak sesuai")
-    assert "turn your head to your left" in page.locator("#result-detail").inner_text()
+    assert answer["reason"] in page.locator("#result-detail").inner_text()
     assert page.locator("#btn-result-retry").is_visible()
     snap(page, "challenge-failed")
     assert page.url.startswith(service.http_url)
