@@ -19,7 +19,6 @@ Properties:
 from __future__ import annotations
 
 import io
-import re
 import struct
 import tracemalloc
 import zlib
@@ -35,6 +34,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.domain import ID_PATTERN
 from facesvc.imaging import DecodeLimits, ImageRejected, decode_image
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, jpeg
@@ -151,7 +151,7 @@ CLEAN_CODES = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
-VALID_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+VALID_ID = ID_PATTERN  # the contract's id rule, shared by validation and the stores
 
 SAFE_ID = r"[A-Za-z0-9_.@-]{1,24}"
 RETURN = "https://lms.example/scan-return/"
