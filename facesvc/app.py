@@ -190,7 +190,11 @@ class App:
         await self.health.publish()  # NOT_SERVING until the probe and models say otherwise
         await self._grpc.start()
 
-        self._runner = web.AppRunner(self.http_app, access_log=None)
+        # aiohttp waits 60 s for open keep-alive connections by default; the drain bound
+        # for HTTP is the same grace as for gRPC.
+        self._runner = web.AppRunner(
+            self.http_app, access_log=None, shutdown_timeout=s.server.grace_s
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
