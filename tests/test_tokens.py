@@ -359,7 +359,10 @@ def test_tokens_verify_with_pyjwt_from_the_published_jwks_alone(keys: Keys) -> N
     assert claims["sub"] == "p-42" and claims["session_id"] == "s-7"
     with pytest.raises(jwt.InvalidSignatureError):
         h, p, s = token.split(".")
-        jwt.decode(f"{h}.{p}.{s[:10]}A{s[11:]}", key, algorithms=["EdDSA"], audience="lms-a")
+        # A different character at position 10 (replacing an "A" with "A" would change nothing).
+        flipped = "B" if s[10] == "A" else "A"
+        tampered = f"{h}.{p}.{s[:10]}{flipped}{s[11:]}"
+        jwt.decode(tampered, key, algorithms=["EdDSA"], audience="lms-a")
 
 
 def test_jwks_round_trips_and_skips_foreign_keys(keys: Keys) -> None:
