@@ -29,6 +29,7 @@ to this origin only, no inline code, no framing), X-Frame-Options, a no-referrer
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -398,9 +399,7 @@ class Portal:
         limit = self._settings.server.max_image_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, "TOO_LARGE", f"a frame may be at most {limit} bytes")
-        frame = await request.content.read(limit + 1)
-        if len(frame) > limit:
-            raise ApiError(413, "TOO_LARGE", f"a frame may be at most {limit} bytes")
+        frame = await _read_limited(request.content.readany, limit, "frame")
         if self._precheck_slots.locked():
             raise ApiError(503, "BUSY", "live guidance is busy; the scan itself still works")
         try:
@@ -489,9 +488,11 @@ class Portal:
                     raise ApiError(
                         413, "TOO_MANY_FRAMES", f"send at most {limits.max_frames} frames"
                     )
-                frames.append(await _read_limited(part, limits.max_image_bytes, "frame"))
+                frames.append(
+                    await _read_limited(_next_chunk_of(part), limits.max_image_bytes, "frame")
+                )
             elif part.name in ("challenge_id", "idempotency_key"):
-                raw = await _read_limited(part, _MAX_FIELD_CHARS, part.name)
+                raw = await _read_limited(_next_chunk_of(part), _MAX_FIELD_CHARS, part.name)
                 if not raw.isascii() or not raw.decode().isprintable():
                     raise ApiError(400, "BAD_FIELD", f"{part.name} must be printable ASCII")
                 fields[part.name] = raw.decode()
@@ -502,11 +503,18 @@ class Portal:
         return fields, frames
 
 
-async def _read_limited(part: BodyPartReader, limit: int, what: str) -> bytes:
-    """A part's bytes, refusing (413) as soon as it passes ``limit`` bytes."""
+def _next_chunk_of(part: BodyPartReader) -> Callable[[], Awaitable[bytes]]:
+    """Reads the next chunk of a multipart part (b"" at its end)."""
+    return functools.partial(part.read_chunk, 64 * 1024)
+
+
+async def _read_limited(next_chunk: Callable[[], Awaitable[bytes]], limit: int, what: str) -> bytes:
+    """All the bytes up to the end of a body or part, refusing (413) as soon as they pass
+    ``limit``. Read to the end: one read returns only what has arrived so far, and a
+    frame cut short there is a truncated JPEG."""
     chunks: list[bytes] = []
     size = 0
-    while chunk := await part.read_chunk(64 * 1024):
+    while chunk := await next_chunk():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "TOO_LARGE", f"each {what} may be at most {limit} bytes")

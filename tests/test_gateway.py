@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,13 @@ def tickets_of(server: RunningServer) -> LaunchTickets:
     tickets = server.app.portal.tickets
     assert tickets is not None
     return tickets
+
+
+def arriving_in_two_pieces(body: bytes) -> Iterator[bytes]:
+    """``body`` as a slow connection delivers it: half, a pause, the rest."""
+    yield body[: len(body) // 2]
+    time.sleep(0.5)
+    yield body[len(body) // 2 :]
 
 
 def bearer(ticket: str) -> dict[str, str]:
@@ -341,6 +350,15 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
         )
         assert checked.status == 200, checked.body
         assert (checked.json()["status"], checked.json()["face_count"]) == (status, faces)
+    # A phone's upload arrives in pieces; the frame is read to its end, not cut short.
+    slowly = http(
+        "POST",
+        running.http_url + "/api/v1/precheck",
+        headers={**bearer(ticket.token), "Content-Type": "image/jpeg"},
+        body=arriving_in_two_pieces(jpeg(astronaut())),
+    )
+    assert slowly.status == 200, slowly.body
+    assert slowly.json()["status"] == "OK"
     not_an_image = http(
         "POST",
         running.http_url + "/api/v1/precheck",

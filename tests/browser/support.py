@@ -16,7 +16,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,10 +46,11 @@ def http(
     url: str,
     *,
     headers: dict[str, str] | None = None,
-    body: bytes | None = None,
+    body: bytes | Iterable[bytes] | None = None,
     timeout_s: float = 60.0,
 ) -> Reply:
-    """One request; 4xx/5xx answers are returned, not raised."""
+    """One request; 4xx/5xx answers are returned, not raised. A ``body`` given as pieces
+    goes out chunked, each piece when the iterator yields it."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
