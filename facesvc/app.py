@@ -10,7 +10,6 @@ HTTP server (/metrics, /healthz), the Redis client and the health probe.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -157,6 +156,7 @@ class App:
         )
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._engine: Engine | None = None
         self.failed = asyncio.Event()
         """Set when the engine factory raised (``load_error`` says why)."""
         self.load_error: Exception | None = None
@@ -236,6 +236,7 @@ class App:
             self.load_error = exc
             self.failed.set()
             return
+        self._engine = engine
         self.servicer.attach_engine(engine)
         self.portal.attach_engine(engine)
         await self.health.set_models_ready(True)
@@ -243,17 +244,35 @@ class App:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Report NOT_SERVING, stop accepting calls, let in-flight calls finish within
-        ``grace_s`` (default ``server.grace_s``), then release everything."""
+        ``grace_s`` (default ``server.grace_s``), then release everything.
+
+        Each step is bounded: a step that overruns is logged and skipped, so that a stop
+        (SIGTERM) always ends the process within about ``grace_s`` + 4 x ``_STEP_SLACK_S``.
+        """
         grace = self.settings.server.grace_s if grace_s is None else grace_s
         await self.health.enter_shutdown()
         log.info("draining", extra={"grace_s": grace})
-        await self._grpc.stop(grace)
+        await _bounded("the gRPC drain", self._grpc.stop(grace), grace + _STEP_SLACK_S)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _bounded(
+            "background tasks", asyncio.gather(*self._tasks, return_exceptions=True), _STEP_SLACK_S
+        )
+        if self._engine is not None:
+            await _bounded("the engine's model workers", self._engine.close(), _STEP_SLACK_S)
         if self._runner is not None:
-            await self._runner.cleanup()
-        await self.redis.aclose()
+            await _bounded("the HTTP drain", self._runner.cleanup(), grace + _STEP_SLACK_S)
+        await _bounded("closing Redis", self.redis.aclose(), _STEP_SLACK_S)
         log.info("stopped")
+
+
+_STEP_SLACK_S = 5.0
+"""How long a shutdown step may overrun its own bound before stop() gives up on it."""
+
+
+async def _bounded(step: str, work: Awaitable[Any], within_s: float) -> None:
+    try:
+        async with asyncio.timeout(within_s):
+            await work
+    except TimeoutError:
+        log.error("stopping: %s did not finish within %.1f s; going on without it", step, within_s)

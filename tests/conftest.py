@@ -112,7 +112,7 @@ def shared_data() -> Path:
 
 @dataclass
 class RunningServer:
-    """A facesvc :class:`~facesvc.app.App` serving from its own event-loop thread."""
+    """A facesvc :class:`~facesvc.app.App` serving from the test process's server loop thread."""
 
     app: App
     grpc_target: str
@@ -137,20 +137,29 @@ class RunningServer:
 
 
 class _LoopThread:
-    """An asyncio loop in a daemon thread, to run the aio server beside sync test code."""
+    """An asyncio loop in a daemon thread, to run aio servers beside sync test code."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="servers").start()
 
     def run(self, coro: Any, timeout_s: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+
+_servers_loop: _LoopThread | None = None
+
+
+def _servers_thread() -> _LoopThread:
+    """The one loop every in-process server of this test process runs on, for the
+    process's lifetime. grpc.aio shares one completion-queue poller among all the event
+    loops of a process; when each server had a loop of its own, started and closed per
+    test, two servers of one CI run hung in stop() for over 30 s (cause not pinned down:
+    it never happened on one loop, nor alone)."""
+    global _servers_loop
+    if _servers_loop is None:
+        _servers_loop = _LoopThread()
+    return _servers_loop
 
 
 class ServerStarter:
@@ -165,7 +174,7 @@ class ServerStarter:
 
     def __init__(self, key_prefix: str) -> None:
         self._key_prefix = key_prefix
-        self._started: list[tuple[_LoopThread, RunningServer]] = []
+        self._started: list[RunningServer] = []
 
     def __call__(
         self, redis_url: str, engine_factory: EngineFactory | None = None, **overrides: Any
@@ -184,7 +193,7 @@ class ServerStarter:
         }
         values.update({k.replace("__", "."): v for k, v in overrides.items()})
         settings = load_settings(env={}, overrides=values)
-        thread = _LoopThread()
+        thread = _servers_thread()
 
         async def build() -> App:
             app = App(settings, engine_factory=engine_factory)
@@ -201,14 +210,13 @@ class ServerStarter:
             channel=channel,
             stub=pb_grpc.FaceVerificationStub(channel),
         )
-        self._started.append((thread, server))
+        self._started.append(server)
         return server
 
     def close(self) -> None:
-        for thread, server in self._started:
+        for server in self._started:
             server.channel.close()
-            thread.run(server.app.stop(0.5))
-            thread.close()
+            _servers_thread().run(server.app.stop(0.5))
 
 
 def _delete_prefix(redis_url: str, prefix: str) -> None:

@@ -54,10 +54,16 @@ def test_not_serving_while_the_engine_loads_and_calls_answer_unavailable(
 ) -> None:
     loaded = threading.Event()
 
-    async def slow_engine_factory(resources: Resources) -> object:
+    class NoModels:
+        """Stands in for the engine: this test is about loading, not about faces."""
+
+        async def close(self) -> None:
+            pass
+
+    async def slow_engine_factory(resources: Resources) -> NoModels:
         while not loaded.is_set():  # the test decides when "loading" ends
             await asyncio.sleep(0.02)
-        return object()
+        return NoModels()
 
     server = start_server(redis_url, engine_factory=slow_engine_factory)
     assert server.health() == NOT_SERVING
