@@ -1,4 +1,5 @@
-"""SIGTERM on `facesvc serve`: stop accepting, let the in-flight call finish, exit 0.
+"""SIGTERM on `facesvc serve`: stop accepting, let the in-flight call finish, exit 0;
+and a stop whose step hangs still ends.
 
 The call in flight is a test-only gRPC service that waits for a file, registered
 through the ``server.plugins`` setting (``register_slow_service`` below), so the
@@ -7,6 +8,8 @@ test decides when it finishes: no sleeps, no timing assertions.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import signal
@@ -21,7 +24,8 @@ import grpc
 import pytest
 
 from facesvc import cli
-from facesvc.config import Settings
+from facesvc.app import App, Resources
+from facesvc.config import Settings, load_settings
 from facesvc.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 
@@ -127,3 +131,35 @@ def test_sigterm_drains_the_in_flight_call_then_exits_zero(
     assert '"msg": "stopped"' in _log(tmp_path)
     assert "failed to load" not in _log(tmp_path)
     channel.close()
+
+
+async def test_a_shutdown_step_that_hangs_is_logged_and_the_stop_still_ends(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class StuckModels:
+        """An engine whose model workers never finish closing."""
+
+        async def close(self) -> None:
+            await asyncio.Event().wait()
+
+    async def stuck_engine(resources: Resources) -> StuckModels:
+        return StuckModels()
+
+    settings = load_settings(
+        env={},
+        overrides={
+            "server.grpc_port": 0,
+            "server.http_port": 0,
+            "redis.url": redis_url,
+            "redis.key_prefix": redis_prefix,
+        },
+    )
+    app = App(settings, engine_factory=stuck_engine)
+    await app.start()
+    while not app.health.state.models_ready:
+        await asyncio.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="facesvc.app"):
+        await asyncio.wait_for(app.stop(0), timeout=30)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the engine's model workers did not finish" in m for m in messages)
+    assert messages[-1] == "stopped"  # the steps after the stuck one ran
