@@ -222,10 +222,19 @@ class LimitsSettings:
     idempotency_ttl_s: float = 600.0
     """How long, in seconds, a Verify retried with the same idempotency_key gets the first
     answer back instead of spending another attempt."""
+    scan_lease_s: float = 120.0
+    """How long, in seconds, a retry of an undecided scan hears "still being decided" before
+    it takes the scan over, with the same attempt (the server deciding it died or lost
+    Redis). Longer than any scan may take; shorter than idempotency_ttl_s."""
 
     def __post_init__(self) -> None:
-        for name in ("cap_spl", "cap_webinar", "cap_offline", "idempotency_ttl_s"):
+        for name in ("cap_spl", "cap_webinar", "cap_offline", "idempotency_ttl_s", "scan_lease_s"):
             _check_positive(f"limits.{name}", getattr(self, name))
+        if self.scan_lease_s >= self.idempotency_ttl_s:
+            raise ConfigError(
+                f"limits.scan_lease_s={self.scan_lease_s}: must be shorter than "
+                f"limits.idempotency_ttl_s={self.idempotency_ttl_s}"
+            )
         if self.cap_expiry_grace_s < 0:
             raise ConfigError(f"limits.cap_expiry_grace_s={self.cap_expiry_grace_s}: must be >= 0")
         try:

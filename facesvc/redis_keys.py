@@ -10,6 +10,7 @@ Layout (``prefix`` defaults to ``facesvc``; tests pass a unique one to isolate t
     <prefix>:{p:<pid>}:template                          STRING  encrypted template
     <prefix>:{p:<pid>}:cap:<training_id>:<yyyymmdd>      SET     reservation ids of that WIB day
     <prefix>:{p:<pid>}:idem:<sha256 hex>                 HASH    outcome of an idempotent reserve
+    <prefix>:{p:<pid>}:idem:<sha256 hex>:lease           STRING  held while that scan is decided
     <prefix>:{p:<pid>}:abuse:spoof                       ZSET    recent spoof suspicions (ms scores)
     <prefix>:{p:<pid>}:abuse:lock                        STRING  end of a spoof lockout (Unix ms)
     <prefix>:{p:<pid>}:jti:<jti>                         STRING  a redeemed verification token
@@ -76,6 +77,11 @@ class KeySpace:
     def idempotency(self, participant_id: str, digest: str) -> str:
         """Key of an idempotent reservation; ``digest`` is a hex digest of the client's key."""
         return f"{self.participant(participant_id)}:idem:{digest}"
+
+    @staticmethod
+    def lease_of(idempotency_record: str) -> str:
+        """Key of the lease an undecided idempotent scan holds (facesvc.limits.caps)."""
+        return f"{idempotency_record}:lease"
 
     def spoof_strikes(self, participant_id: str) -> str:
         """Key of the participant's recent SPOOF_SUSPECTED decisions (facesvc.limits.abuse)."""

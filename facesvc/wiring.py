@@ -129,6 +129,7 @@ async def build_engine(
         tz=tz,
         expiry_grace=timedelta(seconds=settings.limits.cap_expiry_grace_s),
         idempotency_ttl=timedelta(seconds=settings.limits.idempotency_ttl_s),
+        scan_lease=timedelta(seconds=settings.limits.scan_lease_s),
     )
 
     def published(now: datetime) -> list[PublishedKey]:

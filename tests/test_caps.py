@@ -232,6 +232,43 @@ def test_idempotency_key_reserves_once_and_replays_the_decision(
     run(scenario, redis_url, redis_prefix)
 
 
+def test_an_undecided_scan_is_taken_over_with_its_attempt_once_its_lease_lapses(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = future_day()
+        first = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert isinstance(first, Reservation) and first.idempotency_record is not None
+        lease = KeySpace.lease_of(first.idempotency_record)
+        assert 0 < await client.pttl(lease) <= 120_000  # the default lease, two minutes
+        # The first server is still deciding: a retry is told so, and reserves nothing.
+        waiting = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert waiting.replayed and waiting.prior_decision is None
+
+        # It died before deciding; its lease expires (deleted here, as expiry would).
+        await client.delete(lease)
+        takeover = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert isinstance(takeover, Reservation) and not takeover.replayed
+        assert takeover.reservation_id == first.reservation_id  # the same attempt
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 1
+        assert await client.pttl(lease) > 0  # the new decider holds the lease
+
+        # Once decided, retries replay the decision whatever the lease.
+        assert await caps.record_decision(takeover, b"NOT_MATCHED") is True
+        await client.delete(lease)
+        replay = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        assert replay.replayed and replay.prior_decision == b"NOT_MATCHED"
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 1
+
+    run(scenario, redis_url, redis_prefix)
+
+
+def test_a_lease_must_fit_inside_the_idempotency_record() -> None:
+    client = redis_client_from_url("redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="scan_lease"):
+        AttemptCaps(client, default_cap_rules(), scan_lease=timedelta(minutes=10))
+
+
 def test_exhausted_outcome_replays_as_exhausted(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()

@@ -21,7 +21,12 @@ clean themselves up; the grace absorbs clock skew between this host and Redis.
 Idempotent kiosk retries: with an ``idempotency_key`` the same script also writes a HASH
 ``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used; later the engine's final
 decision) that lives ``idempotency_ttl``. A retry with the same key gets the first outcome back
-(``replayed=True``, with the stored decision) and reserves nothing. Both keys share the
+(``replayed=True``, with the stored decision) and reserves nothing. While the first scan is
+being decided, a retry hears "still being decided" (no decision yet) for at most
+``scan_lease``: the script also sets a lease key ``<digest>:lease`` that expires then. A
+retry that finds the record undecided and the lease gone takes the scan over: the server
+deciding it died (or lost Redis) before it could decide or give the attempt back, and the
+retry decides it with the same reservation id, so the same attempt. All keys share the
 participant's hash tag, so the script is valid on Redis Cluster. Lua uses only Redis 6.2
 commands (no functions, no 7-only commands).
 
@@ -46,9 +51,9 @@ from facesvc.redis_client import AsyncRedis, reply_text
 from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace
 
-# KEYS[1]: the cap SET; KEYS[2] (optional): the idempotency HASH (same hash tag).
-# ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: unix second the SET expires at,
-# ARGV[4]: idempotency record TTL in milliseconds.
+# KEYS[1]: the cap SET; KEYS[2], KEYS[3] (optional): the idempotency HASH and its lease
+# (same hash tag). ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: unix second the SET
+# expires at, ARGV[4]: idempotency record TTL, ARGV[5]: lease, both in milliseconds.
 # Returns {outcome, reservation id, used, stored decision or nil, replayed 0|1}.
 _RESERVE_LUA = """
 local limit = tonumber(ARGV[1])
@@ -59,7 +64,12 @@ if KEYS[2] then
     -- Same id: this very call re-sent by the client's retry, not a replay of another scan.
     local replayed = 1
     if prior[2] == rid then replayed = 0 end
-    return {prior[1], prior[2], tonumber(prior[3]), prior[4], replayed}
+    if prior[4] or replayed == 0 or redis.call('EXISTS', KEYS[3]) == 1 then
+      return {prior[1], prior[2], tonumber(prior[3]), prior[4], replayed}
+    end
+    -- Undecided, and its lease has lapsed: the server deciding it died. This retry takes
+    -- the scan over as if it were the first call re-sent: same id, so the same attempt.
+    rid = prior[2]
   end
 end
 local outcome = 'exhausted'
@@ -75,6 +85,7 @@ end
 if KEYS[2] then
   redis.call('HSET', KEYS[2], 'outcome', outcome, 'rid', rid, 'used', used)
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[3], rid, 'PX', ARGV[5])
 end
 return {outcome, rid, used, false, 0}
 """
@@ -173,13 +184,16 @@ class AttemptCaps:
         tz: ZoneInfo = WIB,
         expiry_grace: timedelta = timedelta(hours=1),
         idempotency_ttl: timedelta = timedelta(minutes=10),
+        scan_lease: timedelta = timedelta(minutes=2),
     ) -> None:
         """``client`` must return bytes (redis-py's default, as the factory builds it).
 
         ``rules`` must name every training type once, with a limit >= 0. ``expiry_grace`` is
         how long after the day's end its counter is kept (covers clock skew with Redis);
         ``idempotency_ttl`` how long a retry with the same idempotency key is answered from
-        the first scan.
+        the first scan; ``scan_lease`` how long an undecided scan belongs to the server that
+        reserved its attempt before a retry may take it over (longer than any scan may run,
+        shorter than ``idempotency_ttl``).
         """
         limits: dict[TrainingType, int] = {}
         for rule in rules:
@@ -193,12 +207,15 @@ class AttemptCaps:
             raise ValueError(f"no cap rule for training type(s): {', '.join(missing)}")
         if expiry_grace < timedelta(0) or idempotency_ttl <= timedelta(0):
             raise ValueError("expiry_grace must be >= 0 and idempotency_ttl > 0")
+        if not timedelta(0) < scan_lease < idempotency_ttl:
+            raise ValueError("scan_lease must be > 0 and shorter than idempotency_ttl")
         self._client = client
         self._limits = limits
         self._keys = KeySpace(key_prefix)
         self._tz = tz
         self._grace = expiry_grace
         self._idem_ttl_ms = math.ceil(idempotency_ttl.total_seconds() * 1000)
+        self._lease_ms = math.ceil(scan_lease.total_seconds() * 1000)
         # Registered once: redis-py sends EVALSHA and reloads the script on NOSCRIPT (a
         # restarted server, or a cluster node that never saw it).
         self._reserve = client.register_script(_RESERVE_LUA)
@@ -232,9 +249,15 @@ class AttemptCaps:
         idem_key = None
         if idempotency_key is not None:
             idem_key = self._idempotency_record(participant_id, training_id, idempotency_key)
-            keys.append(idem_key)
+            keys += [idem_key, KeySpace.lease_of(idem_key)]
         expire_at = math.ceil((resets_at + self._grace).timestamp())
-        args: list[int | str] = [limit, uuid.uuid4().hex, expire_at, self._idem_ttl_ms]
+        args: list[int | str] = [
+            limit,
+            uuid.uuid4().hex,
+            expire_at,
+            self._idem_ttl_ms,
+            self._lease_ms,
+        ]
         async with store_errors("reserve an attempt"):
             reply: list[Any] = await self._reserve(keys=keys, args=args)
         outcome, rid, used, decision, replayed = reply
