@@ -181,8 +181,8 @@ class ThroughputSettings:
     pad_max_batch: int = 4
     """Most faces in one presentation-attack model call."""
     max_wait_s: float = 0.002
-    """Longest a face waits for company before its batch runs, in seconds: a lone request
-    is never delayed by more than this."""
+    """Longest a face waits for company before its batch runs, in seconds; it waits only
+    when the batch before had company, so a lone caller is not delayed at all."""
     max_queue: int = 256
     """Faces waiting for one model; beyond it new work is refused at once (RESOURCE_EXHAUSTED)."""
     max_in_flight_verify: int = 32

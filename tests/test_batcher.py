@@ -50,13 +50,26 @@ async def test_batches_never_exceed_max_batch() -> None:
     assert max(model.batch_sizes) <= 3
 
 
-async def test_a_lone_request_is_answered_without_company() -> None:
+async def test_a_lone_request_is_answered_without_waiting_for_company() -> None:
     model = CountingModel()
-    batcher = MicroBatcher(model, max_batch=8, max_wait_s=0.02, max_queue=8)
-    result = await asyncio.wait_for(batcher.submit(items([7])), timeout=5)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_s=60.0, max_queue=8)
+    for value in (7, 8):  # one caller after another: never held for max_wait
+        result = await asyncio.wait_for(batcher.submit(items([value])), timeout=10)
+        assert result.ravel().tolist() == [value]
     await batcher.close()
-    assert result.ravel().tolist() == [7]
-    assert model.batch_sizes == [1]
+    assert model.batch_sizes == [1, 1]
+
+
+async def test_after_a_shared_batch_a_short_one_waits_for_company() -> None:
+    model = CountingModel()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_s=0.5, max_queue=64)
+    await asyncio.gather(batcher.submit(items([1])), batcher.submit(items([2])))
+    early = asyncio.create_task(batcher.submit(items([3])))
+    await asyncio.sleep(0.05)  # the next caller comes a moment later, within max_wait
+    late = asyncio.create_task(batcher.submit(items([4])))
+    await asyncio.wait_for(asyncio.gather(early, late), timeout=10)
+    await batcher.close()
+    assert model.batch_sizes == [2, 2]
 
 
 async def test_a_full_queue_refuses_at_once() -> None:

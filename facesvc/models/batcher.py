@@ -1,10 +1,12 @@
 """Gather the inputs of concurrent requests into one model call.
 
 An ONNX Runtime call has a fixed cost (graph dispatch, thread wake-up) that a batch of
-eight faces pays once instead of eight times. The batcher holds each submitted item for at
-most ``max_wait_s`` while it waits for company, so a lone request is never delayed by more
-than that, and it refuses new work at once when ``max_queue`` items are already waiting:
-under overload a caller gets a fast "busy" instead of everyone timing out together.
+eight faces pays once instead of eight times. Items that arrive while a batch runs form the
+next one. The batcher also holds a short batch for at most ``max_wait_s`` while it waits for
+company, but only when the batch before it had company: a lone caller (the last batch was
+one submission) is not delayed at all, and under concurrent load the wait fills batches. It
+refuses new work at once when ``max_queue`` items are already waiting: under overload a
+caller gets a fast "busy" instead of everyone timing out together.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class MicroBatcher:
         self._queued_items = 0
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._last_batch_shared = False
 
     async def submit(
         self, items: npt.NDArray[np.uint8], deadline: float | None = None
@@ -102,9 +105,10 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
-            # Wait for company only while the batch is short: a full batch goes at once.
+            # Wait for company only while the batch is short (a full batch goes at once) and
+            # company is likely: the last batch had some.
             started = loop.time()
-            while self._queued_items < self._max_batch:
+            while self._last_batch_shared and self._queued_items < self._max_batch:
                 remaining = self._max_wait_s - (loop.time() - started)
                 if remaining <= 0:
                     break
@@ -116,6 +120,7 @@ class MicroBatcher:
             batch = self._take_batch()
             if not batch:
                 continue
+            self._last_batch_shared = len(batch) > 1
             stacked = np.concatenate([p.items for p in batch], axis=0)
             try:
                 results = await loop.run_in_executor(self._executor, self._fn, stacked)
