@@ -1,8 +1,9 @@
 """Every setting of facesvc, typed, in one place.
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
-``throughput``, ``limits``, ``templates``, ``tokens``, ``liveness``, ``security``, ``portal``,
-``abuse``, ``logging``), gathered in :class:`Settings`. Sources, later ones winning:
+``quality``, ``throughput``, ``limits``, ``templates``, ``tokens``, ``liveness``,
+``security``, ``portal``, ``abuse``, ``logging``), gathered in :class:`Settings`.
+Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
 2. a TOML file (``--config PATH`` or env ``FACESVC_CONFIG``) with one table per
@@ -168,6 +169,34 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ConfigError(f"models.threads={self.threads}: must be 0 (automatic) or more")
+
+
+@dataclass(frozen=True, slots=True)
+class QualitySettings:
+    """What a usable face must meet (facesvc.models.quality.QualityLimits gives the reason
+    for each default). A face that fails is LOW_QUALITY with the reason, and not counted."""
+
+    min_face_px: int = 80
+    """Smallest face box, in pixels, matched; a smaller one found is LOW_QUALITY ("come
+    closer")."""
+    min_detect_px: int = 80
+    """Smallest face box, in pixels, looked for (at most min_face_px). Detection time falls
+    with the square of the scale: 100 px detects at 5/6 of the frame's size (docs/
+    benchmarks.md measures both); smaller faces are then not found at all (NO_FACE)."""
+    min_sharpness: float = 15.0
+    """Least detail in the face at the chip's scale (focused faces measure in the hundreds)."""
+    min_brightness: float = 40.0
+    """Least mean grey (0-255) of the inner face."""
+    max_brightness: float = 215.0
+    """Most mean grey (0-255) of the inner face."""
+    max_clipped_fraction: float = 0.25
+    """Most of the inner face that may be black- or white-clipped or off the frame (0-1)."""
+    max_abs_yaw_deg: float = 30.0
+    """Most head turn, in degrees, for a frame that is matched."""
+    max_abs_pitch_deg: float = 35.0
+    """Most head tilt up or down, in degrees (five-point pitch is coarse: a gross-tilt gate)."""
+    second_face_area_ratio: float = 0.5
+    """A second face at least this share of the chosen face's area makes MULTIPLE_FACES."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +506,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
+    quality: QualitySettings = field(default_factory=QualitySettings)
     throughput: ThroughputSettings = field(default_factory=ThroughputSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     templates: TemplatesSettings = field(default_factory=TemplatesSettings)

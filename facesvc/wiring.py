@@ -8,6 +8,7 @@ finished engine; tests build engines the same way with their own settings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -19,7 +20,7 @@ from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.calibration import log_calibration_status
 from facesvc.clock import Clock, SystemClock
-from facesvc.config import ConfigError, Settings
+from facesvc.config import ConfigError, QualitySettings, Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
 from facesvc.facework import BatchSettings, FaceWork, PadCrop
@@ -67,6 +68,14 @@ def liveness_policy(settings: Settings) -> LivenessPolicy:
     return method
 
 
+def quality_limits(settings: QualitySettings) -> QualityLimits:
+    """The quality gates the ``quality`` settings describe; ConfigError when they conflict."""
+    try:
+        return QualityLimits(**dataclasses.asdict(settings))
+    except ValueError as exc:
+        raise ConfigError(f"quality: {exc}") from None
+
+
 async def build_engine(
     settings: Settings,
     redis: AsyncRedis,
@@ -96,7 +105,9 @@ async def build_engine(
     pad_threshold = (
         settings.liveness.pad_threshold if settings.liveness.pad_threshold >= 0 else pad.threshold
     )
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, QualityLimits())
+    pipeline = FacePipeline(
+        pack.detector, pack.landmarks, pack.embedder, quality_limits(settings.quality)
+    )
     throughput = settings.throughput
     faces = FaceWork(
         pipeline,

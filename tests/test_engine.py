@@ -7,15 +7,29 @@ import base64
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from facesvc.config import ConfigError, QualitySettings, load_settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, VerifyCommand
+from facesvc.models.packs import ModelPack
+from facesvc.models.pipeline import FaceStatus
+from facesvc.models.quality import QualityLimits
 from facesvc.templates import AlreadyEnrolled
 from facesvc.tokens.jws import verify_compact
-from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, insightface_image, jpeg
+from facesvc.wiring import quality_limits
+from tests.engine_support import (
+    ADMIN,
+    LMS,
+    EngineKit,
+    astronaut,
+    insightface_image,
+    jpeg,
+    running_engine,
+)
 
 PID = "participant-1"
 
@@ -239,3 +253,40 @@ async def test_a_scan_past_its_deadline_costs_nothing_and_its_retry_is_decided(
     retry = await engine_kit.engine.verify(scan([impostor_frame()], idempotency_key="scan-7"))
     assert retry.decision is Decision.NOT_MATCHED and not retry.replayed
     assert retry.attempts.used == 1
+
+
+async def test_the_quality_settings_set_the_engines_gates(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    frame = jpeg(astronaut())  # one face, well under 400 px tall in a 512 px photo
+    async with running_engine(tmp_path, redis_url, redis_prefix, model_pack) as kit:
+        default = await kit.engine.inspect(frame)
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack, quality__min_face_px=400
+    ) as kit:
+        too_small = await kit.engine.inspect(frame)
+    async with running_engine(
+        tmp_path,
+        redis_url,
+        redis_prefix,
+        model_pack,
+        quality__min_face_px=400,
+        quality__min_detect_px=400,
+    ) as kit:
+        not_looked_for = await kit.engine.inspect(frame)
+    assert default.status is FaceStatus.OK and default.face_height_px < 400
+    assert too_small.status is FaceStatus.LOW_QUALITY
+    assert too_small.failed_checks == ("face_size",)
+    assert not_looked_for.status is FaceStatus.NO_FACE
+
+
+def test_conflicting_quality_settings_are_a_configuration_error() -> None:
+    settings = load_settings(
+        env={}, overrides={"quality.min_face_px": 60, "quality.min_detect_px": 80}
+    )
+    with pytest.raises(ConfigError, match="min_detect_px <= min_face_px"):
+        quality_limits(settings.quality)
+
+
+def test_the_quality_settings_default_to_the_stated_limits() -> None:
+    assert quality_limits(QualitySettings()) == QualityLimits()
