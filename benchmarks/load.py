@@ -2,6 +2,7 @@
 
     python -m benchmarks.load --spawn                      # start a service, sweep, report
     python -m benchmarks.load --spawn --workers 2 --frame-size 1280x960 --name load-w2-1280
+    python -m benchmarks.load --spawn --min-face-px 100    # look for faces of 100 px and up
     python -m benchmarks.load --spawn --soak-s 600 --soak-concurrency 4    # memory soak
     python -m benchmarks.load --target HOST:PORT --api-key KEY --concurrency 1,4,16
 
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import os
@@ -52,6 +54,7 @@ from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.config import QualitySettings
 
 FRAME_SIZE = (640, 480)
 
@@ -140,8 +143,9 @@ class Spawned:
     """Its keys and its log (serve.log)."""
 
 
-def spawn_service(workers: int, redis_url: str) -> Spawned:
-    """``facesvc serve`` on free ports with liveness off and keys of its own."""
+def spawn_service(workers: int, redis_url: str, min_face_px: int) -> Spawned:
+    """``facesvc serve`` on free ports with liveness off, keys of its own, and faces looked
+    for and matched from ``min_face_px``."""
     from facesvc.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
@@ -162,6 +166,8 @@ def spawn_service(workers: int, redis_url: str) -> Spawned:
             "FACESVC_LIVENESS_WEBINAR": "off",
             "FACESVC_LIVENESS_OFFLINE": "off",
             "FACESVC_LIVENESS_KIOSK": "off",
+            "FACESVC_QUALITY_MIN_FACE_PX": str(min_face_px),
+            "FACESVC_QUALITY_MIN_DETECT_PX": str(min_face_px),
             "FACESVC_LOGGING_LEVEL": "WARNING",
         }
     )
@@ -404,17 +410,26 @@ async def sweep(
 # ---------------------------------------------------------------- side-by-side baselines
 
 
-def _bare_worker(frames: list[bytes], duration_s: float) -> int:
-    """Scans done in ``duration_s`` by the in-process pipeline on one thread."""
+def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> int:
+    """Scans done in ``duration_s`` by the in-process pipeline on one thread, with the
+    service's quality gates."""
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
     from facesvc.models.pipeline import FacePipeline
-    from facesvc.models.quality import QualityLimits
-    from facesvc.wiring import load_pack
+    from facesvc.wiring import load_pack, quality_limits
 
-    settings = load_settings(env={}, overrides={"models.threads": 1})
+    settings = load_settings(
+        env={},
+        overrides={
+            "models.threads": 1,
+            "quality.min_face_px": min_face_px,
+            "quality.min_detect_px": min_face_px,
+        },
+    )
     pack = load_pack(settings)
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, QualityLimits())
+    pipeline = FacePipeline(
+        pack.detector, pack.landmarks, pack.embedder, quality_limits(settings.quality)
+    )
     limits = DecodeLimits()
     template = None
     done = 0
@@ -431,7 +446,8 @@ def _bare_worker(frames: list[bytes], duration_s: float) -> int:
 
 def _face_recognition_worker(frames: list[bytes], duration_s: float) -> int:
     """Scans done in ``duration_s`` by the face_recognition library (HOG detector, 5-point
-    landmarks, dlib's ResNet: its defaults) on one process."""
+    landmarks, dlib's ResNet: its defaults, which have no minimum face size) on one
+    process."""
     import face_recognition  # type: ignore[import-untyped]
 
     known = None
@@ -521,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faces", type=Path, help="identity folders (default: bundled photos)")
     parser.add_argument("--people", type=int, default=20, help="identities to enroll")
     parser.add_argument("--frame-size", type=_size, default=FRAME_SIZE, help="probe WxH")
+    parser.add_argument(
+        "--min-face-px",
+        type=int,
+        default=QualitySettings().min_face_px,
+        help="with --spawn, and for the bare pipeline: quality.min_face_px and min_detect_px",
+    )
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--duration-s", type=float, default=20.0, help="per concurrency level")
     parser.add_argument("--warmup-s", type=float, default=3.0)
@@ -549,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target
     rss: RssSampler | None = None
     if args.spawn:
-        spawned = spawn_service(args.workers, args.redis_url)
+        spawned = spawn_service(args.workers, args.redis_url, args.min_face_px)
         target = spawned.target
         print(f"spawned facesvc at {target} (log: {spawned.home / 'serve.log'})", file=sys.stderr)
     try:
@@ -577,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
             spawned.proc.wait(60)
     bare_rps = fr_rps = None
     if baseline_s > 0:
-        bare_rps = baseline(_bare_worker, frames, baseline_s, args.baseline_processes)
+        bare = functools.partial(_bare_worker, min_face_px=args.min_face_px)
+        bare_rps = baseline(bare, frames, baseline_s, args.baseline_processes)
         fr_rps = baseline(_face_recognition_worker, frames, baseline_s, args.baseline_processes)
 
     best = max(lv.throughput_rps for lv in levels)
@@ -592,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "workers": args.workers if args.spawn else None,
         "frame_size": "x".join(map(str, args.frame_size)),
+        "min_face_px": args.min_face_px,
         "frames": len(frames),
         "people": len(people),
         "channels": args.channels,
