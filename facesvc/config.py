@@ -180,9 +180,10 @@ class QualitySettings:
     """Smallest face box, in pixels, matched; a smaller one found is LOW_QUALITY ("come
     closer")."""
     min_detect_px: int = 80
-    """Smallest face box, in pixels, looked for (at most min_face_px). Detection time falls
-    with the square of the scale: 100 px detects at 5/6 of the frame's size (docs/
-    benchmarks.md measures both); smaller faces are then not found at all (NO_FACE)."""
+    """Smallest face box, in pixels, looked for (at most min_face_px); smaller faces are not
+    found (NO_FACE). Above 80 the dlib pack detects at a smaller scale, faster (100: 22
+    instead of 41 ms) but its boxes move and more genuine scans are NOT_MATCHED
+    (docs/benchmarks.md)."""
     min_sharpness: float = 15.0
     """Least detail in the face at the chip's scale (focused faces measure in the hundreds)."""
     min_brightness: float = 40.0
