@@ -249,7 +249,7 @@ class Portal:
         app.router.add_get("/.well-known/jwks.json", self._jwks_handler)
         app.router.add_get("/api/v1/session", self._api(self._session))
         app.router.add_post("/api/v1/challenge", self._api(self._challenge))
-        app.router.add_post("/api/v1/verify", self._api(self._verify))
+        app.router.add_post("/api/v1/verify", self._api(self._verify, checks_spent=True))
         app.router.add_post("/api/v1/precheck", self._api(self._precheck))
 
     # ------------------------------------------------------------------ static
@@ -300,13 +300,19 @@ class Portal:
     # ------------------------------------------------------------------ API plumbing
 
     def _api(
-        self, handler: Callable[[web.Request, LaunchTicket], Awaitable[dict[str, Any]]]
+        self,
+        handler: Callable[[web.Request, LaunchTicket], Awaitable[dict[str, Any]]],
+        *,
+        checks_spent: bool = False,
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        """Wrap ``handler``: open the ticket, map refusals to JSON errors, never cache."""
+        """Wrap ``handler``: open the ticket, map refusals to JSON errors, never cache.
+        A ``handler`` that ``checks_spent`` calls ``check_unspent`` itself."""
 
         async def wrapped(request: web.Request) -> web.StreamResponse:
             try:
-                ticket = await self._ticket(request)
+                ticket = self._open_ticket(request)
+                if not checks_spent:
+                    await self._launch_tickets().check_unspent(ticket)
                 body = await handler(request, ticket)
                 response = web.json_response(body)
             except ApiError as exc:
@@ -326,11 +332,16 @@ class Portal:
 
         return wrapped
 
-    async def _ticket(self, request: web.Request) -> LaunchTicket:
+    def _launch_tickets(self) -> LaunchTickets:
         if self._tickets is None:
             raise ApiError(
                 503, "NO_KEYS", "this service has no signing keys, so it cannot check scan links"
             )
+        return self._tickets
+
+    def _open_ticket(self, request: web.Request) -> LaunchTicket:
+        """The request's ticket, checked but not yet against Redis (``check_unspent``)."""
+        tickets = self._launch_tickets()
         credential = bearer_key(request.headers.get("Authorization", ""))
         if credential is None:
             raise ApiError(
@@ -338,9 +349,7 @@ class Portal:
                 "TICKET_MISSING",
                 "open the face scan from your training page: this request has no scan link",
             )
-        ticket = self._tickets.open(credential)
-        await self._tickets.check_unspent(ticket)
-        return ticket
+        return tickets.open(credential)
 
     def _engine_or_busy(self) -> ScanEngine:
         if self._engine is None:
@@ -420,6 +429,10 @@ class Portal:
     async def _verify(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
         engine = self._engine_or_busy()
         fields, frames = await self._read_scan(request)
+        idempotency_key = fields.get("idempotency_key") or None
+        # A spent ticket still lets through the scan that spent it, re-sent because its
+        # answer never reached the browser: the engine replays that answer.
+        await self._launch_tickets().check_unspent(ticket, resent_scan=idempotency_key)
         scope = ticket.scope
         command = VerifyCommand(
             participant_id=scope.participant_id,
@@ -431,7 +444,7 @@ class Portal:
             caller=Caller(name="scan-page", role="portal", tenant=scope.tenant),
             scheduled_start=scope.scheduled_start,
             challenge_id=fields.get("challenge_id") or None,
-            idempotency_key=fields.get("idempotency_key") or None,
+            idempotency_key=idempotency_key,
             # The page stops waiting then too, and offers to resend the same scan.
             deadline=time.monotonic() + self._settings.portal.verify_timeout_s,
         )
@@ -464,8 +477,7 @@ class Portal:
         }
         if outcome.decision is Decision.VERIFIED and outcome.token is not None:
             # Spent before the browser learns the token: one ticket, one token.
-            assert self._tickets is not None  # _ticket() succeeded
-            await self._tickets.spend(ticket)
+            await self._launch_tickets().spend(ticket, idempotency_key or outcome.verification_id)
             body["redirect_url"] = return_url_with_token(scope.return_url, outcome.token.token)
             body["token_expires_at"] = _iso(outcome.token.expires_at)
         return body

@@ -24,7 +24,11 @@ Security properties:
   used to send a token to a third party.
 - Short-lived (``portal.ticket_ttl_s``) and spent by the first VERIFIED scan (its ``jti``
   marked in Redis until the ticket expires), so one ticket yields at most one token in the
-  normal course; the daily attempt cap bounds everything else it can do.
+  normal course; the daily attempt cap bounds everything else it can do. The mark holds
+  the idempotency key of the scan that spent it: that same scan, re-sent because its
+  answer was lost on the way to the browser, still gets through, and the engine replays
+  its decision and token (its idempotency record outlives the ticket while
+  ``portal.ticket_ttl_s`` <= ``limits.idempotency_ttl_s``, as by default).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Gate, TrainingType
-from facesvc.redis_client import AsyncRedis
+from facesvc.redis_client import AsyncRedis, reply_text
 from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace, validate_id
 from facesvc.tokens.claims import CheckReason, str_claim, time_claim
@@ -303,20 +307,22 @@ class LaunchTickets:
     def _spent_key(self, ticket: LaunchTicket) -> str:
         return self._space.launch_spent(ticket.scope.participant_id, ticket.ticket_id)
 
-    async def check_unspent(self, ticket: LaunchTicket) -> None:
+    async def check_unspent(self, ticket: LaunchTicket, *, resent_scan: str | None = None) -> None:
         """Raise :class:`TicketRefused` (SPENT) when a VERIFIED scan already used
-        ``ticket``; ``StoreUnavailable`` when Redis cannot say (fail closed)."""
+        ``ticket``, unless ``resent_scan`` is that scan's own idempotency key;
+        ``StoreUnavailable`` when Redis cannot say (fail closed)."""
         async with store_errors("check the launch ticket"):
-            spent = await self._redis.exists(self._spent_key(ticket))
-        if spent:
+            spent_by = await self._redis.get(self._spent_key(ticket))
+        if spent_by is not None and (resent_scan is None or reply_text(spent_by) != resent_scan):
             raise TicketRefused(TicketProblem.SPENT)
 
-    async def spend(self, ticket: LaunchTicket) -> None:
-        """Mark ``ticket`` used by a VERIFIED scan, until it would have expired anyway."""
+    async def spend(self, ticket: LaunchTicket, scan: str) -> None:
+        """Mark ``ticket`` used by the VERIFIED scan whose idempotency key is ``scan``,
+        until the ticket would have expired anyway."""
         remaining = (ticket.expires_at - self._clock.now()).total_seconds()
         ttl_s = max(1, math.ceil(remaining))
         async with store_errors("spend the launch ticket"):
-            await self._redis.set(self._spent_key(ticket), "1", ex=ttl_s)
+            await self._redis.set(self._spent_key(ticket), scan, ex=ttl_s)
 
 
 def _check_scope(scope: LaunchScope) -> None:

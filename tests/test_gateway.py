@@ -410,7 +410,7 @@ def test_a_verified_scan_returns_a_token_for_the_lms_and_spends_the_ticket(
 
     holder.run(holder.engine.enroll("p-1", [jpeg(astronaut())], replace=True, caller=ADMIN))
     ticket = tickets_of(running).issue(scope())
-    body, content_type = multipart({}, [jpeg(astronaut(), 80)] * 2)
+    body, content_type = multipart({"idempotency_key": "scan-1"}, [jpeg(astronaut(), 80)] * 2)
     headers = {**bearer(ticket.token), "Content-Type": content_type}
     reply = http("POST", running.http_url + "/api/v1/verify", headers=headers, body=body)
     answer = reply.json()
@@ -428,7 +428,22 @@ def test_a_verified_scan_returns_a_token_for_the_lms_and_spends_the_ticket(
     )
     assert result.ok, result.reason
     assert result.claims is not None and result.claims.sub == "p-1"
-    # One ticket, one token: the link is spent.
+    # One ticket, one token: the link is spent ...
     spent = http("GET", running.http_url + "/api/v1/session", headers=bearer(ticket.token))
     assert spent.status == 401
     assert spent.json()["error"]["code"] == "TICKET_SPENT"
+    other, other_type = multipart({"idempotency_key": "scan-2"}, [jpeg(astronaut(), 80)] * 2)
+    another_scan = http(
+        "POST",
+        running.http_url + "/api/v1/verify",
+        headers={**bearer(ticket.token), "Content-Type": other_type},
+        body=other,
+    )
+    assert another_scan.status == 401
+    assert another_scan.json()["error"]["code"] == "TICKET_SPENT"
+    # ... except to the scan that spent it, re-sent because its answer was lost on the way:
+    # the same answer and token again, and no second attempt.
+    resent = http("POST", running.http_url + "/api/v1/verify", headers=headers, body=body)
+    assert resent.status == 200, resent.body
+    assert resent.json()["redirect_url"] == redirect
+    assert resent.json()["attempts"]["used"] == 1
