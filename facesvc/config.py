@@ -104,6 +104,12 @@ class ServerSettings:
     """Most photos in one Enroll."""
     max_image_bytes: int = 4 * 1024 * 1024
     """Largest single encoded frame or photo."""
+    jpeg_reduce_to_side: int = 1280
+    """A JPEG at least twice this on its longer side (a phone's 12 MP enrollment photo) is
+    decoded at 1/2, 1/4 or 1/8 scale, keeping that side at least this long: about a fifth
+    of the decode time, and detection scans a quarter of the pixels or fewer; faces shrink
+    with it, so only faces above quality.min_detect_px at that scale are found. 0: full
+    size."""
     workers: int = 1
     """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
     models, under a supervisor that restarts a crashed one; 1 = this process only."""
@@ -120,6 +126,10 @@ class ServerSettings:
             _check_positive(f"server.{name}", getattr(self, name))
         for name in ("max_image_bytes", "workers", "max_concurrent_rpcs"):
             _check_positive(f"server.{name}", getattr(self, name))
+        if self.jpeg_reduce_to_side < 0:
+            raise ConfigError(
+                f"server.jpeg_reduce_to_side={self.jpeg_reduce_to_side}: 0 (full size) or more"
+            )
 
 
 @dataclass(frozen=True, slots=True)

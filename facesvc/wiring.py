@@ -112,7 +112,10 @@ async def build_engine(
     faces = FaceWork(
         pipeline,
         pad_model,
-        decode_limits=DecodeLimits(max_bytes=settings.server.max_image_bytes),
+        decode_limits=DecodeLimits(
+            max_bytes=settings.server.max_image_bytes,
+            jpeg_reduce_to_side=settings.server.jpeg_reduce_to_side or None,
+        ),
         threads=settings.models.threads,
         embed_batching=BatchSettings(
             throughput.embed_max_batch, throughput.max_wait_s, throughput.max_queue

@@ -290,3 +290,24 @@ def test_conflicting_quality_settings_are_a_configuration_error() -> None:
 
 def test_the_quality_settings_default_to_the_stated_limits() -> None:
     assert quality_limits(QualitySettings()) == QualityLimits()
+
+
+async def test_a_large_jpeg_is_decoded_reduced_unless_the_setting_is_zero(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    from PIL import Image
+
+    photo = np.asarray(Image.fromarray(astronaut()).resize((3000, 3000)))
+    data = jpeg(photo)
+    async with running_engine(tmp_path, redis_url, redis_prefix, model_pack) as kit:
+        reduced = await kit.engine.inspect(data)
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack, server__jpeg_reduce_to_side=0
+    ) as kit:
+        full = await kit.engine.inspect(data)
+    # 1280 by default: 3000 px is decoded at 1/2 (1500), the strongest reduction >= 1280.
+    assert (reduced.width_px, reduced.height_px) == (1500, 1500)
+    assert (full.width_px, full.height_px) == (3000, 3000)
+    assert reduced.status is FaceStatus.OK and full.status is FaceStatus.OK
+    # The same face at half the scale, up to one step of the detector's 1.2x pyramid.
+    assert 1 / 1.25 < reduced.face_height_px * 2 / full.face_height_px < 1.25
