@@ -18,9 +18,9 @@ import numpy.typing as npt
 
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.batcher import MicroBatcher
-from facesvc.models.fas import FasFtModel, crop_face, resize_and_pad
+from facesvc.models.fas import crop_face, resize_and_pad
 from facesvc.models.pipeline import FaceAnalysis, FacePipeline
-from facesvc.models.types import RGBImage
+from facesvc.models.types import PresentationAttackModel, RGBImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class FaceWork:
     def __init__(
         self,
         pipeline: FacePipeline,
-        pad_model: FasFtModel | None,
+        pad_model: PresentationAttackModel | None,
         *,
         decode_limits: DecodeLimits,
         threads: int,
@@ -80,10 +80,6 @@ class FaceWork:
                 max_queue=pad_batching.max_queue,
                 executor=self._executor,
             )
-
-    @property
-    def has_pad_model(self) -> bool:
-        return self._pad is not None
 
     async def decode(self, blobs: Sequence[bytes]) -> list[RGBImage]:
         """Decoded frames, in order. Raises ``ImageRejected`` for the first bad one, its
@@ -158,7 +154,7 @@ class FaceWork:
 
 
 def _scores_of(
-    model: FasFtModel,
+    model: PresentationAttackModel,
 ) -> Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]:
     def run(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         return model.live_scores(list(batch))

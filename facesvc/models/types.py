@@ -101,6 +101,13 @@ def unit_descriptors(raw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 
 
 class PresentationAttackModel(Protocol):
+    """A passive presentation-attack model: square face crops in, live scores out."""
+
+    @property
+    def input_size(self) -> int:
+        """Side, in pixels, of the square crops it scores (others are resized to it)."""
+        ...
+
     def live_scores(self, crops: list[RGBImage]) -> npt.NDArray[np.float32]:
         """(N,) scores in [0, 1], higher means more likely a live face."""
         ...
