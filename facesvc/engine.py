@@ -387,7 +387,6 @@ class Engine:
             return _replay(held, method)
         if isinstance(held, Exhausted):
             self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
-            usage = CapUsage(held.used, 0, held.limit, held.resets_at)
             resets = held.resets_at.astimezone(WIB)
             reason = (
                 f"all {held.limit} attempts for today are used; the count resets at "
@@ -397,7 +396,7 @@ class Engine:
                 cmd,
                 Decision.ATTEMPTS_EXHAUSTED,
                 reason,
-                usage,
+                held.usage,
                 method,
                 started,
                 timings,
@@ -413,9 +412,9 @@ class Engine:
             raise
         if decision in self._refunded:
             await self._caps.refund(held)
-            usage = CapUsage(held.used - 1, held.remaining + 1, held.limit, held.resets_at)
+            usage = held.usage_if_refunded
         else:
-            usage = CapUsage(held.used, held.remaining, held.limit, held.resets_at)
+            usage = held.usage
         return await self._finish(
             cmd, decision, reason, usage, method, started, timings, frames=reports, held=held
         )
@@ -638,7 +637,7 @@ def _replay(held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutc
         verification_id=first["verification_id"],
         decision=Decision(first["decision"]),
         reason=first["reason"],
-        attempts=CapUsage(held.used, held.remaining, held.limit, held.resets_at),
+        attempts=held.usage,
         liveness=method,
         token=token,
         replayed=True,

@@ -119,6 +119,16 @@ def default_cap_rules(offline_limit: int = 10) -> tuple[CapRule, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class CapUsage:
+    """What GetAttempts reports: attempts ``used`` and ``remaining`` today, and the reset."""
+
+    used: int
+    remaining: int
+    limit: int
+    resets_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """One attempt held for a scan; pass it to :meth:`AttemptCaps.refund` if it must not count.
 
@@ -144,6 +154,16 @@ class Reservation:
         """Attempts left today after this one."""
         return max(self.limit - self.used, 0)
 
+    @property
+    def usage(self) -> CapUsage:
+        """The day's usage with this attempt counted."""
+        return CapUsage(self.used, self.remaining, self.limit, self.resets_at)
+
+    @property
+    def usage_if_refunded(self) -> CapUsage:
+        """The day's usage once this attempt is given back."""
+        return CapUsage(self.used - 1, self.remaining + 1, self.limit, self.resets_at)
+
 
 @dataclass(frozen=True, slots=True)
 class Exhausted:
@@ -161,15 +181,10 @@ class Exhausted:
         """Always 0; present so both outcomes report the same fields."""
         return 0
 
-
-@dataclass(frozen=True, slots=True)
-class CapUsage:
-    """What GetAttempts reports: attempts ``used`` and ``remaining`` today, and the reset."""
-
-    used: int
-    remaining: int
-    limit: int
-    resets_at: datetime
+    @property
+    def usage(self) -> CapUsage:
+        """The day's usage: all of it."""
+        return CapUsage(self.used, 0, self.limit, self.resets_at)
 
 
 class AttemptCaps:
