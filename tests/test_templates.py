@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,17 @@ def test_replace_semantics(redis_url: str, redis_prefix: str) -> None:
             await store.put(template("p1", seed=2), replace=False)
         loaded = await store.get("p1")
         assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(1))
-        await store.put(template("p1", seed=2), replace=True)
+        later = dataclasses.replace(template("p1", seed=2), created_at=CREATED + timedelta(days=3))
+        replaced = await store.put(later, replace=True)
         loaded = await store.get("p1")
         assert loaded is not None and np.array_equal(loaded.descriptors, descriptors(2))
+        # A replace is an update: the first enrollment's time stays.
+        assert (replaced.enrolled_at, replaced.created_at) == (CREATED, later.created_at)
+        meta = await store.metadata("p1")
+        assert meta is not None and (meta.enrolled_at, meta.created_at) == (
+            CREATED,
+            later.created_at,
+        )
 
     run(scenario, redis_url, redis_prefix)
 
@@ -222,8 +231,9 @@ def test_delete_removes_every_key_of_that_participant_only(
         assert await store.delete("p1") is True
         left = sorted([key async for key in client.scan_iter(match=f"{prefix}*")])
         assert left and not any("{p:p1}" in key.decode() for key in left)
-        assert sum("{p:p10}" in key.decode() for key in left) == 4
-        assert sum("{p:p2}" in key.decode() for key in left) == 4
+        # template, attempt counter, idempotency record and its lease, challenge
+        assert sum("{p:p10}" in key.decode() for key in left) == 5
+        assert sum("{p:p2}" in key.decode() for key in left) == 5
         assert await store.get("p1") is None
         assert (await caps.usage("p1", "t1", TrainingType.SPL, now)).used == 0
         assert await store.delete("p1") is False
