@@ -115,7 +115,7 @@ def verify_response(outcome: VerifyOutcome) -> pb.VerifyResponse:
 def enrollment_message(metadata: TemplateMetadata) -> pb.Enrollment:
     return pb.Enrollment(
         participant_id=metadata.participant_id,
-        enrolled_at=timestamp(metadata.created_at),
+        enrolled_at=timestamp(metadata.enrolled_at),
         updated_at=timestamp(metadata.created_at),
         image_count=metadata.image_count,
         model_pack=metadata.model_pack,

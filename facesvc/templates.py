@@ -28,6 +28,8 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -81,7 +83,9 @@ class TemplateUnreadable(Exception):
 class Template:
     """An enrollment: ``descriptors`` is float32 (K, D), one row per enrolled image kept.
 
-    ``created_at`` is tz-aware; ``image_count`` is how many photos were accepted (>= 1).
+    ``created_at`` (tz-aware) is when this template was made; ``enrolled_at`` when the
+    participant was first enrolled (None: at ``created_at``; a replace keeps the first
+    time). ``image_count`` is how many photos were accepted (>= 1).
     """
 
     participant_id: str
@@ -89,6 +93,7 @@ class Template:
     descriptors: npt.NDArray[np.float32]
     created_at: datetime
     image_count: int
+    enrolled_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,7 @@ class TemplateMetadata:
     participant_id: str
     model_pack: str
     created_at: datetime
+    enrolled_at: datetime
     image_count: int
     descriptor_count: int
     descriptor_dim: int
@@ -203,9 +209,16 @@ class TemplateStore:
         """Store ``template`` under the active key.
 
         Without ``replace`` an existing enrollment raises :class:`AlreadyEnrolled` (checked
-        and written atomically with SET NX). Raises ValueError for a malformed template.
+        and written atomically with SET NX); with it, the new template keeps the first
+        enrollment's ``enrolled_at``. Raises ValueError for a malformed template.
         """
         key = self._keys.template(template.participant_id)  # validates the id first
+        if replace and template.enrolled_at is None:
+            with contextlib.suppress(TemplateUnreadable):  # unreadable: enrolled afresh
+                previous = await self.get(template.participant_id)
+                if previous is not None:
+                    first = previous.enrolled_at or previous.created_at
+                    template = dataclasses.replace(template, enrolled_at=first)
         value = self._seal(template)
         async with store_errors("store a template"):
             written = await self._client.set(key, value, nx=not replace)
@@ -319,11 +332,14 @@ class TemplateStore:
         if template.image_count < 1:
             raise ValueError(f"image_count must be >= 1 (got {template.image_count})")
         require_aware(template.created_at, "created_at")
+        enrolled_at = template.enrolled_at or template.created_at
+        require_aware(enrolled_at, "enrolled_at")
         meta = json.dumps(
             {
                 "participant_id": template.participant_id,
                 "model_pack": template.model_pack,
                 "created_at": template.created_at.isoformat(),
+                "enrolled_at": enrolled_at.isoformat(),
                 "image_count": template.image_count,
                 "shape": list(descriptors.shape),
             },
@@ -376,6 +392,8 @@ class TemplateStore:
             descriptors=descriptors.astype(np.float32, copy=False),
             created_at=datetime.fromisoformat(meta["created_at"]),
             image_count=int(meta["image_count"]),
+            # Templates stored before enrolled_at was recorded: their own creation time.
+            enrolled_at=datetime.fromisoformat(meta.get("enrolled_at", meta["created_at"])),
         )
         return template, kid
 
@@ -386,6 +404,7 @@ class TemplateStore:
             participant_id=template.participant_id,
             model_pack=template.model_pack,
             created_at=template.created_at,
+            enrolled_at=template.enrolled_at or template.created_at,
             image_count=template.image_count,
             descriptor_count=int(rows),
             descriptor_dim=int(dim),
