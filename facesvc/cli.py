@@ -166,6 +166,12 @@ def _add_eval_liveness(sub: SubParsers) -> None:
     p = sub.add_parser("eval-liveness", help="APCER/BPCER of the passive model on live/ and spoof/")
     p.add_argument("data", type=Path, help="folder with live/ and spoof/ subfolders")
     p.add_argument("--out", type=Path, default=None, help="folder for the report and the curve")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="side of the model's square input (default: the shipped calibration's)",
+    )
     p.set_defaults(func=_delegate("facesvc.liveness.evaluation", "main", 6))
 
 

@@ -13,6 +13,7 @@ from facesvc.liveness.evaluation import (
     PadScore,
     calibrate_threshold,
     error_rates,
+    live_above_attack,
     photos,
     report,
     score_photos,
@@ -122,6 +123,10 @@ def test_report_and_curve_count_per_source_and_split(tmp_path: Path) -> None:
     )
     text = report(scores, {"t": 0.5})
     assert "| source 0002 (report) | 0/1 = 0.0% | 1/1 = 100.0% |" in text
+    # live above the attack in both splits: 0.8 > 0.6, 0.3 > 0.2
+    assert "ROC AUC (live above attack), calibration split: 1.00" in text
+    # all photos: 3 of the 6 live-attack pairs have the live photo above (0.1 is below both)
+    assert live_above_attack([*scores, PadScore("0003_a.jpg", "live", "0003", 0.1)]) == 0.5
     assert "No face found" in text and "spoof/image_F1.jpg" in text
     png = tmp_path / "curve.png"
     write_curve(scores, png, {"t": 0.5})

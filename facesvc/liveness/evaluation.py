@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
+from facesvc.evaluation import roc_auc
 from facesvc.models.fas import FasCalibration, FasFtModel, crop_face, load_fas_calibration
 from facesvc.models.types import FaceDetector, RGBImage
 
@@ -214,13 +215,27 @@ def _rate(count: int, total: int) -> str:
     return f"{count}/{total} = {count / total:.1%}" if total else "n/a (0 photos)"
 
 
+def live_above_attack(scores: Sequence[PadScore]) -> float:
+    """ROC AUC of the photos with a face: the chance that a live photo scores above an
+    attack (ties count one half); NaN without both kinds."""
+    live = np.array([s.score for s in scores if s.label == "live" and s.score is not None])
+    spoof = np.array([s.score for s in scores if s.label == "spoof" and s.score is not None])
+    # roc_auc is P(second above first): here the attacks are the lower class.
+    return roc_auc(spoof.astype(np.float64), live.astype(np.float64))
+
+
 def report(scores: Sequence[PadScore], thresholds: dict[str, float]) -> str:
-    """Markdown tables: APCER/BPCER with counts per split and per source, per threshold."""
+    """Markdown tables: ROC AUC per split, then APCER/BPCER with counts per split and per
+    source, per threshold."""
     lines = []
     missing = [s for s in scores if s.score is None]
     if missing:
         names = ", ".join(f"{s.label}/{s.name}" for s in missing)
         lines.append(f"No face found (left out of every rate): {names}\n")
+    for split in ("calibration", "report"):
+        part = [s for s in scores if s.split == split]
+        lines.append(f"ROC AUC (live above attack), {split} split: {live_above_attack(part):.2f}")
+    lines.append("")
     for name, t in thresholds.items():
         lines.append(f"### threshold {name} = {t:.4f}\n")
         lines.append("| group | APCER (attacks accepted) | BPCER (live refused) |")
@@ -285,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
         logger=log,
     )
     pack = default_registry().load(settings.models.pack, context)
-    model = FasFtModel(shipped.input_size)
+    model = FasFtModel(args.input_size or shipped.input_size)
     items = photos(folder)
     log.info("scoring %d photos at %dx%d", len(items), model.input_size, model.input_size)
     scores = score_photos(items, pack.detector, model, shipped.crop_expand)
