@@ -21,6 +21,7 @@ import pytest
 import skimage.data
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from facesvc.config import LivenessSettings
 from facesvc.liveness.challenges import Step
 from facesvc.liveness.checks import (
     FrameObservation,
@@ -35,8 +36,9 @@ from facesvc.models.types import Box, Points, RGBImage
 THREADS = 2
 FRAMES = 3
 """A challenge scan: the frontal frame and one frame per step (two steps)."""
-SCORED_FRAMES = 3
-"""Frames the passive model scores per Verify (every frame, as the engine does)."""
+SCORED_FRAMES = LivenessSettings().passive_frames
+"""Frames the passive model scores per Verify (``liveness.passive_frames``, spread from the
+first to the last)."""
 
 ASTRONAUT_FACE = Box(170.0, 40.0, 270.0, 160.0)
 
