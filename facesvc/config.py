@@ -191,8 +191,8 @@ class QualitySettings:
     closer")."""
     min_detect_px: int = 80
     """Smallest face box, in pixels, looked for (at most min_face_px); smaller faces are not
-    found (NO_FACE). Above 80 the dlib pack detects at a smaller scale, faster (100: 22
-    instead of 41 ms) but its boxes move and more genuine scans are NOT_MATCHED
+    found (NO_FACE). Above 80 the dlib pack detects at a smaller scale, faster (100: 21
+    instead of 29 ms) but its boxes move and more genuine scans are NOT_MATCHED
     (docs/benchmarks.md)."""
     min_sharpness: float = 15.0
     """Least detail in the face at the chip's scale (focused faces measure in the hundreds)."""
