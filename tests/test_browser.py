@@ -402,6 +402,7 @@ def test_a_challenge_shows_its_steps_one_at_a_time(
     assert steps.count() == 3  # look straight, then the two issued steps
     banner = page.locator("#step-banner")
     assert banner.inner_text().startswith("Langkah 1 dari 3")
+    assert page.locator("#feedback").is_hidden()  # no pre-check hint beside the steps
     page.wait_for_selector("#step-list li:nth-child(2)[aria-current='step']", timeout=20_000)
     assert banner.inner_text().startswith("Langkah 2 dari 3")
     snap(page, "challenge-step")

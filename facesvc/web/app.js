@@ -261,6 +261,7 @@
     }
     show("camera");
     setFeedback("camera.starting");
+    $("feedback").hidden = false;
     $("step-banner").hidden = true;
     $("step-list").hidden = true;
     $("btn-start-scan").hidden = false;
@@ -435,6 +436,7 @@
     state.scanning = true;
     $("btn-start-scan").disabled = true;
     $("btn-start-scan").hidden = true; // the steps now lead; nothing to press until the result
+    $("feedback").hidden = true; // a pre-check hint ("look straight") would contradict a step
     const s = state.session;
     let challenge = { challenge_id: "", steps: [], min_frames: s.capture.min_frames, expires_at: null };
     try {
