@@ -416,7 +416,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> in
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
     from facesvc.models.pipeline import FacePipeline
-    from facesvc.wiring import load_pack, quality_limits
+    from facesvc.wiring import load_pack
 
     settings = load_settings(
         env={},
@@ -427,9 +427,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> in
         },
     )
     pack = load_pack(settings)
-    pipeline = FacePipeline(
-        pack.detector, pack.landmarks, pack.embedder, quality_limits(settings.quality)
-    )
+    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
     limits = DecodeLimits()
     template = None
     done = 0

@@ -11,7 +11,7 @@ face (skimage's astronaut) at two face sizes: ~110 px, and ~220 px where the chi
 dlib's pyramid_down first (faces wider than the chip).
 
 The "scan" group times one whole scan of a 640x480 JPEG on one thread: ours (decode, detect,
-choose, landmarks, align, quality, embed, match) at the default ``QualityLimits`` and with
+choose, landmarks, align, quality, embed, match) at the default ``QualitySettings`` and with
 faces looked for from 140 px (the pyramid entered three levels down), against the
 ``face_recognition`` library's (HOG detector upsampled once, 5-point landmarks, ResNet:
 its defaults), the baseline of issue 3's "5 times the throughput" target.
@@ -32,11 +32,11 @@ import skimage.data
 from PIL import Image
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from facesvc.config import QualitySettings
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.alignment import dlib_face_chip
 from facesvc.models.packs import ModelPack, PackContext, load_dlib_pack
 from facesvc.models.pipeline import FacePipeline
-from facesvc.models.quality import QualityLimits
 from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, RGBImage
 
@@ -135,12 +135,12 @@ def test_scan_side_by_side(
     buffer = io.BytesIO()
     Image.fromarray(_frame(165)).save(buffer, format="JPEG", quality=90)
     jpeg = buffer.getvalue()
-    limits = QualityLimits(min_face_px=140, min_detect_px=140)
+    limits = QualitySettings(min_face_px=140, min_detect_px=140)
     pipeline = FacePipeline(
         pack.detector,
         pack.landmarks,
         pack.embedder,
-        limits if implementation == "facesvc-detect140" else QualityLimits(),
+        limits if implementation == "facesvc-detect140" else QualitySettings(),
     )
     template = pipeline.embed([_analysed_chip(pipeline, jpeg)])
 

@@ -183,31 +183,56 @@ class ModelSettings:
 
 @dataclass(frozen=True, slots=True)
 class QualitySettings:
-    """What a usable face must meet (facesvc.models.quality.QualityLimits gives the reason
-    for each default). A face that fails is LOW_QUALITY with the reason, and not counted."""
+    """What a usable face must meet (the gates of facesvc.models.quality). A face that
+    fails is LOW_QUALITY with the reason, and the attempt is not counted. Every default is
+    a stated, a-priori choice; the reason is given with each."""
 
     min_face_px: int = 80
     """Smallest face box, in pixels, matched; a smaller one found is LOW_QUALITY ("come
-    closer")."""
+    closer"). dlib's chip maps the face's box to about 100 px; below 80 px the matcher
+    sees an upsampled, soft face."""
     min_detect_px: int = 80
     """Smallest face box, in pixels, looked for (at most min_face_px); smaller faces are not
     found (NO_FACE). Above 80 the dlib pack detects at a smaller scale, faster (100: 21
     instead of 29 ms) but its boxes move and more genuine scans are NOT_MATCHED
     (docs/benchmarks.md)."""
     min_sharpness: float = 15.0
-    """Least detail in the face at the chip's scale (focused faces measure in the hundreds)."""
+    """Least detail in the face at the chip's scale: focused faces measure in the hundreds
+    (dim webcam frames in the tens); a face blurred by a few pixels falls below 15."""
     min_brightness: float = 40.0
-    """Least mean grey (0-255) of the inner face."""
+    """Least mean grey (0-255) of the inner face: below it the face is in the sensor's toe
+    and detail is lost."""
     max_brightness: float = 215.0
-    """Most mean grey (0-255) of the inner face."""
+    """Most mean grey (0-255) of the inner face: above it, the sensor's shoulder."""
     max_clipped_fraction: float = 0.25
     """Most of the inner face that may be black- or white-clipped or off the frame (0-1)."""
     max_abs_yaw_deg: float = 30.0
-    """Most head turn, in degrees, for a frame that is matched."""
+    """Most head turn, in degrees, for a frame that is matched: beyond it frontal-face
+    matchers lose accuracy fast."""
     max_abs_pitch_deg: float = 35.0
-    """Most head tilt up or down, in degrees (five-point pitch is coarse: a gross-tilt gate)."""
+    """Most head tilt up or down, in degrees. Pitch from five points is coarse (9 degrees
+    mean error on the labelled pose photos) and saturates near -30 for a frontal face whose
+    nose sits lower than the mean face's (insightface's Tom_Hanks_54745.png, looking
+    straight at the camera, measures -30.2): a tighter gate would send such people away
+    with "look straight", so this one only catches gross tilts."""
     second_face_area_ratio: float = 0.5
-    """A second face at least this share of the chosen face's area makes MULTIPLE_FACES."""
+    """A second face at least this share of the chosen face's area (and at least
+    min_face_px) makes MULTIPLE_FACES: someone that close could be the one scanned."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_detect_px <= self.min_face_px:
+            raise ConfigError(
+                f"quality.min_detect_px={self.min_detect_px}, min_face_px={self.min_face_px}: "
+                "need 0 < min_detect_px <= min_face_px"
+            )
+        if not 0 <= self.min_brightness < self.max_brightness <= 255:
+            raise ConfigError(
+                "quality: need 0 <= min_brightness < max_brightness <= 255 "
+                f"(got {self.min_brightness}, {self.max_brightness})"
+            )
+        for name in ("max_clipped_fraction", "second_face_area_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"quality.{name}={getattr(self, name)}: must be in (0, 1]")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ finished engine; tests build engines the same way with their own settings.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -20,7 +19,7 @@ from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.calibration import log_calibration_status
 from facesvc.clock import Clock, SystemClock
-from facesvc.config import ConfigError, QualitySettings, Settings
+from facesvc.config import ConfigError, Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
 from facesvc.facework import BatchSettings, FaceWork, PadCrop
@@ -34,7 +33,6 @@ from facesvc.metrics import Metrics
 from facesvc.models.fas import FasFtModel, load_fas_calibration
 from facesvc.models.packs import ModelPack, PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline
-from facesvc.models.quality import QualityLimits
 from facesvc.redis_client import AsyncRedis
 from facesvc.templates import TemplateStore, keyring_from_settings
 from facesvc.tokens.check import CheckPolicy
@@ -68,14 +66,6 @@ def liveness_policy(settings: Settings) -> LivenessPolicy:
     return method
 
 
-def quality_limits(settings: QualitySettings) -> QualityLimits:
-    """The quality gates the ``quality`` settings describe; ConfigError when they conflict."""
-    try:
-        return QualityLimits(**dataclasses.asdict(settings))
-    except ValueError as exc:
-        raise ConfigError(f"quality: {exc}") from None
-
-
 async def build_engine(
     settings: Settings,
     redis: AsyncRedis,
@@ -105,9 +95,7 @@ async def build_engine(
     pad_threshold = (
         settings.liveness.pad_threshold if settings.liveness.pad_threshold >= 0 else pad.threshold
     )
-    pipeline = FacePipeline(
-        pack.detector, pack.landmarks, pack.embedder, quality_limits(settings.quality)
-    )
+    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
     throughput = settings.throughput
     faces = FaceWork(
         pipeline,

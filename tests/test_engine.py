@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.config import ConfigError, QualitySettings, load_settings
+from facesvc.config import ConfigError, load_settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, VerifyCommand
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceStatus
-from facesvc.models.quality import QualityLimits
 from facesvc.templates import AlreadyEnrolled
 from facesvc.tokens.jws import verify_compact
-from facesvc.wiring import quality_limits
 from tests.engine_support import (
     ADMIN,
     LMS,
@@ -281,15 +279,8 @@ async def test_the_quality_settings_set_the_engines_gates(
 
 
 def test_conflicting_quality_settings_are_a_configuration_error() -> None:
-    settings = load_settings(
-        env={}, overrides={"quality.min_face_px": 60, "quality.min_detect_px": 80}
-    )
     with pytest.raises(ConfigError, match="min_detect_px <= min_face_px"):
-        quality_limits(settings.quality)
-
-
-def test_the_quality_settings_default_to_the_stated_limits() -> None:
-    assert quality_limits(QualitySettings()) == QualityLimits()
+        load_settings(env={}, overrides={"quality.min_face_px": 60, "quality.min_detect_px": 80})
 
 
 async def test_a_large_jpeg_is_decoded_reduced_unless_the_setting_is_zero(

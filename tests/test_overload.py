@@ -16,13 +16,13 @@ import pytest
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.admission import InFlightLimit
+from facesvc.config import QualitySettings
 from facesvc.domain import Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.facework import BatchSettings, FaceWork
 from facesvc.imaging import DecodeLimits
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FacePipeline
-from facesvc.models.quality import QualityLimits
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, jpeg
 from tests.test_service_verify import PID, enroll, genuine, start
@@ -135,7 +135,7 @@ async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
     batching = BatchSettings(max_batch=1, max_wait_s=0.0, max_queue=1)
     faces = FaceWork(
         FacePipeline(
-            model_pack.detector, model_pack.landmarks, model_pack.embedder, QualityLimits()
+            model_pack.detector, model_pack.landmarks, model_pack.embedder, QualitySettings()
         ),
         None,
         decode_limits=DecodeLimits(),

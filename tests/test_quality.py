@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from facesvc.config import QualitySettings
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
 from facesvc.models.dlib_mmod import MMODFaceDetector
 from facesvc.models.dlib_resnet import DlibResnetEmbedder
@@ -20,7 +21,6 @@ from facesvc.models.quality import (
     Check,
     FaceChoice,
     LandmarkLayout,
-    QualityLimits,
     QualityReport,
     exposure,
     head_pose,
@@ -34,7 +34,7 @@ LANDMARKS_5 = (
     Path(str(importlib.resources.files("face_recognition_models") / "models"))
     / "shape_predictor_5_face_landmarks.dat"
 )
-LIMITS = QualityLimits()
+LIMITS = QualitySettings()
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_small_face_fails_size(
     """Looking for faces down to 40 px finds a 46 px face and asks the person to come
     closer; with the default search (down to 80 px) the frame has no face."""
     small = np.asarray(Image.fromarray(astronaut).resize((256, 256), Image.Resampling.BILINEAR))
-    searching = QualityLimits(min_detect_px=40)
+    searching = QualitySettings(min_detect_px=40)
     analysis = FacePipeline(*models, searching).analyze(small)
     assert analysis.status is FaceStatus.LOW_QUALITY
     assert analysis.quality is not None
@@ -201,6 +201,6 @@ def test_exposure_reads_the_inner_face_and_counts_the_off_frame_part_as_clipped(
 
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError):
-        QualityLimits(min_detect_px=100, min_face_px=80)
+        QualitySettings(min_detect_px=100, min_face_px=80)
     with pytest.raises(ValueError):
-        QualityLimits(min_brightness=200, max_brightness=100)
+        QualitySettings(min_brightness=200, max_brightness=100)

@@ -17,11 +17,11 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.config import QualitySettings
 from facesvc.models.quality import (
     Check,
     FaceChoice,
     LandmarkLayout,
-    QualityLimits,
     QualityReport,
     assess_quality,
     select_face,
@@ -86,7 +86,7 @@ class FacePipeline:
         detector: FaceDetector,
         landmarks: LandmarkModel | None,
         embedder: Embedder,
-        limits: QualityLimits,
+        limits: QualitySettings,
     ) -> None:
         if landmarks is not None and landmarks.num_points not in _DLIB_LAYOUTS:
             raise ValueError(
@@ -99,7 +99,7 @@ class FacePipeline:
         self._limits = limits
 
     @property
-    def limits(self) -> QualityLimits:
+    def limits(self) -> QualitySettings:
         return self._limits
 
     def analyze(self, image: RGBImage) -> FaceAnalysis:

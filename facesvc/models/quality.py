@@ -1,5 +1,8 @@
 """Quality gates for one face: size, sharpness, exposure and head pose, with stated limits.
 
+The limits are the ``quality`` settings (:class:`facesvc.config.QualitySettings`, which
+gives the reason for each default).
+
 A scan is only worth matching when the face is large, sharp, well lit and roughly frontal;
 otherwise the matcher's error rates (calibrated on good faces) do not hold, and the person
 is better served by "come closer" or "face the camera" than by a false NOT_MATCHED.
@@ -22,7 +25,7 @@ Choosing the face (``select_face``), the rule for "exactly one usable face":
 - no detection at all: NO_FACE;
 - the chosen face is the one with the largest box area;
 - another face is *comparable* when its box area is at least
-  ``QualityLimits.second_face_area_ratio`` (0.5) times the chosen one's and its smaller side
+  ``QualitySettings.second_face_area_ratio`` (0.5) times the chosen one's and its smaller side
   is at least ``min_face_px``; any comparable face makes the frame MULTIPLE_FACES (someone
   else close to the camera could be the one scanned). Smaller faces (people in the
   background) are ignored;
@@ -39,6 +42,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.config import QualitySettings
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112, DLIB_MEAN_FACE_5
 from facesvc.models.types import Box, Detection, Points, RGBImage
 
@@ -54,50 +58,6 @@ _NOSE_DEPTH = 0.45
 # sensor noise in a nearly flat image is not mistaken for detail.
 _STANDARD_CONTRAST = 40.0
 _MAX_CONTRAST_GAIN = 4.0
-
-
-@dataclass(frozen=True, slots=True)
-class QualityLimits:
-    """What a usable face must meet. Every default is a stated, a-priori choice:
-
-    - ``min_face_px`` 80: dlib's chip maps the face's box to about 100 px; below 80 px the
-      matcher sees an upsampled, soft face.
-    - ``min_detect_px`` 80: smaller faces are not looked for. Detection time grows as
-      this shrinks (dlib's MMOD window is 80 px: asking for 40 px enlarges every frame 2x,
-      4x the work). Set it below ``min_face_px`` to find small faces and tell the person to
-      come closer instead of that there is no face.
-    - ``min_sharpness`` 15: focused faces measure in the hundreds (dim webcam frames in
-      the tens); a face blurred by a few pixels at the chip's scale falls below it.
-    - ``min_brightness`` 40, ``max_brightness`` 215: mean grey of the inner face;
-      outside this range the face is in the sensor's toe or shoulder and detail is lost.
-    - ``max_clipped_fraction`` 0.25: at most a quarter of the inner face black- or
-      white-clipped (or off the frame).
-    - ``max_abs_yaw_deg`` 30: beyond it, frontal-face matchers lose accuracy fast.
-    - ``max_abs_pitch_deg`` 35: pitch from five points is coarse (9 degrees mean error on the
-      labelled pose photos) and saturates near -30 degrees for a frontal face whose nose sits
-      lower than the mean face's (insightface's Tom_Hanks_54745.png, looking straight at the
-      camera, measures -30.2): a tighter gate would send such people away with "look
-      straight", so this one only catches gross tilts.
-    - ``second_face_area_ratio`` 0.5: see the module's rule for MULTIPLE_FACES.
-    """
-
-    min_face_px: int = 80
-    min_detect_px: int = 80
-    min_sharpness: float = 15.0
-    min_brightness: float = 40.0
-    max_brightness: float = 215.0
-    max_clipped_fraction: float = 0.25
-    max_abs_yaw_deg: float = 30.0
-    max_abs_pitch_deg: float = 35.0
-    second_face_area_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_detect_px <= self.min_face_px:
-            raise ValueError("need 0 < min_detect_px <= min_face_px")
-        if not 0 <= self.min_brightness < self.max_brightness <= 255:
-            raise ValueError("need 0 <= min_brightness < max_brightness <= 255")
-        if not 0 < self.max_clipped_fraction <= 1 or not 0 < self.second_face_area_ratio <= 1:
-            raise ValueError("fractions must be in (0, 1]")
 
 
 class LandmarkLayout(StrEnum):
@@ -175,7 +135,7 @@ class FaceSelection:
     reason: str
 
 
-def select_face(detections: Sequence[Detection], limits: QualityLimits) -> FaceSelection:
+def select_face(detections: Sequence[Detection], limits: QualitySettings) -> FaceSelection:
     """Apply the module's "exactly one usable face" rule to one frame's detections."""
     if not detections:
         return FaceSelection(
@@ -206,7 +166,7 @@ def assess_quality(
     landmarks: Points,
     layout: LandmarkLayout,
     chip: RGBImage,
-    limits: QualityLimits,
+    limits: QualitySettings,
 ) -> QualityReport:
     """Measure the face in ``detection`` (box in pixels of the (H, W, 3) uint8 ``image``)
     with its landmarks (image pixels, in ``layout``) and its aligned (S, S, 3) uint8 chip."""
