@@ -14,12 +14,12 @@ The interceptor also counts every unary call this worker begins in
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from facesvc.grpc_wrapping import async_unary, with_behaviour
 from facesvc.metrics import Metrics
 
 VERIFY_METHOD = "/facesvc.v1.FaceVerification/Verify"
@@ -76,10 +76,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not inspect.iscoroutinefunction(handler.unary_unary):
-            return handler  # streaming (health Watch, reflection): neither counted nor bounded
+        inner = async_unary(handler)
+        if inner is None:
+            return handler  # neither counted nor bounded
         method = str(handler_call_details.method)
-        inner = handler.unary_unary
         calls = self._metrics.worker_calls.labels(method.lstrip("/"))
         if method in self._limited:
             limit = self._limit
@@ -105,8 +105,4 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 calls.inc()
                 return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            admitted,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behaviour(handler, admitted)

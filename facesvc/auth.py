@@ -67,6 +67,7 @@ from google.protobuf.message import Message
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.domain import TrainingType
 from facesvc.engine import Caller
+from facesvc.grpc_wrapping import async_unary, with_behaviour
 from facesvc.proto_enums import TRAINING_TYPES
 from facesvc.redis_errors import StoreUnavailable
 
@@ -523,21 +524,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = str(handler_call_details.method)
-        if handler is None or not method.startswith(self._prefix) or handler.unary_unary is None:
+        inner = async_unary(handler)
+        if inner is None or not method.startswith(self._prefix):
             return handler
         rpc = method.removeprefix(self._prefix)
-        inner = handler.unary_unary
         auth = self._auth
 
         async def guarded(request: Message, context: grpc.aio.ServicerContext) -> Any:
             await auth.admit(context, rpc, request)
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behaviour(handler, guarded)
 
 
 # ---------------------------------------------------------------- HTTP

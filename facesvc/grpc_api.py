@@ -13,7 +13,6 @@ Nothing here computes a face. Each RPC does the same three things:
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from facesvc.grpc_mapping import (
     timestamp,
     verify_response,
 )
+from facesvc.grpc_wrapping import async_unary, with_behaviour
 from facesvc.imaging import ImageRejected
 from facesvc.launch import Launcher, LaunchRefused, LaunchScope
 from facesvc.limits.abuse import ParticipantLocked
@@ -355,10 +355,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not inspect.iscoroutinefunction(handler.unary_unary):
-            return handler  # streaming (health Watch, reflection): not counted
+        inner = async_unary(handler)
+        if inner is None:
+            return handler  # not counted
         method = str(handler_call_details.method).lstrip("/")
-        inner = handler.unary_unary
         m = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -381,8 +381,4 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 m.grpc_calls.labels(method, code).inc()
                 m.grpc_latency.labels(method).observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return with_behaviour(handler, observed)
