@@ -45,6 +45,7 @@ reasons (reflection describes the public contract only).
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import hmac
@@ -429,13 +430,20 @@ class RequestLimiter(Protocol):
         ...
 
 
+_ADMITTED: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
+    "facesvc_admitted_client", default=None
+)
+"""The client :class:`AuthInterceptor` admitted for the call running in this task."""
+
+
 class ApiKeyAuthenticator:
     """Authenticates gRPC calls against a :class:`ClientRegistry`.
 
+    :meth:`admit` (run by :class:`AuthInterceptor`, which sees the request) identifies the
+    caller and checks its role, its scope and the per-client rate limit, once per call;
     :meth:`authenticate` (the servicer's :class:`~facesvc.grpc_api.Authenticator` hook)
-    identifies the caller and checks the role; :meth:`admit` (run by
-    :class:`AuthInterceptor`, which sees the request) adds the scope check and the
-    per-client rate limit. Both abort the call themselves with a status and a sentence.
+    hands the servicer the client admitted for this call. Both abort the call themselves
+    with a status and a sentence.
     """
 
     def __init__(self, registry: ClientRegistry, limiter: RequestLimiter | None = None) -> None:
@@ -477,21 +485,25 @@ class ApiKeyAuthenticator:
         raise AssertionError("context.abort returned")
 
     async def authenticate(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
-        """The caller, once its role may call ``rpc``; aborts UNAUTHENTICATED/PERMISSION_DENIED."""
-        client = await self.identify(context)
-        problem = permission_problem(client, rpc)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+        """The caller :meth:`admit` let through for this call. A call that reached the
+        servicer without :class:`AuthInterceptor` is a wiring error: aborted INTERNAL."""
+        client = _ADMITTED.get()
+        if client is None:
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"{rpc} was not authenticated: AuthInterceptor missing"
+            )
+        assert client is not None  # abort raised otherwise
         return client.caller
 
-    async def admit(self, context: grpc.aio.ServicerContext, rpc: str, request: Message) -> None:
-        """Identity, role, scope and rate for one call; aborts the call on any refusal."""
+    async def admit(self, context: grpc.aio.ServicerContext, rpc: str, request: Message) -> Client:
+        """Identity, role, scope and rate for one call: the admitted client; aborts the call
+        on any refusal."""
         client = await self.identify(context)
         problem = permission_problem(client, rpc) or scope_problem(client, rpc, request)
         if problem is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         if self._limiter is None:
-            return
+            return client
         try:
             wait_s = await self._limiter.admit(client.name)
         except StoreUnavailable as exc:
@@ -503,6 +515,7 @@ class ApiKeyAuthenticator:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{client.name} is over its request rate; retry after {retry} s",
             )
+        return client
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -531,8 +544,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         auth = self._auth
 
         async def guarded(request: Message, context: grpc.aio.ServicerContext) -> Any:
-            await auth.admit(context, rpc, request)
-            return await inner(request, context)
+            # The servicer runs in this task: it finds the client here instead of
+            # identifying the caller a second time.
+            token = _ADMITTED.set(await auth.admit(context, rpc, request))
+            try:
+                return await inner(request, context)
+            finally:
+                _ADMITTED.reset(token)
 
         return with_behaviour(handler, guarded)
 
