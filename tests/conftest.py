@@ -39,7 +39,7 @@ from facesvc.config import load_settings
 from facesvc.health import FACESVC_SERVICE
 from facesvc.redis_local import RedisServer, find_redis_server, redis_answers
 
-pytest_plugins = ("tests.engine_support",)
+pytest_plugins = ("tests.engine_support", "tests.browser.fixtures")
 
 TEST_REDIS_ENV = "FACESVC_TEST_REDIS_URL"
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.domain import Gate
 from facesvc.tokens import CheckPolicy, Expectation, PublicKeySet, check_token
+from tests.browser.fixtures import CHROMIUM, need_browser
 from tests.browser.support import (
     EngineHolder,
     FakeLms,
@@ -43,7 +44,6 @@ from tests.engine_support import ADMIN, astronaut, jpeg
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-CHROMIUM = os.environ.get("FACESVC_CHROMIUM", "/usr/bin/chromium")
 SCREENS = Path(os.environ.get("FACESVC_SCREENSHOTS_DIR", "artifacts/screens"))
 BASE_FLAGS = [
     "--headless",
@@ -61,27 +61,7 @@ WIDTHS = {360: 760, 1280: 860}
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _need_browser() -> None:
-    if not Path(CHROMIUM).exists():
-        message = f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or FACESVC_CHROMIUM)"
-        if os.environ.get("FACESVC_REQUIRE_BROWSER") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def lms() -> Iterator[FakeLms]:
-    server = FakeLms.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def holder() -> EngineHolder:
-    return EngineHolder()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +78,7 @@ def service(
     that passed a photo would be the bug (passive liveness rightly answers SPOOF_SUSPECTED
     to it). WEBINAR scans keep the challenge policy, to show its steps. OFFLINE has a cap of
     1 so a test can exhaust it with one real scan."""
-    _need_browser()
+    need_browser()
     overrides = portal_overrides(
         tmp_path_factory.mktemp("portal"),
         [f"dev={lms.origin}/return/"],
@@ -126,17 +106,21 @@ def face_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_y4m(tmp_path_factory.mktemp("camera") / "astronaut.y4m", [astronaut()])
 
 
+def fake_camera(video: Path, *, answer_prompt: bool = False) -> list[str]:
+    """Chromium flags for a camera that plays ``video`` (y4m); with ``answer_prompt`` the
+    browser grants the camera prompt itself instead of the page's context."""
+    prompt = ["--use-fake-ui-for-media-stream"] if answer_prompt else []
+    return [
+        *prompt,
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={video}",
+    ]
+
+
 def _launch(playwright: Any, extra: list[str]) -> Any:
     return playwright.chromium.launch(
         executable_path=CHROMIUM, headless=True, args=BASE_FLAGS + extra
     )
-
-
-@pytest.fixture
-def playwright() -> Iterator[Any]:
-    _need_browser()
-    with sync_api.sync_playwright() as p:
-        yield p
 
 
 class Watch:
@@ -289,14 +273,7 @@ def run_scan(page: Any, *, on_screen: Callable[[str], None] | None = None) -> No
 def test_launch_camera_scan_and_redirect_with_a_token_that_verifies_against_the_jwks(
     service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
 ) -> None:
-    browser = _launch(
-        playwright,
-        [
-            "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-video-capture={face_video}",
-        ],
-    )
+    browser = _launch(playwright, fake_camera(face_video, answer_prompt=True))
     page, watch = new_page(browser, service.http_url)
     page.goto(ticket_for(service, lms, "p-e2e"))
     wait_screen(page, "intro")
@@ -320,10 +297,7 @@ def test_launch_camera_scan_and_redirect_with_a_token_that_verifies_against_the_
 def test_a_network_failure_shows_a_retry_that_resends_the_same_scan(
     service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
 ) -> None:
-    browser = _launch(
-        playwright,
-        ["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={face_video}"],
-    )
+    browser = _launch(playwright, fake_camera(face_video))
     page, watch = new_page(browser, service.http_url)
     page_url = ticket_for(service, lms, "p-net")
     page.goto(page_url)
@@ -354,10 +328,7 @@ def test_a_network_failure_shows_a_retry_that_resends_the_same_scan(
 def test_a_timeout_offers_a_retry_that_resends_the_same_scan(
     service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
 ) -> None:
-    browser = _launch(
-        playwright,
-        ["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={face_video}"],
-    )
+    browser = _launch(playwright, fake_camera(face_video))
     page, watch = new_page(browser, service.http_url)
     page_url = ticket_for(service, lms, "p-net", training_id="t-slow")
     page.goto(page_url)
@@ -385,10 +356,7 @@ def test_a_timeout_offers_a_retry_that_resends_the_same_scan(
 def test_a_challenge_shows_its_steps_one_at_a_time(
     service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
 ) -> None:
-    browser = _launch(
-        playwright,
-        ["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={face_video}"],
-    )
+    browser = _launch(playwright, fake_camera(face_video))
     page, watch = new_page(browser, service.http_url)
     page_url = ticket_for(
         service, lms, "p-net", training_type=pb.TRAINING_TYPE_WEBINAR, training_id="t-web"
@@ -415,10 +383,7 @@ def test_a_challenge_shows_its_steps_one_at_a_time(
 def test_camera_permission_denied_explains_and_retries_without_spending_an_attempt(
     service: RunningServer, lms: FakeLms, face_video: Path, playwright: Any
 ) -> None:
-    browser = _launch(
-        playwright,
-        ["--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={face_video}"],
-    )
+    browser = _launch(playwright, fake_camera(face_video))
     page, watch = new_page(browser, service.http_url, camera=False)
     page_url = ticket_for(service, lms, "p-cam")
     page.goto(page_url)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser.fixtures import need_browser
 from tests.browser.support import EngineHolder, FakeLms, portal_overrides, write_y4m
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, jpeg
@@ -40,11 +41,10 @@ from tests.test_browser import (
     ERROR_SCREENS,
     SERVING,
     _launch,
-    _need_browser,
     assert_token_verifies,
+    fake_camera,
     new_page,
     snap,
-    sync_api,
     ticket_for,
     wait_redirect,
     wait_screen,
@@ -177,18 +177,6 @@ class VideoPhase:
 
 
 @pytest.fixture(scope="module")
-def lms() -> Iterator[FakeLms]:
-    server = FakeLms.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def holder() -> EngineHolder:
-    return EngineHolder()
-
-
-@pytest.fixture(scope="module")
 def service(
     start_module_server: ServerStarter,
     redis_url: str,
@@ -198,7 +186,7 @@ def service(
 ) -> RunningServer:
     """The real service with challenge-response liveness for SPL scans, every challenge
     being the two turns in random order (see the module doc)."""
-    _need_browser()
+    need_browser()
     overrides = portal_overrides(
         tmp_path_factory.mktemp("portal"),
         [f"dev={lms.origin}/return/"],
@@ -211,13 +199,6 @@ def service(
     running = start_module_server(redis_url, engine_factory=holder, **overrides)
     running.wait_health(SERVING, within_s=180)
     return running
-
-
-@pytest.fixture
-def playwright() -> Iterator[Any]:
-    _need_browser()
-    with sync_api.sync_playwright() as p:
-        yield p
 
 
 def enroll(holder: EngineHolder, shared_data: Path, participant: str) -> None:
@@ -235,14 +216,6 @@ def open_camera(page: Any) -> None:
     wait_true(page, "document.getElementById('video').videoWidth > 0")
     page.wait_for_selector("#btn-start-scan:not([disabled])")
     page.wait_for_selector("#guide-oval.ok", timeout=60_000)
-
-
-def fake_camera(video: Path) -> list[str]:
-    return [
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-video-capture={video}",
-    ]
 
 
 # ---------------------------------------------------------------- tests
@@ -272,7 +245,7 @@ def test_real_head_turns_answer_the_challenge_and_the_redirect_carries_a_token(
     video = build_video(tmp_path / "turns.y4m", segments)
     phase = VideoPhase(segments)
 
-    browser = _launch(playwright, fake_camera(video))
+    browser = _launch(playwright, fake_camera(video, answer_prompt=True))
     page, watch = new_page(browser, service.http_url)
     page.goto(ticket_for(service, lms, "p-turn"))
     open_camera(page)
@@ -335,7 +308,7 @@ def test_a_still_frontal_photo_fails_the_challenge_on_the_page_with_a_retry(
     video = build_video(tmp_path / "still.y4m", [still], jitter=False)
     returned_before = len(lms.requests)
 
-    browser = _launch(playwright, fake_camera(video))
+    browser = _launch(playwright, fake_camera(video, answer_prompt=True))
     page, watch = new_page(browser, service.http_url)
     page.goto(ticket_for(service, lms, "p-still"))
     open_camera(page)
