@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, TrainingType
+from facesvc.engine import EnrollOutcome
 from facesvc.launch import (
     TICKET_TYPE,
     LaunchRefused,
@@ -33,7 +34,7 @@ from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import KeyDirectory
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import astronaut, insightface_image, jpeg
+from tests.engine_support import ADMIN, astronaut, insightface_image, jpeg
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETURN = "http://127.0.0.1:9/lms/return/"
@@ -313,22 +314,31 @@ def test_create_launch_ticket_refusals(
 # ---------------------------------------------------------------- scans with the real engine
 
 
-@pytest.mark.slow
-def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
-    start_server: ServerStarter, redis_url: str, tmp_path: Path
-) -> None:
+def gateway_with_p1_enrolled(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path, **overrides: Any
+) -> tuple[RunningServer, EnrollOutcome]:
+    """A serving gateway on the real engine (SPL liveness off, ``overrides`` on top) with
+    participant p-1 enrolled from the astronaut photo, and that enrollment's outcome."""
     holder = EngineHolder()
     running = start_server(
         redis_url,
         engine_factory=holder,
-        **portal_overrides(tmp_path, ALLOWLIST, limits__cap_spl=1, liveness__spl="off"),
+        **portal_overrides(tmp_path, ALLOWLIST, liveness__spl="off", **overrides),
     )
     running.wait_health(SERVING, within_s=120)
     assert holder.engine is not None
-    from tests.engine_support import ADMIN
-
     enrolled = holder.run(
         holder.engine.enroll("p-1", [jpeg(astronaut())], replace=True, caller=ADMIN)
+    )
+    return running, enrolled
+
+
+@pytest.mark.slow
+def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    running, enrolled = gateway_with_p1_enrolled(
+        start_server, redis_url, tmp_path, limits__cap_spl=1
     )
     assert enrolled.enrolled, enrolled.reason
     ticket = tickets_of(running).issue(scope())
@@ -398,17 +408,7 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
 def test_a_verified_scan_returns_a_token_for_the_lms_and_spends_the_ticket(
     start_server: ServerStarter, redis_url: str, tmp_path: Path
 ) -> None:
-    holder = EngineHolder()
-    running = start_server(
-        redis_url,
-        engine_factory=holder,
-        **portal_overrides(tmp_path, ALLOWLIST, liveness__spl="off"),
-    )
-    running.wait_health(SERVING, within_s=120)
-    assert holder.engine is not None
-    from tests.engine_support import ADMIN
-
-    holder.run(holder.engine.enroll("p-1", [jpeg(astronaut())], replace=True, caller=ADMIN))
+    running, _ = gateway_with_p1_enrolled(start_server, redis_url, tmp_path)
     ticket = tickets_of(running).issue(scope())
     body, content_type = multipart({"idempotency_key": "scan-1"}, [jpeg(astronaut(), 80)] * 2)
     headers = {**bearer(ticket.token), "Content-Type": content_type}
