@@ -106,7 +106,7 @@ def _sentinel_client(url: str, *, tls: bool, common: dict[str, Any]) -> Redis:
         master_kwargs["password"] = unquote(password)
     if tls:
         master_kwargs["ssl"] = True
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(
         sentinels,
         sentinel_kwargs={
             "socket_timeout": common["socket_timeout"],
