@@ -11,7 +11,7 @@ import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 from facesvc.wiring import build_engine, load_pack
+from tests.clocks import wib_at
 
 ADMIN = Caller(name="test-admin", role="admin", tenant="programme")
 LMS = Caller(name="test-lms", role="lms", tenant="lms-a")
@@ -48,12 +49,20 @@ def model_pack() -> ModelPack:
     return default_pack()
 
 
-def engine_settings(tmp_path: Path, redis_url: str, prefix: str, **overrides: Any) -> Settings:
-    """Settings for an engine under test: its own keys in ``tmp_path``, liveness off unless
-    overridden (``liveness__spl="passive"``: dotted names with ``__``)."""
+def engine_settings(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    *,
+    keys_from: datetime | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings for an engine under test: its own keys in ``tmp_path`` (signing from
+    ``keys_from``, default the real now), liveness off unless overridden
+    (``liveness__spl="passive"``: dotted names with ``__``)."""
     key_dir = tmp_path / "token-keys"
     if not key_dir.exists():
-        keys_generate(key_dir)
+        keys_generate(key_dir, now=keys_from)
     values: dict[str, Any] = {
         "redis.url": redis_url,
         "redis.key_prefix": prefix,
@@ -82,10 +91,11 @@ async def running_engine(
     tmp_path: Path, redis_url: str, prefix: str, pack: ModelPack, **overrides: Any
 ) -> AsyncIterator[EngineKit]:
     """An engine on ``pack`` and real Redis with ``overrides`` (see ``engine_settings``), its
-    clock fixed at 10:00 WIB on a weekday so window and day-boundary tests can move it."""
-    settings = engine_settings(tmp_path, redis_url, prefix, **overrides)
+    clock fixed at 10:00 WIB today (by the real date) so window and day-boundary tests can
+    move it, and its signing key active from then."""
+    clock = FixedClock(wib_at(10))
+    settings = engine_settings(tmp_path, redis_url, prefix, keys_from=clock.now(), **overrides)
     redis = redis_client_from_url(redis_url, socket_timeout_s=2.0, socket_connect_timeout_s=1.0)
-    clock = FixedClock(datetime(2026, 11, 30, 3, 0, tzinfo=UTC))
     metrics = Metrics()
     engine = await build_engine(settings, redis, metrics, clock=clock, pack=pack)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -29,11 +29,12 @@ from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
 from facesvc.redis_local import RedisServer
+from tests.clocks import wib_at
 from tests.conftest import ServerStarter
 from tests.test_service_verify import PID, enroll, genuine, start, verify
 
 # A window boundary, so "n seconds into the window" is exact.
-T0 = datetime(2026, 3, 2, 3, 0, 0, tzinfo=UTC)
+T0 = wib_at(10)
 
 
 @pytest.fixture

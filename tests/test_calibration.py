@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from facesvc.calibration import (
 )
 from facesvc.evaluation import pairwise_comparisons
 from facesvc.models.matching import Distance
+from tests.clocks import wib_at
 
 
 def two_source_pairs() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -48,7 +48,7 @@ def calibration() -> Calibration:
         distance=Distance.L2,
         data=CalibrationData("synthetic", ("tight", "wide"), 40, 120, 1),
         target_fmr=1e-2,
-        now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        now=wib_at(10, 4, 5),
     )
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from facesvc.clock import WIB, SystemClock
+from facesvc.clock import SystemClock
 from facesvc.domain import TrainingType
 from facesvc.limits.caps import (
     AttemptCaps,
@@ -24,6 +24,7 @@ from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
 from facesvc.redis_local import RedisServer, free_port
+from tests.clocks import wib_at
 
 SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
 
@@ -45,17 +46,9 @@ def run(scenario: Scenario, url: str, prefix: str) -> None:
     asyncio.run(main())
 
 
-def wib(
-    year: int, month: int, day: int, hour: int = 12, minute: int = 0, second: int = 0
-) -> datetime:
-    return datetime(year, month, day, hour, minute, second, tzinfo=WIB)
-
-
 def future_day(days: int = 3) -> datetime:
-    """Noon WIB a few days ahead of the real clock: Redis expires keys by real time, so an
-    injected "now" in the past would make EXPIREAT delete the counter at once."""
-    real = SystemClock().now().astimezone(WIB)
-    return wib(real.year, real.month, real.day) + timedelta(days=days)
+    """Noon WIB a few days ahead of the real date."""
+    return wib_at(12, days=days)
 
 
 async def burst(

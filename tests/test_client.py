@@ -43,10 +43,11 @@ from facesvc.tokens import (
 )
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_encode
 from tests.browser.support import EngineHolder
+from tests.clocks import wib_at
 from tests.conftest import ServerStarter
 from tests.engine_support import astronaut, jpeg
 
-T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+T0 = wib_at(16)
 ISSUER = "facesvc-test"
 EXPECTED = Expectation(audience="lms-a", gate=Gate.SESSION, session_id="s-1", training_id="t-1")
 

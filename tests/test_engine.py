@@ -6,7 +6,7 @@ import asyncio
 import base64
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceStatus
 from facesvc.templates import AlreadyEnrolled
 from facesvc.tokens.jws import verify_compact
+from tests.clocks import wib_at
 from tests.engine_support import (
     ADMIN,
     LMS,
@@ -162,17 +163,17 @@ async def test_fifty_concurrent_scans_are_capped_exactly(
     exhausted = [o for o in outcomes if o.decision is Decision.ATTEMPTS_EXHAUSTED]
     # No face work at all for an exhausted scan, and the reset time is the next WIB midnight.
     assert all("faces" not in o.timings_ms and "embed" not in o.timings_ms for o in exhausted)
-    assert {o.attempts.resets_at for o in exhausted} == {datetime(2026, 11, 30, 17, 0, tzinfo=UTC)}
+    assert {o.attempts.resets_at for o in exhausted} == {wib_at(0, days=1)}
     assert "resets at 00:00 WIB" in exhausted[0].reason
 
 
 async def test_the_count_resets_at_midnight_wib(engine_kit: EngineKit) -> None:
     await enroll(engine_kit)
     frame = impostor_frame()
-    engine_kit.clock.set(datetime(2026, 11, 30, 16, 59, 59, tzinfo=UTC))  # 23:59:59 WIB
+    engine_kit.clock.set(wib_at(23, 59, 59))
     late = await engine_kit.engine.verify(scan([frame]))
     assert late.attempts.used == 1
-    engine_kit.clock.set(datetime(2026, 11, 30, 17, 0, 0, tzinfo=UTC))  # 00:00:00 WIB
+    engine_kit.clock.set(wib_at(0, days=1))
     assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
     early = await engine_kit.engine.verify(scan([frame]))
     assert early.attempts.used == 1

@@ -46,6 +46,7 @@ from facesvc.kiosk.tui import render
 from facesvc.launch import TICKET_TYPE
 from facesvc.tokens.jws import PublicKeySet, b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, keys_generate, load_key_ring
+from tests.clocks import wib_at
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, insightface_image, jpeg
 from tests.test_service_verify import start
@@ -115,7 +116,7 @@ def _pass_text(key: SigningKey, **overrides: Any) -> str:
 
 
 def test_a_pass_survives_its_qr_code_and_says_what_it_was_issued_for(signing: SigningKey) -> None:
-    start_at = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+    start_at = wib_at(9)
     issued = new_pass(
         participant_id=PID,
         training_id="t-1",

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,9 @@ from facesvc.templates import (
     generate_template_key,
     keyring_from_settings,
 )
+from tests.clocks import wib_at
 
-CREATED = datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+CREATED = wib_at(16, 30)
 
 Scenario = Callable[[aioredis.Redis, str], Awaitable[None]]
 

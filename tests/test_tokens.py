@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,11 @@ from facesvc.tokens import (
     load_key_ring,
 )
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_decode, b64url_encode
+from tests.clocks import wib_at
 
 ISSUER = "https://facesvc.test"
 POLICY = CheckPolicy(issuer=ISSUER, leeway_s=10)
-T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+T0 = wib_at(16)
 EXPECTED = Expectation(
     audience="lms-a", gate=Gate.SESSION, session_id="s-7", training_id="tr-1", participant_id="p-42"
 )

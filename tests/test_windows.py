@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 
 import pytest
 
@@ -15,9 +15,12 @@ from facesvc.limits.windows import (
     WindowClosed,
     WindowOpen,
 )
+from tests.clocks import wib_at
 
 SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
-START = datetime(2026, 11, 28, 10, 0, tzinfo=WIB)
+START = wib_at(10)
+DAY = f"{START.astimezone(WIB):%Y-%m-%d}"
+NEXT_DAY = f"{START.astimezone(WIB) + timedelta(days=1):%Y-%m-%d}"
 H = timedelta(hours=1)
 S = timedelta(seconds=1)
 windows = GateWindows()
@@ -59,25 +62,25 @@ def test_closed_reason_states_the_window_in_wib() -> None:
     result = windows.check(WEBINAR, Gate.REDEEM, START.astimezone(UTC), START + 2 * H)
     assert isinstance(result, WindowClosed)
     assert result.reason.startswith(
-        "the redeem window for this webinar is 09:00-11:00 WIB on 2026-11-28"
+        f"the redeem window for this webinar is 09:00-11:00 WIB on {DAY}"
     )
-    assert "now 12:00 WIB on 2026-11-28" in result.reason
+    assert f"now 12:00 WIB on {DAY}" in result.reason
     assert (result.opens_at, result.closes_at) == (START - H, START + H)
 
     offline = windows.check(OFFLINE, Gate.REDEEM, START, START - 3 * H)
     assert isinstance(offline, WindowClosed)
-    assert "offline training is 09:00-12:00 WIB on 2026-11-28" in offline.reason
+    assert f"offline training is 09:00-12:00 WIB on {DAY}" in offline.reason
 
     spl = windows.check(SPL, Gate.REDEEM, START, START + S)
     assert isinstance(spl, WindowClosed)
-    assert "closed when it started at 10:00 WIB on 2026-11-28" in spl.reason
+    assert f"closed when it started at 10:00 WIB on {DAY}" in spl.reason
 
 
 def test_window_across_midnight_names_both_days() -> None:
-    late = datetime(2026, 11, 28, 23, 30, tzinfo=WIB)
+    late = wib_at(23, 30)
     result = windows.check(WEBINAR, Gate.REDEEM, late, late + 2 * H)
     assert isinstance(result, WindowClosed)
-    assert "from 22:30 WIB on 2026-11-28 to 00:30 WIB on 2026-11-29" in result.reason
+    assert f"from 22:30 WIB on {DAY} to 00:30 WIB on {NEXT_DAY}" in result.reason
 
 
 def test_scheduled_start_required_where_the_window_depends_on_it() -> None:
