@@ -137,6 +137,28 @@ def test_wib_day_boundary(redis_url: str, redis_prefix: str) -> None:
     run(scenario, redis_url, redis_prefix)
 
 
+@pytest.mark.parametrize("offset_days", [-365, -1, 1, 365])
+def test_a_service_clock_far_from_redis_never_writes_an_expired_counter(
+    offset_days: int, redis_url: str, redis_prefix: str
+) -> None:
+    """The service's clock decides the day, Redis's the expiry: however far apart they are,
+    the counter is written alive and the cap holds (an absolute EXPIREAT from a clock behind
+    Redis's deleted the counter at once, and every scan was admitted)."""
+
+    async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
+        now = SystemClock().now() + timedelta(days=offset_days)
+        outcomes = await burst(caps, 12, SPL, now)
+        reserved = [o for o in outcomes if isinstance(o, Reservation)]
+        assert len(reserved) == 5
+        key = KeySpace(prefix).cap("p1", "t1", reserved[0].day)
+        ttl_s = await client.pttl(key) / 1000
+        until_day_end = (reserved[0].resets_at - now).total_seconds()
+        assert until_day_end < ttl_s <= until_day_end + 3600 + 1  # TTLs round up to the ms
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 5
+
+    run(scenario, redis_url, redis_prefix)
+
+
 def test_counter_expires_after_the_wib_day_ends(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = SystemClock().now()

@@ -15,8 +15,18 @@ three hard properties structural instead of bookkept:
   counted twice (``SADD`` of a present member is a no-op);
 - the day is in the key name, so a new WIB day starts from an empty set whatever the TTL.
 
-The set expires at the end of its WIB day plus a grace period (EXPIREAT), so stale days
-clean themselves up; the grace absorbs clock skew between this host and Redis.
+Two clocks meet here, and each decides one thing:
+
+- the service's clock (the engine's :class:`~facesvc.clock.Clock`) decides which WIB day a
+  scan belongs to, because the day is the programme's rule about the participant's scan and
+  must be the same for the window check, the cap and the reset time reported back;
+- Redis's clock decides when a key expires: every TTL is relative (PEXPIRE, SET PX), so
+  Redis counts it from its own now. The set lives until the end of its WIB day plus a grace
+  period, sent as a duration measured on the service's clock. An absolute expiry
+  (EXPIREAT) would be read on Redis's clock: with the service a day behind, a counter
+  would be written already expired and the cap would silently stop counting. A relative
+  TTL is never shorter than the grace, so a counter is never written already expired,
+  whatever the two clocks say.
 
 Idempotent kiosk retries: with an ``idempotency_key`` the same script also writes a HASH
 ``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used; later the engine's final
@@ -52,8 +62,8 @@ from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace
 
 # KEYS[1]: the cap SET; KEYS[2], KEYS[3] (optional): the idempotency HASH and its lease
-# (same hash tag). ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: unix second the SET
-# expires at, ARGV[4]: idempotency record TTL, ARGV[5]: lease, both in milliseconds.
+# (same hash tag). ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: the SET's TTL,
+# ARGV[4]: the idempotency record's TTL, ARGV[5]: the lease, all three in milliseconds.
 # Returns {outcome, reservation id, used, stored decision or nil, replayed 0|1}.
 _RESERVE_LUA = """
 local limit = tonumber(ARGV[1])
@@ -78,7 +88,7 @@ if redis.call('SISMEMBER', KEYS[1], rid) == 1 then
   outcome = 'reserved'
 elseif used < limit then
   redis.call('SADD', KEYS[1], rid)
-  redis.call('EXPIREAT', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   used = used + 1
   outcome = 'reserved'
 end
@@ -265,11 +275,10 @@ class AttemptCaps:
         if idempotency_key is not None:
             idem_key = self._idempotency_record(participant_id, training_id, idempotency_key)
             keys += [idem_key, KeySpace.lease_of(idem_key)]
-        expire_at = math.ceil((resets_at + self._grace).timestamp())
         args: list[int | str] = [
             limit,
             uuid.uuid4().hex,
-            expire_at,
+            _ttl_ms(resets_at - now + self._grace),
             self._idem_ttl_ms,
             self._lease_ms,
         ]
@@ -351,6 +360,12 @@ class AttemptCaps:
             raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
         digest = hashlib.sha256(f"{training_id}\0{key}".encode()).hexdigest()[:32]
         return self._keys.idempotency(participant_id, digest)
+
+
+def _ttl_ms(span: timedelta) -> int:
+    """A relative TTL in whole milliseconds, at least one second: Redis applies it on its own
+    clock, and a key is never written already expired."""
+    return max(1000, math.ceil(span.total_seconds() * 1000))
 
 
 def _as_bytes(value: bytes | str) -> bytes:
