@@ -32,7 +32,7 @@ from facesvc.auth import (
     KeysFileError,
     http_auth_middleware,
 )
-from facesvc.clock import SystemClock
+from facesvc.clock import SkewWatch, SystemClock
 from facesvc.config import ConfigError, Settings
 from facesvc.engine import Engine
 from facesvc.gateway import build_portal
@@ -55,6 +55,7 @@ class Resources:
     settings: Settings
     redis: AsyncRedis
     metrics: Metrics
+    skew: SkewWatch
 
 
 EngineFactory = Callable[[Resources], Awaitable[Engine]]
@@ -106,6 +107,7 @@ class App:
         self._shares_ports = settings.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
         self.health = Health(self.metrics)
+        self.skew = SkewWatch(settings.limits.clock_skew_warn_s, settings.limits.clock_skew_max_s)
         server = settings.server
         self.redis = redis_client_from_url(
             settings.redis.url,
@@ -209,7 +211,13 @@ class App:
         self.portal.serve_at(f"{scheme}://{s.server.http_host}:{self.http_port}")
 
         probe = RedisProbe(
-            self.redis, self.health, s.redis.health_interval_s, s.redis.health_timeout_s
+            self.redis,
+            self.health,
+            s.redis.health_interval_s,
+            s.redis.health_timeout_s,
+            clock=SystemClock(),
+            skew=self.skew,
+            metrics=self.metrics,
         )
         self._tasks.append(asyncio.create_task(probe.run(), name="redis-probe"))
         if self._engine_factory is None:
@@ -226,7 +234,7 @@ class App:
 
     async def _load_engine(self) -> None:
         assert self._engine_factory is not None
-        resources = Resources(self.settings, self.redis, self.metrics)
+        resources = Resources(self.settings, self.redis, self.metrics, self.skew)
         try:
             engine = await self._engine_factory(resources)
         except Exception as exc:

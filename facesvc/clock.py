@@ -70,3 +70,46 @@ def programme_day(moment: datetime, tz: ZoneInfo = WIB) -> date:
 def day_end(day: date, tz: ZoneInfo = WIB) -> datetime:
     """The instant the calendar ``day`` ends in ``tz``: 00:00 of the next day, tz-aware."""
     return datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz)
+
+
+class ClockUntrusted(Exception):
+    """This service's clock is too far from Redis's to say which WIB day a scan belongs to:
+    the scan is refused (transports answer UNAVAILABLE) until the clocks agree again."""
+
+
+class SkewWatch:
+    """The last measured offset of this service's clock from Redis's, and what it allows.
+
+    The health probe :meth:`record`s the offset about once a second (Redis ``TIME`` against
+    this process's clock). Beyond ``warn_s`` the service logs it; beyond ``max_s`` health is
+    NOT_SERVING and :meth:`check` refuses scans: the attempt counters' expiry is relative and
+    keeps counting whatever the skew (facesvc.limits.caps), but a service that is off by more
+    than ``max_s`` puts scans near midnight into the wrong WIB day.
+    """
+
+    def __init__(self, warn_s: float, max_s: float) -> None:
+        if not 0 < warn_s <= max_s:
+            raise ValueError(f"need 0 < warn_s <= max_s, got {warn_s} and {max_s}")
+        self.warn_s = warn_s
+        self.max_s = max_s
+        self.skew_s: float | None = None
+        """Service clock minus Redis clock, in seconds; None until first measured."""
+
+    def record(self, skew_s: float) -> None:
+        """Store a new measurement (seconds; positive when this service is ahead)."""
+        self.skew_s = skew_s
+
+    @property
+    def trusted(self) -> bool:
+        """False when the last measurement is beyond ``max_s`` (unmeasured counts as trusted:
+        an engine without a probe, as in tests, has no skew to report)."""
+        return self.skew_s is None or abs(self.skew_s) <= self.max_s
+
+    def check(self) -> None:
+        """Raise :class:`ClockUntrusted` when the clocks disagree by more than ``max_s``."""
+        if not self.trusted:
+            raise ClockUntrusted(
+                f"this server's clock is {self.skew_s:+.0f} s off Redis's (at most "
+                f"{self.max_s:g} s allowed), so it cannot tell which day a scan belongs to; "
+                "retry later or on another server"
+            )

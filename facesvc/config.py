@@ -292,7 +292,20 @@ class LimitsSettings:
     it takes the scan over, with the same attempt (the server deciding it died or lost
     Redis). Longer than any scan may take; shorter than idempotency_ttl_s."""
 
+    clock_skew_warn_s: float = 2.0
+    """Offset, in seconds, between this service's clock and Redis's (measured by the health
+    probe with Redis TIME) beyond which a warning is logged; the offset is always exported as
+    the facesvc_clock_skew_seconds metric."""
+    clock_skew_max_s: float = 60.0
+    """Offset, in seconds, beyond which the service cannot say which WIB day a scan belongs to:
+    health is NOT_SERVING and scans are refused with UNAVAILABLE until the clocks agree."""
+
     def __post_init__(self) -> None:
+        if not 0 < self.clock_skew_warn_s <= self.clock_skew_max_s:
+            raise ConfigError(
+                f"limits.clock_skew_warn_s={self.clock_skew_warn_s}, clock_skew_max_s="
+                f"{self.clock_skew_max_s}: need 0 < clock_skew_warn_s <= clock_skew_max_s"
+            )
         for name in ("cap_spl", "cap_webinar", "cap_offline", "idempotency_ttl_s", "scan_lease_s"):
             _check_positive(f"limits.{name}", getattr(self, name))
         if self.scan_lease_s >= self.idempotency_ttl_s:

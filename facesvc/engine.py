@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from facesvc.audit import AuditEvent, AuditLog
-from facesvc.clock import WIB, Clock
+from facesvc.clock import WIB, Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
 from facesvc.facework import FaceWork
 from facesvc.limits.abuse import SpoofLockout
@@ -167,6 +167,7 @@ class Engine:
         refunded: frozenset[Decision] = DEFAULT_REFUNDED,
         lockout: SpoofLockout | None = None,
         passive_frames: int = 2,
+        skew: SkewWatch | None = None,
     ) -> None:
         if pack.threshold is None:
             raise PolicyError(
@@ -191,6 +192,7 @@ class Engine:
         self._refunded = refunded
         self._passive_frames = passive_frames
         self._lockout = lockout
+        self._skew = skew
 
     @property
     def pack(self) -> ModelPack:
@@ -329,8 +331,9 @@ class Engine:
         Raises ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``ValueError``
         (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
         ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent),
-        ``TimeoutError`` (``cmd.deadline`` passed; nothing spent) and ``Overloaded`` (the
-        models' queues are full; nothing spent).
+        ``TimeoutError`` (``cmd.deadline`` passed; nothing spent), ``Overloaded`` (the
+        models' queues are full; nothing spent) and ``ClockUntrusted`` (this server's clock
+        is too far from Redis's to tell the day; nothing spent).
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -373,6 +376,10 @@ class Engine:
         if cmd.deadline is not None and time.monotonic() >= cmd.deadline:
             # Nobody waits for the answer any more: no attempt may be spent on it.
             raise TimeoutError("the call's deadline passed before its attempt was reserved")
+        if self._skew is not None:
+            # Which WIB day the attempt counts on is this clock's call: refuse rather than
+            # count it on the wrong day when the clock is far from Redis's.
+            self._skew.check()
         t0 = time.perf_counter()
         held = await self._caps.reserve(
             cmd.participant_id,

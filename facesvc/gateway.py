@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from aiohttp import BodyPartReader, web
 
 from facesvc.auth import bearer_key
-from facesvc.clock import Clock, SystemClock
+from facesvc.clock import Clock, ClockUntrusted, SystemClock
 from facesvc.config import Settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import (
@@ -327,6 +327,8 @@ class Portal:
                 response = _error(
                     503, "UNAVAILABLE", "the service cannot reach its store; retry in a minute"
                 )
+            except ClockUntrusted as exc:
+                response = _error(503, "UNAVAILABLE", str(exc))
             response.headers["Cache-Control"] = "no-store"
             return response
 

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from facesvc import validation
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.clock import ClockUntrusted
 from facesvc.engine import Caller, Engine, PolicyError, ScanInProgress, VerifyCommand
 from facesvc.grpc_mapping import (
     challenge_response,
@@ -129,7 +130,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         """Await the engine's ``work``, mapping what is not a decision to a status code."""
         try:
             return await work
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, ClockUntrusted) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Overloaded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}")

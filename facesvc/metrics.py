@@ -39,6 +39,7 @@ class Metrics:
     - ``grpc_latency``: histogram of seconds per call by ``method``.
     - ``grpc_in_flight``: calls being served now, by ``method``.
     - ``serving`` / ``redis_up`` / ``models_ready``: 1 or 0, mirroring health.
+    - ``clock_skew``: seconds this worker's clock is ahead of Redis's (health's probe).
     - ``stage_seconds``: histogram of seconds per verification ``stage`` (for the engine).
     - ``decisions``: counter of Verify outcomes by ``decision`` (for the engine).
     - ``worker_calls``: unary calls this process has begun, by ``method``; across workers
@@ -91,6 +92,12 @@ class Metrics:
         self.models_ready = Gauge(
             "facesvc_models_ready",
             "1 when the model pack is loaded.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.clock_skew = Gauge(
+            "facesvc_clock_skew_seconds",
+            "This worker's clock minus Redis's clock (TIME), in seconds, as last measured.",
             registry=r,
             multiprocess_mode="liveall",
         )

@@ -128,14 +128,6 @@ def _host_port(item: str, *, default_port: int) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-async def redis_reachable(client: AsyncRedis) -> bool:
-    """True when the server answers PING; for the health check (NOT_SERVING when False)."""
-    try:
-        return bool(await client.ping())
-    except Exception:  # health must never raise: any failure means "not serving"
-        return False
-
-
 async def scan_keys(
     client: AsyncRedis, pattern: str, *, slot_of: str | None = None, count: int = 500
 ) -> AsyncIterator[str]:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from facesvc.app import Resources
 from facesvc.audit import AuditLog
 from facesvc.calibration import log_calibration_status
-from facesvc.clock import Clock, SystemClock
+from facesvc.clock import Clock, SkewWatch, SystemClock
 from facesvc.config import ConfigError, Settings
 from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
@@ -73,6 +73,7 @@ async def build_engine(
     *,
     clock: Clock | None = None,
     pack: ModelPack | None = None,
+    skew: SkewWatch | None = None,
 ) -> Engine:
     """The engine for ``settings``; loads the model pack unless one is given."""
     clock = clock or SystemClock()
@@ -175,13 +176,16 @@ async def build_engine(
             key_prefix=prefix,
         ),
         metrics=metrics,
+        skew=skew,
     )
 
 
 async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
-    return await build_engine(resources.settings, resources.redis, resources.metrics)
+    return await build_engine(
+        resources.settings, resources.redis, resources.metrics, skew=resources.skew
+    )
 
 
 def challenge_steps(settings: Settings) -> tuple[Step, ...]:

@@ -26,7 +26,9 @@ Two clocks meet here, and each decides one thing:
   (EXPIREAT) would be read on Redis's clock: with the service a day behind, a counter
   would be written already expired and the cap would silently stop counting. A relative
   TTL is never shorter than the grace, so a counter is never written already expired,
-  whatever the two clocks say.
+  whatever the two clocks say. The health probe measures the skew between the clocks
+  (:class:`~facesvc.clock.SkewWatch`) and refuses scans beyond a hard bound, when the
+  service can no longer say which day it is.
 
 Idempotent kiosk retries: with an ``idempotency_key`` the same script also writes a HASH
 ``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used; later the engine's final
