@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 REDIS_URL := $(or $(FACESVC_REDIS_URL),redis://127.0.0.1:6379/0)
 TEST_REDIS_URL := $(or $(FACESVC_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 
-.PHONY: run test lint proto venv models redis redis-stop browser-deps keys
+.PHONY: run test lint proto venv models redis redis-stop system-deps keys
 
 venv: $(INSTALLED)
 
@@ -51,10 +51,23 @@ run: venv models redis keys
 	$(VENV)/bin/facesvc serve
 
 # Exit code 5 means pytest collected nothing: a broken collection, never a pass.
-test: venv models browser-deps
+# Then the calendar passes: the `calendar` tests again with this process's clock moved far
+# ahead of and behind the real clock that Redis keeps (faketime), so that nothing depends on
+# today's date or on the service's and Redis's clocks agreeing.
+CALENDAR_SHIFTS ?= +700d -700d
+test: venv models system-deps
 	$(PY) -m facesvc.redis_local ensure --url "$(TEST_REDIS_URL)"
 	FACESVC_TEST_REDIS_URL="$(TEST_REDIS_URL)" $(PY) -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
+	@if ! command -v faketime >/dev/null 2>&1; then \
+		if [ "$${FACESVC_REQUIRE_FAKETIME:-0}" = 1 ]; then echo "faketime is required" >&2; exit 1; fi; \
+		echo "no faketime (apt-get install -y faketime): the calendar passes are skipped"; exit 0; \
+	fi; \
+	for shift in $(CALENDAR_SHIFTS); do \
+		echo "calendar pass: the tests' clock $$shift from Redis's"; \
+		FACESVC_TEST_REDIS_URL="$(TEST_REDIS_URL)" faketime -f "$$shift" \
+			$(PY) -m pytest -n $(PYTEST_WORKERS) -q -m "calendar and not slow" $(PYTEST_ARGS) || exit $$?; \
+	done
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -64,18 +77,20 @@ lint: venv
 proto: venv
 	$(PY) -m facesvc.protogen
 
-# ---------------------------------------------------------------- browser tests
+# ---------------------------------------------------------------- system packages
 # tests/test_browser.py (marker `browser`) drives Debian's chromium through Playwright for
 # Python, which the dev extra installs; `playwright install` is never needed. Without a
-# chromium those tests skip, unless FACESVC_REQUIRE_BROWSER=1 (as .ci/run sets). `make test`
-# installs Debian's chromium first when it runs as root.
-# Needs root for apt; FACESVC_CHROMIUM names another binary.
-browser-deps:
-	@if command -v $${FACESVC_CHROMIUM:-chromium} >/dev/null 2>&1; then \
-		$${FACESVC_CHROMIUM:-chromium} --version; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+# chromium those tests skip, unless FACESVC_REQUIRE_BROWSER=1 (as .ci/run sets). The
+# calendar passes need Debian's faketime (FACESVC_REQUIRE_FAKETIME=1 in CI). `make test`
+# installs both first when it runs as root. FACESVC_CHROMIUM names another browser binary.
+system-deps:
+	@missing=""; \
+	command -v $${FACESVC_CHROMIUM:-chromium} >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends chromium >/dev/null && chromium --version; \
-	else \
-		echo "no chromium and no root to install it: the browser tests will skip"; \
-	fi
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then \
+		echo "missing$$missing and no root to install them: those tests will skip"; \
+	fi; \
+	if command -v $${FACESVC_CHROMIUM:-chromium} >/dev/null 2>&1; then $${FACESVC_CHROMIUM:-chromium} --version; fi

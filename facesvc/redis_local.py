@@ -121,8 +121,15 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         """Start and wait until it answers PING; RuntimeError (naming the log) if not."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Redis keeps the real clock even when its starter runs under faketime: tests move
+        # the service's clock against the store's, never both together.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k != "LD_PRELOAD" and not k.startswith("FAKETIME")
+        }
         self.process = subprocess.Popen(
-            self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env
         )
         deadline = time.monotonic() + timeout_s
         while not redis_answers(self.url, 0.2):

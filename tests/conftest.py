@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.app import App, EngineFactory
-from facesvc.config import load_settings
+from facesvc.config import LimitsSettings, load_settings
 from facesvc.health import FACESVC_SERVICE
 from facesvc.redis_local import RedisServer, find_redis_server, redis_answers
 
@@ -69,6 +70,22 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _session_redis is not None:
         _session_redis.stop()
+
+
+@functools.cache
+def tolerated_clock_skew_s() -> float:
+    """The ``limits.clock_skew_max_s`` test servers run with: the default, or more when this
+    process's clock is far from Redis's. That happens on purpose in `make test`'s calendar
+    passes, which run the suite under faketime to prove that nothing depends on the date or
+    on the two clocks agreeing; the servers' skew guard would otherwise (rightly) refuse."""
+    client = redis.Redis.from_url(os.environ.get(TEST_REDIS_ENV, DEFAULT_TEST_REDIS_URL))
+    try:
+        seconds, micros = client.time()
+    finally:
+        client.close()
+    skew = abs(time.time() - (seconds + micros / 1e6))
+    default: float = LimitsSettings().clock_skew_max_s
+    return default if skew < default / 2 else skew + default
 
 
 @pytest.fixture(scope="session")
@@ -190,6 +207,7 @@ class ServerStarter:
             "redis.health_timeout_s": 5.0,
             "server.grace_s": 2.0,
             "logging.format": "kv",
+            "limits.clock_skew_max_s": tolerated_clock_skew_s(),
         }
         values.update({k.replace("__", "."): v for k, v in overrides.items()})
         settings = load_settings(env={}, overrides=values)

@@ -33,6 +33,8 @@ from tests.clocks import wib_at
 from tests.conftest import ServerStarter
 from tests.test_service_verify import PID, enroll, genuine, start, verify
 
+pytestmark = pytest.mark.calendar
+
 # A window boundary, so "n seconds into the window" is exact.
 T0 = wib_at(10)
 

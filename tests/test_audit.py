@@ -24,6 +24,8 @@ from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, jpeg
 from tests.test_service_verify import PID, enroll, genuine, impostor, start, verify
 
+pytestmark = pytest.mark.calendar
+
 AUDIT_FIELDS = {f for f in AuditEvent.__dataclass_fields__ if f != "timings_ms"} | {"ts"}
 
 

@@ -47,6 +47,8 @@ from facesvc.config import ConfigError, load_settings
 from facesvc.domain import Gate, TrainingType
 from tests.conftest import RunningServer, ServerStarter
 
+pytestmark = pytest.mark.calendar
+
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64  # validation only looks at sizes, not pixels
 
 # The role table the issue asks for, written out independently of facesvc.auth.ROLE_TABLE.

@@ -21,6 +21,8 @@ from facesvc.evaluation import pairwise_comparisons
 from facesvc.models.matching import Distance
 from tests.clocks import wib_at
 
+pytestmark = pytest.mark.calendar
+
 
 def two_source_pairs() -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Source 'tight' packs its people close together (like NUAA), 'wide' spreads them."""

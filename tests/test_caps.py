@@ -26,6 +26,8 @@ from facesvc.redis_keys import KeySpace
 from facesvc.redis_local import RedisServer, free_port
 from tests.clocks import wib_at
 
+pytestmark = pytest.mark.calendar
+
 SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
 
 Scenario = Callable[[AttemptCaps, aioredis.Redis, str], Awaitable[None]]

@@ -47,6 +47,8 @@ from tests.clocks import wib_at
 from tests.conftest import ServerStarter
 from tests.engine_support import astronaut, jpeg
 
+pytestmark = pytest.mark.calendar
+
 T0 = wib_at(16)
 ISSUER = "facesvc-test"
 EXPECTED = Expectation(audience="lms-a", gate=Gate.SESSION, session_id="s-1", training_id="t-1")

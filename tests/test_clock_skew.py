@@ -39,6 +39,8 @@ from tests.engine_support import ADMIN, EngineKit, astronaut, jpeg
 from tests.serve_process import REPO, child_env, serve_process, wait_for
 from tests.test_engine import PID, scan
 
+pytestmark = pytest.mark.calendar
+
 DAY = timedelta(days=1)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -30,6 +30,8 @@ from tests.engine_support import (
     running_engine,
 )
 
+pytestmark = pytest.mark.calendar
+
 PID = "participant-1"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from facesvc.domain import Decision, Gate, TrainingType
@@ -13,6 +14,8 @@ from facesvc.engine import VerifyCommand
 from facesvc.liveness.judge import frames_to_score
 from facesvc.models.packs import ModelPack
 from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, jpeg, running_engine
+
+pytestmark = pytest.mark.calendar
 
 PID = "participant-9"
 

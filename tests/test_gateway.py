@@ -36,6 +36,8 @@ from tests.browser.support import EngineHolder, http, multipart, portal_override
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, astronaut, insightface_image, jpeg
 
+pytestmark = pytest.mark.calendar
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 RETURN = "http://127.0.0.1:9/lms/return/"
 ALLOWLIST = ("dev=http://127.0.0.1:9/lms/return/", "lms-b=https://lms-b.example/back")

@@ -51,6 +51,8 @@ from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, insightface_image, jpeg
 from tests.test_service_verify import start
 
+pytestmark = pytest.mark.calendar
+
 VENUE = "venue-jkt-01"
 PID = "participant-k1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff"}

@@ -17,6 +17,8 @@ from facesvc.liveness.challenges import (
     Step,
 )
 
+pytestmark = pytest.mark.calendar
+
 
 class FakeTime:
     """A clock the test moves by hand (seconds since the epoch)."""

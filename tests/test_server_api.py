@@ -20,6 +20,8 @@ from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from tests.conftest import RunningServer, ServerStarter
 
+pytestmark = pytest.mark.calendar
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 FRAME = b"\xff\xd8 not really a jpeg, but bytes are not decoded during validation"
 

@@ -19,6 +19,8 @@ from facesvc.app import Resources
 from facesvc.redis_local import RedisServer
 from tests.conftest import RunningServer
 
+pytestmark = pytest.mark.calendar
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

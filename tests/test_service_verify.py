@@ -19,6 +19,8 @@ from facesvc.wiring import build_engine
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, default_pack, insightface_image, jpeg
 
+pytestmark = pytest.mark.calendar
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PID = "participant-7"

@@ -34,6 +34,8 @@ from facesvc.templates import (
 )
 from tests.clocks import wib_at
 
+pytestmark = pytest.mark.calendar
+
 CREATED = wib_at(16, 30)
 
 Scenario = Callable[[aioredis.Redis, str], Awaitable[None]]

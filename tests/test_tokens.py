@@ -48,6 +48,8 @@ from facesvc.tokens import (
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_decode, b64url_encode
 from tests.clocks import wib_at
 
+pytestmark = pytest.mark.calendar
+
 ISSUER = "https://facesvc.test"
 POLICY = CheckPolicy(issuer=ISSUER, leeway_s=10)
 T0 = wib_at(16)

@@ -17,6 +17,8 @@ from facesvc.limits.windows import (
 )
 from tests.clocks import wib_at
 
+pytestmark = pytest.mark.calendar
+
 SPL, WEBINAR, OFFLINE = TrainingType.SPL, TrainingType.WEBINAR, TrainingType.OFFLINE
 START = wib_at(10)
 DAY = f"{START.astimezone(WIB):%Y-%m-%d}"
