@@ -42,14 +42,8 @@ import grpc
 from facesvc.client import Challenge, FaceServiceError, VerifyResult
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk.camera import Camera, CameraError, encode_frame
-from facesvc.kiosk.qr import (
-    PassChecker,
-    PassKeysUnavailable,
-    PassProblem,
-    PassRefused,
-    VenuePass,
-    read_qr,
-)
+from facesvc.kiosk.qr import PassChecker, PassKeysUnavailable, read_qr
+from facesvc.tokens.passes import PassProblem, PassRefused, VenuePass
 
 
 class ScanState(enum.StrEnum):

@@ -19,7 +19,7 @@ from typing import TextIO
 from facesvc.clock import WIB, Clock, SystemClock
 from facesvc.domain import Decision
 from facesvc.kiosk.flow import ScanEvent, ScanState
-from facesvc.kiosk.qr import PassProblem
+from facesvc.tokens.passes import PassProblem
 
 _GREEN, _RED, _YELLOW, _BLUE = "42;97", "41;97", "43;30", "44;97"
 
