@@ -34,7 +34,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -205,6 +205,8 @@ class Enrollment:
     updated_at: datetime | None
     image_count: int
     model_pack: str
+    tenants: list[str]
+    """The LMS tenants that may act for the participant."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +297,7 @@ def _enrollment(e: pb.Enrollment) -> Enrollment:
         updated_at=_time(e, "updated_at"),
         image_count=e.image_count,
         model_pack=e.model_pack,
+        tenants=list(e.tenants),
     )
 
 
@@ -379,31 +382,60 @@ def _key_set(r: pb.GetSigningKeysResponse) -> PublicKeySet:
     return PublicKeySet.from_json(r.jwks_json)
 
 
+_Out = TypeVar("_Out")
+
 # --------------------------------------------------------------------------- requests
+#
+# Each RPC is built once, as a _Call (the stub's method name, the request, the parser of its
+# response); the blocking and the asyncio client only differ in how they send it.
 
 
-def _challenge_request(
-    participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
-) -> pb.StartLivenessChallengeRequest:
-    return pb.StartLivenessChallengeRequest(
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_Out]):
+    method: str
+    request: Any
+    parse: Callable[[Any], _Out]
+
+
+def _enroll_call(
+    participant_id: str, images: Sequence[bytes], replace: bool, tenants: Sequence[str]
+) -> _Call[EnrollResult]:
+    request = pb.EnrollRequest(
+        participant_id=participant_id, images=list(images), replace=replace, tenants=list(tenants)
+    )
+    return _Call("Enroll", request, _enroll_result)
+
+
+def _set_tenants_call(participant_id: str, tenants: Sequence[str]) -> _Call[Enrollment]:
+    request = pb.SetEnrollmentTenantsRequest(participant_id=participant_id, tenants=list(tenants))
+    return _Call("SetEnrollmentTenants", request, lambda r: _enrollment(r.enrollment))
+
+
+def _challenge_call(
+    participant_id: str, training_id: str, training_type: TrainingType, gate: Gate, venue_pass: str
+) -> _Call[Challenge]:
+    request = pb.StartLivenessChallengeRequest(
         participant_id=participant_id,
         training_id=training_id,
         training_type=TRAINING_TYPES.to_wire(training_type),
         gate=GATES.to_wire(gate),
+        venue_pass=venue_pass,
     )
+    return _Call("StartLivenessChallenge", request, _challenge)
 
 
-def _attempts_request(
+def _attempts_call(
     participant_id: str, training_id: str, training_type: TrainingType
-) -> pb.GetAttemptsRequest:
-    return pb.GetAttemptsRequest(
+) -> _Call[Attempts]:
+    request = pb.GetAttemptsRequest(
         participant_id=participant_id,
         training_id=training_id,
         training_type=TRAINING_TYPES.to_wire(training_type),
     )
+    return _Call("GetAttempts", request, _attempts)
 
 
-def _verify_request(
+def _verify_call(
     participant_id: str,
     training_id: str,
     training_type: TrainingType,
@@ -413,7 +445,8 @@ def _verify_request(
     scheduled_start: datetime | None,
     challenge_id: str,
     idempotency_key: str,
-) -> pb.VerifyRequest:
+    venue_pass: str,
+) -> _Call[VerifyResult]:
     request = pb.VerifyRequest(
         participant_id=participant_id,
         training_id=training_id,
@@ -423,22 +456,29 @@ def _verify_request(
         challenge_id=challenge_id,
         frames=list(frames),
         idempotency_key=idempotency_key,
+        venue_pass=venue_pass,
     )
     if scheduled_start is not None:
         request.scheduled_start.CopyFrom(_timestamp(scheduled_start))
-    return request
+    return _Call("Verify", request, _verify_result)
 
 
-def _redeem_request(
-    token: str, audience: str, gate: Gate, session_id: str, training_id: str
-) -> pb.RedeemTokenRequest:
-    return pb.RedeemTokenRequest(
+def _redeem_call(
+    token: str, participant_id: str, audience: str, gate: Gate, session_id: str, training_id: str
+) -> _Call[Redemption]:
+    request = pb.RedeemTokenRequest(
         token=token,
+        expected_participant_id=participant_id,
         audience=audience,
         expected_gate=GATES.to_wire(gate),
         expected_session_id=session_id,
         expected_training_id=training_id,
     )
+    return _Call("RedeemToken", request, _redemption)
+
+
+def _signing_keys_call() -> _Call[PublicKeySet]:
+    return _Call("GetSigningKeys", pb.GetSigningKeysRequest(), _key_set)
 
 
 def _channel_credentials(
@@ -447,10 +487,6 @@ def _channel_credentials(
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("certificate_chain and private_key (mTLS) go together")
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-
-
-_Resp = TypeVar("_Resp")
-_Out = TypeVar("_Out")
 
 
 class _Connection:
@@ -514,30 +550,36 @@ class FaceVerificationClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(
-        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
-    ) -> _Out:
+    def _send(self, call: _Call[_Out], timeout_s: float | None) -> _Out:
+        method = getattr(self._stub, call.method)
         try:
             response = method(
-                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+                call.request,
+                timeout=timeout_s or self._conn.timeout_s,
+                metadata=self._conn.metadata,
             )
         except grpc.RpcError as exc:
             raise _service_error(exc) from None
-        return parse(response)
+        return call.parse(response)
 
     def enroll(
         self,
         participant_id: str,
         images: Sequence[bytes],
         *,
+        tenants: Sequence[str] = (),
         replace: bool = False,
         timeout_s: float | None = None,
     ) -> EnrollResult:
-        """Build and store the participant's template from ``images`` (encoded photos)."""
-        request = pb.EnrollRequest(
-            participant_id=participant_id, images=list(images), replace=replace
-        )
-        return self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+        """Build and store the participant's template from ``images`` (encoded photos), for
+        ``tenants``: the LMS tenants that may act for them (empty on a replace: keep them)."""
+        return self._send(_enroll_call(participant_id, images, replace, tenants), timeout_s)
+
+    def set_enrollment_tenants(
+        self, participant_id: str, tenants: Sequence[str], *, timeout_s: float | None = None
+    ) -> Enrollment:
+        """Replace the LMS tenants that may act for an enrolled participant (admin)."""
+        return self._send(_set_tenants_call(participant_id, tenants), timeout_s)
 
     def start_challenge(
         self,
@@ -546,11 +588,13 @@ class FaceVerificationClient:
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge:
-        """Get a single-use liveness challenge for the next ``verify`` of this scan."""
-        request = _challenge_request(participant_id, training_id, training_type, gate)
-        return self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+        """Get a single-use liveness challenge for the next ``verify`` of this scan (a kiosk
+        sends the participant's ``venue_pass``)."""
+        call = _challenge_call(participant_id, training_id, training_type, gate, venue_pass)
+        return self._send(call, timeout_s)
 
     def verify(
         self,
@@ -564,14 +608,16 @@ class FaceVerificationClient:
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult:
-        """Verify one scan (encoded ``frames`` in capture order) at one gate."""
-        request = _verify_request(
+        """Verify one scan (encoded ``frames`` in capture order) at one gate (a kiosk sends
+        the participant's ``venue_pass``)."""
+        call = _verify_call(
             participant_id, training_id, training_type, gate, frames,
-            session_id, scheduled_start, challenge_id, idempotency_key,
+            session_id, scheduled_start, challenge_id, idempotency_key, venue_pass,
         )  # fmt: skip
-        return self._call(self._stub.Verify, request, _verify_result, timeout_s)
+        return self._send(call, timeout_s)
 
     def attempts(
         self,
@@ -582,27 +628,27 @@ class FaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """Today's attempt count; spends nothing."""
-        request = _attempts_request(participant_id, training_id, training_type)
-        return self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+        return self._send(_attempts_call(participant_id, training_id, training_type), timeout_s)
 
     def redeem(
         self,
         token: str,
         *,
+        participant_id: str,
         audience: str,
         gate: Gate,
         session_id: str = "",
         training_id: str = "",
         timeout_s: float | None = None,
     ) -> Redemption:
-        """Check ``token`` online and mark it used: admit the participant only if ``valid``."""
-        request = _redeem_request(token, audience, gate, session_id, training_id)
-        return self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+        """Check ``token`` online and mark it used: admit ``participant_id`` (the one at the
+        gate) only if ``valid``."""
+        call = _redeem_call(token, participant_id, audience, gate, session_id, training_id)
+        return self._send(call, timeout_s)
 
     def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
         """The published token-verification keys (for :class:`TokenVerifier`)."""
-        request = pb.GetSigningKeysRequest()
-        return self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+        return self._send(_signing_keys_call(), timeout_s)
 
 
 # --------------------------------------------------------------------------- async client
@@ -647,30 +693,35 @@ class AsyncFaceVerificationClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(
-        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
-    ) -> _Out:
+    async def _send(self, call: _Call[_Out], timeout_s: float | None) -> _Out:
+        method = getattr(self._stub, call.method)
         try:
             response = await method(
-                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+                call.request,
+                timeout=timeout_s or self._conn.timeout_s,
+                metadata=self._conn.metadata,
             )
         except grpc.RpcError as exc:
             raise _service_error(exc) from None
-        return parse(response)
+        return call.parse(response)
 
     async def enroll(
         self,
         participant_id: str,
         images: Sequence[bytes],
         *,
+        tenants: Sequence[str] = (),
         replace: bool = False,
         timeout_s: float | None = None,
     ) -> EnrollResult:
         """See :meth:`FaceVerificationClient.enroll`."""
-        request = pb.EnrollRequest(
-            participant_id=participant_id, images=list(images), replace=replace
-        )
-        return await self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+        return await self._send(_enroll_call(participant_id, images, replace, tenants), timeout_s)
+
+    async def set_enrollment_tenants(
+        self, participant_id: str, tenants: Sequence[str], *, timeout_s: float | None = None
+    ) -> Enrollment:
+        """See :meth:`FaceVerificationClient.set_enrollment_tenants`."""
+        return await self._send(_set_tenants_call(participant_id, tenants), timeout_s)
 
     async def start_challenge(
         self,
@@ -679,11 +730,12 @@ class AsyncFaceVerificationClient:
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge:
         """See :meth:`FaceVerificationClient.start_challenge`."""
-        request = _challenge_request(participant_id, training_id, training_type, gate)
-        return await self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+        call = _challenge_call(participant_id, training_id, training_type, gate, venue_pass)
+        return await self._send(call, timeout_s)
 
     async def verify(
         self,
@@ -697,14 +749,15 @@ class AsyncFaceVerificationClient:
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult:
         """See :meth:`FaceVerificationClient.verify`."""
-        request = _verify_request(
+        call = _verify_call(
             participant_id, training_id, training_type, gate, frames,
-            session_id, scheduled_start, challenge_id, idempotency_key,
+            session_id, scheduled_start, challenge_id, idempotency_key, venue_pass,
         )  # fmt: skip
-        return await self._call(self._stub.Verify, request, _verify_result, timeout_s)
+        return await self._send(call, timeout_s)
 
     async def attempts(
         self,
@@ -715,13 +768,14 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """See :meth:`FaceVerificationClient.attempts`."""
-        request = _attempts_request(participant_id, training_id, training_type)
-        return await self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+        call = _attempts_call(participant_id, training_id, training_type)
+        return await self._send(call, timeout_s)
 
     async def redeem(
         self,
         token: str,
         *,
+        participant_id: str,
         audience: str,
         gate: Gate,
         session_id: str = "",
@@ -729,13 +783,12 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Redemption:
         """See :meth:`FaceVerificationClient.redeem`."""
-        request = _redeem_request(token, audience, gate, session_id, training_id)
-        return await self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+        call = _redeem_call(token, participant_id, audience, gate, session_id, training_id)
+        return await self._send(call, timeout_s)
 
     async def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
         """See :meth:`FaceVerificationClient.signing_keys`."""
-        request = pb.GetSigningKeysRequest()
-        return await self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+        return await self._send(_signing_keys_call(), timeout_s)
 
 
 # --------------------------------------------------------------------------- offline verification

@@ -23,7 +23,13 @@ import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
 from facesvc.domain import TrainingType
-from facesvc.limits.caps import AttemptCaps, Exhausted, Reservation, default_cap_rules
+from facesvc.limits.caps import (
+    AttemptCaps,
+    Exhausted,
+    IdempotentScan,
+    Reservation,
+    default_cap_rules,
+)
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_local import RedisServer, find_redis_server
 from facesvc.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
@@ -126,8 +132,12 @@ def test_caps_and_templates_on_a_cluster(cluster: list[RedisServer]) -> None:
                 await store.put(template, replace=False)
                 outcomes = await asyncio.gather(
                     *(caps.reserve(pid, "t1", SPL, now) for _ in range(8)),
-                    caps.reserve(pid, "t1", SPL, now, idempotency_key="scan-1"),
-                    caps.reserve(pid, "t1", SPL, now, idempotency_key="scan-1"),
+                    caps.reserve(
+                        pid, "t1", SPL, now, idempotent=IdempotentScan("scan-1", "test", "request")
+                    ),
+                    caps.reserve(
+                        pid, "t1", SPL, now, idempotent=IdempotentScan("scan-1", "test", "request")
+                    ),
                 )
                 assert sum(isinstance(o, Reservation) and not o.replayed for o in outcomes) == 5
                 assert sum(isinstance(o, Exhausted) for o in outcomes) >= 4

@@ -163,6 +163,7 @@ class ScanService(Protocol):
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult: ...
 
@@ -173,6 +174,7 @@ class ScanService(Protocol):
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge: ...
 
@@ -339,6 +341,7 @@ class ScanFlow:
                 scheduled_start=venue_pass.scheduled_start,
                 challenge_id=challenge_id,
                 idempotency_key=key,
+                venue_pass=venue_pass.text,
                 timeout_s=timeout_s,
             )
 
@@ -361,6 +364,7 @@ class ScanFlow:
             venue_pass.training_id,
             TrainingType.OFFLINE,
             venue_pass.gate,
+            venue_pass=venue_pass.text,
             timeout_s=timeout_s,
         )
 

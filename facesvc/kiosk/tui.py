@@ -123,6 +123,10 @@ _PROBLEMS: dict[PassProblem, tuple[str, str]] = {
         "Kode QR ini untuk lokasi pelatihan lain.",
         "This QR code is for another training venue.",
     ),
+    PassProblem.WRONG_SCAN: (
+        "Kode QR ini untuk pertemuan lain: buka kode untuk pertemuan hari ini.",
+        "This QR code is for another meeting: open the code for today's meeting.",
+    ),
 }
 
 _STEPS: dict[str, tuple[str, str]] = {

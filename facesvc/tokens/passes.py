@@ -27,18 +27,19 @@ participant, training, session and gate (the kiosk's key alone admits nobody).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from facesvc.clock import SystemClock, require_aware
+from facesvc.clock import Clock, SystemClock, require_aware
 from facesvc.domain import Gate
 from facesvc.redis_keys import validate_id
 from facesvc.tokens.claims import CheckReason, str_claim, time_claim
 from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
-from facesvc.tokens.keys import SigningKey
+from facesvc.tokens.keys import PublicKeySource, SigningKey
 
 PASS_TYPE = "facesvc-venue-pass+jwt"  # noqa: S105  (a media type, not a secret)
 """The ``typ`` of a venue pass's JWS header."""
@@ -59,6 +60,9 @@ class PassProblem(enum.Enum):
     """Edited, or not signed by the programme."""
     EXPIRED = "EXPIRED"
     WRONG_VENUE = "WRONG_VENUE"
+    WRONG_SCAN = "WRONG_SCAN"
+    """Valid for this venue, but for another participant, training, session or gate than
+    the scan that presents it (the service's check)."""
 
 
 class PassRefused(Exception):
@@ -83,6 +87,9 @@ class VenuePass:
     issued_at: datetime
     expires_at: datetime
     pass_id: str
+    text: str = ""
+    """The signed pass (the QR code's text) it was read from; empty for a pass not yet signed.
+    A kiosk sends it with each scan, for the service to check again."""
 
     def claims(self) -> dict[str, Any]:
         """The JWS payload (see the module docstring)."""
@@ -160,7 +167,7 @@ def open_pass(text: str, keys: PublicKeySet, *, venue: str, now: datetime) -> Ve
             raise PassRefused(PassProblem.MALFORMED, str(exc)) from exc
         raise PassRefused(PassProblem.FORGED, str(exc)) from exc
     try:
-        venue_pass = _from_claims(verified.payload)
+        venue_pass = dataclasses.replace(_from_claims(verified.payload), text=text)
     except (KeyError, TypeError, ValueError) as exc:
         # Signed by the programme yet unreadable: an issuer bug, not an attack; still refused.
         raise PassRefused(PassProblem.MALFORMED, f"claims: {exc}") from exc
@@ -201,3 +208,37 @@ def _from_claims(claims: dict[str, Any]) -> VenuePass:
         expires_at=time_claim(claims, "exp"),
         pass_id=jti,
     )
+
+
+class VenuePassCheck:
+    """The service's check of the pass a kiosk presents with a scan: the pass must be genuine
+    (the service's own published keys), unexpired, for the kiosk's venue, and name the scan's
+    participant, training, gate and (for Verify) session."""
+
+    def __init__(self, keys: PublicKeySource, clock: Clock) -> None:
+        self._keys = keys
+        self._clock = clock
+
+    def admit(
+        self,
+        text: str,
+        *,
+        venue: str,
+        participant_id: str,
+        training_id: str,
+        gate: Gate,
+        session_id: str | None = None,
+    ) -> VenuePass:
+        """The pass, once it binds this scan to ``venue``; raises :class:`PassRefused`.
+        ``session_id`` None: not compared (a challenge is issued per training and gate)."""
+        now = self._clock.now()
+        venue_pass = open_pass(text, self._keys.public_keys(now), venue=venue, now=now)
+        scan = (participant_id, training_id, gate)
+        if (venue_pass.participant_id, venue_pass.training_id, venue_pass.gate) != scan or (
+            session_id is not None and venue_pass.session_id != session_id
+        ):
+            raise PassRefused(
+                PassProblem.WRONG_SCAN,
+                "the pass names another participant, training, session or gate than this scan",
+            )
+        return venue_pass
