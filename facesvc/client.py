@@ -10,6 +10,11 @@ Connecting::
                            session_id="day-2", frames=[jpeg_bytes])
     if result.decision is Decision.VERIFIED: ...
 
+Several replicas: point ``target`` at every one of them, e.g. a Kubernetes headless
+Service (``dns:///facesvc-grpc.facesvc.svc.cluster.local:50051``); the client balances its
+calls over them round-robin (``load_balancing``), since one HTTP/2 connection would otherwise
+carry every call to one replica.
+
 Credentials: the API key travels as gRPC metadata ``authorization: Bearer <key>`` on every call.
 TLS is on by default (system roots, or ``root_certificates``); pass ``certificate_chain`` and
 ``private_key`` (PEM) for mTLS. ``insecure=True`` drops TLS for local development only: a key
@@ -29,6 +34,7 @@ the one-time-use mark needs the service, so call ``redeem`` to admit a participa
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
@@ -489,6 +495,36 @@ def _channel_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+#: The client-side load-balancing policies a channel may name (gRPC's built-in ones).
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+
+
+def _channel_options(
+    options: Sequence[tuple[str, Any]], load_balancing: str
+) -> list[tuple[str, Any]]:
+    """``options`` plus a service config that selects ``load_balancing``.
+
+    gRPC multiplexes every call over one HTTP/2 connection, so with its default
+    ``pick_first`` a client of several replicas sends all its calls to whichever one it
+    connected to first. ``round_robin`` opens a connection to every address the target
+    resolves to and spreads calls over the ready ones: with a Kubernetes headless Service
+    (``dns:///facesvc-grpc.<namespace>.svc.cluster.local:50051``, one A record per ready pod)
+    that spreads calls over pods, and a pod that stops being ready drops out. A target with
+    one address behaves as before. A ``grpc.service_config`` or ``grpc.lb_policy_name`` the
+    caller passes in ``options`` wins.
+    """
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(
+            f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)} "
+            f"(got {load_balancing!r})"
+        )
+    merged = list(options)
+    if not any(name in ("grpc.service_config", "grpc.lb_policy_name") for name, _ in merged):
+        config: dict[str, object] = {"loadBalancingConfig": [{load_balancing: {}}]}
+        merged.append(("grpc.service_config", json.dumps(config)))
+    return merged
+
+
 class _Connection:
     """What both clients share: the call metadata (the API key) and the default deadline."""
 
@@ -513,8 +549,12 @@ class _Connection:
 class FaceVerificationClient:
     """Blocking client of ``facesvc.v1.FaceVerification``; thread-safe; close() when done.
 
-    ``target`` is ``host:port``. ``timeout_s`` is the default deadline of every call in
-    seconds; each method also takes ``timeout_s``.
+    ``target`` is ``host:port``, or any gRPC target such as ``dns:///name:port`` (every
+    address the name resolves to) or ``ipv4:10.0.0.1:50051,10.0.0.2:50051``. ``timeout_s``
+    is the default deadline of every call in seconds; each method also takes ``timeout_s``.
+    ``load_balancing`` is ``round_robin`` (default: calls spread over every address of the
+    target, e.g. the pods behind a headless Service) or ``pick_first`` (gRPC's own default:
+    one connection, to the first address that answers).
     """
 
     def __init__(
@@ -528,13 +568,15 @@ class FaceVerificationClient:
         private_key: bytes | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        load_balancing: str = "round_robin",
     ) -> None:
         self._conn = _Connection(api_key, timeout_s)
+        channel_options = _channel_options(options, load_balancing)
         if insecure:
-            self._channel = grpc.insecure_channel(target, options=list(options))
+            self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             creds = _channel_credentials(root_certificates, certificate_chain, private_key)
-            self._channel = grpc.secure_channel(target, creds, options=list(options))
+            self._channel = grpc.secure_channel(target, creds, options=channel_options)
         self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
         self._target = target
 
@@ -671,13 +713,15 @@ class AsyncFaceVerificationClient:
         private_key: bytes | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        load_balancing: str = "round_robin",
     ) -> None:
         self._conn = _Connection(api_key, timeout_s)
+        channel_options = _channel_options(options, load_balancing)
         if insecure:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
             creds = _channel_credentials(root_certificates, certificate_chain, private_key)
-            self._channel = grpc.aio.secure_channel(target, creds, options=list(options))
+            self._channel = grpc.aio.secure_channel(target, creds, options=channel_options)
         self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
         self._target = target
 
