@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,8 @@ def start_cluster(
                         admin.execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
         _wait(lambda: all(_knows(node, total) for node in nodes), "every node to meet the others")
         for index, node in enumerate(nodes[masters:]):
-            with node.admin() as admin:
-                admin.execute_command("CLUSTER", "REPLICATE", nodes[index % masters].node_id())
+            master = nodes[index % masters].node_id()
+            _wait(partial(_replicate, node, master), "a replica to learn its master's id")
         _wait(lambda: all(_replicating(node) for node in nodes[masters:]), "replicas to sync")
         _wait(lambda: all(_cluster_ok(node, total) for node in nodes), "cluster_state:ok")
     except BaseException:
@@ -158,6 +159,19 @@ def _knows(node: ClusterServer, total: int) -> bool:
 def _cluster_ok(node: ClusterServer, total: int) -> bool:
     info = _cluster_info(node)
     return "cluster_state:ok" in info and f"cluster_known_nodes:{total}" in info
+
+
+def _replicate(node: ClusterServer, master_id: str) -> bool:
+    """Make ``node`` a replica of ``master_id``; False while ``node`` does not know that id
+    yet (the node counts a peer still in handshake, under a provisional id, as known)."""
+    with node.admin() as admin:
+        try:
+            admin.execute_command("CLUSTER", "REPLICATE", master_id)
+        except redis.ResponseError as error:
+            if "Unknown node" in str(error):
+                return False
+            raise
+    return True
 
 
 def _replicating(node: ClusterServer) -> bool:
