@@ -60,7 +60,9 @@ from facesvc.redis_local import RedisServer, find_redis_server
 SCENARIOS = ("one-frame", "portal-challenge")
 PORTAL_FRAMES = 6  # facesvc/gateway.py: (1 + 2 challenge steps) poses x 2 frames per pose
 # Commands the measurement itself or the health probe sends, not a scan.
+# HELLO and CLIENT open a pooled connection, once per connection, not per scan.
 NOT_A_SCAN = {"info", "ping", "memory|usage", "scan", "type", "config|get", "command|docs"}
+NOT_A_SCAN |= {"hello", "client", "client|setinfo", "echo"}
 KEY_KINDS = ("template", "cap", "idem", "lease", "jti", "challenge", "rate")
 
 
@@ -196,8 +198,14 @@ def measure(
                 run.server_cpu_ms_per_scan = (cpu_seconds(proc.pid) - begun_cpu) * 1000 / run.scans
                 runs.append(run)
         sizes = key_sizes(admin, prefix)
+        trips = requests_per_scan(stub, redis_server.port, participants, scenario)
         channel.close()
-        return runs, {"model_pack": pack, "enroll_per_participant": enroll, "key_bytes": sizes}
+        return runs, {
+            "model_pack": pack,
+            "enroll_per_participant": enroll,
+            "requests_per_scan": trips,
+            "key_bytes": sizes,
+        }
     finally:
         admin.close()
         proc.send_signal(signal.SIGTERM)
@@ -319,12 +327,7 @@ def _run(
     load_average = os.getloadavg()[0]
     # The LMS spends every token once (inside the Redis figures, outside the timing).
     for token in tokens:
-        stub.RedeemToken(
-            pb.RedeemTokenRequest(
-                token=token, audience="dev", expected_gate=pb.GATE_SESSION, expected_session_id="s1"
-            ),
-            timeout=30,
-        )
+        _redeem(stub, token)
     scans = len(latencies)
     redis_work = _per(redis_stats(admin), before, max(scans, 1))
     p50, p95 = (
@@ -347,6 +350,56 @@ def _run(
         redis_bytes_in_per_scan=redis_work["bytes_in"],
         redis_bytes_out_per_scan=redis_work["bytes_out"],
         redis_cpu_us_per_scan=redis_work["cpu_us"],
+    )
+
+
+def requests_per_scan(
+    stub: pb_grpc.FaceVerificationStub,
+    port: int,
+    participants: list[tuple[str, list[bytes]]],
+    scenario: str,
+    scans: int = 10,
+) -> dict[str, float]:
+    """Commands the service itself sends Redis per scan (with its token's redemption), by
+    name, seen through MONITOR over ``scans`` scans made one at a time. A script's inner
+    commands are not sent (INFO's statistics count them alike); commands sent as one
+    pipeline (a challenge's HSET, PEXPIRE and SET) share one network round trip."""
+    seen: Counter[str] = Counter()
+    done = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis(port=port).monitor() as monitor:  # type: ignore[no-untyped-call]
+            ready.set()
+            for event in monitor.listen():
+                words = event["command"].split()
+                name = words[0].upper() if words else ""
+                if name == "ECHO" and "capacity-done" in event["command"]:
+                    break
+                if event["client_type"] != "lua" and name.lower() not in NOT_A_SCAN:
+                    seen[name] += 1
+        done.set()
+
+    ready = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ready.wait(10)
+    for n in range(scans):
+        pid, probes = participants[n % len(participants)]
+        _, token = _scan(stub, pid, probes, scenario)
+        if token:
+            _redeem(stub, token)
+    with redis.Redis(port=port) as admin:
+        admin.echo("capacity-done")
+    done.wait(30)
+    return {name: count / scans for name, count in sorted(seen.items())}
+
+
+def _redeem(stub: pb_grpc.FaceVerificationStub, token: str) -> None:
+    stub.RedeemToken(
+        pb.RedeemTokenRequest(
+            token=token, audience="dev", expected_gate=pb.GATE_SESSION, expected_session_id="s1"
+        ),
+        timeout=30,
     )
 
 
@@ -416,6 +469,7 @@ def plan(measured: dict[str, Any], peak: Peak, scenario: str) -> dict[str, Any]:
     bytes_in = statistics.median(r["redis_bytes_in_per_scan"] for r in runs)
     bytes_out = statistics.median(r["redis_bytes_out_per_scan"] for r in runs)
     sizes = measured["scenarios"][scenario]["key_bytes"]
+    trips = sum(measured["scenarios"][scenario].get("requests_per_scan", {}).values())
     template = _bytes(measured, "template")
 
     rate = peak.scans / peak.window_s * peak.burst
@@ -444,7 +498,9 @@ def plan(measured: dict[str, Any], peak: Peak, scenario: str) -> dict[str, Any]:
         "busy_cores": round(busy_cores, 1),
         "cores_at_cpu_target": round(cores, 1),
         "pods": pods,
-        "redis_calls_per_s": round(ops),
+        "redis_requests_per_scan": round(trips, 1),
+        "redis_commands_per_scan": round(calls, 1),
+        "redis_commands_per_s": round(ops),
         "redis_cpu_cores": round(rate * cpu_us / 1e6, 3),
         "redis_network_mib_per_s": round(rate * (bytes_in + bytes_out) / 2**20, 2),
         "template_bytes": round(template),
