@@ -86,6 +86,7 @@ class Run:
     redis_bytes_in_per_scan: float = 0.0
     redis_bytes_out_per_scan: float = 0.0
     redis_cpu_us_per_scan: float = 0.0
+    """Redis's CPU time per scan, less what it spends idle over the same time."""
     server_rss_mib: float = 0.0
     server_cpu_ms_per_scan: float = 0.0
     """CPU time (user + system) the server process spent per scan: unlike scans_per_s, this
@@ -187,12 +188,17 @@ def measure(
         if not participants:
             raise RuntimeError(f"no photo enrolled; see {home / 'serve.log'}")
 
+        # Redis's own CPU when no scan runs (serverCron, AOF fsync, the health probe's PING),
+        # subtracted from each run: otherwise a slow scenario is charged more of it per scan.
+        idle_before, idle_s = redis_stats(admin), 5.0
+        time.sleep(idle_s)
+        idle_cpu_per_s = (redis_stats(admin)["cpu_s"] - idle_before["cpu_s"]) / idle_s
         runs = []
         with RssSampler(proc.pid, 1.0) as rss:
             _load(stub, participants, scenario, args.warmup_s, args.concurrency)
             for _ in range(args.repeats):
                 begun_rss, begun_cpu = rss.now(), cpu_seconds(proc.pid)
-                run = _run(stub, admin, participants, scenario, args)
+                run = _run(stub, admin, participants, scenario, args, idle_cpu_per_s)
                 run.server_rss_mib = max(rss.peak_between(begun_rss, rss.now()).values())
                 # Includes redeeming the run's tokens after it: a few ms each, the LMS's part.
                 run.server_cpu_ms_per_scan = (cpu_seconds(proc.pid) - begun_cpu) * 1000 / run.scans
@@ -317,6 +323,7 @@ def _run(
     participants: list[tuple[str, list[bytes]]],
     scenario: str,
     args: argparse.Namespace,
+    idle_cpu_per_s: float,
 ) -> Run:
     before = redis_stats(admin)
     began = time.monotonic()
@@ -329,7 +336,9 @@ def _run(
     for token in tokens:
         _redeem(stub, token)
     scans = len(latencies)
-    redis_work = _per(redis_stats(admin), before, max(scans, 1))
+    after = redis_stats(admin)
+    after["cpu_s"] -= idle_cpu_per_s * (time.monotonic() - began)
+    redis_work = _per(after, before, max(scans, 1))
     p50, p95 = (
         statistics.quantiles(latencies, n=20)[9],
         statistics.quantiles(latencies, n=20)[18],
