@@ -63,7 +63,9 @@ from facesvc.tokens.keys import keys_generate
 from tests.engine_support import astronaut, jpeg
 from tests.test_redis_topologies import ClusterServer, start_cluster
 
-pytestmark = pytest.mark.slow
+# Three model packs loading at once, then the load: on a busy 2-core CI machine, past the
+# suite's 300 s default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 PARTICIPANTS = 45
