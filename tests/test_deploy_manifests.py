@@ -35,7 +35,7 @@ from facesvc.health import LIVENESS_SERVICE
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 OVERLAYS = ("local", "production")
-# preStop's "sleep" action is GA from 1.30: the oldest Kubernetes these manifests run on.
+# preStop's "sleep" action is on by default from 1.30: the oldest Kubernetes these manifests run on.
 OLDEST = "1.30.0"
 VERSIONS = (OLDEST, latest_version())
 SERVICE_MONITOR_SCHEMA = DEPLOY / "schemas" / "servicemonitor-v1.json"
