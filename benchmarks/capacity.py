@@ -63,6 +63,8 @@ PORTAL_FRAMES = 6  # facesvc/gateway.py: (1 + 2 challenge steps) poses x 2 frame
 # HELLO and CLIENT open a pooled connection, once per connection, not per scan.
 NOT_A_SCAN = {"info", "ping", "memory|usage", "scan", "type", "config|get", "command|docs"}
 NOT_A_SCAN |= {"hello", "client", "client|setinfo", "echo"}
+# The health probe's clock-skew reading, once a probe interval whatever the load.
+NOT_A_SCAN |= {"time"}
 KEY_KINDS = ("template", "cap", "idem", "lease", "jti", "challenge", "rate")
 
 
