@@ -30,7 +30,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from facesvc.config import settings_info
-from facesvc.health import LIVENESS_SERVICE
+from facesvc.health import FACESVC_SERVICE, LIVENESS_SERVICE
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -187,18 +187,28 @@ def test_the_prometheus_service_monitor_scrapes_the_http_service() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_ask_the_grpc_health_service_for_the_right_names(overlay: str) -> None:
     main = container(render(overlay))
+    grpc_port = next(p["containerPort"] for p in main["ports"] if p["name"] == "grpc")
 
     def service_asked(probe: str) -> str:
-        command = main[probe]["exec"]["command"]
+        """The health service name the probe asks about ("": the whole server's)."""
+        spec = main[probe]
+        if "grpc" in spec:  # the kubelet's own gRPC health probe (plaintext)
+            assert spec["grpc"]["port"] == grpc_port
+            return str(spec["grpc"].get("service", ""))
+        command = spec["exec"]["command"]  # facesvc.healthcheck, with the service's TLS
         assert command[:3] == ["python", "-m", "facesvc.healthcheck"], command
         return command[command.index("--service") + 1] if "--service" in command else ""
 
-    # Readiness: the service's own health (models loaded, Redis reachable).
-    assert service_asked("readinessProbe") == ""
+    # Readiness: the service's own health (models loaded, Redis reachable), which the
+    # health service reports alike for "" and facesvc.v1.FaceVerification.
+    assert service_asked("readinessProbe") in ("", FACESVC_SERVICE)
     # Liveness and start-up: only whether the process answers, so a Redis outage restarts
     # no pod.
     assert service_asked("livenessProbe") == LIVENESS_SERVICE
     assert service_asked("startupProbe") == LIVENESS_SERVICE
+    # With the service's own TLS the kubelet's gRPC probe cannot connect.
+    plaintext = _environment(render(overlay)).get("FACESVC_SECURITY_ALLOW_PLAINTEXT") != "false"
+    assert all(("grpc" in main[p]) == plaintext for p in ("readinessProbe", "livenessProbe"))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
