@@ -64,7 +64,7 @@ monitors=false
 kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1 && monitors=true
 
 helm upgrade --install "$REDIS_RELEASE" "$REDIS_CHART" --version "$REDIS_CHART_VERSION" \
-    --namespace "$ns" -f deploy/redis/values.yaml \
+    --namespace "$ns" -f deploy/redis/values.yaml -f deploy/redis/values-local.yaml \
     --set metrics.serviceMonitor.enabled="$monitors" \
     --wait --timeout 15m
 

@@ -299,6 +299,18 @@ def test_redis_comes_from_a_pinned_chart_in_cluster_mode_with_replicas_and_aof()
     assert re.search(r"^cluster-require-full-coverage no$", config, re.M)
     assert re.search(r"^maxmemory-policy noeviction$", config, re.M)
     assert values["persistence"]["enabled"] is True
+    # The local cluster's values change sizes only: the same settings, maxmemory under its limit.
+    local = yaml.safe_load((DEPLOY / "redis" / "values-local.yaml").read_text())
+    assert set(local) <= {"redis", "persistence"}
+    assert set(local["redis"]) <= {"podAntiAffinityPreset", "resources", "configmap"}
+    unsized = {line for line in config.splitlines() if not line.startswith("maxmemory ")}
+    assert unsized - {line for line in config.splitlines() if line.startswith("#")} <= set(
+        local["redis"]["configmap"].splitlines()
+    )
+    assert (
+        "-f deploy/redis/values.yaml -f deploy/redis/values-local.yaml"
+        in (DEPLOY / "local-up.sh").read_text()
+    )
 
     objects = render("production")
     env = _environment(objects)
