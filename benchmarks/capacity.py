@@ -283,14 +283,14 @@ def _load(
     scenario: str,
     duration_s: float,
     concurrency: int,
-) -> tuple[list[float], Counter[str], Counter[str], list[str]]:
+) -> tuple[list[float], Counter[str], Counter[str], list[tuple[str, str]]]:
     """Scans from ``concurrency`` callers for ``duration_s``: latencies (ms), decisions,
-    errors, tokens."""
+    errors, and (participant, token) of every VERIFIED scan."""
     stop_at = time.monotonic() + duration_s
     latencies: list[float] = []
     decisions: Counter[str] = Counter()
     errors: Counter[str] = Counter()
-    tokens: list[str] = []
+    tokens: list[tuple[str, str]] = []
     lock = threading.Lock()
 
     def caller(offset: int) -> None:
@@ -309,7 +309,7 @@ def _load(
                 latencies.append((time.perf_counter() - began) * 1000)
                 decisions[decision] += 1
                 if token:
-                    tokens.append(token)
+                    tokens.append((pid, token))
 
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(concurrency)]
     for thread in threads:
@@ -335,8 +335,8 @@ def _run(
     seconds = time.monotonic() - began
     load_average = os.getloadavg()[0]
     # The LMS spends every token once (inside the Redis figures, outside the timing).
-    for token in tokens:
-        _redeem(stub, token)
+    for pid, token in tokens:
+        _redeem(stub, pid, token)
     scans = len(latencies)
     after = redis_stats(admin)
     after["cpu_s"] -= idle_cpu_per_s * (time.monotonic() - began)
@@ -398,17 +398,21 @@ def requests_per_scan(
         pid, probes = participants[n % len(participants)]
         _, token = _scan(stub, pid, probes, scenario)
         if token:
-            _redeem(stub, token)
+            _redeem(stub, pid, token)
     with redis.Redis(port=port) as admin:
         admin.echo("capacity-done")
     done.wait(30)
     return {name: count / scans for name, count in sorted(seen.items())}
 
 
-def _redeem(stub: pb_grpc.FaceVerificationStub, token: str) -> None:
+def _redeem(stub: pb_grpc.FaceVerificationStub, participant: str, token: str) -> None:
     stub.RedeemToken(
         pb.RedeemTokenRequest(
-            token=token, audience="dev", expected_gate=pb.GATE_SESSION, expected_session_id="s1"
+            token=token,
+            audience="dev",
+            expected_gate=pb.GATE_SESSION,
+            expected_session_id="s1",
+            expected_participant_id=participant,
         ),
         timeout=30,
     )

@@ -308,8 +308,8 @@ class Load:
             began = time.monotonic()
             try:
                 answer = self._client.redeem(
-                    token, audience=AUDIENCE, gate=Gate.SESSION, session_id="s1",
-                    training_id=TRAINING, timeout_s=30,
+                    token, participant_id=participant, audience=AUDIENCE, gate=Gate.SESSION,
+                    session_id="s1", training_id=TRAINING, timeout_s=30,
                 )  # fmt: skip
             except FaceServiceError as error:
                 self._record(Call(participant, "redeem", began, time.monotonic(), error.code.name))
@@ -523,5 +523,5 @@ def _stored_reservations(
                 rid, decision = cluster.hmget(key, "rid", "decision")
                 remembered = json.loads(decision) if decision else {}
                 if remembered.get("decision") == Decision.VERIFIED.value:
-                    verified[participant].append((rid.decode(), remembered["jti"]))
+                    verified[participant].append((rid.decode(), remembered["claims"]["jti"]))
     return cap_sets, verified
