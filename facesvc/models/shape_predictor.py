@@ -270,9 +270,12 @@ def _apply_trees(cascade: _Cascade, values: F32, shape: F32, table: _LeafTable |
         keys = go_right.reshape(cascade.split_base.size, -1) @ table.bit_values
         node = table.nodes[keys]
     increments = cascade.leaves.take(cascade.leaf_base + node, axis=0)
-    # cumsum adds row after row in float32: the same rounding as dlib's sequential +=.
-    stacked = np.vstack([shape.reshape(1, -1), increments])
-    total: F32 = np.cumsum(stacked, axis=0, dtype=np.float32)[-1]
+    # A reduction over the outer axis of a C-contiguous array adds row after row into one
+    # float32 accumulator (numpy sums pairwise only along the contiguous inner axis): the
+    # same rounding as dlib's sequential +=, and about twenty times faster than taking the
+    # last row of a cumsum over that axis, which was half of a prediction's time.
+    stacked = np.ascontiguousarray(np.vstack([shape.reshape(1, -1), increments]))
+    total: F32 = np.add.reduce(stacked, axis=0, dtype=np.float32)
     return total.reshape(shape.shape)
 
 
