@@ -122,14 +122,19 @@ class LivenessThresholds:
     """Apparent yaw change that answers a turn, degrees. From the 68 points: 30-degree
     turns measured 33-52 (two 60-degree turns, whose points the model loses, 25);
     from 5 points 23.9-59.7 and near-frontal talking frames up to 31.6."""
-    turn_min_parallax: float = 0.9
-    """Smallest parallax along the eye line (``DepthMotion.along``, toward the turn) of a
-    frame that answers a turn: 46 real turns of 33-52 degrees measured 1.25-2.25; flat
-    pictures that faked the apparent yaw at most 0.77."""
     turn_parallax_per_sin_yaw: float = 1.85
-    """And at least this times the sine of the apparent yaw: a rigid head that looks
-    turned by an angle shows the parallax of its depth at that angle. Real turns measured
-    2.08-2.92 (the face's depth), flat pictures at most 1.65."""
+    """Smallest parallax along the eye line (``DepthMotion.along``, toward the turn) of a
+    frame that answers a turn, per sine of its apparent yaw: a rigid head that looks turned
+    by an angle shows the parallax of its depth at that angle, a flat picture distorted
+    into an apparent turn does not. On the calibration identities 46 real turns of 33-52
+    degrees measured 2.08-2.92 (parallax 1.25-2.25); flat pictures of ten photos that
+    faked an apparent turn at most 1.65 (parallax at most 0.77)."""
+    turn_min_parallax: float = 0.5
+    """And at least this parallax whatever the apparent yaw: a floor for a configuration
+    with a small ``turn_min_yaw_deg``. At the default 24 degrees the ratio above asks for
+    more (0.75). A floor of 0.9 refused no flat picture of the calibration photos that the
+    ratio let through, but refused real 25-30 degree turns of webcam clips (parallax
+    0.82-0.97; docs/liveness.md)."""
     look_min_nose_rise: float = 0.10
     """Change of ``nose_drop`` that answers LOOK_UP (a rise) or LOOK_DOWN (a fall):
     30-degree look-ups measured 0.106-0.242 (18 of 18 above), other movements 0 of
