@@ -411,9 +411,10 @@ class Tally:
 
     counts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
-    def add(self, key: str, decision: Decision) -> None:
-        self.counts[key][decision.value] += 1
-        self.counts["all"][decision.value] += 1
+    def add(self, decision: Decision, *keys: str) -> None:
+        """Count one scan's ``decision`` under each of ``keys`` and once under "all"."""
+        for key in (*keys, "all"):
+            self.counts[key][decision.value] += 1
 
     def verified(self, key: str = "all") -> tuple[int, int]:
         c = self.counts[key]
@@ -605,8 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for session, pair, outcome in genuine_scans(
             observer, source, [s for s in GENUINE if s.split in splits]
         ):
-            genuine.add(f"{session.name}: {pair[0]}+{pair[1]}", outcome.decision)
-            genuine.add(session.name, outcome.decision)
+            genuine.add(outcome.decision, f"{session.name}: {pair[0]}+{pair[1]}", session.name)
             if outcome.decision is not Decision.VERIFIED:
                 refusals[f"{outcome.decision.value}: {outcome.reason[:70]}"] += 1
             if outcome.decision is not Decision.VERIFIED:
@@ -646,9 +646,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 photo = source.photo(name)
                 ratios: list[tuple[float, Hold]] = []
                 for pair, first, second, outcome in attack_scans(observer, photo, None, ratios):
-                    attacks.add(f"pair {pair[0]}+{pair[1]}", outcome.decision)
-                    attacks.add(f"first {_axis_label(first)}", outcome.decision)
-                    attacks.add(f"photo {name}", outcome.decision)
+                    attacks.add(
+                        outcome.decision,
+                        f"pair {pair[0]}+{pair[1]}",
+                        f"first {_axis_label(first)}",
+                        f"photo {name}",
+                    )
                     if outcome.decision is Decision.VERIFIED:
                         print(f"  VERIFIED: {name} {pair} {first.describe()} / {second.describe()}")
                 v, n = attacks.verified(f"photo {name}")
