@@ -117,7 +117,7 @@ async def test_challenge_scans_skip_the_passive_model_unless_asked(
     ) as kit:  # fmt: skip
         await enrolled(kit)
         challenge = await kit.engine.start_challenge(
-            PID, "training-3", TrainingType.SPL, Gate.SESSION
+            PID, "training-3", TrainingType.SPL, Gate.SESSION, caller=LMS
         )
         outcome = await kit.engine.verify(command(still_frames(3), challenge.challenge_id))
         assert outcome.decision is Decision.CHALLENGE_FAILED
@@ -129,7 +129,7 @@ async def test_challenge_scans_skip_the_passive_model_unless_asked(
     ) as kit:  # fmt: skip
         await enrolled(kit)
         challenge = await kit.engine.start_challenge(
-            PID, "training-3", TrainingType.SPL, Gate.SESSION
+            PID, "training-3", TrainingType.SPL, Gate.SESSION, caller=LMS
         )
         outcome = await kit.engine.verify(command(still_frames(3), challenge.challenge_id))
         assert any(f.live_score is not None for f in outcome.frames)
