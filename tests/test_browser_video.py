@@ -32,7 +32,7 @@ from PIL import Image
 from tests.browser.fixtures import need_browser
 from tests.browser.support import EngineHolder, FakeLms, portal_overrides, write_y4m
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, jpeg
+from tests.engine_support import ADMIN, DEV_TENANTS, jpeg
 from tests.test_browser import (
     ERROR_SCREENS,
     SERVING,
@@ -110,7 +110,13 @@ def test_a_real_turning_head_on_video_passes_the_challenge_on_the_first_try(
     enlarged = Image.fromarray(enrol).resize((640, 480), Image.Resampling.BICUBIC)
     assert holder.engine is not None
     enrolled = holder.run(
-        holder.engine.enroll("p-video", [jpeg(np.asarray(enlarged))], replace=True, caller=ADMIN)
+        holder.engine.enroll(
+            "p-video",
+            [jpeg(np.asarray(enlarged))],
+            replace=True,
+            caller=ADMIN,
+            tenants=DEV_TENANTS,
+        )
     )
     assert enrolled.enrolled, enrolled.reason
 
