@@ -25,19 +25,31 @@ from PIL import Image
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.domain import Decision, Gate, TrainingType
-from facesvc.engine import VerifyCommand
+from facesvc.engine import VerifyCommand, VerifyOutcome
 from facesvc.limits.abuse import ParticipantLocked
+from facesvc.liveness.attacks import Hold, hand_shake, render
 from facesvc.models.packs import ModelPack
+from facesvc.models.types import Box
 from facesvc.tokens.keys import load_key_ring
 from facesvc.tokens.passes import new_pass, sign_pass
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, LMS, TENANTS, astronaut, jpeg, running_engine
+from tests.engine_support import (
+    ADMIN,
+    LMS,
+    TENANTS,
+    astronaut,
+    insightface_image,
+    jpeg,
+    running_engine,
+)
 from tests.test_audit import as_caller
 from tests.test_service_verify import PID, TENANT, genuine, impostor, start
 
 pytestmark = pytest.mark.calendar
 
 VENUE = "venue-jkt-01"
+ASTRONAUT_FACE = Box(170.0, 40.0, 270.0, 160.0)
+"""The face in scikit-image's astronaut photo, in its pixels."""
 ROLES = {
     "ops": (Role.ADMIN, "programme"),
     "lms-a": (Role.LMS, TENANT),
@@ -240,40 +252,56 @@ def test_an_idempotency_key_is_its_callers_own_and_bound_to_its_request(
 async def test_a_spoof_strike_needs_the_participants_likeness(
     tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
 ) -> None:
-    """With the passive threshold at 1.0 every scan is judged an attack: someone who does not
-    look like the participant gets NOT_MATCHED (an attempt, no strike) and can never lock
-    them out; the participant's own likeness is what a strike needs."""
+    """A printed photo tilted 50 degrees about a diagonal answers TURN_RIGHT with no head's
+    depth: SPOOF_SUSPECTED, a strike. Of someone who does not look like the participant it is
+    NOT_MATCHED (an attempt, no strike), so nobody can lock a participant out with a picture
+    of someone else; the participant's own likeness is what a strike needs."""
     async with running_engine(
         tmp_path,
         redis_url,
         redis_prefix,
         model_pack,
-        liveness__spl="passive",
-        liveness__pad_threshold=1.0,
+        liveness__spl="challenge",
+        liveness__challenge_steps=("TURN_RIGHT",),
+        liveness__challenge_length=1,
         abuse__spoof_lockout_threshold=2,
     ) as kit:
         await kit.engine.enroll(
             PID, [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
         )
 
-        def scan(frame: bytes) -> VerifyCommand:
-            return VerifyCommand(
-                participant_id=PID,
-                training_id="course-1",
-                training_type=TrainingType.SPL,
-                gate=Gate.SESSION,
-                session_id="s1",
-                frames=[frame],
-                caller=LMS,
+        async def flat_scan(photo: np.ndarray, face: Box) -> VerifyOutcome:
+            tilted = Hold(tilt_deg=-50.0, axis_deg=135.0)
+            frames = [
+                jpeg(render(photo, face, hand_shake(hold, k)))
+                for hold in (Hold(), tilted)
+                for k in (0, 1)
+            ]
+            challenge = await kit.engine.start_challenge(
+                PID, "course-1", TrainingType.SPL, Gate.SESSION, caller=LMS
+            )
+            return await kit.engine.verify(
+                VerifyCommand(
+                    participant_id=PID,
+                    training_id="course-1",
+                    training_type=TrainingType.SPL,
+                    gate=Gate.SESSION,
+                    session_id="s1",
+                    frames=frames,
+                    caller=LMS,
+                    challenge_id=challenge.challenge_id,
+                )
             )
 
+        stranger = insightface_image("Tom_Hanks_54745.png")
+        stranger_face = max(model_pack.detector.detect(stranger, 80), key=lambda d: d.box.area)
         for _ in range(3):
-            outcome = await kit.engine.verify(scan(impostor()))
-            assert outcome.decision is Decision.NOT_MATCHED
-        genuine_frame = genuine()
-        first = await kit.engine.verify(scan(genuine_frame))
-        assert first.decision is Decision.SPOOF_SUSPECTED  # not locked by the stranger
-        second = await kit.engine.verify(scan(genuine_frame))
-        assert second.decision is Decision.SPOOF_SUSPECTED
+            outcome = await flat_scan(stranger, stranger_face.box)
+            assert outcome.decision is Decision.NOT_MATCHED, outcome.reason
+        for _ in range(2):  # not locked by the stranger: the participant's own photo strikes
+            outcome = await flat_scan(astronaut(), ASTRONAUT_FACE)
+            assert outcome.decision is Decision.SPOOF_SUSPECTED, outcome.reason
         with pytest.raises(ParticipantLocked):
-            await kit.engine.verify(scan(genuine_frame))
+            await kit.engine.start_challenge(
+                PID, "course-1", TrainingType.SPL, Gate.SESSION, caller=LMS
+            )
