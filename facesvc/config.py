@@ -108,8 +108,21 @@ class ServerSettings:
     """A JPEG at least twice this on its longer side (a phone's 12 MP enrollment photo) is
     decoded at 1/2, 1/4 or 1/8 scale, keeping that side at least this long: about a fifth
     of the decode time, and detection scans a quarter of the pixels or fewer; faces shrink
-    with it, so only faces above quality.min_detect_px at that scale are found. 0: full
-    size."""
+    with it, so only faces above quality.min_detect_px at that scale are found. 0: only
+    server.max_decode_pixels reduces."""
+    max_decode_pixels: int = 2048 * 2048
+    """Most pixels one frame or photo is decoded into (2048x2048; a 2560x1600 screenshot
+    fits). A JPEG with more is decoded at 1/2, 1/4 or 1/8 scale to fit (libjpeg scales while
+    it decodes, so the full picture is never made); a PNG, WebP or progressive JPEG with
+    more is refused with INVALID_ARGUMENT before any pixel is decoded (their decoders make
+    or keep the whole picture: a flat 24 MP PNG of 80 KB took 10-20 s of CPU and grew the
+    server by 4 GB). A baseline JPEG, as cameras write them, is accepted up to 25 MP."""
+    max_analyze_pixels: int = 614_400
+    """A decoded frame with more pixels is scaled down (keeping its proportions) to this
+    many before any face work. Face detection's cost grows with the pixels it is given, so
+    this bounds one frame's cost whatever was sent: 614,400 is twice a 640x480 webcam frame
+    (1280x720 becomes 1045x587). Faces shrink with the frame: a face must still measure
+    quality.min_face_px after the scaling."""
     workers: int = 1
     """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
     models, under a supervisor that restarts a crashed one; 1 = this process only."""
@@ -126,6 +139,8 @@ class ServerSettings:
             _check_positive(f"server.{name}", getattr(self, name))
         for name in ("max_image_bytes", "workers", "max_concurrent_rpcs"):
             _check_positive(f"server.{name}", getattr(self, name))
+        _check_positive("server.max_decode_pixels", self.max_decode_pixels)
+        _check_positive("server.max_analyze_pixels", self.max_analyze_pixels)
         if self.jpeg_reduce_to_side < 0:
             raise ConfigError(
                 f"server.jpeg_reduce_to_side={self.jpeg_reduce_to_side}: 0 (full size) or more"

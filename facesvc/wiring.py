@@ -103,8 +103,10 @@ async def build_engine(
         pad_model,
         decode_limits=DecodeLimits(
             max_bytes=settings.server.max_image_bytes,
+            max_decoded_pixels=settings.server.max_decode_pixels,
             jpeg_reduce_to_side=settings.server.jpeg_reduce_to_side or None,
         ),
+        max_analyze_pixels=settings.server.max_analyze_pixels,
         threads=settings.models.threads,
         embed_batching=BatchSettings(
             throughput.embed_max_batch, throughput.max_wait_s, throughput.max_queue
