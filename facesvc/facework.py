@@ -108,6 +108,15 @@ class FaceWork:
     def _decode_one(self, blob: bytes) -> RGBImage:
         return fit_pixels(decode_image(blob, self._decode_limits), self._max_analyze_pixels)
 
+    def warm_up(self) -> None:
+        """Analyse one blank frame of the largest size analysed (``max_analyze_pixels``, 4:3),
+        so the detector's buffers and ONNX Runtime's memory arena are sized for it at
+        start-up: the largest frame a caller can send then costs no new memory, and the
+        memory an operator sees after start is what the worker keeps under attack."""
+        width = int((self._max_analyze_pixels * 4 / 3) ** 0.5)
+        height = self._max_analyze_pixels // width
+        self.pipeline.analyze(np.zeros((height, width, 3), dtype=np.uint8))
+
     async def analyze(
         self, images: Sequence[RGBImage], deadline: float | None = None
     ) -> list[FaceAnalysis]:

@@ -74,8 +74,11 @@ async def build_engine(
     clock: Clock | None = None,
     pack: ModelPack | None = None,
     skew: SkewWatch | None = None,
+    warm_up: bool = False,
 ) -> Engine:
-    """The engine for ``settings``; loads the model pack unless one is given."""
+    """The engine for ``settings``; loads the model pack unless one is given. With
+    ``warm_up`` (the server's engine), face work sizes its memory for the largest frame
+    before the engine is returned (:meth:`FaceWork.warm_up`)."""
     clock = clock or SystemClock()
     if pack is None:
         pack = await asyncio.to_thread(load_pack, settings)
@@ -116,6 +119,8 @@ async def build_engine(
         ),
         pad_crop=PadCrop(expand=pad.crop_expand),
     )
+    if warm_up:
+        await asyncio.to_thread(faces.warm_up)
     keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
     issuer = TokenIssuer(
         keys, issuer=settings.tokens.issuer, ttl_s=settings.tokens.ttl_s, clock=clock
@@ -186,7 +191,7 @@ async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
     return await build_engine(
-        resources.settings, resources.redis, resources.metrics, skew=resources.skew
+        resources.settings, resources.redis, resources.metrics, skew=resources.skew, warm_up=True
     )
 
 

@@ -68,8 +68,11 @@ async def serve_process(settings: Settings, metrics: Metrics | None = None, tag:
     """Serve from this process until SIGTERM/SIGINT (0, after draining) or until the engine
     fails to load (1). ``tag`` ends the "listening" line (which worker this is)."""
     from facesvc.app import App
+    from facesvc.memory import pin_malloc_thresholds
     from facesvc.wiring import engine_from_resources
 
+    # Before the models load and the first frame arrives (facesvc.memory says why).
+    pin_malloc_thresholds()
     app = App(settings, metrics=metrics, engine_factory=engine_from_resources)
     await app.start()
     s = settings.server
