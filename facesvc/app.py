@@ -39,7 +39,7 @@ from facesvc.gateway import build_portal
 from facesvc.grpc_api import DevAuthenticator, FaceVerificationServicer, MetricsInterceptor
 from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
-from facesvc.limits.abuse import ClientRateLimiter, RateRule
+from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.tls import insecure_warnings, server_tls
@@ -81,7 +81,7 @@ def _authenticator(settings: Settings, redis: AsyncRedis) -> ApiKeyAuthenticator
         SystemClock(),
         key_prefix=settings.redis.key_prefix,
     )
-    return ApiKeyAuthenticator(registry, limiter)
+    return ApiKeyAuthenticator(registry, RpcRateLimiter.auditing(limiter, abuse.audited_call_cost))
 
 
 def _load_plugin(spec: str) -> Callable[[Any, Settings], None]:

@@ -2,7 +2,7 @@
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
 ``quality``, ``throughput``, ``limits``, ``templates``, ``tokens``, ``liveness``,
-``security``, ``portal``, ``abuse``, ``logging``), gathered in :class:`Settings`.
+``security``, ``portal``, ``abuse``, ``audit``, ``logging``), gathered in :class:`Settings`.
 Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
@@ -537,6 +537,11 @@ class AbuseSettings:
     """Seconds within which the suspicions are counted."""
     spoof_lockout_s: float = 1800.0
     """Seconds a participant's scans stay paused once the threshold is reached."""
+    audited_call_cost: int = 10
+    """An audited call (Enroll, DeleteEnrollment, Verify, RedeemToken: each writes an audit
+    event kept for audit.retention_days) counts as this many requests against client_rate,
+    so one client adds at most client_rate / audited_call_cost events a window to the trail
+    (600 a minute by default); a cost above client_rate counts as client_rate."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -545,8 +550,24 @@ class AbuseSettings:
             "spoof_lockout_threshold",
             "spoof_lockout_window_s",
             "spoof_lockout_s",
+            "audited_call_cost",
         ):
             _check_positive(f"abuse.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The audit trail: one event per enrollment, deletion, scan decision and redemption, in
+    a Redis stream."""
+
+    retention_days: float = 7.0
+    """Events are kept this long (by Redis's clock), then trimmed; never by count, so a flood
+    of calls cannot push recent events out. Redis holds retention x event rate of them, a few
+    hundred bytes each; ship the stream elsewhere (``facesvc audit tail --follow``) to keep
+    them longer."""
+
+    def __post_init__(self) -> None:
+        _check_positive("audit.retention_days", self.retention_days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +600,7 @@ class Settings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     portal: PortalSettings = field(default_factory=PortalSettings)
     abuse: AbuseSettings = field(default_factory=AbuseSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

@@ -171,7 +171,11 @@ async def build_engine(
         issuer=issuer,
         redeemer=redeemer,
         published_keys=published,
-        audit=AuditLog(redis, stream=f"{prefix.rstrip(':')}:audit"),
+        audit=AuditLog(
+            redis,
+            stream=f"{prefix.rstrip(':')}:audit",
+            retention=timedelta(days=settings.audit.retention_days),
+        ),
         lockout=SpoofLockout(
             redis,
             LockoutRule(
