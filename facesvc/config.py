@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 ENV_PREFIX = "FACESVC_"
@@ -793,16 +793,38 @@ def usable_cores() -> int:
 # ---------------------------------------------------------------- describing
 
 
+_SECRET_QUERY_WORDS = ("password", "passwd", "secret", "token")
+"""A URL query parameter whose name contains one of these is redacted (redis-py reads
+``?password=`` and Sentinel's ``?sentinel_password=``)."""
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with every password replaced by ``***``: in the ``user:password@`` part
+    (without parsing the hosts, so a multi-host Cluster or Sentinel URL works) and in query
+    parameters such as ``?password=``. A user part without a password is redacted whole: a
+    password written there by mistake must not reach a log either."""
     parts = urlsplit(url)
-    if parts.password is None:
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = credentials.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    query = "&".join(_redact_parameter(item) for item in parts.query.split("&"))
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Put together by hand: urlunsplit drops the "//" of an empty host (unix:///path).
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
+def _redact_parameter(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    if equals and any(word in name.lower() for word in _SECRET_QUERY_WORDS):
+        return f"{name}=***"
+    return item
 
 
 def shown(info: SettingInfo, value: Any) -> str:
