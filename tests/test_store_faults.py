@@ -74,3 +74,23 @@ def test_challenges_fail_closed_when_redis_stops_taking_writes(
     # Once Redis takes writes again, challenges are issued as before.
     issued = served.stub.StartLivenessChallenge(request, timeout=30)
     assert issued.challenge_id
+
+
+def test_unavailable_says_what_failed_and_never_where_redis_is(
+    served: RunningServer, dedicated_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    host_port = dedicated_redis.url.split("//", 1)[1].split("/", 1)[0]  # 127.0.0.1:<port>
+    port = host_port.rsplit(":", 1)[1]
+    dedicated_redis.stop()
+    request = pb.GetAttemptsRequest(
+        participant_id="p-1", training_id="t-1", training_type=pb.TRAINING_TYPE_SPL
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        served.stub.GetAttempts(request, timeout=30)
+    details = refused.value.details() or ""
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    # The message used to carry the client error: "Error 111 connecting to 127.0.0.1:<port>".
+    assert port not in details and "127.0.0.1" not in details and "Error" not in details
+    assert "retry" in details
+    # The operator still gets the detail, in the log.
+    assert any(port in str(getattr(r, "error", "")) for r in caplog.records)
