@@ -42,7 +42,7 @@ from facesvc.http_api import build_http_app
 from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.tls import insecure_warnings, server_tls
+from facesvc.tls import add_hsts, insecure_warnings, server_tls
 from facesvc.validation import RequestLimits, transport_limit
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class App:
             interceptors.append(AuthInterceptor(auth, service))
             self.http_app.middlewares.append(http_auth_middleware(auth.registry))
         self.portal.install(self.http_app)
+        if self._tls is not None:
+            self.http_app.on_response_prepare.append(add_hsts)
         self._engine_factory = engine_factory
         self._grpc = grpc.aio.server(
             interceptors=interceptors,

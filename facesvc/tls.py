@@ -12,6 +12,10 @@
 
 Unreadable or mismatched files are a :class:`~facesvc.config.ConfigError` naming the
 setting, raised before anything binds.
+
+Under TLS every HTTP response carries ``Strict-Transport-Security`` (:func:`add_hsts`): a
+browser that has reached the scan page once over HTTPS never again follows a plain
+``http://`` link to it, where a network attacker could serve a page of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
 from facesvc.config import ConfigError, SecuritySettings
 
@@ -89,3 +94,13 @@ def insecure_warnings(security: SecuritySettings) -> list[str]:
             "security.allow_anonymous=false in production."
         )
     return lines
+
+
+STRICT_TRANSPORT_SECURITY = "max-age=31536000"
+"""One year, the usual value; no includeSubDomains or preload: the service cannot speak for
+other hosts of its domain."""
+
+
+async def add_hsts(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp ``on_response_prepare`` hook of an HTTPS server: the HSTS header."""
+    response.headers.setdefault("Strict-Transport-Security", STRICT_TRANSPORT_SECURITY)
