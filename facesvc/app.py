@@ -41,6 +41,7 @@ from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
 from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
+from facesvc.preauth import CredentialsFirst
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.tls import add_hsts, insecure_warnings, server_tls
 from facesvc.validation import RequestLimits, transport_limit
@@ -140,6 +141,8 @@ class App:
         ]
         if auth is not None:
             service = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
+            # Outermost: an anonymous call is refused before its message is read.
+            interceptors.insert(0, CredentialsFirst(auth, service, self.metrics))
             interceptors.append(AuthInterceptor(auth, service))
             self.http_app.middlewares.append(http_auth_middleware(auth.registry))
         self.portal.install(self.http_app)
