@@ -97,7 +97,8 @@ class ServerSettings:
     """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
     max_message_bytes: int = 32 * 1024 * 1024
     """Largest request accepted; larger ones get INVALID_ARGUMENT, and beyond twice this
-    size gRPC refuses them unread with RESOURCE_EXHAUSTED."""
+    size gRPC refuses them with RESOURCE_EXHAUSTED. A call without valid credentials is
+    refused (UNAUTHENTICATED) before its message is read, whatever its size."""
     max_frames: int = 16
     """Most frames in one Verify."""
     max_images: int = 10
@@ -127,7 +128,11 @@ class ServerSettings:
     """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
     models, under a supervisor that restarts a crashed one; 1 = this process only."""
     max_concurrent_rpcs: int = 64
-    """Calls served at once per worker; more wait in the gRPC queue."""
+    """Calls of any service, health checks included, served at once per worker. Nothing
+    queues beyond it: grpc.aio refuses the next call at once with RESOURCE_EXHAUSTED
+    ("Concurrent RPC limit exceeded!", no retry-after) before any interceptor sees it. Keep
+    it well above throughput.max_in_flight_verify, so an overload meets the service's own
+    refusal (with a retry-after) and health checks still get through."""
     plugins: tuple[str, ...] = ()
     """``module:function`` callables run as ``function(server, settings)`` at start-up to
     register extra gRPC services (operator tooling; the drain test uses one)."""
@@ -268,7 +273,8 @@ class ThroughputSettings:
     max_in_flight_verify: int = 32
     """Verify calls one worker serves at once; more are refused at once with
     RESOURCE_EXHAUSTED, before any attempt is reserved. Keep it below
-    ``server.max_concurrent_rpcs``, where gRPC itself would queue the call instead."""
+    ``server.max_concurrent_rpcs``, where gRPC itself refuses every call, health checks
+    included, without a retry-after."""
     retry_after_s: float = 1.0
     """The ``retry-after`` (seconds) sent with an overload refusal."""
 
