@@ -43,7 +43,7 @@ from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
 from facesvc.preauth import CredentialsFirst
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.tls import add_hsts, insecure_warnings, server_tls
+from facesvc.tls import add_hsts, check_exposure, insecure_warnings, server_tls
 from facesvc.validation import RequestLimits, transport_limit
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class App:
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.settings = settings
+        # Before anything is built or bound: off loopback, TLS and API keys or nothing.
+        self._exposed_insecurely = check_exposure(settings)
         self._tls = server_tls(settings.security)
         self._shares_ports = settings.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
@@ -188,6 +190,12 @@ class App:
         address = f"{s.server.grpc_host}:{s.server.grpc_port}"
         for line in insecure_warnings(s.security):
             log.warning("*** INSECURE, DEVELOPMENT ONLY *** %s", line)
+        for line in self._exposed_insecurely:
+            log.critical(
+                "*** INSECURE NETWORK, security.allow_insecure_network IS ON: DEVELOPMENT "
+                "ONLY *** %s",
+                line,
+            )
         if self._tls is None:
             self.grpc_port = self._grpc.add_insecure_port(address)
         else:

@@ -458,6 +458,11 @@ class SecuritySettings:
     allow_anonymous: bool = True
     """Without ``api_keys_file``, treat every caller as an admin (local development). Turn
     off in production: the service then refuses to start without a keys file."""
+    allow_insecure_network: bool = False
+    """Serve on an address other than loopback (server.grpc_host or http_host, e.g. 0.0.0.0
+    in the container) without TLS or without API keys. Off, ``facesvc serve`` refuses to
+    start so: anyone on the network could enroll and delete as an admin and read photos and
+    tokens in transit. Development only; when on, start-up logs it as CRITICAL."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

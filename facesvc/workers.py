@@ -58,7 +58,11 @@ CONFIG_ERROR_EXIT = 2
 
 
 def serve(settings: Settings) -> int:
-    """Run ``facesvc serve`` until SIGTERM/SIGINT; the process exit code."""
+    """Run ``facesvc serve`` until SIGTERM/SIGINT; the process exit code. Raises ConfigError
+    before anything starts when the servers would be exposed without TLS or API keys."""
+    from facesvc.tls import check_exposure
+
+    check_exposure(settings)
     if settings.server.workers == 1:
         return asyncio.run(serve_process(settings))
     return Supervisor(settings).run()

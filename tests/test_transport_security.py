@@ -1,19 +1,30 @@
-"""Transport security of the real servers (issue 18.8): HSTS under TLS, and credentials checked
-before a gRPC call's message is read."""
+"""Transport security of the real servers: HSTS under TLS and credentials checked before a
+gRPC call's message is read (issue 18.8); no serving beyond loopback without TLS and API keys,
+and `facesvc init`, which makes both (issue 18.6)."""
 
 from __future__ import annotations
 
 import re
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
+from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
+from facesvc.app import App
+from facesvc.config import ConfigError, load_settings
+from facesvc.templates import generate_template_key
+from facesvc.tls import check_exposure
+from facesvc.tokens.keys import keys_generate
 from tests.conftest import ServerStarter
+from tests.serve_process import REPO, child_env, serve_process
 from tests.test_auth import Pki, admitted, call, make_keys
 
 # The module-scoped PKI fixture (a CA and a server certificate for localhost).
@@ -80,3 +91,144 @@ def test_an_anonymous_call_is_refused_before_its_message_is_read(
         rb'method="facesvc.v1.FaceVerification/Enroll"\} 2\.0',
         text,
     ), text
+
+
+# ---------------------------------------------------------------- safe defaults (issue 18.6)
+
+
+def _secrets_env(tmp_path: Path) -> dict[str, str]:
+    """Token and template keys, so that `facesvc serve` would otherwise start."""
+    keys_generate(tmp_path / "token-keys")
+    return {
+        "FACESVC_TOKENS_KEY_DIR": str(tmp_path / "token-keys"),
+        "FACESVC_TEMPLATES_KEY": generate_template_key("k1"),
+        "FACESVC_SERVER_GRPC_PORT": "0",
+        "FACESVC_SERVER_HTTP_PORT": "0",
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        # The container's addresses with the old defaults: plaintext, every caller an admin.
+        (["--server-grpc-host", "0.0.0.0", "--server-http-host", "0.0.0.0"], ["TLS", "API keys"]),
+        (["--server-http-host", "0.0.0.0"], ["server.http_host=0.0.0.0", "TLS", "API keys"]),
+    ],
+)
+def test_serve_refuses_other_machines_without_tls_and_api_keys(
+    tmp_path: Path, redis_url: str, flags: list[str], named: list[str]
+) -> None:
+    args = ["--redis-url", redis_url, *flags]
+    with serve_process(args, tmp_path / "serve.log", env=_secrets_env(tmp_path)) as served:
+        assert served.proc.wait(timeout=120) == 2
+        log = served.log()
+    assert "refusing to serve" in log
+    for word in named:
+        assert word in log
+    assert "security.allow_insecure_network=true" in log  # how to go on, for development
+    assert "facesvc listening" not in log
+
+
+def test_serve_with_tls_and_keys_passes_the_check_and_the_dev_flag_is_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    exposed = {"server.grpc_host": "0.0.0.0", "server.http_host": "0.0.0.0"}
+    secured = tmp_path / "state"
+    init = [
+        "init",
+        "--tokens-key-dir",
+        str(secured / "tokens"),
+        "--templates-key-file",
+        str(secured / "templates.key"),
+        "--security-api-keys-file",
+        str(secured / "apikeys.json"),
+        "--security-tls-cert",
+        str(secured / "tls.pem"),
+        "--security-tls-key",
+        str(secured / "tls.key"),
+    ]
+    assert cli.main(init) == 0
+    settings = load_settings(
+        env={},
+        overrides={
+            **exposed,
+            "security.api_keys_file": secured / "apikeys.json",
+            "security.tls_cert": secured / "tls.pem",
+            "security.tls_key": secured / "tls.key",
+            "security.allow_plaintext": "false",
+            "security.allow_anonymous": "false",
+        },
+    )
+    assert check_exposure(settings) == []
+    App(settings)  # built, not started: nothing is bound off loopback here
+    with pytest.raises(ConfigError, match="refusing to serve"):
+        App(load_settings(env={}, overrides=exposed))
+    flagged = load_settings(
+        env={}, overrides={**exposed, "security.allow_insecure_network": "true"}
+    )
+    lines = check_exposure(flagged)
+    assert len(lines) == 2 and "without TLS" in lines[0] and "without API keys" in lines[1]
+    App(flagged)
+
+
+def test_init_makes_a_working_secure_set_up_once(
+    tmp_path: Path, start_server: ServerStarter, redis_url: str
+) -> None:
+    state = tmp_path / "state"
+    settings_flags = [
+        "--tokens-key-dir",
+        str(state / "keys" / "tokens"),
+        "--templates-key-file",
+        str(state / "keys" / "templates.key"),
+        "--security-api-keys-file",
+        str(state / "keys" / "apikeys.json"),
+        "--security-tls-cert",
+        str(state / "tls" / "server.pem"),
+        "--security-tls-key",
+        str(state / "tls" / "server.key"),
+    ]
+    assert cli.main(["init", *settings_flags, "--tls-host", "facesvc"]) == 0
+    made = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    admin_key_file = state / "keys" / "apikeys.json.admin-key"
+    for secret in (admin_key_file, state / "tls" / "server.key", state / "keys" / "templates.key"):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+    # A second run, as compose runs it before every start, changes nothing.
+    assert cli.main(["init", *settings_flags]) == 0
+    assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == made
+
+    server = start_server(
+        redis_url,
+        tokens__key_dir=str(state / "keys" / "tokens"),
+        templates__key_file=str(state / "keys" / "templates.key"),
+        security__api_keys_file=str(state / "keys" / "apikeys.json"),
+        security__tls_cert=str(state / "tls" / "server.pem"),
+        security__tls_key=str(state / "tls" / "server.key"),
+        security__allow_plaintext="false",
+        security__allow_anonymous="false",
+    )
+    # The container's health probe trusts the certificate init made (127.0.0.1 is in it).
+    probe = subprocess.run(
+        [sys.executable, "-m", "facesvc.healthcheck"],
+        cwd=REPO,
+        env=child_env(
+            {
+                "FACESVC_SERVER_GRPC_PORT": str(server.app.grpc_port),
+                "FACESVC_SECURITY_TLS_CERT": str(state / "tls" / "server.pem"),
+                "FACESVC_SECURITY_TLS_KEY": str(state / "tls" / "server.key"),
+            }
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SERVING" in probe.stdout, probe.stderr
+    # The admin key init wrote is accepted over that TLS; no key is not.
+    credentials = grpc.ssl_channel_credentials((state / "tls" / "server.pem").read_bytes())
+    with grpc.secure_channel(f"localhost:{server.app.grpc_port}", credentials) as channel:
+        stub = pb_grpc.FaceVerificationStub(channel)
+        request = pb.GetEnrollmentRequest(participant_id="p-1")
+        admin_key = admin_key_file.read_text().strip()
+        assert admitted(call(stub, "GetEnrollment", request, admin_key))
+        assert call(stub, "GetEnrollment", request, None).code() is (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
