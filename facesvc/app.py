@@ -36,6 +36,7 @@ from facesvc.clock import SkewWatch, SystemClock
 from facesvc.config import ConfigError, Settings
 from facesvc.engine import Engine
 from facesvc.gateway import build_portal
+from facesvc.gateway_limits import GatewayLimits
 from facesvc.grpc_api import DevAuthenticator, FaceVerificationServicer, MetricsInterceptor
 from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
@@ -148,6 +149,10 @@ class App:
             interceptors.append(AuthInterceptor(auth, service))
             self.http_app.middlewares.append(http_auth_middleware(auth.registry))
         self.portal.install(self.http_app)
+        # The page's API: rates per address and scan link, and scans in flight, before any
+        # handler (facesvc.gateway_limits).
+        self.gateway_limits = GatewayLimits(settings, self.redis, lambda: self.portal.tickets)
+        self.http_app.middlewares.append(self.gateway_limits.middleware())
         if self._tls is not None:
             self.http_app.on_response_prepare.append(add_hsts)
         self._engine_factory = engine_factory

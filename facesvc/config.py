@@ -501,11 +501,34 @@ class PortalSettings:
     verify_timeout_s: float = 45.0
     """Seconds the page waits for a scan's answer before it offers a retry, which resends
     the same frames under the same idempotency key (no second attempt)."""
+    max_in_flight_scans: int = 8
+    """Scans (POST /api/v1/verify) one worker serves at once for the page; more get 429 at
+    once with a Retry-After (throughput.retry_after_s), before any attempt is reserved, and
+    gRPC callers keep the rest of the worker."""
+    client_rate: int = 1200
+    """Requests one client address may make to the page's API per rate_window_s (a sliding
+    estimate kept in Redis; a scan counts as 10, a pre-check as 1): a classroom behind one
+    address, its pages each pre-checking every 2.5 s, stays under it. Over it: 429 with a
+    Retry-After."""
+    ticket_rate: int = 120
+    """Requests one scan link (launch ticket) may make per rate_window_s, counted like
+    client_rate: a page's own pace (pre-checks, a challenge, a scan and its retries) stays
+    well under it, while a scan with no face in it, which costs no attempt, cannot be
+    repeated more than 12 times a minute."""
+    rate_window_s: float = 60.0
+    """The window of client_rate and ticket_rate, in seconds."""
+    client_address_header: str = ""
+    """Empty: a client's address is the TCP peer's. Behind a reverse proxy, the header in
+    which the proxy records the client's address (e.g. X-Forwarded-For; its last entry is
+    used). Set it only when every request comes through such a proxy: a client could
+    otherwise name any address."""
 
     def __post_init__(self) -> None:
         _check_positive("portal.ticket_ttl_s", self.ticket_ttl_s)
         _check_positive("portal.frame_width_px", self.frame_width_px)
         _check_positive("portal.verify_timeout_s", self.verify_timeout_s)
+        for name in ("max_in_flight_scans", "client_rate", "ticket_rate", "rate_window_s"):
+            _check_positive(f"portal.{name}", getattr(self, name))
         if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
             raise ConfigError(f"portal.public_url={self.public_url!r}: use an http(s) URL")
         for entry in self.return_urls:
