@@ -114,16 +114,18 @@ class ServerSettings:
     max_decode_pixels: int = 2048 * 2048
     """Most pixels one frame or photo is decoded into (2048x2048; a 2560x1600 screenshot
     fits). A JPEG with more is decoded at 1/2, 1/4 or 1/8 scale to fit (libjpeg scales while
-    it decodes, so the full picture is never made); a PNG, WebP or progressive JPEG with
-    more is refused with INVALID_ARGUMENT before any pixel is decoded (their decoders make
-    or keep the whole picture: a flat 24 MP PNG of 80 KB took 10-20 s of CPU and grew the
-    server by 4 GB). A baseline JPEG, as cameras write them, is accepted up to 25 MP."""
-    max_analyze_pixels: int = 614_400
+    it decodes, so the full picture is never made); a PNG or WebP with more, or a
+    progressive JPEG with more than half, is refused with INVALID_ARGUMENT before any pixel
+    is decoded (their decoders make or keep the whole picture: a flat 24 MP PNG of 80 KB
+    took 10-20 s of CPU and grew the server by 4 GB). A baseline JPEG, as cameras write
+    them, is accepted up to 25 MP."""
+    max_analyze_pixels: int = 460_800
     """A decoded frame with more pixels is scaled down (keeping its proportions) to this
     many before any face work. Face detection's cost grows with the pixels it is given, so
-    this bounds one frame's cost whatever was sent: 614,400 is twice a 640x480 webcam frame
-    (1280x720 becomes 1045x587). Faces shrink with the frame: a face must still measure
-    quality.min_face_px after the scaling."""
+    this bounds one frame's cost whatever was sent: 460,800 is 1.5 times a 640x480 webcam
+    frame, so that decoding and scaling included, the costliest frame accepted costs about
+    twice a webcam scan (benchmarks/hostile_frames.py). 1280x720 becomes 905x509: a face
+    must still measure quality.min_face_px after the scaling (113 px at 1280x720)."""
     workers: int = 1
     """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
     models, under a supervisor that restarts a crashed one; 1 = this process only."""

@@ -52,7 +52,7 @@ class FaceWork:
         pad_model: PresentationAttackModel | None,
         *,
         decode_limits: DecodeLimits,
-        max_analyze_pixels: int = 2 * 640 * 480,
+        max_analyze_pixels: int = 460_800,
         threads: int,
         embed_batching: BatchSettings,
         pad_batching: BatchSettings,

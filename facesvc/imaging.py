@@ -57,9 +57,9 @@ class DecodeLimits:
     scan needs); a larger image is refused unread.
     ``max_decoded_pixels``: the most pixels one image is decoded into (2048x2048 = 4.2 MP:
     12 MB as RGB, a 2560x1600 screenshot; a flat PNG of that size decodes in about 40 ms).
-    A JPEG above it is decoded at the weakest of 1/2, 1/4, 1/8 that fits; a PNG, a WebP or
-    a progressive JPEG above it is refused, since their decoders make (or keep) the whole
-    picture whatever the output size.
+    A JPEG above it is decoded at the weakest of 1/2, 1/4, 1/8 that fits; a PNG or a WebP
+    above it is refused, and a progressive JPEG above half of it, since their decoders make
+    (or keep) the whole picture whatever the output size.
     ``formats``: accepted formats, among "JPEG", "PNG", "WebP".
     ``jpeg_reduce_to_side``: None reduces JPEGs only to fit ``max_decoded_pixels``. When
     set, a JPEG whose longer side is at least twice this is decoded at 1/2, 1/4 or 1/8
@@ -163,12 +163,13 @@ def _fit_decoding_budget(image: Image.Image, limits: DecodeLimits) -> None:
                 "a JPEG"
             )
         return
-    if image.info.get("progressive") and width * height > budget:
-        # libjpeg keeps every coefficient of a progressive JPEG until its last scan, at any
-        # output scale: a 25 MP one costs 150 MB and three times a webcam scan's CPU.
+    if image.info.get("progressive") and width * height > budget // 2:
+        # libjpeg decodes every scan of a progressive JPEG and keeps all its coefficients
+        # until the last, at any output scale: each pixel costs about twice a baseline one
+        # (a 25 MP one took 150 MB and three times a webcam scan's CPU), so half the budget.
         raise ImageRejected(
             f"image is a progressive JPEG of {width}x{height} = {width * height / 1e6:.1f} MP; "
-            f"a progressive JPEG may have at most {budget / 1e6:.1f} MP: send a smaller "
+            f"a progressive JPEG may have at most {budget // 2 / 1e6:.1f} MP: send a smaller "
             "picture, or a standard (baseline) JPEG as cameras write them"
         )
     scale = next((s for s in _JPEG_SCALES if -(-width // s) * -(-height // s) <= budget), None)
