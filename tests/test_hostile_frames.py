@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -82,3 +83,20 @@ async def test_face_work_sees_at_most_max_analyze_pixels_of_a_huge_frame(
         assert analysis.status is FaceStatus.OK  # the face is still found and measured
     finally:
         await faces.close()
+
+
+def test_frame_sizes_chosen_at_will_leave_a_bounded_detector_cache(model_pack: ModelPack) -> None:
+    # The dlib detector keeps a pool of float32 canvases per input size: eight sizes of the
+    # largest analysed frame kept about 150 MB resident once the frames were gone.
+    from facesvc.models import dlib_mmod
+
+    detector = model_pack.detector
+    if not isinstance(detector, dlib_mmod.MMODFaceDetector):
+        pytest.skip("the default pack's detector is not dlib's")
+    cap = ServerSettings().max_analyze_pixels
+    for width in range(700, 900, 20):  # ten sizes, each at most the analysed maximum
+        height = cap // width
+        detector.detect(np.zeros((height, width, 3), dtype=np.uint8), 80)
+    pools = [plan.pool.nbytes for plan in detector._plans.values()]
+    assert sum(pools[:-1]) <= dlib_mmod._PLAN_CACHE_BYTES  # the newest is always kept
+    assert len(pools) < 8
