@@ -4,6 +4,7 @@
 #   make test    venv + install + Redis (if none answers) + pytest in parallel
 #   make lint    ruff + mypy
 #   make proto   regenerate facesvc/_proto from proto/ (commit the result)
+#   make deploy-local  a local Kubernetes cluster (kind) running facesvc over a Redis Cluster
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 REDIS_URL := $(or $(FACESVC_REDIS_URL),redis://127.0.0.1:6379/0)
 TEST_REDIS_URL := $(or $(FACESVC_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 
-.PHONY: run test lint proto venv models redis redis-stop system-deps keys
+.PHONY: run test lint proto venv models redis redis-stop system-deps keys deploy-local
 
 venv: $(INSTALLED)
 
@@ -76,6 +77,10 @@ lint: venv
 
 proto: venv
 	$(PY) -m facesvc.protogen
+
+# Needs docker, kind, helm and kubectl; README "Deploying on Kubernetes".
+deploy-local: venv
+	deploy/local-up.sh
 
 # ---------------------------------------------------------------- system packages
 # tests/test_browser.py (marker `browser`) drives Debian's chromium through Playwright for

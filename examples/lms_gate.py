@@ -4,12 +4,15 @@ The Scan Wajah page redirects the participant back to
 
     http://<gate>/sessions/<session_id>/enter?token=<jwt>
 
-and this gate
+and this gate, for the participant logged in to the LMS (a real LMS knows them from its own
+login session; this example reads a ``lms_user`` cookie in its place, never the token),
 
-1. checks the token offline (signature against the cached JWKS, expiry, audience, training,
-   gate, session): forgeries and tokens for other sessions are refused without a network call;
-2. redeems it online (RedeemToken), which marks it used: a token admits exactly once, even
-   when the participant (or someone who copied the link) opens it twice.
+1. checks the token offline (signature against the cached JWKS, expiry, audience, participant,
+   training, gate, session): forgeries, another participant's token and tokens for other
+   sessions are refused without a network call;
+2. redeems it online (RedeemToken, with the same participant), which marks it used: a token
+   admits exactly once, even when the participant (or someone who copied the link) opens it
+   twice, and never admits anyone but the participant it was issued for.
 
 Run (see examples/README.md)::
 
@@ -24,6 +27,7 @@ import html
 import os
 import re
 from http import HTTPStatus
+from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -55,13 +59,15 @@ class Gatekeeper:
         self.audience = audience
         self.training_id = training_id
 
-    def admit(self, session_id: str, token: str) -> tuple[bool, str]:
-        """(admitted, message for the participant)."""
+    def admit(self, participant_id: str, session_id: str, token: str) -> tuple[bool, str]:
+        """(admitted, message for the participant) for ``participant_id``, the LMS user who
+        brought ``token`` to the gate of ``session_id``."""
         expected = Expectation(
             audience=self.audience,
             gate=Gate.SESSION,
             session_id=session_id,
             training_id=self.training_id,
+            participant_id=participant_id,
         )
         try:
             offline = self.verifier.verify(token, expected)
@@ -72,6 +78,7 @@ class Gatekeeper:
         try:
             redemption = self.client.redeem(
                 token,
+                participant_id=participant_id,
                 audience=self.audience,
                 gate=Gate.SESSION,
                 session_id=session_id,
@@ -94,7 +101,11 @@ def make_handler(gate: Gatekeeper) -> type[BaseHTTPRequestHandler]:
             if match is None or not token:
                 self._reply(HTTPStatus.NOT_FOUND, "use /sessions/<id>/enter?token=<token>")
                 return
-            admitted, message = gate.admit(match.group(1), token)
+            user = SimpleCookie(self.headers.get("Cookie", "")).get("lms_user")
+            if user is None or not user.value:
+                self._reply(HTTPStatus.UNAUTHORIZED, "log in to the LMS first")
+                return
+            admitted, message = gate.admit(user.value, match.group(1), token)
             self._reply(HTTPStatus.OK if admitted else HTTPStatus.FORBIDDEN, message)
 
         def _reply(self, status: HTTPStatus, message: str) -> None:

@@ -33,7 +33,7 @@ from facesvc.auth import (
     http_auth_middleware,
 )
 from facesvc.clock import SkewWatch, SystemClock
-from facesvc.config import ConfigError, Settings
+from facesvc.config import ConfigError, ServerSettings, Settings
 from facesvc.engine import Engine
 from facesvc.gateway import build_portal
 from facesvc.gateway_limits import GatewayLimits
@@ -84,6 +84,17 @@ def _authenticator(settings: Settings, redis: AsyncRedis) -> ApiKeyAuthenticator
         key_prefix=settings.redis.key_prefix,
     )
     return ApiKeyAuthenticator(registry, RpcRateLimiter.auditing(limiter, abuse.audited_call_cost))
+
+
+def _connection_age_options(server: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC server options that close each connection after ``server.max_connection_age_s``
+    (see that setting), letting calls in flight finish within ``server.grace_s``."""
+    if server.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(server.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(server.grace_s * 1000)),
+    ]
 
 
 def _load_plugin(spec: str) -> Callable[[Any, Settings], None]:
@@ -166,6 +177,7 @@ class App:
                 # connections over them. A single process keeps it to itself: a second
                 # server on its port is an operator error that must fail loudly.
                 ("grpc.so_reuseport", int(self._shares_ports)),
+                *_connection_age_options(server),
             ],
         )
         self._runner: web.AppRunner | None = None

@@ -27,13 +27,15 @@ training types the client may scan for. The file is re-read when it changes.
 
 Roles (:data:`ROLE_TABLE` is the whole policy, as data):
 
-- ``admin``: every RPC (enrollment and deletion are admin only).
+- ``admin``: every RPC (enrollment, its tenants and deletion are admin only), for every
+  participant.
 - ``lms``: Verify, GetAttempts, RedeemToken (only tokens whose audience is its tenant),
-  StartLivenessChallenge, GetSigningKeys, CreateLaunchTicket (for its own tenant).
+  StartLivenessChallenge, GetSigningKeys, CreateLaunchTicket (for its own tenant); only for
+  participants whose enrollment lists its tenant (others are NOT_FOUND).
 - ``portal``: the web portal's calls: StartLivenessChallenge, Verify, GetAttempts,
-  GetSigningKeys.
-- ``kiosk``: StartLivenessChallenge and Verify for OFFLINE trainings only, bound to its
-  venue (its tenant), and GetSigningKeys.
+  GetSigningKeys; like an LMS, only for participants enrolled for its tenant.
+- ``kiosk``: StartLivenessChallenge and Verify for OFFLINE trainings only, each with the
+  participant's venue pass for its own venue (its tenant), and GetSigningKeys.
 - ``monitor``: no RPC; reads ``/metrics`` over HTTP (a Prometheus scraper should not
   hold a key that can enroll).
 
@@ -89,6 +91,7 @@ ROLE_TABLE: Mapping[str, frozenset[Role]] = {
     "Enroll": frozenset({_A}),
     "GetEnrollment": frozenset({_A}),
     "DeleteEnrollment": frozenset({_A}),
+    "SetEnrollmentTenants": frozenset({_A}),
     "StartLivenessChallenge": frozenset({_A, _L, _P, _K}),
     "Verify": frozenset({_A, _L, _P, _K}),
     "GetAttempts": frozenset({_A, _L, _P}),

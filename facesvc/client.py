@@ -10,6 +10,11 @@ Connecting::
                            session_id="day-2", frames=[jpeg_bytes])
     if result.decision is Decision.VERIFIED: ...
 
+Several replicas: point ``target`` at every one of them, e.g. a Kubernetes headless
+Service (``dns:///facesvc-grpc.facesvc.svc.cluster.local:50051``); the client balances its
+calls over them round-robin (``load_balancing``), since one HTTP/2 connection would otherwise
+carry every call to one replica.
+
 Credentials: the API key travels as gRPC metadata ``authorization: Bearer <key>`` on every call.
 TLS is on by default (system roots, or ``root_certificates``); pass ``certificate_chain`` and
 ``private_key`` (PEM) for mTLS. ``insecure=True`` drops TLS for local development only: a key
@@ -30,13 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -208,6 +214,8 @@ class Enrollment:
     updated_at: datetime | None
     image_count: int
     model_pack: str
+    tenants: list[str]
+    """The LMS tenants that may act for the participant."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +306,7 @@ def _enrollment(e: pb.Enrollment) -> Enrollment:
         updated_at=_time(e, "updated_at"),
         image_count=e.image_count,
         model_pack=e.model_pack,
+        tenants=list(e.tenants),
     )
 
 
@@ -382,31 +391,60 @@ def _key_set(r: pb.GetSigningKeysResponse) -> PublicKeySet:
     return PublicKeySet.from_json(r.jwks_json)
 
 
+_Out = TypeVar("_Out")
+
 # --------------------------------------------------------------------------- requests
+#
+# Each RPC is built once, as a _Call (the stub's method name, the request, the parser of its
+# response); the blocking and the asyncio client only differ in how they send it.
 
 
-def _challenge_request(
-    participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
-) -> pb.StartLivenessChallengeRequest:
-    return pb.StartLivenessChallengeRequest(
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[_Out]):
+    method: str
+    request: Any
+    parse: Callable[[Any], _Out]
+
+
+def _enroll_call(
+    participant_id: str, images: Sequence[bytes], replace: bool, tenants: Sequence[str]
+) -> _Call[EnrollResult]:
+    request = pb.EnrollRequest(
+        participant_id=participant_id, images=list(images), replace=replace, tenants=list(tenants)
+    )
+    return _Call("Enroll", request, _enroll_result)
+
+
+def _set_tenants_call(participant_id: str, tenants: Sequence[str]) -> _Call[Enrollment]:
+    request = pb.SetEnrollmentTenantsRequest(participant_id=participant_id, tenants=list(tenants))
+    return _Call("SetEnrollmentTenants", request, lambda r: _enrollment(r.enrollment))
+
+
+def _challenge_call(
+    participant_id: str, training_id: str, training_type: TrainingType, gate: Gate, venue_pass: str
+) -> _Call[Challenge]:
+    request = pb.StartLivenessChallengeRequest(
         participant_id=participant_id,
         training_id=training_id,
         training_type=TRAINING_TYPES.to_wire(training_type),
         gate=GATES.to_wire(gate),
+        venue_pass=venue_pass,
     )
+    return _Call("StartLivenessChallenge", request, _challenge)
 
 
-def _attempts_request(
+def _attempts_call(
     participant_id: str, training_id: str, training_type: TrainingType
-) -> pb.GetAttemptsRequest:
-    return pb.GetAttemptsRequest(
+) -> _Call[Attempts]:
+    request = pb.GetAttemptsRequest(
         participant_id=participant_id,
         training_id=training_id,
         training_type=TRAINING_TYPES.to_wire(training_type),
     )
+    return _Call("GetAttempts", request, _attempts)
 
 
-def _verify_request(
+def _verify_call(
     participant_id: str,
     training_id: str,
     training_type: TrainingType,
@@ -416,7 +454,8 @@ def _verify_request(
     scheduled_start: datetime | None,
     challenge_id: str,
     idempotency_key: str,
-) -> pb.VerifyRequest:
+    venue_pass: str,
+) -> _Call[VerifyResult]:
     request = pb.VerifyRequest(
         participant_id=participant_id,
         training_id=training_id,
@@ -426,22 +465,29 @@ def _verify_request(
         challenge_id=challenge_id,
         frames=list(frames),
         idempotency_key=idempotency_key,
+        venue_pass=venue_pass,
     )
     if scheduled_start is not None:
         request.scheduled_start.CopyFrom(_timestamp(scheduled_start))
-    return request
+    return _Call("Verify", request, _verify_result)
 
 
-def _redeem_request(
-    token: str, audience: str, gate: Gate, session_id: str, training_id: str
-) -> pb.RedeemTokenRequest:
-    return pb.RedeemTokenRequest(
+def _redeem_call(
+    token: str, participant_id: str, audience: str, gate: Gate, session_id: str, training_id: str
+) -> _Call[Redemption]:
+    request = pb.RedeemTokenRequest(
         token=token,
+        expected_participant_id=participant_id,
         audience=audience,
         expected_gate=GATES.to_wire(gate),
         expected_session_id=session_id,
         expected_training_id=training_id,
     )
+    return _Call("RedeemToken", request, _redemption)
+
+
+def _signing_keys_call() -> _Call[PublicKeySet]:
+    return _Call("GetSigningKeys", pb.GetSigningKeysRequest(), _key_set)
 
 
 def _channel_credentials(
@@ -452,8 +498,34 @@ def _channel_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-_Resp = TypeVar("_Resp")
-_Out = TypeVar("_Out")
+#: The client-side load-balancing policies a channel may name (gRPC's built-in ones).
+LOAD_BALANCING_POLICIES = ("round_robin", "pick_first")
+
+
+def _channel_options(
+    options: Sequence[tuple[str, Any]], load_balancing: str
+) -> list[tuple[str, Any]]:
+    """``options`` plus a service config that selects ``load_balancing``.
+
+    gRPC multiplexes every call over one HTTP/2 connection, so with its default
+    ``pick_first`` a client of several replicas sends all its calls to whichever one it
+    connected to first. ``round_robin`` opens a connection to every address the target
+    resolves to and spreads calls over the ready ones: with a Kubernetes headless Service
+    (``dns:///facesvc-grpc.<namespace>.svc.cluster.local:50051``, one A record per ready pod)
+    that spreads calls over pods, and a pod that stops being ready drops out. A target with
+    one address behaves as before. A ``grpc.service_config`` or ``grpc.lb_policy_name`` the
+    caller passes in ``options`` wins.
+    """
+    if load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(
+            f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)} "
+            f"(got {load_balancing!r})"
+        )
+    merged = list(options)
+    if not any(name in ("grpc.service_config", "grpc.lb_policy_name") for name, _ in merged):
+        config: dict[str, object] = {"loadBalancingConfig": [{load_balancing: {}}]}
+        merged.append(("grpc.service_config", json.dumps(config)))
+    return merged
 
 
 class _Connection:
@@ -480,8 +552,12 @@ class _Connection:
 class FaceVerificationClient:
     """Blocking client of ``facesvc.v1.FaceVerification``; thread-safe; close() when done.
 
-    ``target`` is ``host:port``. ``timeout_s`` is the default deadline of every call in
-    seconds; each method also takes ``timeout_s``.
+    ``target`` is ``host:port``, or any gRPC target such as ``dns:///name:port`` (every
+    address the name resolves to) or ``ipv4:10.0.0.1:50051,10.0.0.2:50051``. ``timeout_s``
+    is the default deadline of every call in seconds; each method also takes ``timeout_s``.
+    ``load_balancing`` is ``round_robin`` (default: calls spread over every address of the
+    target, e.g. the pods behind a headless Service) or ``pick_first`` (gRPC's own default:
+    one connection, to the first address that answers).
     """
 
     def __init__(
@@ -495,13 +571,15 @@ class FaceVerificationClient:
         private_key: bytes | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        load_balancing: str = "round_robin",
     ) -> None:
         self._conn = _Connection(api_key, timeout_s)
+        channel_options = _channel_options(options, load_balancing)
         if insecure:
-            self._channel = grpc.insecure_channel(target, options=list(options))
+            self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             creds = _channel_credentials(root_certificates, certificate_chain, private_key)
-            self._channel = grpc.secure_channel(target, creds, options=list(options))
+            self._channel = grpc.secure_channel(target, creds, options=channel_options)
         self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
         self._target = target
 
@@ -517,30 +595,36 @@ class FaceVerificationClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(
-        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
-    ) -> _Out:
+    def _send(self, call: _Call[_Out], timeout_s: float | None) -> _Out:
+        method = getattr(self._stub, call.method)
         try:
             response = method(
-                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+                call.request,
+                timeout=timeout_s or self._conn.timeout_s,
+                metadata=self._conn.metadata,
             )
         except grpc.RpcError as exc:
             raise _service_error(exc) from None
-        return parse(response)
+        return call.parse(response)
 
     def enroll(
         self,
         participant_id: str,
         images: Sequence[bytes],
         *,
+        tenants: Sequence[str] = (),
         replace: bool = False,
         timeout_s: float | None = None,
     ) -> EnrollResult:
-        """Build and store the participant's template from ``images`` (encoded photos)."""
-        request = pb.EnrollRequest(
-            participant_id=participant_id, images=list(images), replace=replace
-        )
-        return self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+        """Build and store the participant's template from ``images`` (encoded photos), for
+        ``tenants``: the LMS tenants that may act for them (empty on a replace: keep them)."""
+        return self._send(_enroll_call(participant_id, images, replace, tenants), timeout_s)
+
+    def set_enrollment_tenants(
+        self, participant_id: str, tenants: Sequence[str], *, timeout_s: float | None = None
+    ) -> Enrollment:
+        """Replace the LMS tenants that may act for an enrolled participant (admin)."""
+        return self._send(_set_tenants_call(participant_id, tenants), timeout_s)
 
     def start_challenge(
         self,
@@ -549,11 +633,13 @@ class FaceVerificationClient:
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge:
-        """Get a single-use liveness challenge for the next ``verify`` of this scan."""
-        request = _challenge_request(participant_id, training_id, training_type, gate)
-        return self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+        """Get a single-use liveness challenge for the next ``verify`` of this scan (a kiosk
+        sends the participant's ``venue_pass``)."""
+        call = _challenge_call(participant_id, training_id, training_type, gate, venue_pass)
+        return self._send(call, timeout_s)
 
     def verify(
         self,
@@ -567,14 +653,16 @@ class FaceVerificationClient:
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult:
-        """Verify one scan (encoded ``frames`` in capture order) at one gate."""
-        request = _verify_request(
+        """Verify one scan (encoded ``frames`` in capture order) at one gate (a kiosk sends
+        the participant's ``venue_pass``)."""
+        call = _verify_call(
             participant_id, training_id, training_type, gate, frames,
-            session_id, scheduled_start, challenge_id, idempotency_key,
+            session_id, scheduled_start, challenge_id, idempotency_key, venue_pass,
         )  # fmt: skip
-        return self._call(self._stub.Verify, request, _verify_result, timeout_s)
+        return self._send(call, timeout_s)
 
     def attempts(
         self,
@@ -585,27 +673,27 @@ class FaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """Today's attempt count; spends nothing."""
-        request = _attempts_request(participant_id, training_id, training_type)
-        return self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+        return self._send(_attempts_call(participant_id, training_id, training_type), timeout_s)
 
     def redeem(
         self,
         token: str,
         *,
+        participant_id: str,
         audience: str,
         gate: Gate,
         session_id: str = "",
         training_id: str = "",
         timeout_s: float | None = None,
     ) -> Redemption:
-        """Check ``token`` online and mark it used: admit the participant only if ``valid``."""
-        request = _redeem_request(token, audience, gate, session_id, training_id)
-        return self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+        """Check ``token`` online and mark it used: admit ``participant_id`` (the one at the
+        gate) only if ``valid``."""
+        call = _redeem_call(token, participant_id, audience, gate, session_id, training_id)
+        return self._send(call, timeout_s)
 
     def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
         """The published token-verification keys (for :class:`TokenVerifier`)."""
-        request = pb.GetSigningKeysRequest()
-        return self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+        return self._send(_signing_keys_call(), timeout_s)
 
 
 # --------------------------------------------------------------------------- async client
@@ -628,13 +716,15 @@ class AsyncFaceVerificationClient:
         private_key: bytes | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
+        load_balancing: str = "round_robin",
     ) -> None:
         self._conn = _Connection(api_key, timeout_s)
+        channel_options = _channel_options(options, load_balancing)
         if insecure:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         else:
             creds = _channel_credentials(root_certificates, certificate_chain, private_key)
-            self._channel = grpc.aio.secure_channel(target, creds, options=list(options))
+            self._channel = grpc.aio.secure_channel(target, creds, options=channel_options)
         self._stub = pb_grpc.FaceVerificationStub(self._channel)  # type: ignore[no-untyped-call]
         self._target = target
 
@@ -650,30 +740,35 @@ class AsyncFaceVerificationClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(
-        self, method: Any, request: Any, parse: Callable[[_Resp], _Out], timeout_s: float | None
-    ) -> _Out:
+    async def _send(self, call: _Call[_Out], timeout_s: float | None) -> _Out:
+        method = getattr(self._stub, call.method)
         try:
             response = await method(
-                request, timeout=timeout_s or self._conn.timeout_s, metadata=self._conn.metadata
+                call.request,
+                timeout=timeout_s or self._conn.timeout_s,
+                metadata=self._conn.metadata,
             )
         except grpc.RpcError as exc:
             raise _service_error(exc) from None
-        return parse(response)
+        return call.parse(response)
 
     async def enroll(
         self,
         participant_id: str,
         images: Sequence[bytes],
         *,
+        tenants: Sequence[str] = (),
         replace: bool = False,
         timeout_s: float | None = None,
     ) -> EnrollResult:
         """See :meth:`FaceVerificationClient.enroll`."""
-        request = pb.EnrollRequest(
-            participant_id=participant_id, images=list(images), replace=replace
-        )
-        return await self._call(self._stub.Enroll, request, _enroll_result, timeout_s)
+        return await self._send(_enroll_call(participant_id, images, replace, tenants), timeout_s)
+
+    async def set_enrollment_tenants(
+        self, participant_id: str, tenants: Sequence[str], *, timeout_s: float | None = None
+    ) -> Enrollment:
+        """See :meth:`FaceVerificationClient.set_enrollment_tenants`."""
+        return await self._send(_set_tenants_call(participant_id, tenants), timeout_s)
 
     async def start_challenge(
         self,
@@ -682,11 +777,12 @@ class AsyncFaceVerificationClient:
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge:
         """See :meth:`FaceVerificationClient.start_challenge`."""
-        request = _challenge_request(participant_id, training_id, training_type, gate)
-        return await self._call(self._stub.StartLivenessChallenge, request, _challenge, timeout_s)
+        call = _challenge_call(participant_id, training_id, training_type, gate, venue_pass)
+        return await self._send(call, timeout_s)
 
     async def verify(
         self,
@@ -700,14 +796,15 @@ class AsyncFaceVerificationClient:
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult:
         """See :meth:`FaceVerificationClient.verify`."""
-        request = _verify_request(
+        call = _verify_call(
             participant_id, training_id, training_type, gate, frames,
-            session_id, scheduled_start, challenge_id, idempotency_key,
+            session_id, scheduled_start, challenge_id, idempotency_key, venue_pass,
         )  # fmt: skip
-        return await self._call(self._stub.Verify, request, _verify_result, timeout_s)
+        return await self._send(call, timeout_s)
 
     async def attempts(
         self,
@@ -718,13 +815,14 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Attempts:
         """See :meth:`FaceVerificationClient.attempts`."""
-        request = _attempts_request(participant_id, training_id, training_type)
-        return await self._call(self._stub.GetAttempts, request, _attempts, timeout_s)
+        call = _attempts_call(participant_id, training_id, training_type)
+        return await self._send(call, timeout_s)
 
     async def redeem(
         self,
         token: str,
         *,
+        participant_id: str,
         audience: str,
         gate: Gate,
         session_id: str = "",
@@ -732,13 +830,12 @@ class AsyncFaceVerificationClient:
         timeout_s: float | None = None,
     ) -> Redemption:
         """See :meth:`FaceVerificationClient.redeem`."""
-        request = _redeem_request(token, audience, gate, session_id, training_id)
-        return await self._call(self._stub.RedeemToken, request, _redemption, timeout_s)
+        call = _redeem_call(token, participant_id, audience, gate, session_id, training_id)
+        return await self._send(call, timeout_s)
 
     async def signing_keys(self, *, timeout_s: float | None = None) -> PublicKeySet:
         """See :meth:`FaceVerificationClient.signing_keys`."""
-        request = pb.GetSigningKeysRequest()
-        return await self._call(self._stub.GetSigningKeys, request, _key_set, timeout_s)
+        return await self._send(_signing_keys_call(), timeout_s)
 
 
 # --------------------------------------------------------------------------- offline verification

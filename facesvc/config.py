@@ -138,6 +138,12 @@ class ServerSettings:
     plugins: tuple[str, ...] = ()
     """``module:function`` callables run as ``function(server, settings)`` at start-up to
     register extra gRPC services (operator tooling; the drain test uses one)."""
+    max_connection_age_s: float = 0.0
+    """Seconds a client connection may live before the server asks the client to reconnect
+    (HTTP/2 GOAWAY; calls in flight get ``grace_s`` to finish). Behind a headless Service a
+    client balancing round-robin resolves the name again then and finds the replicas added
+    since (an autoscaler's new pods); without it a long-lived client never sees them. 0:
+    never (one server)."""
 
     def __post_init__(self) -> None:
         _check_port("server.grpc_port", self.grpc_port)
@@ -151,6 +157,10 @@ class ServerSettings:
         if self.jpeg_reduce_to_side < 0:
             raise ConfigError(
                 f"server.jpeg_reduce_to_side={self.jpeg_reduce_to_side}: 0 (full size) or more"
+            )
+        if self.max_connection_age_s < 0:
+            raise ConfigError(
+                f"server.max_connection_age_s={self.max_connection_age_s}: 0 (never) or more"
             )
 
 

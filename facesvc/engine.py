@@ -17,6 +17,7 @@ no token is ever issued without a completed cap check.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -29,7 +30,7 @@ from facesvc.clock import WIB, Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
 from facesvc.facework import FaceWork
 from facesvc.limits.abuse import SpoofLockout
-from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, Reservation
+from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, IdempotentScan, Reservation
 from facesvc.limits.windows import GateWindows, WindowClosed
 from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeStore
 from facesvc.liveness.judge import LivenessJudge, frames_to_score
@@ -38,13 +39,16 @@ from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceAnalysis, FaceStatus
 from facesvc.models.types import RGBImage
 from facesvc.templates import Template, TemplateMetadata, TemplateStore
-from facesvc.tokens.claims import CheckResult, Expectation
+from facesvc.tokens.claims import CheckResult, Expectation, VerificationClaims
 from facesvc.tokens.issuer import IssuedToken, TokenIssuer
 from facesvc.tokens.keys import PublishedKey
+from facesvc.tokens.passes import PassRefused, VenuePassCheck
 from facesvc.tokens.redemption import TokenRedeemer
 
 #: Capture problems the participant can fix at once: by default they cost no attempt.
 DEFAULT_REFUNDED = frozenset({Decision.NO_FACE, Decision.MULTIPLE_FACES, Decision.LOW_QUALITY})
+
+_NOT_MATCHED = "the face does not match the enrolled participant"
 
 _FACE_DECISIONS = {
     FaceStatus.NO_FACE: Decision.NO_FACE,
@@ -64,14 +68,40 @@ class ScanInProgress(RuntimeError):
     Transports answer ABORTED."""
 
 
+class ParticipantNotFound(Exception):
+    """No enrollment of this participant is visible to the caller's tenant: nothing was read,
+    spent or changed. Transports answer NOT_FOUND; an admin enrolls the participant for the
+    tenant (Enroll or SetEnrollmentTenants)."""
+
+
+class VenuePassRefused(Exception):
+    """A kiosk's scan came without a venue pass that binds it to the kiosk's venue: nothing was
+    spent. Transports answer PERMISSION_DENIED; the participant shows today's QR code."""
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is asking: the authenticated client's ``name``, its ``role`` (lms, portal,
-    kiosk, admin) and its ``tenant`` (the LMS or venue; the token audience)."""
+    kiosk, admin) and its ``tenant`` (the LMS or venue; the token audience).
+
+    Whom a caller may act for (:meth:`Engine.admit`): an admin for every participant; a kiosk
+    for the participant whose venue pass for its venue it presents; any other caller for the
+    participants whose enrollment lists its tenant.
+    """
 
     name: str
     role: str
     tenant: str
+
+    @property
+    def programme_wide(self) -> bool:
+        """True for the programme's own operators, who act for every participant."""
+        return self.role == "admin"
+
+    @property
+    def needs_venue_pass(self) -> bool:
+        """True for a venue's kiosk: its key admits a scan only with the participant's pass."""
+        return self.role == "kiosk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +118,28 @@ class VerifyCommand:
     idempotency_key: str | None = None
     deadline: float | None = None
     """``time.monotonic()`` seconds after which model work for this call is dropped."""
+    venue_pass: str | None = None
+    """A kiosk's scan: the participant's signed venue pass (the QR code's text)."""
+
+    def request_digest(self) -> str:
+        """sha256 of everything this scan asks (not who asks, nor its idempotency key or
+        deadline): a retry under the same idempotency key must send exactly this again."""
+        h = hashlib.sha256()
+        start = "" if self.scheduled_start is None else self.scheduled_start.isoformat()
+        for part in (
+            self.participant_id,
+            self.training_id,
+            self.training_type.value,
+            self.gate.value,
+            self.session_id,
+            start,
+            self.challenge_id or "",
+            self.venue_pass or "",
+        ):
+            h.update(part.encode() + b"\0")
+        for frame in self.frames:
+            h.update(hashlib.sha256(frame).digest())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +220,7 @@ class Engine:
         lockout: SpoofLockout | None = None,
         passive_frames: int = 2,
         skew: SkewWatch | None = None,
+        venue_passes: VenuePassCheck | None = None,
     ) -> None:
         if pack.threshold is None:
             raise PolicyError(
@@ -193,6 +246,7 @@ class Engine:
         self._passive_frames = passive_frames
         self._lockout = lockout
         self._skew = skew
+        self._venue_passes = venue_passes
 
     @property
     def pack(self) -> ModelPack:
@@ -205,9 +259,16 @@ class Engine:
     # ------------------------------------------------------------------- enrollment
 
     async def enroll(
-        self, participant_id: str, images: Sequence[bytes], *, replace: bool, caller: Caller
+        self,
+        participant_id: str,
+        images: Sequence[bytes],
+        *,
+        replace: bool,
+        caller: Caller,
+        tenants: frozenset[str] = frozenset(),
     ) -> EnrollOutcome:
-        """Store one template from the photos that pass the quality gates.
+        """Store one template from the photos that pass the quality gates, for ``tenants``
+        (the LMS tenants that may act for the participant; empty on a replace: keep them).
 
         Raises ``ImageRejected`` (undecodable photo), ``AlreadyEnrolled`` (enrolled and not
         ``replace``), ``StoreUnavailable``.
@@ -230,6 +291,7 @@ class Engine:
             descriptors=descriptors,
             created_at=self._clock.now(),
             image_count=len(usable),
+            tenants=tenants,
         )
         metadata = await self._templates.put(template, replace=replace)
         reason = f"enrolled from {len(usable)} of {len(images)} photos"
@@ -239,6 +301,86 @@ class Engine:
     async def enrollment(self, participant_id: str) -> TemplateMetadata | None:
         """When and how the participant was enrolled (never the descriptors)."""
         return await self._templates.metadata(participant_id)
+
+    async def set_tenants(
+        self, participant_id: str, tenants: frozenset[str], *, caller: Caller
+    ) -> TemplateMetadata:
+        """Replace the LMS tenants that may act for an enrolled participant. Raises
+        ``ParticipantNotFound`` when there is no enrollment, ``StoreUnavailable``."""
+        metadata = await self._templates.set_tenants(participant_id, tenants)
+        await self._audit.append(
+            AuditEvent(
+                action="set_tenants",
+                caller=caller.name,
+                tenant=caller.tenant,
+                participant_id=participant_id,
+                outcome="ok" if metadata is not None else "not_enrolled",
+                reason=",".join(sorted(tenants)),
+            )
+        )
+        if metadata is None:
+            raise ParticipantNotFound(f"participant {participant_id} has no enrollment")
+        return metadata
+
+    async def admit(
+        self,
+        caller: Caller,
+        participant_id: str,
+        *,
+        venue_pass: str | None = None,
+        training_id: str = "",
+        gate: Gate | None = None,
+        session_id: str | None = None,
+    ) -> Template | None:
+        """The participant's template once ``caller`` may act for them (see :class:`Caller`);
+        None when there is no enrollment and the caller may still ask (an admin, a kiosk with
+        its pass, any caller on Verify, which then decides NOT_ENROLLED).
+
+        A kiosk's ``venue_pass`` must name this ``training_id``, ``gate`` and (when given)
+        ``session_id``. Raises ``VenuePassRefused``, ``ParticipantNotFound`` (an enrollment
+        that does not list the caller's tenant), ``TemplateUnreadable``, ``StoreUnavailable``.
+        """
+        if caller.needs_venue_pass:
+            self._admit_venue_pass(
+                caller, participant_id, venue_pass, training_id, gate, session_id
+            )
+        template = await self._templates.get(participant_id)
+        if template is None or caller.programme_wide or caller.needs_venue_pass:
+            return template
+        if caller.tenant not in template.tenants:
+            raise ParticipantNotFound(
+                f"no enrollment of participant {participant_id} is visible to tenant "
+                f"{caller.tenant}: the programme enrolls participants for the LMS tenants "
+                "that may act for them"
+            )
+        return template
+
+    def _admit_venue_pass(
+        self,
+        caller: Caller,
+        participant_id: str,
+        venue_pass: str | None,
+        training_id: str,
+        gate: Gate | None,
+        session_id: str | None,
+    ) -> None:
+        if self._venue_passes is None or gate is None:
+            raise VenuePassRefused("this service checks no venue passes, so kiosks cannot scan")
+        if not venue_pass:
+            raise VenuePassRefused(
+                "a kiosk's scan needs the participant's venue pass (the QR code's text)"
+            )
+        try:
+            self._venue_passes.admit(
+                venue_pass,
+                venue=caller.tenant,
+                participant_id=participant_id,
+                training_id=training_id,
+                gate=gate,
+                session_id=session_id,
+            )
+        except PassRefused as exc:
+            raise VenuePassRefused(f"the venue pass was refused: {exc}") from exc
 
     async def delete_enrollment(self, participant_id: str, *, caller: Caller) -> bool:
         """Erase the template and every key derived from it; True if there was one."""
@@ -272,20 +414,39 @@ class Engine:
     # ------------------------------------------------------------ challenge, attempts
 
     async def start_challenge(
-        self, participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        *,
+        caller: Caller,
+        venue_pass: str | None = None,
     ) -> Challenge:
         """A fresh single-use challenge bound to the participant, training and gate.
 
-        Raises ``ParticipantLocked`` while the participant's scans are paused."""
+        Raises ``ParticipantLocked`` while the participant's scans are paused, and what
+        :meth:`admit` raises (also ``ParticipantNotFound`` for a participant not enrolled,
+        unless the caller is an admin or a kiosk)."""
         del training_type  # every type draws from the same measurable steps
+        template = await self.admit(
+            caller, participant_id, venue_pass=venue_pass, training_id=training_id, gate=gate
+        )
+        if template is None and not (caller.programme_wide or caller.needs_venue_pass):
+            raise ParticipantNotFound(f"participant {participant_id} has no enrollment")
         if self._lockout is not None:
             await self._lockout.check(participant_id)
         return await self._challenges.issue(participant_id, training_id, gate)
 
     async def attempts(
-        self, participant_id: str, training_id: str, training_type: TrainingType
+        self, participant_id: str, training_id: str, training_type: TrainingType, *, caller: Caller
     ) -> CapUsage:
-        """Attempts used and left today (WIB) and when the count resets."""
+        """Attempts used and left today (WIB) and when the count resets. Raises
+        ``ParticipantNotFound`` unless ``caller`` may act for the participant (an admin may
+        ask about anyone)."""
+        template = await self.admit(caller, participant_id)
+        if template is None and not caller.programme_wide:
+            raise ParticipantNotFound(f"participant {participant_id} has no enrollment")
         return await self._caps.usage(participant_id, training_id, training_type, self._clock.now())
 
     # ------------------------------------------------------------------------ tokens
@@ -332,8 +493,10 @@ class Engine:
         (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
         ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent),
         ``TimeoutError`` (``cmd.deadline`` passed; nothing spent), ``Overloaded`` (the
-        models' queues are full; nothing spent) and ``ClockUntrusted`` (this server's clock
-        is too far from Redis's to tell the day; nothing spent).
+        models' queues are full; nothing spent), ``ClockUntrusted`` (this server's clock
+        is too far from Redis's to tell the day; nothing spent), what :meth:`admit` raises
+        (nothing read or spent) and ``IdempotencyConflict`` (the key was used for another
+        request; nothing spent).
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -344,6 +507,14 @@ class Engine:
                 f"{cmd.training_type.value} scans from a {cmd.caller.role} need a liveness "
                 "challenge: call StartLivenessChallenge and send its challenge_id with the frames"
             )
+        template = await self.admit(
+            cmd.caller,
+            cmd.participant_id,
+            venue_pass=cmd.venue_pass,
+            training_id=cmd.training_id,
+            gate=cmd.gate,
+            session_id=cmd.session_id,
+        )
         if self._lockout is not None:
             await self._lockout.check(cmd.participant_id)
 
@@ -355,7 +526,6 @@ class Engine:
             return await self._finish(
                 cmd, Decision.OUTSIDE_WINDOW, window.reason, usage, method, started, timings
             )
-        template = await self._templates.get(cmd.participant_id)
         if template is None or template.model_pack != self._pack.tag:
             usage = await self._caps.usage(
                 cmd.participant_id, cmd.training_id, cmd.training_type, now
@@ -386,12 +556,14 @@ class Engine:
             cmd.training_id,
             cmd.training_type,
             now,
-            idempotency_key=cmd.idempotency_key,
+            idempotent=None
+            if cmd.idempotency_key is None
+            else IdempotentScan(cmd.idempotency_key, cmd.caller.name, cmd.request_digest()),
         )
         timings["reserve"] = _ms(t0)
         self._metrics.redis_latency.labels("reserve").observe(timings["reserve"] / 1000)
         if held.replayed:
-            return _replay(held, method)
+            return self._replay(held, method)
         if isinstance(held, Exhausted):
             self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
             resets = held.resets_at.astimezone(WIB)
@@ -470,16 +642,46 @@ class Engine:
                 images, analyses, descriptors, scores, challenge, self._threshold
             )
             timings["liveness"] = _ms(t0)
-            if verdict.decision is not None:
-                return verdict.decision, verdict.reason, reports
+        else:
+            verdict = None
 
         t0 = time.perf_counter()
         frontal = descriptors[[a.status is FaceStatus.OK for a in analyses]]
         score = self._pack.match(template.descriptors, frontal)
         timings["match"] = _ms(t0)
-        if not score.accepted(self._threshold):
-            return Decision.NOT_MATCHED, "the face does not match the enrolled participant", reports
+        matched = score.accepted(self._threshold)
+        if verdict is not None and verdict.decision is not None:
+            if verdict.decision is Decision.SPOOF_SUSPECTED and not matched:
+                # A suspected attack with someone else's face is a plain mismatch: a spoof
+                # strike (which pauses the participant) needs the participant's likeness, or
+                # anyone could lock anyone out.
+                return Decision.NOT_MATCHED, _NOT_MATCHED, reports
+            return verdict.decision, verdict.reason, reports
+        if not matched:
+            return Decision.NOT_MATCHED, _NOT_MATCHED, reports
         return Decision.VERIFIED, "the face matches the enrolled participant", reports
+
+    def _replay(self, held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutcome:
+        """The first answer to a scan retried with the same idempotency key (and the same
+        request): nothing new is reserved or computed; a token is signed again from its
+        stored claims."""
+        if held.prior_decision is None:
+            raise ScanInProgress(
+                "a scan with this idempotency key is still being decided: retry in a moment"
+            )
+        first = json.loads(held.prior_decision)
+        token = None
+        if first["claims"] is not None and self._issuer is not None:
+            token = self._issuer.reissue(VerificationClaims.from_json(first["claims"]))
+        return VerifyOutcome(
+            verification_id=first["verification_id"],
+            decision=Decision(first["decision"]),
+            reason=first["reason"],
+            attempts=held.usage,
+            liveness=method,
+            token=token,
+            replayed=True,
+        )
 
     async def _finish(
         self,
@@ -612,43 +814,18 @@ def _report(index: int, image: RGBImage, analysis: FaceAnalysis) -> FrameReport:
 
 
 def _remember(outcome: VerifyOutcome) -> bytes:
-    """What a retry with the same idempotency key gets back: the decision and the token
-    (the kiosk lost the first answer; the token is only as sensitive as that answer was)."""
+    """What a retry with the same idempotency key gets back: the decision and the token's
+    claims. Never the token itself: Redis keeps no live credential, and the replay signs the
+    same claims again (:meth:`TokenIssuer.reissue`)."""
     token = outcome.token
     return json.dumps(
         {
             "decision": outcome.decision.value,
             "reason": outcome.reason,
             "verification_id": outcome.verification_id,
-            "token": token.token if token else "",
-            "jti": token.jti if token else "",
-            "expires_at": token.expires_at.isoformat() if token else "",
+            "claims": token.claims.to_json() if token else None,
         }
     ).encode()
-
-
-def _replay(held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutcome:
-    """The first answer to a scan retried with the same idempotency key: nothing new is
-    reserved, computed or signed."""
-    if held.prior_decision is None:
-        raise ScanInProgress(
-            "a scan with this idempotency key is still being decided: retry in a moment"
-        )
-    first = json.loads(held.prior_decision)
-    token = None
-    if first["token"]:
-        token = IssuedToken(
-            first["token"], first["jti"], datetime.fromisoformat(first["expires_at"])
-        )
-    return VerifyOutcome(
-        verification_id=first["verification_id"],
-        decision=Decision(first["decision"]),
-        reason=first["reason"],
-        attempts=held.usage,
-        liveness=method,
-        token=token,
-        replayed=True,
-    )
 
 
 def _ms(since: float) -> float:

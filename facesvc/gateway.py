@@ -33,6 +33,7 @@ import functools
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import (
     Caller,
     FrameReport,
+    ParticipantNotFound,
     PolicyError,
     ScanInProgress,
     VerifyCommand,
@@ -58,11 +60,12 @@ from facesvc.launch import (
     LaunchScope,
     LaunchTicket,
     LaunchTickets,
+    TicketBusy,
     TicketRefused,
     return_url_with_token,
 )
 from facesvc.limits.abuse import ParticipantLocked
-from facesvc.limits.caps import CapUsage
+from facesvc.limits.caps import CapUsage, IdempotencyConflict
 from facesvc.liveness.challenges import Challenge
 from facesvc.models.batcher import Overloaded
 from facesvc.redis_client import AsyncRedis
@@ -110,17 +113,34 @@ _PASSIVE_MIN_FRAMES = 3
 accuracy (DESIGN.md), and a few JPEGs of 640 px are still small."""
 
 
+_HOLD_SLACK_S = 30.0
+"""A scan holds its ticket this long beyond portal.verify_timeout_s (after which the engine
+drops its model work): a server that dies mid-scan frees the ticket then."""
+
+
+def _caller(ticket: LaunchTicket) -> Caller:
+    """Who the page's calls act as: the LMS tenant that issued the ticket (CreateLaunchTicket
+    checked it may act for the participant, and the engine checks again)."""
+    return Caller(name="scan-page", role="portal", tenant=ticket.scope.tenant)
+
+
 class ScanEngine(Protocol):
     """What the gateway uses of :class:`facesvc.engine.Engine`."""
 
     async def verify(self, cmd: VerifyCommand) -> VerifyOutcome: ...
 
     async def start_challenge(
-        self, participant_id: str, training_id: str, training_type: TrainingType, gate: Gate
+        self,
+        participant_id: str,
+        training_id: str,
+        training_type: TrainingType,
+        gate: Gate,
+        *,
+        caller: Caller,
     ) -> Challenge: ...
 
     async def attempts(
-        self, participant_id: str, training_id: str, training_type: TrainingType
+        self, participant_id: str, training_id: str, training_type: TrainingType, *, caller: Caller
     ) -> CapUsage: ...
 
     async def inspect(self, frame: bytes) -> FrameReport: ...
@@ -322,6 +342,8 @@ class Portal:
             except ParticipantLocked as exc:
                 response = _error(429, "LOCKED", str(exc))
                 response.headers["Retry-After"] = str(exc.retry_after_s)
+            except ParticipantNotFound as exc:
+                response = _error(404, "NOT_FOUND", str(exc))
             except StoreUnavailable:
                 log.warning("scan refused: Redis unavailable", exc_info=True)
                 response = _error(
@@ -367,7 +389,7 @@ class Portal:
     async def _session(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
         scope = ticket.scope
         usage = await self._engine_or_busy().attempts(
-            scope.participant_id, scope.training_id, scope.training_type
+            scope.participant_id, scope.training_id, scope.training_type, caller=_caller(ticket)
         )
         return {
             "training_id": scope.training_id,
@@ -390,7 +412,11 @@ class Portal:
     async def _challenge(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
         scope = ticket.scope
         challenge = await self._engine_or_busy().start_challenge(
-            scope.participant_id, scope.training_id, scope.training_type, scope.gate
+            scope.participant_id,
+            scope.training_id,
+            scope.training_type,
+            scope.gate,
+            caller=_caller(ticket),
         )
         poses = 1 + len(challenge.steps)
         return {
@@ -432,9 +458,29 @@ class Portal:
         engine = self._engine_or_busy()
         fields, frames = await self._read_scan(request)
         idempotency_key = fields.get("idempotency_key") or None
-        # A spent ticket still lets through the scan that spent it, re-sent because its
-        # answer never reached the browser: the engine replays that answer.
-        await self._launch_tickets().check_unspent(ticket, resent_scan=idempotency_key)
+        # One scan holds the ticket at a time; a spent ticket still lets through the scan
+        # that spent it, re-sent because its answer never reached the browser (the engine
+        # replays that answer).
+        scan = idempotency_key or uuid.uuid4().hex
+        tickets = self._launch_tickets()
+        try:
+            await tickets.hold(ticket, scan, self._settings.portal.verify_timeout_s + _HOLD_SLACK_S)
+        except TicketBusy as exc:
+            raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
+        try:
+            return await self._decide(engine, ticket, scan, fields, frames)
+        finally:
+            # Never left held: a VERIFIED scan has spent it by now (release then does nothing).
+            await tickets.release(ticket, scan)
+
+    async def _decide(
+        self,
+        engine: ScanEngine,
+        ticket: LaunchTicket,
+        scan: str,
+        fields: dict[str, str],
+        frames: list[bytes],
+    ) -> dict[str, Any]:
         scope = ticket.scope
         command = VerifyCommand(
             participant_id=scope.participant_id,
@@ -443,10 +489,10 @@ class Portal:
             gate=scope.gate,
             session_id=scope.session_id,
             frames=frames,
-            caller=Caller(name="scan-page", role="portal", tenant=scope.tenant),
+            caller=_caller(ticket),
             scheduled_start=scope.scheduled_start,
             challenge_id=fields.get("challenge_id") or None,
-            idempotency_key=idempotency_key,
+            idempotency_key=fields.get("idempotency_key") or None,
             # The page stops waiting then too, and offers to resend the same scan.
             deadline=time.monotonic() + self._settings.portal.verify_timeout_s,
         )
@@ -458,6 +504,8 @@ class Portal:
             raise ApiError(412, "POLICY", str(exc)) from exc
         except ScanInProgress as exc:
             raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
+        except IdempotencyConflict as exc:
+            raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
         except ValueError as exc:  # invalid input the engine found; nothing was spent
             raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
         except Overloaded as exc:
@@ -479,7 +527,7 @@ class Portal:
         }
         if outcome.decision is Decision.VERIFIED and outcome.token is not None:
             # Spent before the browser learns the token: one ticket, one token.
-            await self._launch_tickets().spend(ticket, idempotency_key or outcome.verification_id)
+            await self._launch_tickets().spend(ticket, scan)
             body["redirect_url"] = return_url_with_token(scope.return_url, outcome.token.token)
             body["token_expires_at"] = _iso(outcome.token.expires_at)
         return body

@@ -25,7 +25,15 @@ from facesvc import validation
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.clock import ClockUntrusted
-from facesvc.engine import Caller, Engine, PolicyError, ScanInProgress, VerifyCommand
+from facesvc.engine import (
+    Caller,
+    Engine,
+    ParticipantNotFound,
+    PolicyError,
+    ScanInProgress,
+    VenuePassRefused,
+    VerifyCommand,
+)
 from facesvc.grpc_mapping import (
     challenge_response,
     enroll_response,
@@ -39,6 +47,7 @@ from facesvc.grpc_wrapping import async_unary, with_behaviour
 from facesvc.imaging import ImageRejected
 from facesvc.launch import Launcher, LaunchRefused, LaunchScope
 from facesvc.limits.abuse import ParticipantLocked
+from facesvc.limits.caps import IdempotencyConflict
 from facesvc.metrics import Metrics
 from facesvc.models.batcher import Overloaded
 from facesvc.proto_enums import GATES, TRAINING_TYPES
@@ -60,13 +69,18 @@ class Authenticator(Protocol):
     async def authenticate(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller: ...
 
 
+DEV_TENANT = "dev"
+"""The tenant of every caller without authentication: the audience of its tokens and of the
+launch tickets it creates."""
+
+
 class DevAuthenticator:
     """No authentication: every caller is an admin. Used only when
     ``security.api_keys_file`` is unset (local development; the start-up banner says so);
     with a keys file, :class:`facesvc.auth.ApiKeyAuthenticator` takes its place."""
 
     async def authenticate(self, context: grpc.aio.ServicerContext, rpc: str) -> Caller:
-        return Caller(name="anonymous", role="admin", tenant="dev")
+        return Caller(name="anonymous", role="admin", tenant=DEV_TENANT)
 
 
 class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
@@ -147,6 +161,12 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ScanInProgress as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except ParticipantNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except VenuePassRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except IdempotencyConflict as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (ImageRejected, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise AssertionError("context.abort returned")
@@ -164,7 +184,11 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         outcome = await self._call(
             context,
             engine.enroll(
-                request.participant_id, list(request.images), replace=request.replace, caller=caller
+                request.participant_id,
+                list(request.images),
+                replace=request.replace,
+                caller=caller,
+                tenants=frozenset(request.tenants),
             ),
         )
         return enroll_response(outcome)
@@ -195,10 +219,22 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         )
         return pb.DeleteEnrollmentResponse(deleted=deleted)
 
+    async def SetEnrollmentTenants(
+        self, request: pb.SetEnrollmentTenantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetEnrollmentTenantsResponse:
+        caller = await self._admit(context, "SetEnrollmentTenants")
+        await self._validate(context, request, lambda: validation.check_set_tenants(request))
+        engine = await self._ready(context)
+        metadata = await self._call(
+            context,
+            engine.set_tenants(request.participant_id, frozenset(request.tenants), caller=caller),
+        )
+        return pb.SetEnrollmentTenantsResponse(enrollment=enrollment_message(metadata))
+
     async def StartLivenessChallenge(
         self, request: pb.StartLivenessChallengeRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartLivenessChallengeResponse:
-        await self._admit(context, "StartLivenessChallenge")
+        caller = await self._admit(context, "StartLivenessChallenge")
         await self._validate(
             context, request, lambda: validation.check_start_liveness_challenge(request)
         )
@@ -210,6 +246,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
                 request.training_id,
                 TRAINING_TYPES.from_wire(request.training_type),
                 GATES.from_wire(request.gate),
+                caller=caller,
+                venue_pass=request.venue_pass or None,
             ),
         )
         return challenge_response(challenge)
@@ -235,6 +273,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             challenge_id=request.challenge_id or None,
             idempotency_key=request.idempotency_key or None,
             deadline=None if remaining is None else time.monotonic() + remaining,
+            venue_pass=request.venue_pass or None,
         )
         outcome = await self._call(context, engine.verify(command))
         return verify_response(outcome)
@@ -242,7 +281,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     async def GetAttempts(
         self, request: pb.GetAttemptsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAttemptsResponse:
-        await self._admit(context, "GetAttempts")
+        caller = await self._admit(context, "GetAttempts")
         await self._validate(context, request, lambda: validation.check_get_attempts(request))
         engine = await self._ready(context)
         usage = await self._call(
@@ -251,6 +290,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
                 request.participant_id,
                 request.training_id,
                 TRAINING_TYPES.from_wire(request.training_type),
+                caller=caller,
             ),
         )
         return pb.GetAttemptsResponse(
@@ -271,6 +311,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             gate=GATES.from_wire(request.expected_gate),
             session_id=request.expected_session_id,
             training_id=request.expected_training_id or None,
+            participant_id=request.expected_participant_id,
         )
         result = await self._call(context, engine.redeem(request.token, expected, caller=caller))
         return redeem_response(result)
@@ -295,6 +336,11 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
                 grpc.StatusCode.UNIMPLEMENTED, "this server runs without the Scan Wajah portal"
             )
             raise AssertionError("context.abort returned")
+        if not caller.programme_wide:
+            # The page scans only the participant the ticket names: only for a tenant that
+            # may act for them.
+            engine = await self._ready(context)
+            await self._call(context, engine.admit(caller, request.participant_id))
         scope = LaunchScope(
             participant_id=request.participant_id,
             training_id=request.training_id,

@@ -119,6 +119,7 @@ def enrollment_message(metadata: TemplateMetadata) -> pb.Enrollment:
         updated_at=timestamp(metadata.created_at),
         image_count=metadata.image_count,
         model_pack=metadata.model_pack,
+        tenants=sorted(metadata.tenants),
     )
 
 

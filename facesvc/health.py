@@ -27,6 +27,12 @@ FACESVC_SERVICE: str = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_n
 """The gRPC service name health is reported for, besides the overall ``""``; read from the
 proto so that it follows the package (``facesvc.v1.FaceVerification``)."""
 
+LIVENESS_SERVICE = "liveness"
+"""A health service name for liveness probes only: SERVING whenever the process answers at
+all, whatever Redis and the models do. A Kubernetes liveness probe restarts a pod that fails
+it; asked about ``""`` it would restart every pod during a Redis failover (and reload their
+models), which would only lengthen the outage. Readiness asks ``""``."""
+
 log = logging.getLogger(__name__)
 
 
@@ -102,6 +108,7 @@ class Health:
         self._metrics.serving.set(int(serving))
         for service in ("", FACESVC_SERVICE):
             await self.servicer.set(service, status)
+        await self.servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
 
 class RedisProbe:

@@ -22,12 +22,13 @@ Security properties:
 - The return URL must fall under one of the calling tenant's allowlisted prefixes
   (``portal.return_urls``), checked when the ticket is issued, so the page can never be
   used to send a token to a third party.
-- Short-lived (``portal.ticket_ttl_s``) and spent by the first VERIFIED scan (its ``jti``
-  marked in Redis until the ticket expires), so one ticket yields at most one token in the
-  normal course; the daily attempt cap bounds everything else it can do. The mark holds
-  the idempotency key of the scan that spent it: that same scan, re-sent because its
-  answer was lost on the way to the browser, still gets through, and the engine replays
-  its decision and token (its idempotency record outlives the ticket while
+- Short-lived (``portal.ticket_ttl_s``) and one token at most: a scan holds the ticket
+  atomically while it is decided (one Lua script: one scan at a time, others are told to
+  wait), and a VERIFIED scan spends it (its ``jti`` marked in Redis until the ticket
+  expires); the daily attempt cap bounds everything else it can do. The mark holds the
+  idempotency key of the scan that spent it: that same scan, re-sent because its answer
+  was lost on the way to the browser, still gets through, and the engine replays its
+  decision and token (its idempotency record outlives the ticket while
   ``portal.ticket_ttl_s`` <= ``limits.idempotency_ttl_s``, as by default).
 """
 
@@ -89,6 +90,36 @@ class TicketRefused(Exception):
     def __init__(self, problem: TicketProblem) -> None:
         super().__init__(_PROBLEM_MESSAGES[problem])
         self.problem = problem
+
+
+class TicketBusy(Exception):
+    """Another scan with the same ticket is being decided: answer it first (the page sends one
+    scan at a time; a second one in flight is a replay or a race)."""
+
+
+# A ticket's state key holds "scan:<scan>" while a scan holds it, "spent:<scan>" once that
+# scan was VERIFIED. KEYS[1]: the state key; ARGV[1]: the scan; ARGV[2]: the hold in ms.
+_SPENT = "spent:"
+_CLAIM_LUA = """
+local state = redis.call('GET', KEYS[1])
+if not state then
+  redis.call('SET', KEYS[1], 'scan:' .. ARGV[1], 'PX', ARGV[2])
+  return 'go'
+end
+if state == 'scan:' .. ARGV[1] or state == 'spent:' .. ARGV[1] then
+  return 'go'
+end
+if string.sub(state, 1, 6) == 'spent:' then
+  return 'spent'
+end
+return 'busy'
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == 'scan:' .. ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class LaunchRefused(ValueError):
@@ -243,6 +274,8 @@ class LaunchTickets:
         self._ttl_s = ttl_s
         self._space = KeySpace(key_prefix)
         self._clock = clock or SystemClock()
+        self._claim = redis.register_script(_CLAIM_LUA)
+        self._release = redis.register_script(_RELEASE_LUA)
 
     # ------------------------------------------------------------------ issuing
 
@@ -304,25 +337,48 @@ class LaunchTickets:
             raise TicketRefused(TicketProblem.EXPIRED)
         return ticket
 
-    def _spent_key(self, ticket: LaunchTicket) -> str:
+    def _state_key(self, ticket: LaunchTicket) -> str:
         return self._space.launch_spent(ticket.scope.participant_id, ticket.ticket_id)
 
-    async def check_unspent(self, ticket: LaunchTicket, *, resent_scan: str | None = None) -> None:
-        """Raise :class:`TicketRefused` (SPENT) when a VERIFIED scan already used
-        ``ticket``, unless ``resent_scan`` is that scan's own idempotency key;
+    async def check_unspent(self, ticket: LaunchTicket) -> None:
+        """Raise :class:`TicketRefused` (SPENT) when a VERIFIED scan already used ``ticket``;
         ``StoreUnavailable`` when Redis cannot say (fail closed)."""
         async with store_errors("check the launch ticket"):
-            spent_by = await self._redis.get(self._spent_key(ticket))
-        if spent_by is not None and (resent_scan is None or reply_text(spent_by) != resent_scan):
+            state = await self._redis.get(self._state_key(ticket))
+        if state is not None and reply_text(state).startswith(_SPENT):
             raise TicketRefused(TicketProblem.SPENT)
 
+    async def hold(self, ticket: LaunchTicket, scan: str, hold_s: float) -> None:
+        """Let scan ``scan`` (its idempotency key) use ``ticket``, atomically: one scan holds
+        a ticket at a time (for at most ``hold_s``), and a spent ticket admits only the scan
+        that spent it, sent again because its answer was lost. So one ticket can never yield
+        two tokens, however many scans race for it.
+
+        Raises :class:`TicketRefused` (SPENT), :class:`TicketBusy` (another scan holds it),
+        ``StoreUnavailable``.
+        """
+        async with store_errors("hold the launch ticket"):
+            answer = await self._claim(
+                keys=[self._state_key(ticket)], args=[scan, max(1, round(hold_s * 1000))]
+            )
+        if reply_text(answer) == "spent":
+            raise TicketRefused(TicketProblem.SPENT)
+        if reply_text(answer) == "busy":
+            raise TicketBusy("another scan with this link is being decided; wait for its answer")
+
+    async def release(self, ticket: LaunchTicket, scan: str) -> None:
+        """End ``scan``'s hold without spending the ticket (its decision was not VERIFIED, or
+        none came); a hold that is no longer this scan's is left alone."""
+        async with store_errors("release the launch ticket"):
+            await self._release(keys=[self._state_key(ticket)], args=[scan])
+
     async def spend(self, ticket: LaunchTicket, scan: str) -> None:
-        """Mark ``ticket`` used by the VERIFIED scan whose idempotency key is ``scan``,
-        until the ticket would have expired anyway."""
+        """Mark ``ticket`` used by the VERIFIED scan ``scan`` (which holds it), until the ticket
+        would have expired anyway."""
         remaining = (ticket.expires_at - self._clock.now()).total_seconds()
         ttl_s = max(1, math.ceil(remaining))
         async with store_errors("spend the launch ticket"):
-            await self._redis.set(self._spent_key(ticket), scan, ex=ttl_s)
+            await self._redis.set(self._state_key(ticket), _SPENT + scan, ex=ttl_s)
 
 
 def _check_scope(scope: LaunchScope) -> None:

@@ -49,7 +49,7 @@ from facesvc.clock import require_aware
 from facesvc.config import ConfigError, Settings, TemplatesSettings
 from facesvc.redis_client import AsyncRedis, redis_client_from_url, scan_keys
 from facesvc.redis_errors import StoreUnavailable, store_errors
-from facesvc.redis_keys import KeySpace
+from facesvc.redis_keys import KeySpace, validate_id
 
 _MAGIC = b"FSVT"
 _VERSION = 1
@@ -85,7 +85,9 @@ class Template:
 
     ``created_at`` (tz-aware) is when this template was made; ``enrolled_at`` when the
     participant was first enrolled (None: at ``created_at``; a replace keeps the first
-    time). ``image_count`` is how many photos were accepted (>= 1).
+    time). ``image_count`` is how many photos were accepted (>= 1). ``tenants`` are the LMS
+    tenants that may act for the participant; they are sealed with the descriptors, so
+    whoever can write to Redis still cannot grant a tenant access.
     """
 
     participant_id: str
@@ -94,6 +96,7 @@ class Template:
     created_at: datetime
     image_count: int
     enrolled_at: datetime | None = None
+    tenants: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,7 @@ class TemplateMetadata:
     descriptor_count: int
     descriptor_dim: int
     key_id: str
+    tenants: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +214,8 @@ class TemplateStore:
 
         Without ``replace`` an existing enrollment raises :class:`AlreadyEnrolled` (checked
         and written atomically with SET NX); with it, the new template keeps the first
-        enrollment's ``enrolled_at``. Raises ValueError for a malformed template.
+        enrollment's ``enrolled_at``, and its tenants when it names none. Raises ValueError
+        for a malformed template.
         """
         key = self._keys.template(template.participant_id)  # validates the id first
         if replace and template.enrolled_at is None:
@@ -218,7 +223,8 @@ class TemplateStore:
                 previous = await self.get(template.participant_id)
                 if previous is not None:
                     first = previous.enrolled_at or previous.created_at
-                    template = dataclasses.replace(template, enrolled_at=first)
+                    tenants = template.tenants or previous.tenants
+                    template = dataclasses.replace(template, enrolled_at=first, tenants=tenants)
         value = self._seal(template)
         async with store_errors("store a template"):
             written = await self._client.set(key, value, nx=not replace)
@@ -244,6 +250,25 @@ class TemplateStore:
             return None
         template, kid = self._open(participant_id, value)
         return self._metadata(template, kid)
+
+    async def set_tenants(
+        self, participant_id: str, tenants: frozenset[str]
+    ) -> TemplateMetadata | None:
+        """Replace the tenants of an enrolled participant's template (re-sealed under the
+        active key); None when the participant has no enrollment. A re-enrollment racing
+        this call wins (compare-and-set), and the call then applies to the new template.
+
+        Raises :class:`TemplateUnreadable`, StoreUnavailable.
+        """
+        key = self._keys.template(participant_id)
+        while True:
+            value = await self._read(participant_id)
+            if value is None:
+                return None
+            template = dataclasses.replace(self._open(participant_id, value)[0], tenants=tenants)
+            async with store_errors("update a template's tenants"):
+                if await self._cas(keys=[key], args=[value, self._seal(template)]):
+                    return self._metadata(template, self._keyring.active_kid)
 
     async def delete(self, participant_id: str) -> bool:
         """Delete the enrollment and every other key of the participant.
@@ -334,6 +359,8 @@ class TemplateStore:
         require_aware(template.created_at, "created_at")
         enrolled_at = template.enrolled_at or template.created_at
         require_aware(enrolled_at, "enrolled_at")
+        for tenant in template.tenants:
+            validate_id(tenant, "tenant")
         meta = json.dumps(
             {
                 "participant_id": template.participant_id,
@@ -342,6 +369,7 @@ class TemplateStore:
                 "enrolled_at": enrolled_at.isoformat(),
                 "image_count": template.image_count,
                 "shape": list(descriptors.shape),
+                "tenants": sorted(template.tenants),
             },
             separators=(",", ":"),
         ).encode()
@@ -394,6 +422,8 @@ class TemplateStore:
             image_count=int(meta["image_count"]),
             # Templates stored before enrolled_at was recorded: their own creation time.
             enrolled_at=datetime.fromisoformat(meta.get("enrolled_at", meta["created_at"])),
+            # Templates stored before tenants were recorded belong to the programme alone.
+            tenants=frozenset(meta.get("tenants", ())),
         )
         return template, kid
 
@@ -409,6 +439,7 @@ class TemplateStore:
             descriptor_count=int(rows),
             descriptor_dim=int(dim),
             key_id=kid,
+            tenants=template.tenants,
         )
 
 

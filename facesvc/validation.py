@@ -144,9 +144,37 @@ def transport_limit(max_message_bytes: int) -> int:
     return 2 * max_message_bytes
 
 
+MAX_TENANTS = 64
+"""Most tenants one enrollment may list."""
+
+MAX_VENUE_PASS_CHARS = 4096
+"""Longest venue pass accepted (a pass is about 500 characters)."""
+
+
 def check_enroll(req: pb.EnrollRequest, limits: RequestLimits) -> None:
     _identifier("participant_id", req.participant_id)
     _blobs("images", list(req.images), limits.max_images, limits.max_image_bytes)
+    _tenants(list(req.tenants))
+
+
+def check_set_tenants(req: pb.SetEnrollmentTenantsRequest) -> None:
+    _identifier("participant_id", req.participant_id)
+    _tenants(list(req.tenants))
+
+
+def _tenants(tenants: list[str]) -> None:
+    if len(tenants) > MAX_TENANTS:
+        raise InvalidArgument("tenants", f"lists {len(tenants)}; at most {MAX_TENANTS}")
+    for i, tenant in enumerate(tenants):
+        _identifier(f"tenants[{i}]", tenant)
+
+
+def _venue_pass(value: str) -> None:
+    if value and (len(value) > MAX_VENUE_PASS_CHARS or not _PRINTABLE_RE.fullmatch(value)):
+        raise InvalidArgument(
+            "venue_pass",
+            f"must be the QR code's text: 1..{MAX_VENUE_PASS_CHARS} printable ASCII characters",
+        )
 
 
 def check_participant(req: pb.GetEnrollmentRequest | pb.DeleteEnrollmentRequest) -> None:
@@ -155,6 +183,7 @@ def check_participant(req: pb.GetEnrollmentRequest | pb.DeleteEnrollmentRequest)
 
 def check_start_liveness_challenge(req: pb.StartLivenessChallengeRequest) -> None:
     _training(req)
+    _venue_pass(req.venue_pass)
 
 
 def check_verify(req: pb.VerifyRequest, limits: RequestLimits) -> None:
@@ -165,6 +194,7 @@ def check_verify(req: pb.VerifyRequest, limits: RequestLimits) -> None:
     _printable("challenge_id", req.challenge_id)
     _blobs("frames", list(req.frames), limits.max_frames, limits.max_image_bytes)
     _printable("idempotency_key", req.idempotency_key)
+    _venue_pass(req.venue_pass)
 
 
 def check_create_launch_ticket(req: pb.CreateLaunchTicketRequest) -> None:
@@ -191,3 +221,4 @@ def check_redeem_token(req: pb.RedeemTokenRequest) -> None:
     _session("expected_session_id", req.expected_session_id, req.expected_gate)
     _identifier("expected_training_id", req.expected_training_id, required=False)
     _identifier("audience", req.audience)
+    _identifier("expected_participant_id", req.expected_participant_id)

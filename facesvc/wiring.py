@@ -38,6 +38,7 @@ from facesvc.templates import TemplateStore, keyring_from_settings
 from facesvc.tokens.check import CheckPolicy
 from facesvc.tokens.issuer import TokenIssuer
 from facesvc.tokens.keys import KeyDirectory, PublishedKey
+from facesvc.tokens.passes import VenuePassCheck
 from facesvc.tokens.redemption import TokenRedeemer
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ async def build_engine(
         ),
         metrics=metrics,
         skew=skew,
+        venue_passes=VenuePassCheck(keys, clock),
     )
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from facesvc.clock import FixedClock
 from facesvc.config import Settings, load_settings
 from facesvc.engine import Caller, Engine
+from facesvc.grpc_api import DEV_TENANT
 from facesvc.metrics import Metrics
 from facesvc.models.packs import ModelPack
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
@@ -32,6 +33,11 @@ from tests.clocks import wib_at
 
 ADMIN = Caller(name="test-admin", role="admin", tenant="programme")
 LMS = Caller(name="test-lms", role="lms", tenant="lms-a")
+TENANTS = frozenset({LMS.tenant})
+"""What test participants are enrolled for: the LMS tenant the tests scan as."""
+DEV_TENANTS = frozenset({DEV_TENANT})
+"""What participants scanned through launch tickets of an unauthenticated (development)
+server are enrolled for: its tickets' tenant."""
 
 _PACK: ModelPack | None = None
 

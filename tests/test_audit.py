@@ -107,7 +107,11 @@ def test_one_event_per_decision_and_no_biometric_data(
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     token = decisions[0].token
     redeem = pb.RedeemTokenRequest(
-        token=token, expected_gate=pb.GATE_SESSION, expected_session_id="s1", audience="lms-a"
+        token=token,
+        expected_gate=pb.GATE_SESSION,
+        expected_session_id="s1",
+        audience="lms-a",
+        expected_participant_id=PID,
     )
     redemptions = [lms.stub.RedeemToken(redeem, timeout=10) for _ in range(2)]
     assert [r.valid for r in redemptions] == [True, False]

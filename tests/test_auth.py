@@ -57,6 +57,7 @@ EXPECTED_RPCS: dict[str, set[str]] = {
         "Enroll",
         "GetEnrollment",
         "DeleteEnrollment",
+        "SetEnrollmentTenants",
         "StartLivenessChallenge",
         "Verify",
         "GetAttempts",
@@ -103,7 +104,13 @@ def requests(
             participant_id="p-1", training_id="t-1", training_type=training_type
         ),
         "RedeemToken": pb.RedeemTokenRequest(
-            token="a.b.c", expected_gate=pb.GATE_REDEEM, audience=audience
+            token="a.b.c",
+            expected_gate=pb.GATE_REDEEM,
+            audience=audience,
+            expected_participant_id="p-1",
+        ),
+        "SetEnrollmentTenants": pb.SetEnrollmentTenantsRequest(
+            participant_id="p-1", tenants=["lms-a"]
         ),
         "GetSigningKeys": pb.GetSigningKeysRequest(),
         "CreateLaunchTicket": pb.CreateLaunchTicketRequest(
@@ -633,6 +640,8 @@ def test_the_sdk_authenticates_over_tls_with_a_key_or_a_certificate(
         with pytest.raises(PermissionDenied, match="role kiosk may not call Enroll"):
             kiosk.enroll("p-1", [JPEG])
         with pytest.raises(PermissionDenied, match="role kiosk may not call RedeemToken"):
-            by_certificate.redeem("a.b.c", audience="venue-sby", gate=Gate.REDEEM)
+            by_certificate.redeem(
+                "a.b.c", participant_id="p-1", audience="venue-sby", gate=Gate.REDEEM
+            )
         with pytest.raises(Unauthenticated):
             bad.enroll("p-1", [JPEG])

@@ -39,7 +39,7 @@ from tests.browser.support import (
     write_y4m,
 )
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, astronaut, jpeg
+from tests.engine_support import ADMIN, DEV_TENANTS, astronaut, jpeg
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -94,7 +94,9 @@ def service(
     assert holder.engine is not None
     for participant in ("p-e2e", "p-net", "p-cap", "p-cam"):
         outcome = holder.run(
-            holder.engine.enroll(participant, [jpeg(astronaut())], replace=True, caller=ADMIN)
+            holder.engine.enroll(
+                participant, [jpeg(astronaut())], replace=True, caller=ADMIN, tenants=DEV_TENANTS
+            )
         )
         assert outcome.enrolled, outcome.reason
     return running

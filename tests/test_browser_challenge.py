@@ -36,7 +36,7 @@ from PIL import Image
 from tests.browser.fixtures import need_browser
 from tests.browser.support import EngineHolder, FakeLms, portal_overrides, write_y4m
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, jpeg
+from tests.engine_support import ADMIN, DEV_TENANTS, jpeg
 from tests.test_browser import (
     ERROR_SCREENS,
     SERVING,
@@ -204,7 +204,9 @@ def service(
 def enroll(holder: EngineHolder, shared_data: Path, participant: str) -> None:
     assert holder.engine is not None
     photo = jpeg(_photo(shared_data, SUBJECT_B, ENROLL_B))
-    outcome = holder.run(holder.engine.enroll(participant, [photo], replace=True, caller=ADMIN))
+    outcome = holder.run(
+        holder.engine.enroll(participant, [photo], replace=True, caller=ADMIN, tenants=DEV_TENANTS)
+    )
     assert outcome.enrolled, outcome.reason
 
 

@@ -17,6 +17,8 @@ from facesvc.limits.caps import (
     AttemptCaps,
     CapRule,
     Exhausted,
+    IdempotencyConflict,
+    IdempotentScan,
     Reservation,
     default_cap_rules,
 )
@@ -46,6 +48,11 @@ def run(scenario: Scenario, url: str, prefix: str) -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def scan(key: str, owner: str = "kiosk-7", request: str = "request-1") -> IdempotentScan:
+    """An idempotent scan under ``key`` of caller ``owner`` for the request ``request``."""
+    return IdempotentScan(key, owner, request)
 
 
 def future_day(days: int = 3) -> datetime:
@@ -221,7 +228,7 @@ def test_idempotency_key_reserves_once_and_replays_the_decision(
         now = future_day()
         first, *retries = await asyncio.gather(
             *(
-                caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+                caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
                 for _ in range(5)
             )
         )
@@ -233,14 +240,23 @@ def test_idempotency_key_reserves_once_and_replays_the_decision(
 
         original = next(o for o in outcomes if not o.replayed)
         assert await caps.record_decision(original, b"VERIFIED:token-abc") is True
-        replay = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        replay = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert replay.replayed and replay.prior_decision == b"VERIFIED:token-abc"
 
         # Another key, or the same key for another training, is another scan.
-        other = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-2")
-        other_training = await caps.reserve("p1", "t9", SPL, now, idempotency_key="kiosk-7:scan-1")
+        other = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-2"))
+        other_training = await caps.reserve("p1", "t9", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert not other.replayed and not other_training.replayed
         assert (await caps.usage("p1", "t1", SPL, now)).used == 2
+
+        # The key belongs to its caller, and binds the request it was first sent with.
+        stranger = await caps.reserve(
+            "p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1", "lms-b")
+        )
+        assert not stranger.replayed and stranger.prior_decision is None
+        with pytest.raises(IdempotencyConflict):
+            await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1", request="2"))
+        assert (await caps.usage("p1", "t1", SPL, now)).used == 3
 
         # Without a key there is nothing to record a decision under.
         plain = await caps.reserve("p1", "t1", SPL, now)
@@ -254,17 +270,17 @@ def test_an_undecided_scan_is_taken_over_with_its_attempt_once_its_lease_lapses(
 ) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
-        first = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        first = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert isinstance(first, Reservation) and first.idempotency_record is not None
         lease = KeySpace.lease_of(first.idempotency_record)
         assert 0 < await client.pttl(lease) <= 120_000  # the default lease, two minutes
         # The first server is still deciding: a retry is told so, and reserves nothing.
-        waiting = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        waiting = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert waiting.replayed and waiting.prior_decision is None
 
         # It died before deciding; its lease expires (deleted here, as expiry would).
         await client.delete(lease)
-        takeover = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        takeover = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert isinstance(takeover, Reservation) and not takeover.replayed
         assert takeover.reservation_id == first.reservation_id  # the same attempt
         assert (await caps.usage("p1", "t1", SPL, now)).used == 1
@@ -273,7 +289,7 @@ def test_an_undecided_scan_is_taken_over_with_its_attempt_once_its_lease_lapses(
         # Once decided, retries replay the decision whatever the lease.
         assert await caps.record_decision(takeover, b"NOT_MATCHED") is True
         await client.delete(lease)
-        replay = await caps.reserve("p1", "t1", SPL, now, idempotency_key="kiosk-7:scan-1")
+        replay = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("kiosk-7:scan-1"))
         assert replay.replayed and replay.prior_decision == b"NOT_MATCHED"
         assert (await caps.usage("p1", "t1", SPL, now)).used == 1
 
@@ -290,11 +306,11 @@ def test_exhausted_outcome_replays_as_exhausted(redis_url: str, redis_prefix: st
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
         now = future_day()
         held = await burst(caps, 5, SPL, now)
-        refused = await caps.reserve("p1", "t1", SPL, now, idempotency_key="k")
+        refused = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("k"))
         assert isinstance(refused, Exhausted) and not refused.replayed
         # A slot frees up, yet a retry of the refused scan gets the same answer back ...
         assert isinstance(held[0], Reservation) and await caps.refund(held[0])
-        retry = await caps.reserve("p1", "t1", SPL, now, idempotency_key="k")
+        retry = await caps.reserve("p1", "t1", SPL, now, idempotent=scan("k"))
         assert isinstance(retry, Exhausted) and retry.replayed
         # ... while a new scan may take the freed slot.
         assert isinstance(await caps.reserve("p1", "t1", SPL, now), Reservation)
@@ -312,7 +328,7 @@ def test_bad_input_is_refused_before_redis(redis_url: str, redis_prefix: str) ->
         with pytest.raises(ValueError, match="training_id"):
             await caps.reserve("p1", "t*", SPL, now)
         with pytest.raises(ValueError, match="idempotency_key"):
-            await caps.reserve("p1", "t1", SPL, now, idempotency_key="")
+            await caps.reserve("p1", "t1", SPL, now, idempotent=scan(""))
         assert [key async for key in client.scan_iter(match=f"{prefix}*")] == []
 
     run(scenario, redis_url, redis_prefix)

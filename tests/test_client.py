@@ -375,9 +375,10 @@ def test_sdk_against_the_real_service(
     with FaceVerificationClient(
         target, insecure=True, api_key=keys["ops"], timeout_s=slow
     ) as admin:
-        enrolled = admin.enroll("p-1", [jpeg(astronaut())], replace=True)
+        enrolled = admin.enroll("p-1", [jpeg(astronaut())], tenants=["lms-a"], replace=True)
         assert enrolled.enrolled, enrolled.reason
         assert enrolled.enrollment is not None and enrolled.enrollment.image_count == 1
+        assert enrolled.enrollment.tenants == ["lms-a"]
 
     lms = FaceVerificationClient(target, insecure=True, api_key=keys["gate"], timeout_s=slow)
     try:
@@ -398,16 +399,25 @@ def test_sdk_against_the_real_service(
         jti = offline.claims.jti
 
         gate = _example_gate().Gatekeeper(lms, verifier, audience="lms-a", training_id="t-1")
-        assert gate.admit("s-2", result.token) == (False, "token refused: WRONG_SESSION")
-        assert gate.admit("s-1", result.token) == (True, "welcome, participant p-1")
-        assert gate.admit("s-1", result.token) == (False, "token refused: ALREADY_USED")
+        assert gate.admit("p-1", "s-2", result.token) == (False, "token refused: WRONG_SESSION")
+        # Another participant logged in at the gate cannot use p-1's token.
+        assert gate.admit("p-2", "s-1", result.token) == (
+            False,
+            "token refused: WRONG_PARTICIPANT",
+        )
+        assert gate.admit("p-1", "s-1", result.token) == (True, "welcome, participant p-1")
+        assert gate.admit("p-1", "s-1", result.token) == (False, "token refused: ALREADY_USED")
     finally:
         lms.close()
 
     async def again() -> None:
         async with AsyncFaceVerificationClient(target, insecure=True, api_key=keys["gate"]) as c:
             used = await c.redeem(
-                result.token or "", audience="lms-a", gate=Gate.SESSION, session_id="s-1"
+                result.token or "",
+                participant_id="p-1",
+                audience="lms-a",
+                gate=Gate.SESSION,
+                session_id="s-1",
             )
             assert not used.valid and used.reason is CheckReason.ALREADY_USED
             assert used.claims is not None and used.claims.jti == jti

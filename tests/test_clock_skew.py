@@ -35,7 +35,7 @@ from facesvc.models.packs import ModelPack
 from facesvc.redis_client import redis_client_from_url
 from facesvc.templates import generate_template_key
 from facesvc.wiring import build_engine
-from tests.engine_support import ADMIN, EngineKit, astronaut, jpeg
+from tests.engine_support import ADMIN, TENANTS, EngineKit, astronaut, jpeg
 from tests.serve_process import REPO, child_env, serve_process, wait_for
 from tests.test_engine import PID, scan
 
@@ -94,7 +94,9 @@ async def test_the_probe_measures_the_skew_warns_and_stops_serving_beyond_the_bo
 async def test_a_server_beyond_the_bound_refuses_scans_and_spends_nothing(
     engine_kit: EngineKit, model_pack: ModelPack
 ) -> None:
-    await engine_kit.engine.enroll(PID, [jpeg(astronaut())], replace=False, caller=ADMIN)
+    await engine_kit.engine.enroll(
+        PID, [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
+    )
     watch = SkewWatch(warn_s=2.0, max_s=60.0)
     watch.record(-DAY.total_seconds())
     engine = await build_engine(
@@ -108,7 +110,7 @@ async def test_a_server_beyond_the_bound_refuses_scans_and_spends_nothing(
     try:
         with pytest.raises(ClockUntrusted, match="off Redis's"):
             await engine.verify(scan([jpeg(astronaut())]))
-        assert (await engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
+        assert (await engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)).used == 0
     finally:
         await engine.close()
 

@@ -23,6 +23,7 @@ from tests.clocks import wib_at
 from tests.engine_support import (
     ADMIN,
     LMS,
+    TENANTS,
     EngineKit,
     astronaut,
     insightface_image,
@@ -71,7 +72,9 @@ def impostor_frame() -> bytes:
 
 
 async def enroll(kit: EngineKit) -> None:
-    outcome = await kit.engine.enroll(PID, [jpeg(astronaut())], replace=False, caller=ADMIN)
+    outcome = await kit.engine.enroll(
+        PID, [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
+    )
     assert outcome.enrolled, outcome.reason
 
 
@@ -99,7 +102,7 @@ async def test_impostor_is_not_matched_and_the_attempt_counts(engine_kit: Engine
     outcome = await engine_kit.engine.verify(scan([impostor_frame()]))
     assert outcome.decision is Decision.NOT_MATCHED
     assert outcome.token is None
-    usage = await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)
+    usage = await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
     assert usage.used == 1
 
 
@@ -108,7 +111,7 @@ async def test_two_faces_is_multiple_faces_and_costs_no_attempt(engine_kit: Engi
     outcome = await engine_kit.engine.verify(scan([jpeg(insightface_image("t1.jpg"))]))
     assert outcome.decision is Decision.MULTIPLE_FACES
     assert outcome.attempts.used == 0
-    usage = await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)
+    usage = await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
     assert usage.used == 0 and usage.remaining == 5
 
 
@@ -117,7 +120,9 @@ async def test_no_face_is_refunded(engine_kit: EngineKit) -> None:
     blank = jpeg(np.full((480, 640, 3), 128, dtype=np.uint8))
     outcome = await engine_kit.engine.verify(scan([blank]))
     assert outcome.decision is Decision.NO_FACE
-    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
+    assert (
+        await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
+    ).used == 0
 
 
 async def test_not_enrolled_never_touches_the_counter(engine_kit: EngineKit) -> None:
@@ -146,7 +151,9 @@ async def test_outside_the_webinar_window_never_touches_the_counter(engine_kit: 
     )
     assert outcome.decision is Decision.OUTSIDE_WINDOW
     assert "WIB" in outcome.reason
-    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.WEBINAR)).used == 0
+    assert (
+        await engine_kit.engine.attempts(PID, "training-1", TrainingType.WEBINAR, caller=ADMIN)
+    ).used == 0
 
 
 @pytest.mark.parametrize(
@@ -176,7 +183,9 @@ async def test_the_count_resets_at_midnight_wib(engine_kit: EngineKit) -> None:
     late = await engine_kit.engine.verify(scan([frame]))
     assert late.attempts.used == 1
     engine_kit.clock.set(wib_at(0, days=1))
-    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
+    assert (
+        await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
+    ).used == 0
     early = await engine_kit.engine.verify(scan([frame]))
     assert early.attempts.used == 1
 
@@ -191,7 +200,9 @@ async def test_a_retried_scan_with_its_idempotency_key_costs_one_attempt(
     assert again.replayed and not first.replayed
     assert again.token is not None and first.token is not None
     assert again.token.jti == first.token.jti
-    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 1
+    assert (
+        await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
+    ).used == 1
 
 
 async def test_enrolling_twice_needs_replace(engine_kit: EngineKit) -> None:
@@ -250,7 +261,9 @@ async def test_a_scan_past_its_deadline_costs_nothing_and_its_retry_is_decided(
         await engine_kit.engine.verify(
             scan([impostor_frame()], idempotency_key="scan-7", deadline=time.monotonic() - 1)
         )
-    assert (await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL)).used == 0
+    assert (
+        await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)
+    ).used == 0
     retry = await engine_kit.engine.verify(scan([impostor_frame()], idempotency_key="scan-7"))
     assert retry.decision is Decision.NOT_MATCHED and not retry.replayed
     assert retry.attempts.used == 1

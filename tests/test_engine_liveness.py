@@ -13,7 +13,7 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.liveness.judge import frames_to_score
 from facesvc.models.packs import ModelPack
-from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, jpeg, running_engine
+from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg, running_engine
 
 pytestmark = pytest.mark.calendar
 
@@ -41,7 +41,9 @@ def still_frames(count: int) -> list[bytes]:
 
 
 async def enrolled(kit: EngineKit) -> None:
-    outcome = await kit.engine.enroll(PID, [jpeg(astronaut())], replace=False, caller=ADMIN)
+    outcome = await kit.engine.enroll(
+        PID, [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
+    )
     assert outcome.enrolled
 
 
@@ -53,7 +55,7 @@ async def test_a_still_photo_fails_the_challenge_and_the_challenge_is_single_use
     ) as kit:
         await enrolled(kit)
         challenge = await kit.engine.start_challenge(
-            PID, "training-3", TrainingType.SPL, Gate.SESSION
+            PID, "training-3", TrainingType.SPL, Gate.SESSION, caller=LMS
         )
         assert challenge.steps
         first = await kit.engine.verify(command(still_frames(4), challenge.challenge_id))
@@ -72,7 +74,7 @@ async def test_a_challenge_for_another_participant_is_refused(
     ) as kit:
         await enrolled(kit)
         foreign = await kit.engine.start_challenge(
-            "someone-else", "training-3", TrainingType.SPL, Gate.SESSION
+            "someone-else", "training-3", TrainingType.SPL, Gate.SESSION, caller=ADMIN
         )
         outcome = await kit.engine.verify(command(still_frames(3), foreign.challenge_id))
         assert outcome.decision is Decision.CHALLENGE_FAILED

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import KeyDirectory
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, astronaut, insightface_image, jpeg
+from tests.engine_support import ADMIN, DEV_TENANTS, astronaut, insightface_image, jpeg
 
 pytestmark = pytest.mark.calendar
 
@@ -330,7 +332,9 @@ def gateway_with_p1_enrolled(
     running.wait_health(SERVING, within_s=120)
     assert holder.engine is not None
     enrolled = holder.run(
-        holder.engine.enroll("p-1", [jpeg(astronaut())], replace=True, caller=ADMIN)
+        holder.engine.enroll(
+            "p-1", [jpeg(astronaut())], replace=True, caller=ADMIN, tenants=DEV_TENANTS
+        )
     )
     return running, enrolled
 
@@ -449,3 +453,26 @@ def test_a_verified_scan_returns_a_token_for_the_lms_and_spends_the_ticket(
     assert resent.status == 200, resent.body
     assert resent.json()["redirect_url"] == redirect
     assert resent.json()["attempts"]["used"] == 1
+
+
+@pytest.mark.slow
+def test_one_ticket_yields_one_token_however_many_scans_race_for_it(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    """40 genuine scans sent at once with one ticket: before the ticket was held atomically,
+    5 were VERIFIED (the daily cap) with 5 distinct tokens."""
+    running, _ = gateway_with_p1_enrolled(start_server, redis_url, tmp_path)
+    ticket = tickets_of(running).issue(scope())
+
+    def scan(n: int) -> tuple[int, dict[str, Any]]:
+        body, content_type = multipart({"idempotency_key": f"race-{n}"}, [jpeg(astronaut(), 80)])
+        headers = {**bearer(ticket.token), "Content-Type": content_type}
+        reply = http("POST", running.http_url + "/api/v1/verify", headers=headers, body=body)
+        return reply.status, reply.json()
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(scan, range(40)))
+    tokens = {a["redirect_url"] for status, a in answers if status == 200 and "redirect_url" in a}
+    assert len(tokens) == 1, answers
+    refused = Counter(a["error"]["code"] for status, a in answers if status != 200)
+    assert set(refused) <= {"IN_PROGRESS", "TICKET_SPENT"}, refused

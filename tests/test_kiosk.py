@@ -4,6 +4,7 @@ Redis, the kiosk's own API key; plus the pass rules and the staff screen on thei
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -28,24 +29,19 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk import __main__ as kiosk_main
 from facesvc.kiosk.camera import StillFrames
 from facesvc.kiosk.flow import CaptureSettings, RetryPolicy, ScanEvent, ScanFlow, ScanState
-from facesvc.kiosk.qr import (
-    PASS_TYPE,
-    JwksFileKeys,
-    PassChecker,
-    PassKeys,
-    PassProblem,
-    PassRefused,
-    ServiceKeys,
-    new_pass,
-    open_pass,
-    qr_png,
-    read_qr,
-    sign_pass,
-)
+from facesvc.kiosk.qr import JwksFileKeys, PassChecker, PassKeys, ServiceKeys, qr_png, read_qr
 from facesvc.kiosk.tui import render
 from facesvc.launch import TICKET_TYPE
 from facesvc.tokens.jws import PublicKeySet, b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, keys_generate, load_key_ring
+from facesvc.tokens.passes import (
+    PASS_TYPE,
+    PassProblem,
+    PassRefused,
+    new_pass,
+    open_pass,
+    sign_pass,
+)
 from tests.clocks import wib_at
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, insightface_image, jpeg
@@ -131,7 +127,7 @@ def test_a_pass_survives_its_qr_code_and_says_what_it_was_issued_for(signing: Si
     [text] = read_qr(qr_frame(sign_pass(issued, signing)))
     later = start_at + timedelta(minutes=30)
     opened = open_pass(text, FixedKeys(signing).keys(), venue=VENUE, now=later)
-    assert opened == issued
+    assert opened == dataclasses.replace(issued, text=text)
     assert opened.expires_at == start_at + timedelta(hours=2)
 
 

@@ -25,7 +25,7 @@ from facesvc.imaging import DecodeLimits
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FacePipeline
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, jpeg
+from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg
 from tests.test_service_verify import PID, enroll, genuine, start
 
 
@@ -116,7 +116,9 @@ def test_a_call_past_its_deadline_is_dropped_and_costs_no_attempt(
 async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
     engine_kit: EngineKit, model_pack: ModelPack
 ) -> None:
-    outcome = await engine_kit.engine.enroll(PID, [jpeg(astronaut())], replace=False, caller=ADMIN)
+    outcome = await engine_kit.engine.enroll(
+        PID, [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
+    )
     assert outcome.enrolled
     command = VerifyCommand(
         participant_id=PID,
@@ -130,7 +132,7 @@ async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
     )
     with pytest.raises(TimeoutError, match="before its attempt was reserved"):
         await engine_kit.engine.verify(command)
-    usage = await engine_kit.engine.attempts(PID, "course-1", TrainingType.SPL)
+    usage = await engine_kit.engine.attempts(PID, "course-1", TrainingType.SPL, caller=ADMIN)
     assert usage.used == 0
 
     batching = BatchSettings(max_batch=1, max_wait_s=0.0, max_queue=1)

@@ -168,7 +168,11 @@ def test_the_service_on_a_redis_cluster(
     )
     token = server.stub.Verify(token_scan, timeout=60).token
     redeem = pb.RedeemTokenRequest(
-        token=token, expected_gate=pb.GATE_SESSION, expected_session_id="s1", audience="dev"
+        token=token,
+        expected_gate=pb.GATE_SESSION,
+        expected_session_id="s1",
+        audience="dev",
+        expected_participant_id=PID,
     )
     assert server.stub.RedeemToken(redeem, timeout=10).valid
     assert not server.stub.RedeemToken(redeem, timeout=10).valid  # one-time, across nodes

@@ -12,8 +12,9 @@ import asyncio
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,13 @@ import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
 from facesvc.domain import TrainingType
-from facesvc.limits.caps import AttemptCaps, Exhausted, Reservation, default_cap_rules
+from facesvc.limits.caps import (
+    AttemptCaps,
+    Exhausted,
+    IdempotentScan,
+    Reservation,
+    default_cap_rules,
+)
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_local import RedisServer, find_redis_server
 from facesvc.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
@@ -55,10 +62,29 @@ def free_cluster_port() -> int:
 
 
 class ClusterServer(RedisServer):
-    """A redis-server in cluster mode (its slots are assigned by the fixture)."""
+    """A redis-server in cluster mode (its slots are assigned by :func:`start_cluster`);
+    ``options`` are more ``--name value`` arguments (e.g. ``--cluster-node-timeout``)."""
+
+    def __init__(
+        self, binary: Path, directory: Path, port: int, options: Sequence[str] = ()
+    ) -> None:
+        super().__init__(binary, directory, port)
+        self.options = tuple(options)
 
     def args(self) -> list[str]:
-        return [*super().args(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        return [
+            *super().args(),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            *self.options,
+        ]  # fmt: skip
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+    def node_id(self) -> str:
+        with self.admin() as admin:
+            return str(admin.execute_command("CLUSTER", "MYID").decode())
 
 
 class SentinelServer(RedisServer):
@@ -75,42 +101,95 @@ class SentinelServer(RedisServer):
         return [binary, str(self.config), "--sentinel", *rest]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    """Three primaries, slots 0-5460, 5461-10922, 10923-16383, no replicas."""
-    nodes: list[RedisServer] = []
+def start_cluster(
+    directory: Path, *, masters: int = 3, replicas: int = 0, options: Sequence[str] = ()
+) -> list[ClusterServer]:
+    """A cluster on loopback: ``masters`` primaries sharing the 16,384 slots evenly, then
+    ``replicas`` replicas of each (``nodes[masters + r * masters + m]`` replicates
+    ``nodes[m]``), every node started with ``options``. Returns once every node reports
+    ``cluster_state:ok`` and knows all the others, and every replica's link is up. The
+    caller stops the nodes (all of them are stopped here if the start fails)."""
+    nodes: list[ClusterServer] = []
+    total = masters * (1 + replicas)
     try:
-        for index in range(3):
-            node = ClusterServer(binary(), tmp_path / f"node{index}", free_cluster_port())
+        for index in range(total):
+            node = ClusterServer(binary(), directory / f"node{index}", free_cluster_port(), options)
             nodes.append(node)
             node.start()
-        bounds = [0, 5461, 10923, 16384]
+        bounds = [16384 * index // masters for index in range(masters + 1)]
         for index, node in enumerate(nodes):
-            with redis.Redis(port=node.port) as admin:
-                admin.execute_command(
-                    "CLUSTER", "ADDSLOTS", *range(bounds[index], bounds[index + 1])
-                )
+            with node.admin() as admin:
+                if index < masters:
+                    admin.execute_command(
+                        "CLUSTER", "ADDSLOTS", *range(bounds[index], bounds[index + 1])
+                    )
                 for other in nodes:
                     if other is not node:
                         admin.execute_command("CLUSTER", "MEET", "127.0.0.1", other.port)
-        deadline = time.monotonic() + 30
-        while not all(_cluster_ok(node.port) for node in nodes):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the test cluster did not reach cluster_state:ok in 30 s")
-            time.sleep(0.1)
-        yield nodes
-    finally:
+        _wait(lambda: all(_knows(node, total) for node in nodes), "every node to meet the others")
+        for index, node in enumerate(nodes[masters:]):
+            master = nodes[index % masters].node_id()
+            _wait(partial(_replicate, node, master), "a replica to learn its master's id")
+        _wait(lambda: all(_replicating(node) for node in nodes[masters:]), "replicas to sync")
+        _wait(lambda: all(_cluster_ok(node, total) for node in nodes), "cluster_state:ok")
+    except BaseException:
         for node in nodes:
             node.stop()
+        raise
+    return nodes
 
 
-def _cluster_ok(port: int) -> bool:
-    with redis.Redis(port=port) as admin:
-        info = admin.execute_command("CLUSTER", "INFO").decode()
-    return "cluster_state:ok" in info and "cluster_known_nodes:3" in info
+def _wait(predicate: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test cluster: timed out waiting for {what}")
+        time.sleep(0.1)
 
 
-def test_caps_and_templates_on_a_cluster(cluster: list[RedisServer]) -> None:
+def _cluster_info(node: ClusterServer) -> str:
+    with node.admin() as admin:
+        return str(admin.execute_command("CLUSTER", "INFO").decode())
+
+
+def _knows(node: ClusterServer, total: int) -> bool:
+    return f"cluster_known_nodes:{total}" in _cluster_info(node)
+
+
+def _cluster_ok(node: ClusterServer, total: int) -> bool:
+    info = _cluster_info(node)
+    return "cluster_state:ok" in info and f"cluster_known_nodes:{total}" in info
+
+
+def _replicate(node: ClusterServer, master_id: str) -> bool:
+    """Make ``node`` a replica of ``master_id``; False while ``node`` does not know that id
+    yet (the node counts a peer still in handshake, under a provisional id, as known)."""
+    with node.admin() as admin:
+        try:
+            admin.execute_command("CLUSTER", "REPLICATE", master_id)
+        except redis.ResponseError as error:
+            if "Unknown node" in str(error):
+                return False
+            raise
+    return True
+
+
+def _replicating(node: ClusterServer) -> bool:
+    with node.admin() as admin:
+        replication = admin.info("replication")
+    return bool(replication.get("master_link_status") == "up")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[ClusterServer]]:
+    """Three primaries, slots 0-5460, 5461-10921, 10922-16383, no replicas."""
+    nodes = start_cluster(tmp_path)
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def test_caps_and_templates_on_a_cluster(cluster: list[ClusterServer]) -> None:
     async def main() -> None:
         client = redis_client_from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}")
         assert isinstance(client, aioredis.RedisCluster)
@@ -126,8 +205,12 @@ def test_caps_and_templates_on_a_cluster(cluster: list[RedisServer]) -> None:
                 await store.put(template, replace=False)
                 outcomes = await asyncio.gather(
                     *(caps.reserve(pid, "t1", SPL, now) for _ in range(8)),
-                    caps.reserve(pid, "t1", SPL, now, idempotency_key="scan-1"),
-                    caps.reserve(pid, "t1", SPL, now, idempotency_key="scan-1"),
+                    caps.reserve(
+                        pid, "t1", SPL, now, idempotent=IdempotentScan("scan-1", "test", "request")
+                    ),
+                    caps.reserve(
+                        pid, "t1", SPL, now, idempotent=IdempotentScan("scan-1", "test", "request")
+                    ),
                 )
                 assert sum(isinstance(o, Reservation) and not o.replayed for o in outcomes) == 5
                 assert sum(isinstance(o, Exhausted) for o in outcomes) >= 4

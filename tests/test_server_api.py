@@ -56,9 +56,10 @@ WELL_FORMED: dict[str, Message] = {
         participant_id="p-1", training_id="t-1", training_type=pb.TRAINING_TYPE_SPL
     ),
     "RedeemToken": pb.RedeemTokenRequest(
-        token="a.b.c", expected_gate=pb.GATE_REDEEM, audience="lms-1"
+        token="a.b.c", expected_gate=pb.GATE_REDEEM, audience="lms-1", expected_participant_id="p-1"
     ),
     "GetSigningKeys": pb.GetSigningKeysRequest(),
+    "SetEnrollmentTenants": pb.SetEnrollmentTenantsRequest(participant_id="p-1", tenants=["lms-1"]),
 }
 
 
@@ -162,6 +163,19 @@ MALFORMED: list[tuple[str, Message, str, str]] = [
         "expected_session_id",
         "required",
     ),
+    (
+        "RedeemToken",
+        pb.RedeemTokenRequest(token="a.b.c", expected_gate=pb.GATE_REDEEM, audience="a"),
+        "expected_participant_id",
+        "required",
+    ),
+    (
+        "SetEnrollmentTenants",
+        pb.SetEnrollmentTenantsRequest(participant_id="p-1", tenants=["lms a"]),
+        "tenants[0]",
+        "letters, digits",
+    ),
+    ("Verify", _verify(venue_pass="has space"), "venue_pass", "QR code"),
 ]
 
 

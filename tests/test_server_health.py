@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.app import Resources
+from facesvc.health import LIVENESS_SERVICE
 from facesvc.redis_local import RedisServer
 from tests.conftest import RunningServer
 
@@ -44,6 +45,8 @@ def test_health_turns_not_serving_when_redis_stops_and_back_when_it_returns(
     assert server.health("") == NOT_SERVING
     assert _healthz(server) == (503, {"status": "NOT_SERVING", "reason": "redis unreachable"})
     assert healthcheck.main(["--target", server.grpc_target]) == 1  # the container's probe
+    # A liveness probe (deploy/) asks this name: a Redis outage must not restart the pods.
+    assert server.health(LIVENESS_SERVICE) == SERVING
 
     dedicated_redis.start()
     server.wait_health(SERVING)

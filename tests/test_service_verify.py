@@ -24,6 +24,8 @@ pytestmark = pytest.mark.calendar
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PID = "participant-7"
+TENANT = "lms-a"
+"""The LMS tenant the tests' participant is enrolled for."""
 
 
 async def real_engine(resources: Resources) -> Engine:
@@ -56,7 +58,8 @@ def start(
 
 def enroll(server: RunningServer) -> pb.EnrollResponse:
     reply: pb.EnrollResponse = server.stub.Enroll(
-        pb.EnrollRequest(participant_id=PID, images=[jpeg(astronaut())]), timeout=60
+        pb.EnrollRequest(participant_id=PID, images=[jpeg(astronaut())], tenants=[TENANT]),
+        timeout=60,
     )
     return reply
 
@@ -103,7 +106,11 @@ def test_enroll_verify_redeem_once(
     assert keys.keys and '"kty": "OKP"' in keys.jwks_json
 
     redeem = pb.RedeemTokenRequest(
-        token=reply.token, expected_gate=pb.GATE_SESSION, expected_session_id="s1", audience="dev"
+        token=reply.token,
+        expected_gate=pb.GATE_SESSION,
+        expected_session_id="s1",
+        audience="dev",
+        expected_participant_id=PID,
     )
     first = server.stub.RedeemToken(redeem, timeout=5)
     assert first.valid and first.claims.participant_id == PID

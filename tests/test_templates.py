@@ -18,7 +18,7 @@ from facesvc.cli import main as facesvc_cli
 from facesvc.clock import SystemClock
 from facesvc.config import ConfigError, TemplatesSettings
 from facesvc.domain import TrainingType
-from facesvc.limits.caps import AttemptCaps, default_cap_rules
+from facesvc.limits.caps import AttemptCaps, IdempotentScan, default_cap_rules
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
@@ -229,7 +229,9 @@ def test_delete_removes_every_key_of_that_participant_only(
         now = SystemClock().now()
         for pid in ("p1", "p10", "p2"):
             await store.put(template(pid), replace=False)
-            await caps.reserve(pid, "t1", TrainingType.SPL, now, idempotency_key="k")
+            await caps.reserve(
+                pid, "t1", TrainingType.SPL, now, idempotent=IdempotentScan("k", "test", "request")
+            )
             await client.set(f"{KeySpace(prefix).participant(pid)}:challenge:abc", b"x")
         assert await store.delete("p1") is True
         left = sorted([key async for key in client.scan_iter(match=f"{prefix}*")])

@@ -42,14 +42,8 @@ import grpc
 from facesvc.client import Challenge, FaceServiceError, VerifyResult
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk.camera import Camera, CameraError, encode_frame
-from facesvc.kiosk.qr import (
-    PassChecker,
-    PassKeysUnavailable,
-    PassProblem,
-    PassRefused,
-    VenuePass,
-    read_qr,
-)
+from facesvc.kiosk.qr import PassChecker, PassKeysUnavailable, read_qr
+from facesvc.tokens.passes import PassProblem, PassRefused, VenuePass
 
 
 class ScanState(enum.StrEnum):
@@ -169,6 +163,7 @@ class ScanService(Protocol):
         scheduled_start: datetime | None = None,
         challenge_id: str = "",
         idempotency_key: str = "",
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> VerifyResult: ...
 
@@ -179,6 +174,7 @@ class ScanService(Protocol):
         training_type: TrainingType,
         gate: Gate,
         *,
+        venue_pass: str = "",
         timeout_s: float | None = None,
     ) -> Challenge: ...
 
@@ -345,6 +341,7 @@ class ScanFlow:
                 scheduled_start=venue_pass.scheduled_start,
                 challenge_id=challenge_id,
                 idempotency_key=key,
+                venue_pass=venue_pass.text,
                 timeout_s=timeout_s,
             )
 
@@ -367,6 +364,7 @@ class ScanFlow:
             venue_pass.training_id,
             TrainingType.OFFLINE,
             venue_pass.gate,
+            venue_pass=venue_pass.text,
             timeout_s=timeout_s,
         )
 

@@ -1,6 +1,6 @@
 """``facesvc passes issue | jwks``: the programme side of venue passes (see facesvc.cli).
 
-Signs a :class:`~facesvc.kiosk.qr.VenuePass` with the active key of a key directory (by
+Signs a :class:`~facesvc.tokens.passes.VenuePass` with the active key of a key directory (by
 default the service's token keys, ``tokens.key_dir``, whose public half the service already
 publishes through GetSigningKeys and /.well-known/jwks.json, where kiosks fetch it) and
 writes the QR code as a PNG; ``facesvc passes jwks`` prints the matching public keys for
@@ -26,8 +26,9 @@ from pathlib import Path
 from facesvc.cli import settings_from_args
 from facesvc.clock import SystemClock
 from facesvc.domain import Gate
-from facesvc.kiosk.qr import VenuePass, new_pass, qr_png, sign_pass
+from facesvc.kiosk.qr import qr_png
 from facesvc.tokens.keys import KeyDirectoryError, NoSigningKeyError, SigningKey, load_key_ring
+from facesvc.tokens.passes import VenuePass, new_pass, sign_pass
 
 
 def issue_pass_png(venue_pass: VenuePass, key: SigningKey) -> tuple[str, bytes]:

@@ -19,7 +19,7 @@ from typing import TextIO
 from facesvc.clock import WIB, Clock, SystemClock
 from facesvc.domain import Decision
 from facesvc.kiosk.flow import ScanEvent, ScanState
-from facesvc.kiosk.qr import PassProblem
+from facesvc.tokens.passes import PassProblem
 
 _GREEN, _RED, _YELLOW, _BLUE = "42;97", "41;97", "43;30", "44;97"
 
@@ -122,6 +122,10 @@ _PROBLEMS: dict[PassProblem, tuple[str, str]] = {
     PassProblem.WRONG_VENUE: (
         "Kode QR ini untuk lokasi pelatihan lain.",
         "This QR code is for another training venue.",
+    ),
+    PassProblem.WRONG_SCAN: (
+        "Kode QR ini untuk pertemuan lain: buka kode untuk pertemuan hari ini.",
+        "This QR code is for another meeting: open the code for today's meeting.",
     ),
 }
 

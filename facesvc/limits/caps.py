@@ -30,10 +30,13 @@ Two clocks meet here, and each decides one thing:
   (:class:`~facesvc.clock.SkewWatch`) and refuses scans beyond a hard bound, when the
   service can no longer say which day it is.
 
-Idempotent kiosk retries: with an ``idempotency_key`` the same script also writes a HASH
-``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used; later the engine's final
-decision) that lives ``idempotency_ttl``. A retry with the same key gets the first outcome back
-(``replayed=True``, with the stored decision) and reserves nothing. While the first scan is
+Idempotent kiosk retries: with an :class:`IdempotentScan` the same script also writes a HASH
+``<prefix>:{p:<pid>}:idem:<digest>`` (outcome, reservation id, used, the request's digest;
+later the engine's final decision) that lives ``idempotency_ttl``. The record is the caller's
+own (its name is in the digest that names the key) and bound to the request: a retry with the
+same key and the same request gets the first outcome back (``replayed=True``, with the stored
+decision) and reserves nothing; the same key with another request is refused
+(:class:`IdempotencyConflict`), never answered with another scan's decision. While the first scan is
 being decided, a retry hears "still being decided" (no decision yet) for at most
 ``scan_lease``: the script also sets a lease key ``<digest>:lease`` that expires then. A
 retry that finds the record undecided and the lease gone takes the scan over: the server
@@ -65,14 +68,19 @@ from facesvc.redis_keys import KeySpace
 
 # KEYS[1]: the cap SET; KEYS[2], KEYS[3] (optional): the idempotency HASH and its lease
 # (same hash tag). ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: the SET's TTL,
-# ARGV[4]: the idempotency record's TTL, ARGV[5]: the lease, all three in milliseconds.
-# Returns {outcome, reservation id, used, stored decision or nil, replayed 0|1}.
+# ARGV[4]: the idempotency record's TTL, ARGV[5]: the lease, all three in milliseconds;
+# ARGV[6]: the digest of the request the idempotency key is bound to.
+# Returns {outcome, reservation id, used, stored decision or nil, replayed 0|1}; outcome
+# 'conflict' when the key was first used with another request.
 _RESERVE_LUA = """
 local limit = tonumber(ARGV[1])
 local rid = ARGV[2]
 if KEYS[2] then
-  local prior = redis.call('HMGET', KEYS[2], 'outcome', 'rid', 'used', 'decision')
+  local prior = redis.call('HMGET', KEYS[2], 'outcome', 'rid', 'used', 'decision', 'digest')
   if prior[1] then
+    if prior[5] ~= ARGV[6] then
+      return {'conflict', prior[2], 0, false, 1}
+    end
     -- Same id: this very call re-sent by the client's retry, not a replay of another scan.
     local replayed = 1
     if prior[2] == rid then replayed = 0 end
@@ -95,7 +103,7 @@ elseif used < limit then
   outcome = 'reserved'
 end
 if KEYS[2] then
-  redis.call('HSET', KEYS[2], 'outcome', outcome, 'rid', rid, 'used', used)
+  redis.call('HSET', KEYS[2], 'outcome', outcome, 'rid', rid, 'used', used, 'digest', ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
   redis.call('SET', KEYS[3], rid, 'PX', ARGV[5])
 end
@@ -111,6 +119,27 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 0
 """
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key the caller already used with another request: nothing was reserved
+    or replayed. Transports answer INVALID_ARGUMENT: use a fresh key for a new scan."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentScan:
+    """What makes a scan retryable: the caller's ``key`` (1-128 printable ASCII), the
+    ``owner`` it belongs to (the authenticated caller's name, so one caller's key never
+    reaches another's record) and ``request_digest``, a digest of everything the request
+    asked (a retry must send the very same request)."""
+
+    key: str
+    owner: str
+    request_digest: str
+
+    def __post_init__(self) -> None:
+        if not (1 <= len(self.key) <= 128 and self.key.isascii() and self.key.isprintable()):
+            raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,14 +288,15 @@ class AttemptCaps:
         training_type: TrainingType,
         now: datetime,
         *,
-        idempotency_key: str | None = None,
+        idempotent: IdempotentScan | None = None,
     ) -> Reservation | Exhausted:
         """Atomically check the cap and hold one attempt of the WIB day ``now`` falls on.
 
         ``now`` must be tz-aware (take it once per request from the engine's clock, so the
-        window check and the cap agree on the instant). ``idempotency_key`` (1-128 printable
-        ASCII) makes a retried scan return the first outcome instead of reserving again.
-        Raises ValueError for bad ids, StoreUnavailable when Redis cannot answer.
+        window check and the cap agree on the instant). ``idempotent`` makes a retried scan
+        return the first outcome instead of reserving again. Raises ValueError for bad ids,
+        :class:`IdempotencyConflict` for a key reused with another request, StoreUnavailable
+        when Redis cannot answer.
         """
         limit = self.limit_for(training_type)
         day = programme_day(now, self._tz)
@@ -274,8 +304,8 @@ class AttemptCaps:
         cap_key = self._keys.cap(participant_id, training_id, day)
         keys = [cap_key]
         idem_key = None
-        if idempotency_key is not None:
-            idem_key = self._idempotency_record(participant_id, training_id, idempotency_key)
+        if idempotent is not None:
+            idem_key = self._idempotency_record(participant_id, training_id, idempotent)
             keys += [idem_key, KeySpace.lease_of(idem_key)]
         args: list[int | str] = [
             limit,
@@ -283,11 +313,17 @@ class AttemptCaps:
             _ttl_ms(resets_at - now + self._grace),
             self._idem_ttl_ms,
             self._lease_ms,
+            idempotent.request_digest if idempotent is not None else "",
         ]
         async with store_errors("reserve an attempt"):
             reply: list[Any] = await self._reserve(keys=keys, args=args)
         outcome, rid, used, decision, replayed = reply
         prior = _as_bytes(decision) if decision is not None else None
+        if reply_text(outcome) == "conflict":
+            raise IdempotencyConflict(
+                "this idempotency_key was already used for a different scan request: send a "
+                "retry unchanged, or use a new key for a new scan"
+            )
         if reply_text(outcome) == "exhausted":
             return Exhausted(int(used), limit, resets_at, bool(replayed), prior, idem_key)
         return Reservation(
@@ -355,13 +391,14 @@ class AttemptCaps:
             stored = await self._record(keys=[outcome.idempotency_record], args=[decision])
         return bool(stored)
 
-    def _idempotency_record(self, participant_id: str, training_id: str, key: str) -> str:
-        """The record's key; the client's key is hashed with the training so a key reused
-        for another training is a different record, and arbitrary text stays out of keys."""
-        if not (1 <= len(key) <= 128 and key.isascii() and key.isprintable()):
-            raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
-        digest = hashlib.sha256(f"{training_id}\0{key}".encode()).hexdigest()[:32]
-        return self._keys.idempotency(participant_id, digest)
+    def _idempotency_record(
+        self, participant_id: str, training_id: str, scan: IdempotentScan
+    ) -> str:
+        """The record's key; the client's key is hashed with its owner and the training, so
+        another caller's key or another training is another record, and arbitrary text stays
+        out of keys."""
+        named = f"{scan.owner}\0{training_id}\0{scan.key}".encode()
+        return self._keys.idempotency(participant_id, hashlib.sha256(named).hexdigest()[:32])
 
 
 def _ttl_ms(span: timedelta) -> int:

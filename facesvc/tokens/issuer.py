@@ -11,7 +11,7 @@ from facesvc.domain import Gate, LivenessMethod, TrainingType
 from facesvc.redis_keys import validate_id
 from facesvc.tokens.claims import VerificationClaims
 from facesvc.tokens.jws import b64url_encode, sign_compact
-from facesvc.tokens.keys import SigningKeySource
+from facesvc.tokens.keys import SigningKey, SigningKeySource
 
 DEFAULT_TTL_S = 120
 """Token life in seconds: long enough for a browser redirect back to the LMS, short enough to
@@ -20,11 +20,13 @@ make a stolen token nearly worthless."""
 
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
-    """A signed token with the two facts the caller reports: its id and its expiry (UTC)."""
+    """A signed token with the two facts the caller reports, its id and its expiry (UTC), and
+    the claims it signs."""
 
     token: str
     jti: str
     expires_at: datetime
+    claims: VerificationClaims
 
 
 class TokenIssuer:
@@ -94,5 +96,16 @@ class TokenIssuer:
             model_pack=model_pack,
             verification_id=verification_id,
         )
+        return self._sign(claims, key)
+
+    def reissue(self, claims: VerificationClaims) -> IssuedToken:
+        """The token for ``claims`` issued earlier, signed again with the current key, so that
+        a stored answer keeps the claims (not a credential) and a replay still hands back the
+        token: Ed25519 signatures are deterministic, so under the same key it is the very same
+        token, and after a rotation an equally valid one with the same ``jti`` and expiry."""
+        return self._sign(claims, self._keys.signing_key(self._clock.now()))
+
+    @staticmethod
+    def _sign(claims: VerificationClaims, key: SigningKey) -> IssuedToken:
         token = sign_compact(claims.to_json(), key.private_key, key.kid)
-        return IssuedToken(token, claims.jti, datetime.fromtimestamp(claims.exp, UTC))
+        return IssuedToken(token, claims.jti, datetime.fromtimestamp(claims.exp, UTC), claims)

@@ -83,6 +83,7 @@ class RedeemReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REDEEM_REASON_MALFORMED: _ClassVar[RedeemReason]
     REDEEM_REASON_UNKNOWN_KEY: _ClassVar[RedeemReason]
     REDEEM_REASON_WRONG_TRAINING: _ClassVar[RedeemReason]
+    REDEEM_REASON_WRONG_PARTICIPANT: _ClassVar[RedeemReason]
 TRAINING_TYPE_UNSPECIFIED: TrainingType
 TRAINING_TYPE_SPL: TrainingType
 TRAINING_TYPE_WEBINAR: TrainingType
@@ -136,6 +137,7 @@ REDEEM_REASON_ALREADY_USED: RedeemReason
 REDEEM_REASON_MALFORMED: RedeemReason
 REDEEM_REASON_UNKNOWN_KEY: RedeemReason
 REDEEM_REASON_WRONG_TRAINING: RedeemReason
+REDEEM_REASON_WRONG_PARTICIPANT: RedeemReason
 
 class ImageQuality(_message.Message):
     __slots__ = ("index", "accepted", "issue", "reason", "width_px", "height_px", "face_count", "face_height_px", "detection_score", "sharpness", "brightness", "yaw_deg", "pitch_deg", "roll_deg", "live_score")
@@ -172,18 +174,20 @@ class ImageQuality(_message.Message):
     def __init__(self, index: _Optional[int] = ..., accepted: _Optional[bool] = ..., issue: _Optional[_Union[QualityIssue, str]] = ..., reason: _Optional[str] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., face_count: _Optional[int] = ..., face_height_px: _Optional[int] = ..., detection_score: _Optional[float] = ..., sharpness: _Optional[float] = ..., brightness: _Optional[float] = ..., yaw_deg: _Optional[float] = ..., pitch_deg: _Optional[float] = ..., roll_deg: _Optional[float] = ..., live_score: _Optional[float] = ...) -> None: ...
 
 class Enrollment(_message.Message):
-    __slots__ = ("participant_id", "enrolled_at", "updated_at", "image_count", "model_pack")
+    __slots__ = ("participant_id", "enrolled_at", "updated_at", "image_count", "model_pack", "tenants")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_PACK_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     enrolled_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     image_count: int
     model_pack: str
-    def __init__(self, participant_id: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_count: _Optional[int] = ..., model_pack: _Optional[str] = ...) -> None: ...
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, participant_id: _Optional[str] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_count: _Optional[int] = ..., model_pack: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenClaims(_message.Message):
     __slots__ = ("token_id", "issuer", "audience", "participant_id", "training_id", "training_type", "gate", "session_id", "issued_at", "not_before", "expires_at", "verification_id", "key_id", "liveness_method", "model_pack")
@@ -242,14 +246,16 @@ class SigningKey(_message.Message):
     def __init__(self, kid: _Optional[str] = ..., kty: _Optional[str] = ..., crv: _Optional[str] = ..., x: _Optional[str] = ..., alg: _Optional[str] = ..., use: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("participant_id", "images", "replace")
+    __slots__ = ("participant_id", "images", "replace", "tenants")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     replace: bool
-    def __init__(self, participant_id: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, participant_id: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., replace: _Optional[bool] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("enrolled", "reason", "enrollment", "images")
@@ -287,17 +293,33 @@ class DeleteEnrollmentResponse(_message.Message):
     deleted: bool
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
+class SetEnrollmentTenantsRequest(_message.Message):
+    __slots__ = ("participant_id", "tenants")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, participant_id: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetEnrollmentTenantsResponse(_message.Message):
+    __slots__ = ("enrollment",)
+    ENROLLMENT_FIELD_NUMBER: _ClassVar[int]
+    enrollment: Enrollment
+    def __init__(self, enrollment: _Optional[_Union[Enrollment, _Mapping]] = ...) -> None: ...
+
 class StartLivenessChallengeRequest(_message.Message):
-    __slots__ = ("participant_id", "training_id", "training_type", "gate")
+    __slots__ = ("participant_id", "training_id", "training_type", "gate", "venue_pass")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINING_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINING_TYPE_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    VENUE_PASS_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     training_id: str
     training_type: TrainingType
     gate: Gate
-    def __init__(self, participant_id: _Optional[str] = ..., training_id: _Optional[str] = ..., training_type: _Optional[_Union[TrainingType, str]] = ..., gate: _Optional[_Union[Gate, str]] = ...) -> None: ...
+    venue_pass: str
+    def __init__(self, participant_id: _Optional[str] = ..., training_id: _Optional[str] = ..., training_type: _Optional[_Union[TrainingType, str]] = ..., gate: _Optional[_Union[Gate, str]] = ..., venue_pass: _Optional[str] = ...) -> None: ...
 
 class StartLivenessChallengeResponse(_message.Message):
     __slots__ = ("challenge_id", "steps", "expires_at", "min_frames")
@@ -312,7 +334,7 @@ class StartLivenessChallengeResponse(_message.Message):
     def __init__(self, challenge_id: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[ChallengeStep, str]]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., min_frames: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("participant_id", "training_id", "training_type", "gate", "session_id", "scheduled_start", "challenge_id", "frames", "idempotency_key")
+    __slots__ = ("participant_id", "training_id", "training_type", "gate", "session_id", "scheduled_start", "challenge_id", "frames", "idempotency_key", "venue_pass")
     PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINING_ID_FIELD_NUMBER: _ClassVar[int]
     TRAINING_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +344,7 @@ class VerifyRequest(_message.Message):
     CHALLENGE_ID_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    VENUE_PASS_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     training_id: str
     training_type: TrainingType
@@ -331,7 +354,8 @@ class VerifyRequest(_message.Message):
     challenge_id: str
     frames: _containers.RepeatedScalarFieldContainer[bytes]
     idempotency_key: str
-    def __init__(self, participant_id: _Optional[str] = ..., training_id: _Optional[str] = ..., training_type: _Optional[_Union[TrainingType, str]] = ..., gate: _Optional[_Union[Gate, str]] = ..., session_id: _Optional[str] = ..., scheduled_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., challenge_id: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    venue_pass: str
+    def __init__(self, participant_id: _Optional[str] = ..., training_id: _Optional[str] = ..., training_type: _Optional[_Union[TrainingType, str]] = ..., gate: _Optional[_Union[Gate, str]] = ..., session_id: _Optional[str] = ..., scheduled_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., challenge_id: _Optional[str] = ..., frames: _Optional[_Iterable[bytes]] = ..., idempotency_key: _Optional[str] = ..., venue_pass: _Optional[str] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("decision", "reason", "attempts_used", "attempts_remaining", "attempts_reset_at", "attempts_limit", "token", "token_expires_at", "verification_id", "frames", "liveness_method", "replayed")
@@ -384,18 +408,20 @@ class GetAttemptsResponse(_message.Message):
     def __init__(self, used: _Optional[int] = ..., remaining: _Optional[int] = ..., limit: _Optional[int] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RedeemTokenRequest(_message.Message):
-    __slots__ = ("token", "expected_gate", "expected_session_id", "expected_training_id", "audience")
+    __slots__ = ("token", "expected_gate", "expected_session_id", "expected_training_id", "audience", "expected_participant_id")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_GATE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_TRAINING_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
     token: str
     expected_gate: Gate
     expected_session_id: str
     expected_training_id: str
     audience: str
-    def __init__(self, token: _Optional[str] = ..., expected_gate: _Optional[_Union[Gate, str]] = ..., expected_session_id: _Optional[str] = ..., expected_training_id: _Optional[str] = ..., audience: _Optional[str] = ...) -> None: ...
+    expected_participant_id: str
+    def __init__(self, token: _Optional[str] = ..., expected_gate: _Optional[_Union[Gate, str]] = ..., expected_session_id: _Optional[str] = ..., expected_training_id: _Optional[str] = ..., audience: _Optional[str] = ..., expected_participant_id: _Optional[str] = ...) -> None: ...
 
 class RedeemTokenResponse(_message.Message):
     __slots__ = ("valid", "reason", "message", "claims")

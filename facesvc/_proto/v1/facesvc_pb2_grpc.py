@@ -51,6 +51,11 @@ class FaceVerificationStub:
                 request_serializer=facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentRequest.SerializeToString,
                 response_deserializer=facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentResponse.FromString,
                 _registered_method=True)
+        self.SetEnrollmentTenants = channel.unary_unary(
+                '/facesvc.v1.FaceVerification/SetEnrollmentTenants',
+                request_serializer=facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsRequest.SerializeToString,
+                response_deserializer=facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsResponse.FromString,
+                _registered_method=True)
         self.StartLivenessChallenge = channel.unary_unary(
                 '/facesvc.v1.FaceVerification/StartLivenessChallenge',
                 request_serializer=facesvc_dot_v1_dot_facesvc__pb2.StartLivenessChallengeRequest.SerializeToString,
@@ -106,6 +111,15 @@ class FaceVerificationServicer:
 
     def DeleteEnrollment(self, request, context):
         """DeleteEnrollment removes the participant's template. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEnrollmentTenants(self, request, context):
+        """SetEnrollmentTenants replaces the LMS tenants that may act for an enrolled
+        participant (a participant who joins another institution's training), without
+        new photos; NOT_FOUND when the participant has no enrollment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +193,11 @@ def add_FaceVerificationServicer_to_server(servicer, server):
                     servicer.DeleteEnrollment,
                     request_deserializer=facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentRequest.FromString,
                     response_serializer=facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentResponse.SerializeToString,
+            ),
+            'SetEnrollmentTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnrollmentTenants,
+                    request_deserializer=facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsRequest.FromString,
+                    response_serializer=facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsResponse.SerializeToString,
             ),
             'StartLivenessChallenge': grpc.unary_unary_rpc_method_handler(
                     servicer.StartLivenessChallenge,
@@ -294,6 +313,33 @@ class FaceVerification:
             '/facesvc.v1.FaceVerification/DeleteEnrollment',
             facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentRequest.SerializeToString,
             facesvc_dot_v1_dot_facesvc__pb2.DeleteEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnrollmentTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facesvc.v1.FaceVerification/SetEnrollmentTenants',
+            facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsRequest.SerializeToString,
+            facesvc_dot_v1_dot_facesvc__pb2.SetEnrollmentTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
