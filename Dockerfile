@@ -2,9 +2,10 @@
 # /healthz; 8080). Build: docker build -t facesvc .   Run with Redis: docker compose up
 #
 # The container listens on every interface (0.0.0.0), so `facesvc serve` refuses to start
-# without TLS and API keys: run `facesvc init` first (compose.yaml's `init` service does) to
-# make them, with the signing and template keys, under /var/lib/facesvc. For development
-# only, FACESVC_SECURITY_ALLOW_INSECURE_NETWORK=true serves without them, logged CRITICAL.
+# without TLS and API keys (security.tls_cert/tls_key, security.api_keys_file): compose.yaml
+# sets them and runs `facesvc init` first, which makes them with the signing and template
+# keys under /var/lib/facesvc; deploy/ mounts them from Secrets. For development only,
+# FACESVC_SECURITY_ALLOW_INSECURE_NETWORK=true serves without them, logged CRITICAL.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,12 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACESVC_SERVER_HTTP_PORT=8080 \
     FACESVC_REDIS_URL=redis://redis:6379/0 \
     FACESVC_TOKENS_KEY_DIR=/var/lib/facesvc/keys/tokens \
-    FACESVC_TEMPLATES_KEY_FILE=/var/lib/facesvc/keys/templates.key \
-    FACESVC_SECURITY_API_KEYS_FILE=/var/lib/facesvc/keys/apikeys.json \
-    FACESVC_SECURITY_TLS_CERT=/var/lib/facesvc/tls/server.pem \
-    FACESVC_SECURITY_TLS_KEY=/var/lib/facesvc/tls/server.key \
-    FACESVC_SECURITY_ALLOW_PLAINTEXT=false \
-    FACESVC_SECURITY_ALLOW_ANONYMOUS=false
+    FACESVC_TEMPLATES_KEY_FILE=/var/lib/facesvc/keys/templates.key
 
 RUN groupadd --system --gid 10001 facesvc \
     && useradd --system --uid 10001 --gid facesvc --home-dir /home/facesvc --create-home facesvc
@@ -41,9 +37,9 @@ RUN mkdir -p "$FACESVC_MODELS_CACHE_DIR" \
     && python -m facesvc.models.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
     && chmod -R a+rX "$FACESVC_MODELS_CACHE_DIR"
 
-# Keys and the TLS certificate live in /var/lib/facesvc (mount a volume or secrets there):
-# `facesvc serve` refuses to start without a signing key, a template key, an API keys file
-# and a certificate; `facesvc init` makes whichever are missing (compose's `init` service).
+# Keys live in /var/lib/facesvc (mount a volume or secrets there): `facesvc serve` refuses to
+# start without a signing key and a template key; `facesvc init` makes whichever of the keys,
+# API keys file and certificate the settings name and are missing (compose's `init` service).
 RUN mkdir -p /var/lib/facesvc && chown facesvc:facesvc /var/lib/facesvc
 WORKDIR /var/lib/facesvc
 USER facesvc
