@@ -117,7 +117,12 @@ class App:
     ) -> None:
         self.settings = settings
         # Before anything is built or bound: off loopback, TLS and API keys or nothing.
-        self._exposed_insecurely = check_exposure(settings)
+        for line in check_exposure(settings):
+            log.critical(
+                "*** INSECURE NETWORK, security.allow_insecure_network IS ON: DEVELOPMENT "
+                "ONLY *** %s",
+                line,
+            )
         self._tls = server_tls(settings.security)
         self._shares_ports = settings.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
@@ -207,12 +212,6 @@ class App:
         address = f"{s.server.grpc_host}:{s.server.grpc_port}"
         for line in insecure_warnings(s.security):
             log.warning("*** INSECURE, DEVELOPMENT ONLY *** %s", line)
-        for line in self._exposed_insecurely:
-            log.critical(
-                "*** INSECURE NETWORK, security.allow_insecure_network IS ON: DEVELOPMENT "
-                "ONLY *** %s",
-                line,
-            )
         if self._tls is None:
             self.grpc_port = self._grpc.add_insecure_port(address)
         else:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from facesvc.engine import Engine, VerifyCommand, VerifyOutcome
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import astronaut, jpeg
+from tests.engine_support import ADMIN, DEV_TENANTS, astronaut, jpeg
 from tests.test_gateway import ALLOWLIST, bearer, scope, tickets_of
 
 pytestmark = pytest.mark.calendar
@@ -45,6 +45,8 @@ def test_a_scan_link_over_its_rate_gets_429_with_retry_after(
     assert refused.headers["Cache-Control"] == "no-store"
     # Another link (another participant's page) has a budget of its own.
     second = tickets_of(server).issue(scope(participant_id="p-2")).token
+    print("DEBUG", http("GET", server.http_url + "/api/v1/session", headers=bearer(second)).body)
+    print("DEBUG", http("GET", server.http_url + "/api/v1/session", headers=bearer(first)).body)
     assert _session(server, second).status == 503
 
 
@@ -108,6 +110,13 @@ def test_scans_beyond_the_in_flight_bound_get_429_at_once_and_spend_nothing(
     )
     server.wait_health(SERVING, within_s=120)
     assert holder.engine is not None
+    for participant in ("p-1", "p-2"):  # enrolled for the scan links' tenant
+        enrolled = holder.run(
+            holder.engine.enroll(
+                participant, [jpeg(astronaut())], replace=True, caller=ADMIN, tenants=DEV_TENANTS
+            )
+        )
+        assert enrolled.enrolled
     gated = GatedEngine(holder.engine, holder.loop)
     server.app.portal.attach_engine(gated)
     first = tickets_of(server).issue(scope()).token

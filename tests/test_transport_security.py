@@ -4,6 +4,8 @@ and `facesvc init`, which makes both (issue 18.6)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import ssl
 import subprocess
@@ -19,7 +21,7 @@ from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.app import App
-from facesvc.config import ConfigError, load_settings
+from facesvc.config import ConfigError, Settings, load_settings
 from facesvc.templates import generate_template_key
 from facesvc.tls import check_exposure
 from facesvc.tokens.keys import keys_generate
@@ -129,6 +131,16 @@ def test_serve_refuses_other_machines_without_tls_and_api_keys(
     assert "facesvc listening" not in log
 
 
+def _build(settings: Settings) -> None:
+    """Construct the App (its gRPC server needs an event loop), start nothing."""
+
+    async def build() -> None:
+        app = App(settings)
+        await app.redis.aclose()
+
+    asyncio.run(build())
+
+
 def test_serve_with_tls_and_keys_passes_the_check_and_the_dev_flag_is_loud(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,15 +172,18 @@ def test_serve_with_tls_and_keys_passes_the_check_and_the_dev_flag_is_loud(
         },
     )
     assert check_exposure(settings) == []
-    App(settings)  # built, not started: nothing is bound off loopback here
+    _build(settings)  # built, not started: nothing is bound off loopback here
     with pytest.raises(ConfigError, match="refusing to serve"):
-        App(load_settings(env={}, overrides=exposed))
+        _build(load_settings(env={}, overrides=exposed))
     flagged = load_settings(
         env={}, overrides={**exposed, "security.allow_insecure_network": "true"}
     )
     lines = check_exposure(flagged)
     assert len(lines) == 2 and "without TLS" in lines[0] and "without API keys" in lines[1]
-    App(flagged)
+    caplog.clear()
+    _build(flagged)
+    loud = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(loud) == 2 and all("INSECURE NETWORK" in line for line in loud)
 
 
 def test_init_makes_a_working_secure_set_up_once(
