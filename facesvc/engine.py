@@ -221,7 +221,12 @@ class Engine:
         passive_frames: int = 2,
         skew: SkewWatch | None = None,
         venue_passes: VenuePassCheck | None = None,
+        passive_with_challenge: bool = False,
     ) -> None:
+        """``passive_with_challenge``: also run the passive model on challenge scans (off by
+        default: it refuses real people, docs/liveness.md). A scan that only the passive
+        model calls an attack is SPOOF_SUSPECTED but never costs an attempt or a spoof
+        strike, whatever the policy."""
         if pack.threshold is None:
             raise PolicyError(
                 f"model pack {pack.name!r} has no calibration, so no match can be decided: "
@@ -244,6 +249,7 @@ class Engine:
         self._metrics = metrics
         self._refunded = refunded
         self._passive_frames = passive_frames
+        self._passive_with_challenge = passive_with_challenge
         self._lockout = lockout
         self._skew = skew
         self._venue_passes = venue_passes
@@ -583,19 +589,30 @@ class Engine:
             )
 
         try:
-            decision, reason, reports = await self._decide(cmd, method, template, images, timings)
+            decision, reason, reports, free = await self._decide(
+                cmd, method, template, images, timings
+            )
         except BaseException:
             # Nothing was decided (deadline, overload, a bug): the attempt must not count,
             # and a retry with the same idempotency key must be decided afresh.
             await self._caps.abandon(held)
             raise
-        if decision in self._refunded:
+        if decision in self._refunded or free:
             await self._caps.refund(held)
             usage = held.usage_if_refunded
         else:
             usage = held.usage
         return await self._finish(
-            cmd, decision, reason, usage, method, started, timings, frames=reports, held=held
+            cmd,
+            decision,
+            reason,
+            usage,
+            method,
+            started,
+            timings,
+            frames=reports,
+            held=held,
+            strike=not free,
         )
 
     async def _decide(
@@ -605,7 +622,9 @@ class Engine:
         template: Template,
         images: Sequence[RGBImage],
         timings: dict[str, float],
-    ) -> tuple[Decision, str, tuple[FrameReport, ...]]:
+    ) -> tuple[Decision, str, tuple[FrameReport, ...], bool]:
+        """The decision, its reason, the frames' reports, and whether the decision is free
+        (refunded and no spoof strike: the passive model's verdict alone)."""
         challenge: Challenge | None = None
         if method is LivenessMethod.CHALLENGE:
             assert cmd.challenge_id is not None
@@ -614,7 +633,7 @@ class Engine:
                     cmd.challenge_id, cmd.participant_id, cmd.training_id, cmd.gate
                 )
             except ChallengeRefused as refused:
-                return Decision.CHALLENGE_FAILED, str(refused), ()
+                return Decision.CHALLENGE_FAILED, str(refused), (), False
 
         t0 = time.perf_counter()
         analyses = await self._faces.analyze(images, cmd.deadline)
@@ -622,7 +641,7 @@ class Engine:
         reports = _reports(images, analyses)
         problem = _face_problem(analyses, turns_expected=challenge is not None)
         if problem is not None:
-            return problem[0], problem[1], reports
+            return problem[0], problem[1], reports, False
 
         t0 = time.perf_counter()
         descriptors = await self._faces.embed([_chip(a) for a in analyses], cmd.deadline)
@@ -630,16 +649,22 @@ class Engine:
 
         if method is not LivenessMethod.OFF:
             t0 = time.perf_counter()
-            scored = frames_to_score(len(analyses), self._passive_frames)
-            some = await self._faces.live_scores(
-                [images[i] for i in scored], [analyses[i] for i in scored], cmd.deadline
-            )
             scores: list[float | None] = [None] * len(analyses)
-            for i, value in zip(scored, some, strict=True):
-                scores[i] = float(value)
-            reports = tuple(replace(r, live_score=s) for r, s in zip(reports, scores, strict=True))
+            if method is LivenessMethod.PASSIVE or self._passive_with_challenge:
+                scored = frames_to_score(len(analyses), self._passive_frames)
+                some = await self._faces.live_scores(
+                    [images[i] for i in scored], [analyses[i] for i in scored], cmd.deadline
+                )
+                for i, value in zip(scored, some, strict=True):
+                    scores[i] = float(value)
+                reports = tuple(
+                    replace(r, live_score=s) for r, s in zip(reports, scores, strict=True)
+                )
+            dense = None
+            if challenge is not None:
+                dense = await self._faces.landmarks_68(images, analyses, cmd.deadline)
             verdict = self._judge.judge(
-                images, analyses, descriptors, scores, challenge, self._threshold
+                images, analyses, descriptors, scores, challenge, self._threshold, dense
             )
             timings["liveness"] = _ms(t0)
         else:
@@ -655,11 +680,14 @@ class Engine:
                 # A suspected attack with someone else's face is a plain mismatch: a spoof
                 # strike (which pauses the participant) needs the participant's likeness, or
                 # anyone could lock anyone out.
-                return Decision.NOT_MATCHED, _NOT_MATCHED, reports
-            return verdict.decision, verdict.reason, reports
+                return Decision.NOT_MATCHED, _NOT_MATCHED, reports, False
+            if verdict.passive_only:
+                reason = verdict.reason + " This scan was not counted as an attempt."
+                return verdict.decision, reason, reports, True
+            return verdict.decision, verdict.reason, reports, False
         if not matched:
-            return Decision.NOT_MATCHED, _NOT_MATCHED, reports
-        return Decision.VERIFIED, "the face matches the enrolled participant", reports
+            return Decision.NOT_MATCHED, _NOT_MATCHED, reports, False
+        return Decision.VERIFIED, "the face matches the enrolled participant", reports, False
 
     def _replay(self, held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutcome:
         """The first answer to a scan retried with the same idempotency key (and the same
@@ -695,6 +723,7 @@ class Engine:
         *,
         frames: tuple[FrameReport, ...] = (),
         held: Reservation | Exhausted | None = None,
+        strike: bool = True,
     ) -> VerifyOutcome:
         verification_id = uuid.uuid4().hex
         token = None
@@ -742,7 +771,7 @@ class Engine:
                 timings_ms=timings,
             )
         )
-        if decision is Decision.SPOOF_SUSPECTED and self._lockout is not None:
+        if decision is Decision.SPOOF_SUSPECTED and strike and self._lockout is not None:
             # After the audit append: the lockout is a consequence of an audited decision.
             await self._lockout.record_spoof(cmd.participant_id, verification_id)
         self._metrics.decisions.labels(

@@ -17,10 +17,11 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.imaging import DecodeLimits, decode_image, fit_pixels
+from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.models.batcher import MicroBatcher
 from facesvc.models.fas import crop_face, resize_and_pad
 from facesvc.models.pipeline import FaceAnalysis, FacePipeline
-from facesvc.models.types import PresentationAttackModel, RGBImage
+from facesvc.models.types import Points, PresentationAttackModel, RGBImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +58,12 @@ class FaceWork:
         embed_batching: BatchSettings,
         pad_batching: BatchSettings,
         pad_crop: PadCrop = PadCrop(),
+        dense_landmarks: DenseLandmarks | None = None,
     ) -> None:
+        """``dense_landmarks``: the liveness landmark stage (68 points on any detector's
+        face), loaded when some policy asks for a challenge."""
         self.pipeline = pipeline
+        self._dense = dense_landmarks
         self._decode_limits = decode_limits
         if max_analyze_pixels <= 0:
             raise ValueError("max_analyze_pixels must be positive")
@@ -139,6 +144,34 @@ class FaceWork:
     ) -> npt.NDArray[np.float32]:
         """(N, D) L2-normalised descriptors of N aligned chips, batched with other requests."""
         return await self._embedder.submit(np.stack(chips), deadline)
+
+    async def landmarks_68(
+        self,
+        images: Sequence[RGBImage],
+        analyses: Sequence[FaceAnalysis],
+        deadline: float | None = None,
+    ) -> list[Points]:
+        """(68, 2) points of the chosen face in each frame, for the liveness geometry, one
+        task per frame on the face-work threads."""
+        if self._dense is None:
+            raise RuntimeError("no liveness landmark stage is loaded (no challenge policy)")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("the call's deadline passed before the liveness landmarks")
+        dense = self._dense
+        loop = asyncio.get_running_loop()
+
+        def one(image: RGBImage, analysis: FaceAnalysis) -> Points:
+            assert analysis.detection is not None, "only measured faces reach liveness"
+            return dense.predict(image, analysis.detection, analysis.landmarks)
+
+        return list(
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._executor, one, image, analysis)
+                    for image, analysis in zip(images, analyses, strict=True)
+                )
+            )
+        )
 
     async def live_scores(
         self,

@@ -29,8 +29,10 @@ from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.limits.windows import GateWindows
 from facesvc.liveness.challenges import DEFAULT_STEPS, ChallengeStore, Step
 from facesvc.liveness.judge import LivenessJudge
+from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
 from facesvc.models.fas import FasFtModel, load_fas_calibration
+from facesvc.models.model_cache import ModelCache
 from facesvc.models.packs import ModelPack, PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline
 from facesvc.redis_client import AsyncRedis
@@ -85,14 +87,15 @@ async def build_engine(
         pack = await asyncio.to_thread(load_pack, settings)
     tz = ZoneInfo(settings.limits.timezone)
     prefix = settings.redis.key_prefix
-    needs_pad = any(
-        p != "off"
-        for p in (
-            settings.liveness.spl,
-            settings.liveness.webinar,
-            settings.liveness.offline,
-            settings.liveness.kiosk,
-        )
+    policies = {
+        settings.liveness.spl,
+        settings.liveness.webinar,
+        settings.liveness.offline,
+        settings.liveness.kiosk,
+    }
+    needs_challenge = "challenge" in policies
+    needs_pad = "passive" in policies or (
+        needs_challenge and settings.liveness.passive_with_challenge
     )
     # The passive model runs at the input size and crop its threshold was calibrated with.
     pad = load_fas_calibration(settings.liveness.pad_calibration)
@@ -119,6 +122,11 @@ async def build_engine(
             throughput.pad_max_batch, throughput.max_wait_s, throughput.max_queue
         ),
         pad_crop=PadCrop(expand=pad.crop_expand),
+        dense_landmarks=(
+            await asyncio.to_thread(DenseLandmarks.load, ModelCache(settings.models.cache_dir))
+            if needs_challenge
+            else None
+        ),
     )
     if warm_up:
         await asyncio.to_thread(faces.warm_up)
@@ -169,6 +177,7 @@ async def build_engine(
             identity_centre=None if pack.calibration is None else _centre(pack),
         ),
         passive_frames=settings.liveness.passive_frames,
+        passive_with_challenge=settings.liveness.passive_with_challenge,
         issuer=issuer,
         redeemer=redeemer,
         published_keys=published,

@@ -23,7 +23,9 @@ from facesvc.clock import FixedClock
 from facesvc.config import Settings, load_settings
 from facesvc.engine import Caller, Engine
 from facesvc.grpc_api import DEV_TENANT
+from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
+from facesvc.models.model_cache import ModelCache
 from facesvc.models.packs import ModelPack
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.templates import generate_template_key
@@ -40,6 +42,7 @@ DEV_TENANTS = frozenset({DEV_TENANT})
 server are enrolled for: its tickets' tenant."""
 
 _PACK: ModelPack | None = None
+_DENSE: DenseLandmarks | None = None
 
 
 def default_pack() -> ModelPack:
@@ -53,6 +56,14 @@ def default_pack() -> ModelPack:
 @pytest.fixture(scope="session")
 def model_pack() -> ModelPack:
     return default_pack()
+
+
+def dense_landmarks() -> DenseLandmarks:
+    """The liveness landmark stage (dlib's 68 points), loaded once per test process."""
+    global _DENSE
+    if _DENSE is None:
+        _DENSE = DenseLandmarks.load(ModelCache(load_settings(env={}).models.cache_dir))
+    return _DENSE
 
 
 def engine_settings(

@@ -26,13 +26,16 @@ from facesvc.limits.abuse import (
     RateRule,
     SpoofLockout,
 )
+from facesvc.liveness.attacks import Hold, hand_shake, render
+from facesvc.models.types import Box
 from facesvc.redis_client import redis_client_from_url
 from facesvc.redis_errors import StoreUnavailable
 from facesvc.redis_keys import KeySpace
 from facesvc.redis_local import RedisServer
 from tests.clocks import wib_at
 from tests.conftest import ServerStarter
-from tests.test_service_verify import PID, enroll, genuine, start, verify
+from tests.engine_support import astronaut, jpeg
+from tests.test_service_verify import PID, enroll, start
 
 pytestmark = pytest.mark.calendar
 
@@ -201,36 +204,59 @@ def test_server_answers_resource_exhausted_with_retry_after(
 def test_spoof_suspicions_lock_the_participant_before_any_attempt_is_spent(
     start_server: ServerStarter, redis_url: str, tmp_path: Path
 ) -> None:
-    # Every frame is judged an attack (no live score reaches 2.0), so each scan ends
-    # SPOOF_SUSPECTED; two of them lock the participant.
+    # Each scan is the enrolled photo printed and tilted 50 degrees about a diagonal: the
+    # apparent yaw of a turn to the right without a head's depth, so SPOOF_SUSPECTED (the
+    # passive model's verdict alone would cost nothing, tests/test_engine_liveness.py);
+    # two of them lock the participant.
     server = start(
         start_server,
         redis_url,
         tmp_path,
-        liveness__spl="passive",
-        liveness__pad_threshold=2.0,
+        liveness__spl="challenge",
+        liveness__challenge_steps=("TURN_RIGHT",),
+        liveness__challenge_length=1,
         abuse__spoof_lockout_threshold=2,
     )
     assert enroll(server).enrolled
+    photo = astronaut()
+    face = Box(170.0, 40.0, 270.0, 160.0)
+    tilted = Hold(tilt_deg=-50.0, axis_deg=135.0)
+    frames = [
+        jpeg(render(photo, face, hand_shake(hold, k))) for hold in (Hold(), tilted) for k in (0, 1)
+    ]
+    request = dict(
+        participant_id=PID,
+        training_id="course-1",
+        training_type=pb.TRAINING_TYPE_SPL,
+        gate=pb.GATE_SESSION,
+    )
+
+    def challenge() -> str:
+        reply = server.stub.StartLivenessChallenge(
+            pb.StartLivenessChallengeRequest(**request), timeout=10
+        )
+        return str(reply.challenge_id)
+
+    def flat_scan(challenge_id: str) -> pb.VerifyResponse:
+        reply: pb.VerifyResponse = server.stub.Verify(
+            pb.VerifyRequest(**request, session_id="s1", frames=frames, challenge_id=challenge_id),
+            timeout=60,
+        )
+        return reply
+
     for _ in range(2):
-        assert verify(server, genuine()).decision == pb.DECISION_SPOOF_SUSPECTED
+        refused = flat_scan(challenge())
+        assert refused.decision == pb.DECISION_SPOOF_SUSPECTED, refused.reason
+        assert "flat" in refused.reason
     with pytest.raises(grpc.RpcError) as locked:
-        verify(server, genuine())
+        flat_scan("a-challenge-that-was-never-issued")
     assert locked.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "paused until" in (locked.value.details() or "")
     retry_after = int(dict(locked.value.trailing_metadata() or ())["retry-after"])
     assert 1790 <= retry_after <= 1800
-    with pytest.raises(grpc.RpcError) as challenge:
-        server.stub.StartLivenessChallenge(
-            pb.StartLivenessChallengeRequest(
-                participant_id=PID,
-                training_id="course-1",
-                training_type=pb.TRAINING_TYPE_SPL,
-                gate=pb.GATE_SESSION,
-            ),
-            timeout=10,
-        )
-    assert challenge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as refused_challenge:
+        challenge()
+    assert refused_challenge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     attempts = server.stub.GetAttempts(
         pb.GetAttemptsRequest(
             participant_id=PID, training_id="course-1", training_type=pb.TRAINING_TYPE_SPL

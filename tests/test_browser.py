@@ -371,10 +371,15 @@ def test_a_challenge_shows_its_steps_one_at_a_time(
     steps = page.locator("#step-list li")
     assert steps.count() == 3  # look straight, then the two issued steps
     banner = page.locator("#step-banner")
-    assert banner.inner_text().startswith("Langkah 1 dari 3")
+    assert banner.inner_text().startswith("Langkah 1 dari 3")  # looking straight: no arrow
     assert page.locator("#feedback").is_hidden()  # no pre-check hint beside the steps
     page.wait_for_selector("#step-list li:nth-child(2)[aria-current='step']", timeout=20_000)
-    assert banner.inner_text().startswith("Langkah 2 dari 3")
+    # A step: which way to move (an arrow as the participant sees themselves), how far, and
+    # a bar of the time left.
+    assert banner.inner_text()[0] in "\u2190\u2192\u2191\u2193\u2922"
+    assert "Langkah 2 dari 3" in banner.inner_text()
+    assert "Tahan sampai garis hijau habis" in page.locator("#step-hint").inner_text()
+    assert page.locator("#step-timer").is_visible()
     snap(page, "challenge-step")
     wait_screen(page, "problem")
     assert attempts_used(service, page_url) == 0

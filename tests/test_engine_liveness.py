@@ -81,7 +81,7 @@ async def test_a_challenge_for_another_participant_is_refused(
         assert outcome.token is None
 
 
-async def test_passive_policy_decides_on_the_models_score(
+async def test_the_passive_models_verdict_alone_costs_no_attempt_and_no_spoof_strike(
     tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
 ) -> None:
     # Threshold 1.0: no live score reaches it, so the passive verdict must stop the scan;
@@ -89,12 +89,15 @@ async def test_passive_policy_decides_on_the_models_score(
     async with running_engine(
         tmp_path, redis_url, redis_prefix, model_pack,
         liveness__spl="passive", liveness__pad_threshold=1.0,
+        abuse__spoof_lockout_threshold=2,
     ) as kit:  # fmt: skip
         await enrolled(kit)
-        refused = await kit.engine.verify(command(still_frames(1), None))
-        assert refused.decision is Decision.SPOOF_SUSPECTED
-        assert refused.frames[0].live_score is not None
-        assert refused.attempts.used == 1  # a suspected spoof counts
+        for _ in range(3):  # past the lockout threshold: no strike was counted
+            refused = await kit.engine.verify(command(still_frames(1), None))
+            assert refused.decision is Decision.SPOOF_SUSPECTED
+            assert refused.frames[0].live_score is not None
+            assert refused.attempts.used == 0
+            assert "not counted" in refused.reason
     async with running_engine(
         tmp_path, redis_url, redis_prefix + "b:", model_pack,
         liveness__spl="passive", liveness__pad_threshold=0.0,
@@ -102,6 +105,34 @@ async def test_passive_policy_decides_on_the_models_score(
         await enrolled(kit)
         passed = await kit.engine.verify(command(still_frames(1), None))
         assert passed.decision is Decision.VERIFIED
+
+
+async def test_challenge_scans_skip_the_passive_model_unless_asked(
+    tmp_path: Path, redis_url: str, redis_prefix: str, model_pack: ModelPack
+) -> None:
+    # A threshold no score reaches: had the model run, it would decide the scan.
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix, model_pack,
+        liveness__spl="challenge", liveness__pad_threshold=1.0,
+    ) as kit:  # fmt: skip
+        await enrolled(kit)
+        challenge = await kit.engine.start_challenge(
+            PID, "training-3", TrainingType.SPL, Gate.SESSION, caller=LMS
+        )
+        outcome = await kit.engine.verify(command(still_frames(3), challenge.challenge_id))
+        assert outcome.decision is Decision.CHALLENGE_FAILED
+        assert all(f.live_score is None for f in outcome.frames)
+    async with running_engine(
+        tmp_path, redis_url, redis_prefix + "b:", model_pack,
+        liveness__spl="challenge", liveness__pad_threshold=1.0,
+        liveness__passive_with_challenge=True,
+    ) as kit:  # fmt: skip
+        await enrolled(kit)
+        challenge = await kit.engine.start_challenge(
+            PID, "training-3", TrainingType.SPL, Gate.SESSION, caller=LMS
+        )
+        outcome = await kit.engine.verify(command(still_frames(3), challenge.challenge_id))
+        assert any(f.live_score is not None for f in outcome.frames)
 
 
 def test_the_passive_model_scores_a_bounded_spread_of_frames() -> None:

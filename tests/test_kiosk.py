@@ -30,7 +30,7 @@ from facesvc.kiosk import __main__ as kiosk_main
 from facesvc.kiosk.camera import StillFrames
 from facesvc.kiosk.flow import CaptureSettings, RetryPolicy, ScanEvent, ScanFlow, ScanState
 from facesvc.kiosk.qr import JwksFileKeys, PassChecker, PassKeys, ServiceKeys, qr_png, read_qr
-from facesvc.kiosk.tui import render
+from facesvc.kiosk.tui import describe, render
 from facesvc.launch import TICKET_TYPE
 from facesvc.tokens.jws import PublicKeySet, b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, keys_generate, load_key_ring
@@ -563,9 +563,11 @@ class RecordsChallenges:
         self._client = client
         self.issued: list[Challenge] = []
         self.sent: list[str] = []
+        self.frames: list[int] = []
 
     def verify(self, *args: Any, **kwargs: Any) -> VerifyResult:
         self.sent.append(kwargs["challenge_id"])
+        self.frames.append(len(args[4]))
         return self._client.verify(*args, **kwargs)
 
     def start_challenge(self, *args: Any, **kwargs: Any) -> Challenge:
@@ -592,8 +594,15 @@ def test_a_kiosk_walks_the_participant_through_the_challenge_the_service_require
         faces = [genuine_face()] * 8  # still photos: they cannot turn their head
         done = scan(recorder, text, faces, keys=keys, challenge=True)
         [issued] = recorder.issued
-        shown = [e.step for e in done.events if e.state is ScanState.CHALLENGE]
-        assert shown == issued.steps
+        shown = [e for e in done.events if e.state is ScanState.CHALLENGE]
+        assert [e.step for e in shown] == issued.steps
+        # Each step is shown with how far to move, and three frames are taken across the
+        # step's time (people turn at their own pace), after the frontal one.
+        for event in shown:
+            assert any("hold" in english for _, english in describe(event)), describe(event)
+        assert recorder.frames and set(recorder.frames) == {
+            1 + CaptureSettings().step_frames * len(issued.steps)
+        }
         assert recorder.sent and set(recorder.sent) == {issued.challenge_id}
         # However the service judges still photos (a failed challenge, or no challenge checker
         # in this build), they are never let in.

@@ -22,16 +22,18 @@ from facesvc.liveness.challenges import Step
 from facesvc.liveness.checks import (
     FrameObservation,
     LivenessThresholds,
-    apply_homography,
     check_liveness,
     face_thumbnail,
     fit_homography,
     parallax_residual,
 )
+from facesvc.liveness.geometry import depth_motion
+from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.liveness.pose import estimate_pose
 from facesvc.models.packs import ModelPack
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
-from facesvc.models.types import Box, Points, RGBImage
+from facesvc.models.types import Box, Detection, Points, RGBImage
+from tests.engine_support import dense_landmarks
+from tests.test_liveness_geometry import PRINT, tilted, view
 
 # A head in dlib's 5-point order (image-right eye outer, inner, image-left eye
 # outer, inner, nose base); x right, y down, z away from the camera, in pixels.
@@ -134,21 +136,17 @@ def test_flat_motion_that_passes_a_lax_turn_threshold_is_spoof() -> None:
     assert result.parallax is not None and result.parallax < lax.min_parallax
 
 
-def test_68_points_decide_parallax_when_every_frame_has_them() -> None:
-    # 5 points of a turning head, but 68 points that one homography maps between
-    # frames (a flat picture): the 68 points win, and show no depth.
-    rng = np.random.default_rng(7)
-    flat_68 = rng.uniform(200, 440, (68, 2))
-    warps = [np.eye(3), np.array([[0.8, 0.05, 60], [0.0, 1.0, 0], [4e-4, 0, 1]])]
-    warps.append(np.array([[0.8, -0.05, 10], [0.0, 1.0, 5], [-4e-4, 0, 1]]))
+def test_68_points_decide_when_every_frame_has_them() -> None:
+    # 5 points of a turning head, but 68 points of a flat picture tilted about a vertical
+    # axis: the 68 points measure the poses, and show no turn.
+    flat = view(PRINT)
     heads = [project(HEAD), project(HEAD, yaw=40), project(HEAD, yaw=-40)]
+    prints = [flat, tilted(flat, 40, 90), tilted(flat, -40, 90)]
     frames = [
-        replace(frame(p), landmarks_68=apply_homography(h, flat_68).astype(np.float32))
-        for p, h in zip(heads, warps, strict=True)
+        replace(frame(p), landmarks_68=np.asarray(q, dtype=np.float32))
+        for p, q in zip(heads, prints, strict=True)
     ]
-    result = check_liveness([LEFT, RIGHT], frames, THRESHOLDS)
-    assert result.decision is Decision.SPOOF_SUSPECTED
-    assert result.parallax is not None and result.parallax < 1e-6
+    assert check_liveness([LEFT, RIGHT], frames, THRESHOLDS).decision is Decision.CHALLENGE_FAILED
     # With 68 points missing on one frame the 5 points are used throughout.
     frames[2] = replace(frames[2], landmarks_68=None)
     assert check_liveness([LEFT, RIGHT], frames, THRESHOLDS).passed
@@ -229,13 +227,6 @@ def test_pose_signs() -> None:
     )
 
 
-def test_homography_fit_recovers_a_known_warp() -> None:
-    h = np.array([[1.1, 0.2, 30.0], [-0.1, 0.9, 12.0], [4e-4, -2e-4, 1.0]])
-    src = np.random.default_rng(0).uniform(0, 400, (12, 2))
-    fitted = fit_homography(src, apply_homography(h, src))
-    np.testing.assert_allclose(fitted, h, rtol=1e-6, atol=1e-9)
-
-
 # ---------------------------------------------------------------- real photos
 
 
@@ -263,41 +254,44 @@ def _plane_warp(image: RGBImage, yaw: float, pitch: float) -> RGBImage:
     return np.asarray(warped)
 
 
-def _min_parallax(num_points: int) -> float:
-    return THRESHOLDS.min_parallax_68 if num_points == 68 else THRESHOLDS.min_parallax
-
-
-@pytest.fixture(scope="module")
-def landmarks_68() -> ShapePredictorLandmarks:
-    import importlib.resources
-
-    models = importlib.resources.files("face_recognition_models") / "models"
-    return ShapePredictorLandmarks.load(Path(str(models / "shape_predictor_68_face_landmarks.dat")))
-
-
 class Observer:
-    """The default pack's detector, 5-point landmarks and embedder on one image."""
+    """The default pack's detector, 5-point landmarks and embedder on one image, and the
+    liveness landmark stage's 68 points."""
 
-    def __init__(self, pack: ModelPack) -> None:
+    def __init__(self, pack: ModelPack, dense: DenseLandmarks) -> None:
         self.pack = pack
+        self.dense = dense
 
-    def box(self, image: RGBImage) -> Box:
+    def detection(self, image: RGBImage) -> Detection:
         detections = self.pack.detector.detect(image, 60)
         assert detections, "no face found"
-        return detections[0].box
+        return detections[0]
+
+    def five(self, image: RGBImage) -> Points:
+        assert self.pack.landmarks is not None
+        return self.pack.landmarks.predict(image, self.detection(image).box)
+
+    def sixty_eight(self, image: RGBImage) -> Points:
+        return self.dense.predict(image, self.detection(image), self.five(image))
 
     def observe(self, image: RGBImage, score: float = 0.9) -> FrameObservation:
-        box = self.box(image)
-        assert self.pack.landmarks is not None
-        points = self.pack.landmarks.predict(image, box)
+        box = self.detection(image).box
+        points = self.five(image)
         chip = self.pack.embedder.align(image, points)
         descriptor = self.pack.embedder.embed(chip[None])[0]
-        return FrameObservation(points, box, descriptor, score, face_thumbnail(image, box))
+        return FrameObservation(
+            points,
+            box,
+            descriptor,
+            score,
+            face_thumbnail(image, box),
+            landmarks_68=self.sixty_eight(image),
+        )
 
 
 @pytest.fixture(scope="module")
 def observer(model_pack: ModelPack) -> Observer:
-    return Observer(model_pack)
+    return Observer(model_pack, dense_landmarks())
 
 
 def _pack_thresholds(pack: ModelPack) -> LivenessThresholds:
@@ -313,18 +307,15 @@ def _pack_thresholds(pack: ModelPack) -> LivenessThresholds:
 
 
 @pytest.mark.slow
-def test_planar_warp_of_a_photo_shows_no_parallax(
-    observer: Observer, landmarks_68: ShapePredictorLandmarks
-) -> None:
+def test_planar_warp_of_a_photo_shows_no_parallax(observer: Observer) -> None:
     face = np.ascontiguousarray(skimage.data.astronaut())
-    assert observer.pack.landmarks is not None
     for yaw, pitch in [(30.0, 0.0), (-30.0, 0.0), (0.0, 25.0), (20.0, -15.0)]:
         warped = _plane_warp(face, yaw, pitch)
-        for model in (observer.pack.landmarks, landmarks_68):
-            before = model.predict(face, observer.box(face))
-            after = model.predict(warped, observer.box(warped))
-            residual = parallax_residual(before, after)
-            assert residual < _min_parallax(model.num_points), (yaw, pitch, model.num_points)
+        residual = parallax_residual(observer.five(face), observer.five(warped))
+        assert residual < THRESHOLDS.min_parallax, (yaw, pitch)
+        (motion,) = depth_motion([observer.sixty_eight(face), observer.sixty_eight(warped)])
+        assert abs(motion.along) < THRESHOLDS.turn_min_parallax, (yaw, pitch, motion)
+        assert abs(motion.down) < THRESHOLDS.look_min_parallax, (yaw, pitch, motion)
 
 
 POSES_A = "poses/freefield_subject__A_gray_5dir_targets"
@@ -332,19 +323,14 @@ POSES_A = "poses/freefield_subject__A_gray_5dir_targets"
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_real_turning_head_shows_parallax(
-    shared_data: Path, observer: Observer, landmarks_68: ShapePredictorLandmarks
-) -> None:
+def test_real_turning_head_shows_parallax(shared_data: Path, observer: Observer) -> None:
     # image1/6: frontal; image0/5: nose to image right; image2/7: nose to image left.
     folder = shared_data / POSES_A
-    assert observer.pack.landmarks is not None
-    for model in (observer.pack.landmarks, landmarks_68):
-        for frontal, turned in [("image1", "image0"), ("image6", "image2"), ("image1", "image7")]:
-            a, b = _load(folder / f"{frontal}.jpg"), _load(folder / f"{turned}.jpg")
-            residual = parallax_residual(
-                model.predict(a, observer.box(a)), model.predict(b, observer.box(b))
-            )
-            assert residual > _min_parallax(model.num_points), (frontal, turned, model.num_points)
+    for frontal, turned, sign in [("image1", "image0", 1), ("image6", "image2", -1)]:
+        a, b = _load(folder / f"{frontal}.jpg"), _load(folder / f"{turned}.jpg")
+        assert parallax_residual(observer.five(a), observer.five(b)) > THRESHOLDS.min_parallax
+        (motion,) = depth_motion([observer.sixty_eight(a), observer.sixty_eight(b)])
+        assert sign * motion.along > THRESHOLDS.turn_min_parallax, (frontal, turned, motion)
 
 
 @pytest.mark.shared_data
@@ -359,7 +345,7 @@ def test_real_photos_challenge(shared_data: Path, observer: Observer) -> None:
     frames = [frontal, nose_right, nose_left]
     answered = check_liveness([LEFT, RIGHT], frames, thresholds)
     assert answered.passed, answered.reason
-    assert answered.parallax is not None and answered.parallax > thresholds.min_parallax
+    assert answered.parallax is not None and answered.parallax > thresholds.turn_min_parallax
 
     wrong_order = check_liveness([RIGHT, LEFT], frames, thresholds)
     assert wrong_order.decision is Decision.CHALLENGE_FAILED

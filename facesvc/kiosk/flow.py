@@ -221,8 +221,14 @@ class CaptureSettings:
 
     frames: int = 2
     interval_s: float = 0.3
-    step_wait_s: float = 1.5
-    """Time given to perform each challenge step before its frame is taken."""
+    step_wait_s: float = 1.0
+    """Time from a challenge step's instruction to its first frame: about what a person
+    takes to read it and start moving."""
+    step_frames: int = 3
+    """Frames taken for each challenge step, ``step_interval_s`` apart: people turn at
+    their own pace and few hold a pose, so frames across the step's window catch the turn
+    whenever it comes (the service answers each step with the first frame that shows it)."""
+    step_interval_s: float = 0.6
     live: bool = True
     """False for file sources: no waiting between frames."""
 
@@ -322,6 +328,8 @@ class ScanFlow:
             for step in started.steps:
                 self._show(ScanEvent(ScanState.CHALLENGE, venue_pass=venue_pass, step=step))
                 frames.append(self._take_frame(self._capture.step_wait_s))
+                for _ in range(self._capture.step_frames - 1):
+                    frames.append(self._take_frame(self._capture.step_interval_s))
             while len(frames) < started.min_frames:
                 frames.append(self._take_frame(self._capture.interval_s))
         else:

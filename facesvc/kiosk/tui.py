@@ -130,11 +130,36 @@ _PROBLEMS: dict[PassProblem, tuple[str, str]] = {
 }
 
 _STEPS: dict[str, tuple[str, str]] = {
-    "TURN_LEFT": ("TOLEH KE KIRI", "TURN YOUR HEAD LEFT"),
-    "TURN_RIGHT": ("TOLEH KE KANAN", "TURN YOUR HEAD RIGHT"),
-    "LOOK_UP": ("LIHAT KE ATAS", "LOOK UP"),
-    "LOOK_DOWN": ("LIHAT KE BAWAH", "LOOK DOWN"),
+    "TURN_LEFT": ("<<  TOLEH KE KIRI", "<<  TURN YOUR HEAD LEFT"),
+    "TURN_RIGHT": ("TOLEH KE KANAN  >>", "TURN YOUR HEAD RIGHT  >>"),
+    "LOOK_UP": ("^  LIHAT KE ATAS", "^  LOOK UP"),
+    "LOOK_DOWN": ("v  LIHAT KE BAWAH", "v  LOOK DOWN"),
     "COME_CLOSER": ("MENDEKAT KE KAMERA", "COME CLOSER"),
+}
+
+# How far and how long: a turn must reach about 30 degrees and show the head's depth, so
+# "turn a little" fails; moving the device instead of the head fails too.
+_STEP_HINTS: dict[str, tuple[str, str]] = {
+    "TURN_LEFT": (
+        "Putar kepala (bukan perangkat) sampai hidung mengarah ke bahu kiri, lalu tahan.",
+        "Turn your head (not the device) until your nose points at your left shoulder; hold.",
+    ),
+    "TURN_RIGHT": (
+        "Putar kepala (bukan perangkat) sampai hidung mengarah ke bahu kanan, lalu tahan.",
+        "Turn your head (not the device) until your nose points at your right shoulder; hold.",
+    ),
+    "LOOK_UP": (
+        "Angkat dagu sampai Anda melihat langit-langit, lalu tahan.",
+        "Lift your chin until you see the ceiling; hold.",
+    ),
+    "LOOK_DOWN": (
+        "Tundukkan kepala sampai Anda melihat lantai, lalu tahan.",
+        "Lower your head until you see the floor; hold.",
+    ),
+    "COME_CLOSER": (
+        "Dekatkan wajah sampai memenuhi bingkai, lalu tahan.",
+        "Move your face closer until it fills the frame; hold.",
+    ),
 }
 
 
@@ -148,6 +173,8 @@ def describe(event: ScanEvent) -> list[tuple[str, str]]:
     lines: list[tuple[str, str]] = []
     if event.state is ScanState.CHALLENGE and event.step is not None:
         lines.append(_STEPS.get(event.step, (event.step, event.step)))
+        if event.step in _STEP_HINTS:
+            lines.append(_STEP_HINTS[event.step])
     if event.problem is not None:
         lines.append(_PROBLEMS[event.problem])
     if event.state in _HINTS:

@@ -24,7 +24,7 @@ from facesvc.liveness.checks import (
 )
 from facesvc.models.matching import Distance
 from facesvc.models.pipeline import FaceAnalysis
-from facesvc.models.types import RGBImage
+from facesvc.models.types import Points, RGBImage
 
 
 def frames_to_score(count: int, budget: int) -> list[int]:
@@ -47,11 +47,15 @@ class LivenessJudge:
     ``live_threshold``: mean passive score (0-1) below which a scan is an attack.
     ``identity_metric`` / ``identity_centre``: the pack's distance and calibration centre,
     so "the same person in every frame" is judged as the match is.
+    ``turned_identity_threshold``: the pack's distance threshold for faces turned away from
+    the first frame, where it states one (a recogniser's distance grows with the turn);
+    None: the match threshold for every frame.
     """
 
     live_threshold: float
     identity_metric: Distance = Distance.COSINE
     identity_centre: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+    turned_identity_threshold: float | None = None
 
     def judge(
         self,
@@ -61,13 +65,18 @@ class LivenessJudge:
         live_scores: Sequence[float | None],
         challenge: Challenge | None,
         match_threshold: float,
+        landmarks_68: Sequence[Points] | None = None,
     ) -> LivenessResult:
         """The verdict on F frames in capture order: their images, analyses, (F, D)
         descriptors and live scores (None for frames not scored); ``challenge`` is the
-        consumed challenge of a challenge-response scan, None for passive only."""
+        consumed challenge of a challenge-response scan, None for passive only;
+        ``landmarks_68`` the liveness landmark stage's (68, 2) points of every frame."""
         observations = []
-        for image, analysis, descriptor, score in zip(
-            images, analyses, descriptors, live_scores, strict=True
+        dense: Sequence[Points | None] = (
+            landmarks_68 if landmarks_68 is not None else [None] * len(analyses)
+        )
+        for image, analysis, descriptor, score, points_68 in zip(
+            images, analyses, descriptors, live_scores, dense, strict=True
         ):
             assert analysis.detection is not None and analysis.landmarks is not None
             box = analysis.detection.box
@@ -78,10 +87,12 @@ class LivenessJudge:
                     descriptor=descriptor,
                     live_score=score,
                     thumbnail=face_thumbnail(image, box),
+                    landmarks_68=points_68,
                 )
             )
         thresholds = LivenessThresholds(
             max_identity_distance=match_threshold,
+            max_turned_identity_distance=self.turned_identity_threshold,
             passive_threshold=self.live_threshold,
             identity_metric=self.identity_metric,
             identity_centre=self.identity_centre,

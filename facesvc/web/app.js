@@ -12,8 +12,24 @@
   const JPEG_QUALITY = 0.85;
   const REQUEST_TIMEOUT_MS = 15000;
   const VERIFY_TIMEOUT_MS = 45000;
-  const HOLD_MS = 1800; // time to perform a step before its frames are taken
+  // Timing of the poses. Looking straight: the frames come after FRONTAL_LEAD_MS, FRAME_GAP_MS
+  // apart. A step: a person takes about a second to read it and start moving, turns at their
+  // own pace and rarely holds still, so STEP_FRAMES frames are taken across the step's time,
+  // from STEP_LEAD_MS after the instruction, STEP_GAP_MS apart; the service answers each step
+  // with the first frame that shows it. The bar under the instruction shows the time left.
+  const FRONTAL_LEAD_MS = 1200;
   const FRAME_GAP_MS = 250;
+  const STEP_LEAD_MS = 1000;
+  const STEP_FRAMES = 3;
+  const STEP_GAP_MS = 600;
+  // Which way to move, as the participant sees themselves in the mirrored preview.
+  const STEP_ARROWS = {
+    TURN_LEFT: "\u2190 ",
+    TURN_RIGHT: "\u2192 ",
+    LOOK_UP: "\u2191 ",
+    LOOK_DOWN: "\u2193 ",
+    COME_CLOSER: "\u2922 ",
+  };
   const FEEDBACK_EVERY_MS = 500;
   const PRECHECK_EVERY_MS = 2500; // the server looks for the face at most this often
   const DARK_LUMA = 60;
@@ -263,6 +279,8 @@
     setFeedback("camera.starting");
     $("feedback").hidden = false;
     $("step-banner").hidden = true;
+    $("step-hint").hidden = true;
+    $("step-timer").hidden = true;
     $("step-list").hidden = true;
     $("btn-start-scan").hidden = false;
     $("btn-start-scan").disabled = true;
@@ -418,10 +436,22 @@
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
   }
 
-  function announceStep(index, total, pose) {
+  function announceStep(index, total, pose, durationMs) {
     const banner = $("step-banner");
     banner.hidden = false;
-    banner.textContent = t("step.progress", { n: index + 1, total: total, text: t("step." + pose) });
+    banner.textContent =
+      (STEP_ARROWS[pose] || "") +
+      t("step.progress", { n: index + 1, total: total, text: t("step." + pose) });
+    const hint = $("step-hint");
+    hint.textContent = t("step.hint." + pose);
+    hint.hidden = false;
+    // The bar empties over the pose's time: restart its animation for each pose.
+    const timer = $("step-timer");
+    timer.hidden = false;
+    const bar = timer.firstElementChild;
+    bar.style.animation = "none";
+    void bar.offsetWidth; // a reflow, so that the animation starts again from full
+    bar.style.animation = "step-time " + durationMs + "ms linear forwards";
     const items = $("step-list").children;
     for (let i = 0; i < items.length; i++) {
       items[i].classList.toggle("current", i === index);
@@ -462,11 +492,15 @@
     const blobs = [];
     try {
       for (let i = 0; i < poses.length; i++) {
-        announceStep(i, poses.length, poses[i]);
-        await sleep(HOLD_MS);
-        for (let k = 0; k < perPose && blobs.length < s.capture.max_frames; k++) {
+        const step = i > 0;
+        const count = step ? Math.max(STEP_FRAMES, perPose) : perPose;
+        const lead = step ? STEP_LEAD_MS : FRONTAL_LEAD_MS;
+        const gap = step ? STEP_GAP_MS : FRAME_GAP_MS;
+        announceStep(i, poses.length, poses[i], lead + gap * count);
+        await sleep(lead);
+        for (let k = 0; k < count && blobs.length < s.capture.max_frames; k++) {
           blobs.push(await captureFrame());
-          await sleep(FRAME_GAP_MS);
+          await sleep(gap);
         }
       }
     } catch (error) {
@@ -476,6 +510,8 @@
     }
     state.scanning = false;
     $("step-banner").hidden = true;
+    $("step-hint").hidden = true;
+    $("step-timer").hidden = true;
     if (challenge.expires_at && Date.now() >= Date.parse(challenge.expires_at)) {
       showProblem("challenge_expired", { retry: restartScan });
       return;
