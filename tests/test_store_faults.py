@@ -94,3 +94,15 @@ def test_unavailable_says_what_failed_and_never_where_redis_is(
     assert "retry" in details
     # The operator still gets the detail, in the log.
     assert any(port in str(getattr(r, "error", "")) for r in caplog.records)
+
+
+def test_the_gateways_rate_limits_fail_closed(
+    served: RunningServer, dedicated_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ticket = tickets_of(served).issue(scope())
+    dedicated_redis.stop()
+    reply = http("GET", served.http_url + "/api/v1/session", headers=bearer(ticket.token))
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "UNAVAILABLE"
+    # Refused at the limits, before the handler: no rate, no call.
+    assert any("its rate could not be checked" in r.getMessage() for r in caplog.records)
