@@ -1,5 +1,11 @@
-# facesvc: the gRPC service (50051) and its HTTP side (/metrics, /healthz; 8080).
-# Build: docker build -t facesvc .   Run with Redis: docker compose up
+# facesvc: the gRPC service (50051) and its HTTP side (the Scan Wajah page, /metrics,
+# /healthz; 8080). Build: docker build -t facesvc .   Run with Redis: docker compose up
+#
+# The container listens on every interface (0.0.0.0), so `facesvc serve` refuses to start
+# without TLS and API keys (security.tls_cert/tls_key, security.api_keys_file): compose.yaml
+# sets them and runs `facesvc init` first, which makes them with the signing and template
+# keys under /var/lib/facesvc; deploy/ mounts them from Secrets. For development only,
+# FACESVC_SECURITY_ALLOW_INSECURE_NETWORK=true serves without them, logged CRITICAL.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -31,15 +37,18 @@ RUN mkdir -p "$FACESVC_MODELS_CACHE_DIR" \
     && python -m facesvc.models.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
     && chmod -R a+rX "$FACESVC_MODELS_CACHE_DIR"
 
-# Keys live in /var/lib/facesvc/keys (mount a volume or secrets there): `facesvc serve`
-# refuses to start without a signing key and a template key (compose's `keys` job makes them).
+# Keys live in /var/lib/facesvc (mount a volume or secrets there): `facesvc serve` refuses to
+# start without a signing key and a template key; `facesvc init` makes whichever of the keys,
+# API keys file and certificate the settings name and are missing (compose's `init` service).
 RUN mkdir -p /var/lib/facesvc && chown facesvc:facesvc /var/lib/facesvc
 WORKDIR /var/lib/facesvc
 USER facesvc
 
 EXPOSE 50051 8080
 # Through the standard gRPC health service: healthy only when models are loaded and
-# Redis answers, the same condition load balancers see.
+# Redis answers, the same condition load balancers see. It connects to 127.0.0.1 over TLS
+# and trusts security.tls_cert (or tls_ca) itself: a certificate that replaces init's must
+# name 127.0.0.1 too, or set FACESVC_SECURITY_TLS_CA to the CA that issued it.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "facesvc.healthcheck"]
 

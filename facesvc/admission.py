@@ -1,12 +1,14 @@
 """Admission of gRPC calls on one worker process: a bound on Verify calls in flight.
 
-gRPC's own ``maximum_concurrent_rpcs`` queues the calls beyond it, and under a burst that
-queue makes every caller wait until the deadlines of all of them pass together. Instead,
+gRPC's own ``maximum_concurrent_rpcs`` (``server.max_concurrent_rpcs``) does not queue: it
+refuses every call beyond it, health checks included, with RESOURCE_EXHAUSTED and no
+``retry-after``, before any interceptor runs. A burst of scans must not reach it.
 :class:`AdmissionInterceptor` refuses a Verify at once with RESOURCE_EXHAUSTED and a
 ``retry-after`` (seconds) in the trailing metadata while this worker already serves
-``throughput.max_in_flight_verify`` of them: the refusal comes before the engine runs, so
-no attempt is reserved for it. Deeper in, the micro-batchers refuse faces beyond
-``throughput.max_queue`` the same way (the engine then refunds the attempt).
+``throughput.max_in_flight_verify`` of them, a bound kept below gRPC's: the refusal comes
+before the engine runs, so no attempt is reserved for it. Deeper in, the micro-batchers
+refuse faces beyond ``throughput.max_queue`` the same way (the engine then refunds the
+attempt).
 
 The interceptor also counts every unary call this worker begins in
 ``Metrics.worker_calls``, so the spread of calls over SO_REUSEPORT workers is visible.

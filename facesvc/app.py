@@ -36,13 +36,15 @@ from facesvc.clock import SkewWatch, SystemClock
 from facesvc.config import ConfigError, ServerSettings, Settings
 from facesvc.engine import Engine
 from facesvc.gateway import build_portal
+from facesvc.gateway_limits import GatewayLimits
 from facesvc.grpc_api import DevAuthenticator, FaceVerificationServicer, MetricsInterceptor
 from facesvc.health import Health, RedisProbe
 from facesvc.http_api import build_http_app
-from facesvc.limits.abuse import ClientRateLimiter, RateRule
+from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
+from facesvc.preauth import CredentialsFirst
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.tls import insecure_warnings, server_tls
+from facesvc.tls import add_hsts, check_exposure, insecure_warnings, server_tls
 from facesvc.validation import RequestLimits, transport_limit
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ def _authenticator(settings: Settings, redis: AsyncRedis) -> ApiKeyAuthenticator
         SystemClock(),
         key_prefix=settings.redis.key_prefix,
     )
-    return ApiKeyAuthenticator(registry, limiter)
+    return ApiKeyAuthenticator(registry, RpcRateLimiter.auditing(limiter, abuse.audited_call_cost))
 
 
 def _connection_age_options(server: ServerSettings) -> list[tuple[str, int]]:
@@ -114,6 +116,13 @@ class App:
         engine_factory: EngineFactory | None = None,
     ) -> None:
         self.settings = settings
+        # Before anything is built or bound: off loopback, TLS and API keys or nothing.
+        for line in check_exposure(settings):
+            log.critical(
+                "*** INSECURE NETWORK, security.allow_insecure_network IS ON: DEVELOPMENT "
+                "ONLY *** %s",
+                line,
+            )
         self._tls = server_tls(settings.security)
         self._shares_ports = settings.server.workers > 1
         self.metrics = metrics if metrics is not None else Metrics()
@@ -151,9 +160,17 @@ class App:
         ]
         if auth is not None:
             service = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
+            # Outermost: an anonymous call is refused before its message is read.
+            interceptors.insert(0, CredentialsFirst(auth, service, self.metrics))
             interceptors.append(AuthInterceptor(auth, service))
             self.http_app.middlewares.append(http_auth_middleware(auth.registry))
         self.portal.install(self.http_app)
+        # The page's API: rates per address and scan link, and scans in flight, before any
+        # handler (facesvc.gateway_limits).
+        self.gateway_limits = GatewayLimits(settings, self.redis, lambda: self.portal.tickets)
+        self.http_app.middlewares.append(self.gateway_limits.middleware())
+        if self._tls is not None:
+            self.http_app.on_response_prepare.append(add_hsts)
         self._engine_factory = engine_factory
         self._grpc = grpc.aio.server(
             interceptors=interceptors,

@@ -1,8 +1,10 @@
 """The audit trail: one event per enrollment, deletion, verification decision and redemption.
 
-Events go to a capped Redis Stream. They say who called, about whom, what was decided and
-how long it took; they never hold an image, a descriptor or a similarity score, because the
-trail is read by people who must not see biometric data.
+Events go to a Redis Stream kept for a time (``audit.retention_days``), never trimmed by
+count: with a count cap, one API client making cheap calls could push every other event out
+of the trail within hours. They say who called, about whom, what was decided and how long it
+took; they never hold an image, a descriptor or a similarity score, because the trail is read
+by people who must not see biometric data.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from facesvc.redis_client import reply_text
@@ -43,24 +46,49 @@ class AuditEvent:
         return fields
 
 
-class AuditLog:
-    """Appends events to a Redis Stream capped at about ``max_len`` entries.
+# KEYS[1]: the stream. ARGV[1]: retention in ms; ARGV[2..]: field, value, field, value...
+# Appends the event and trims entries older than the retention in one step. The cut-off is
+# taken from Redis's own clock (TIME), the clock that stamps stream ids, never the service's:
+# a service clock running days ahead would otherwise trim the whole trail. Redis 6.2 has
+# XADD MINID; scripts replicate their effects, so TIME before a write is allowed.
+_APPEND_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local oldest = now_ms - tonumber(ARGV[1])
+if oldest < 0 then oldest = 0 end
+return redis.call('XADD', KEYS[1], 'MINID', oldest, '*', unpack(ARGV, 2))
+"""
 
-    The cap is approximate (``MAXLEN ~``) so Redis trims whole radix-tree nodes, which keeps
-    XADD O(1); operators who need every event forever ship the stream elsewhere.
+
+class AuditLog:
+    """Appends events to a Redis Stream that keeps each for ``retention``.
+
+    Trimming is exact (``MINID`` without ``~``): each append removes only the events that
+    have aged out since the one before, a handful at most in steady use, each removed once.
+    How many events the stream holds is bounded by the callers' rates (audited calls count
+    ``abuse.audited_call_cost`` against a client's rate); operators who need events beyond
+    the retention ship the stream elsewhere.
     """
 
-    def __init__(self, redis: Any, *, stream: str = DEFAULT_STREAM, max_len: int = 1_000_000):
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        stream: str = DEFAULT_STREAM,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        if retention <= timedelta(0):
+            raise ValueError("the audit retention must be positive")
         self._redis = redis
         self._stream = stream
-        self._max_len = max_len
+        self._retention_ms = int(retention.total_seconds() * 1000)
+        self._append = redis.register_script(_APPEND_LUA)
 
     async def append(self, event: AuditEvent) -> str:
         """The stream id of the appended event. Raises ``StoreUnavailable``."""
+        fields = [item for pair in event.to_fields().items() for item in pair]
         async with store_errors("append to the audit stream"):
-            entry_id = await self._redis.xadd(
-                self._stream, event.to_fields(), maxlen=self._max_len, approximate=True
-            )
+            entry_id = await self._append(keys=[self._stream], args=[self._retention_ms, *fields])
         return reply_text(entry_id)
 
     async def tail(self, count: int = 20) -> list[tuple[str, dict[str, str]]]:

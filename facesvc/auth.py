@@ -426,9 +426,10 @@ def peer_identities(auth_context: Mapping[str, Sequence[bytes]]) -> list[str]:
 
 
 class RequestLimiter(Protocol):
-    """Per-client request rate (:class:`facesvc.limits.abuse.ClientRateLimiter`)."""
+    """Per-client request rate (:class:`facesvc.limits.abuse.RpcRateLimiter`), which may
+    count some RPCs as several requests."""
 
-    async def admit(self, client_id: str) -> float | None:
+    async def admit(self, client_id: str, rpc: str) -> float | None:
         """None to admit, else seconds to wait. Raises StoreUnavailable."""
         ...
 
@@ -508,7 +509,7 @@ class ApiKeyAuthenticator:
         if self._limiter is None:
             return client
         try:
-            wait_s = await self._limiter.admit(client.name)
+            wait_s = await self._limiter.admit(client.name, rpc)
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if wait_s is not None:

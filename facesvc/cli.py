@@ -301,8 +301,26 @@ def _add_passes(sub: SubParsers) -> None:
     jwks.set_defaults(func=_delegate("facesvc.kiosk.passes", "cli_passes_jwks", 8))
 
 
+def _add_init(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "init",
+        help="make the keys and TLS certificate a first start needs, where the settings say "
+        "(keeps whatever exists)",
+    )
+    _add_settings_flags(p)
+    p.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        help="a DNS name or address callers use to reach the service (repeatable); loopback "
+        "is always included",
+    )
+    p.set_defaults(func=_delegate("facesvc.init_cli", "cli_init", 18))
+
+
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
     _add_serve,
+    _add_init,
     _add_settings,
     _add_eval,
     _add_calibrate,

@@ -34,8 +34,10 @@ the one-time-use mark needs the service, so call ``redeem`` to admit a participa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +98,7 @@ __all__ = [
     "Unauthenticated",
     "VerificationClaims",
     "VerifyResult",
+    "check_jwks_url",
     "fetch_jwks_url",
 ]
 
@@ -841,11 +844,60 @@ MAX_JWKS_BYTES = 64 * 1024
 """A JWKS of a few keys is under 1 KiB; refuse a runaway body."""
 
 
+def check_jwks_url(url: str) -> str:
+    """``url`` if keys may be fetched from it, else ValueError saying what to use.
+
+    The key set decides which tokens a gate accepts: fetched over plain HTTP, anyone on the
+    path could hand the gate keys of their own and then sign any token. So only ``https://``
+    is accepted, and ``http://`` only to this machine (``localhost``, 127.0.0.0/8, ``::1``:
+    a service on the same host, or a test), where no network is crossed.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+        return url
+    raise ValueError(
+        f"JWKS URL {url!r} refused: keys are fetched over https:// only (http:// only from "
+        "this machine), or an attacker on the network could substitute their own; use "
+        "https://<service>/.well-known/jwks.json, or GetSigningKeys over the gRPC channel"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL :func:`check_jwks_url` accepts: an https:// key set
+    that redirects to http:// elsewhere would reopen the hole."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        check_jwks_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_JWKS_OPENER = urllib.request.build_opener(_CheckedRedirects)
+
+
 def fetch_jwks_url(url: str, *, timeout_s: float = 5.0) -> PublicKeySet:
-    """GET a JWKS document (the service's ``/.well-known/jwks.json``) and parse it strictly."""
-    if not url.startswith(("https://", "http://")):
-        raise ValueError(f"JWKS URL must be http(s): {url!r}")
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310  (scheme checked)
+    """GET a JWKS document (the service's ``/.well-known/jwks.json``) and parse it strictly.
+    Raises ValueError for a URL :func:`check_jwks_url` refuses (and for a redirect to one)."""
+    check_jwks_url(url)
+    with _JWKS_OPENER.open(url, timeout=timeout_s) as response:
         body: bytes = response.read(MAX_JWKS_BYTES + 1)
     if len(body) > MAX_JWKS_BYTES:
         raise ValueError(f"JWKS at {url} is larger than {MAX_JWKS_BYTES} bytes")
@@ -929,7 +981,9 @@ class TokenVerifier:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 5.0, **kwargs: Any) -> TokenVerifier:
-        """Keys via HTTP GET of ``url`` (``https://<service>/.well-known/jwks.json``)."""
+        """Keys via HTTP GET of ``url`` (``https://<service>/.well-known/jwks.json``); raises
+        ValueError at once for a URL :func:`check_jwks_url` refuses."""
+        check_jwks_url(url)
         return cls(lambda: fetch_jwks_url(url, timeout_s=timeout_s), **kwargs)
 
     def _refresh(self, now: datetime) -> PublicKeySet:
@@ -985,7 +1039,9 @@ class AsyncTokenVerifier:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 5.0, **kwargs: Any) -> AsyncTokenVerifier:
-        """Keys via HTTP GET of ``url``, in a worker thread so the loop never blocks."""
+        """Keys via HTTP GET of ``url``, in a worker thread so the loop never blocks; raises
+        ValueError at once for a URL :func:`check_jwks_url` refuses."""
+        check_jwks_url(url)
 
         async def fetch() -> PublicKeySet:
             return await asyncio.to_thread(fetch_jwks_url, url, timeout_s=timeout_s)

@@ -2,7 +2,7 @@
 
 Settings are frozen dataclasses, one per section (``server``, ``redis``, ``models``,
 ``quality``, ``throughput``, ``limits``, ``templates``, ``tokens``, ``liveness``,
-``security``, ``portal``, ``abuse``, ``logging``), gathered in :class:`Settings`.
+``security``, ``portal``, ``abuse``, ``audit``, ``logging``), gathered in :class:`Settings`.
 Sources, later ones winning:
 
 1. the defaults below (they run on one machine: localhost ports, local Redis);
@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 ENV_PREFIX = "FACESVC_"
@@ -97,7 +97,8 @@ class ServerSettings:
     """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
     max_message_bytes: int = 32 * 1024 * 1024
     """Largest request accepted; larger ones get INVALID_ARGUMENT, and beyond twice this
-    size gRPC refuses them unread with RESOURCE_EXHAUSTED."""
+    size gRPC refuses them with RESOURCE_EXHAUSTED. A call without valid credentials is
+    refused (UNAUTHENTICATED) before its message is read, whatever its size."""
     max_frames: int = 16
     """Most frames in one Verify."""
     max_images: int = 10
@@ -108,13 +109,32 @@ class ServerSettings:
     """A JPEG at least twice this on its longer side (a phone's 12 MP enrollment photo) is
     decoded at 1/2, 1/4 or 1/8 scale, keeping that side at least this long: about a fifth
     of the decode time, and detection scans a quarter of the pixels or fewer; faces shrink
-    with it, so only faces above quality.min_detect_px at that scale are found. 0: full
-    size."""
+    with it, so only faces above quality.min_detect_px at that scale are found. 0: only
+    server.max_decode_pixels reduces."""
+    max_decode_pixels: int = 2048 * 2048
+    """Most pixels one frame or photo is decoded into (2048x2048; a 2560x1600 screenshot
+    fits). A JPEG with more is decoded at 1/2, 1/4 or 1/8 scale to fit (libjpeg scales while
+    it decodes, so the full picture is never made); a PNG or WebP with more, or a
+    progressive JPEG with more than half, is refused with INVALID_ARGUMENT before any pixel
+    is decoded (their decoders make or keep the whole picture: a flat 24 MP PNG of 80 KB
+    took 10-20 s of CPU and grew the server by 4 GB). A baseline JPEG, as cameras write
+    them, is accepted up to 25 MP."""
+    max_analyze_pixels: int = 460_800
+    """A decoded frame with more pixels is scaled down (keeping its proportions) to this
+    many before any face work. Face detection's cost grows with the pixels it is given, so
+    this bounds one frame's cost whatever was sent: 460,800 is 1.5 times a 640x480 webcam
+    frame, so that decoding and scaling included, the costliest frame accepted costs about
+    twice a webcam scan (benchmarks/hostile_frames.py). 1280x720 becomes 905x509: a face
+    must still measure quality.min_face_px after the scaling (113 px at 1280x720)."""
     workers: int = 1
     """Worker processes sharing the gRPC and HTTP ports (SO_REUSEPORT), each with its own
     models, under a supervisor that restarts a crashed one; 1 = this process only."""
     max_concurrent_rpcs: int = 64
-    """Calls served at once per worker; more wait in the gRPC queue."""
+    """Calls of any service, health checks included, served at once per worker. Nothing
+    queues beyond it: grpc.aio refuses the next call at once with RESOURCE_EXHAUSTED
+    ("Concurrent RPC limit exceeded!", no retry-after) before any interceptor sees it. Keep
+    it well above throughput.max_in_flight_verify, so an overload meets the service's own
+    refusal (with a retry-after) and health checks still get through."""
     plugins: tuple[str, ...] = ()
     """``module:function`` callables run as ``function(server, settings)`` at start-up to
     register extra gRPC services (operator tooling; the drain test uses one)."""
@@ -132,6 +152,8 @@ class ServerSettings:
             _check_positive(f"server.{name}", getattr(self, name))
         for name in ("max_image_bytes", "workers", "max_concurrent_rpcs"):
             _check_positive(f"server.{name}", getattr(self, name))
+        _check_positive("server.max_decode_pixels", self.max_decode_pixels)
+        _check_positive("server.max_analyze_pixels", self.max_analyze_pixels)
         if self.jpeg_reduce_to_side < 0:
             raise ConfigError(
                 f"server.jpeg_reduce_to_side={self.jpeg_reduce_to_side}: 0 (full size) or more"
@@ -263,7 +285,8 @@ class ThroughputSettings:
     max_in_flight_verify: int = 32
     """Verify calls one worker serves at once; more are refused at once with
     RESOURCE_EXHAUSTED, before any attempt is reserved. Keep it below
-    ``server.max_concurrent_rpcs``, where gRPC itself would queue the call instead."""
+    ``server.max_concurrent_rpcs``, where gRPC itself refuses every call, health checks
+    included, without a retry-after."""
     retry_after_s: float = 1.0
     """The ``retry-after`` (seconds) sent with an overload refusal."""
 
@@ -452,6 +475,11 @@ class SecuritySettings:
     allow_anonymous: bool = True
     """Without ``api_keys_file``, treat every caller as an admin (local development). Turn
     off in production: the service then refuses to start without a keys file."""
+    allow_insecure_network: bool = False
+    """Serve on an address other than loopback (server.grpc_host or http_host, e.g. 0.0.0.0
+    in the container) without TLS or without API keys. Off, ``facesvc serve`` refuses to
+    start so: anyone on the network could enroll and delete as an admin and read photos and
+    tokens in transit. Development only; when on, start-up logs it as CRITICAL."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -490,11 +518,34 @@ class PortalSettings:
     verify_timeout_s: float = 45.0
     """Seconds the page waits for a scan's answer before it offers a retry, which resends
     the same frames under the same idempotency key (no second attempt)."""
+    max_in_flight_scans: int = 8
+    """Scans (POST /api/v1/verify) one worker serves at once for the page; more get 429 at
+    once with a Retry-After (throughput.retry_after_s), before any attempt is reserved, and
+    gRPC callers keep the rest of the worker."""
+    client_rate: int = 1200
+    """Requests one client address may make to the page's API per rate_window_s (a sliding
+    estimate kept in Redis; a scan counts as 10, a pre-check as 1): a classroom behind one
+    address, its pages each pre-checking every 2.5 s, stays under it. Over it: 429 with a
+    Retry-After."""
+    ticket_rate: int = 120
+    """Requests one scan link (launch ticket) may make per rate_window_s, counted like
+    client_rate: a page's own pace (pre-checks, a challenge, a scan and its retries) stays
+    well under it, while a scan with no face in it, which costs no attempt, cannot be
+    repeated more than 12 times a minute."""
+    rate_window_s: float = 60.0
+    """The window of client_rate and ticket_rate, in seconds."""
+    client_address_header: str = ""
+    """Empty: a client's address is the TCP peer's. Behind a reverse proxy, the header in
+    which the proxy records the client's address (e.g. X-Forwarded-For; its last entry is
+    used). Set it only when every request comes through such a proxy: a client could
+    otherwise name any address."""
 
     def __post_init__(self) -> None:
         _check_positive("portal.ticket_ttl_s", self.ticket_ttl_s)
         _check_positive("portal.frame_width_px", self.frame_width_px)
         _check_positive("portal.verify_timeout_s", self.verify_timeout_s)
+        for name in ("max_in_flight_scans", "client_rate", "ticket_rate", "rate_window_s"):
+            _check_positive(f"portal.{name}", getattr(self, name))
         if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
             raise ConfigError(f"portal.public_url={self.public_url!r}: use an http(s) URL")
         for entry in self.return_urls:
@@ -537,6 +588,11 @@ class AbuseSettings:
     """Seconds within which the suspicions are counted."""
     spoof_lockout_s: float = 1800.0
     """Seconds a participant's scans stay paused once the threshold is reached."""
+    audited_call_cost: int = 10
+    """An audited call (Enroll, DeleteEnrollment, Verify, RedeemToken: each writes an audit
+    event kept for audit.retention_days) counts as this many requests against client_rate,
+    so one client adds at most client_rate / audited_call_cost events a window to the trail
+    (600 a minute by default); a cost above client_rate counts as client_rate."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -545,8 +601,24 @@ class AbuseSettings:
             "spoof_lockout_threshold",
             "spoof_lockout_window_s",
             "spoof_lockout_s",
+            "audited_call_cost",
         ):
             _check_positive(f"abuse.{name}", getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """The audit trail: one event per enrollment, deletion, scan decision and redemption, in
+    a Redis stream."""
+
+    retention_days: float = 7.0
+    """Events are kept this long (by Redis's clock), then trimmed; never by count, so a flood
+    of calls cannot push recent events out. Redis holds retention x event rate of them, a few
+    hundred bytes each; ship the stream elsewhere (``facesvc audit tail --follow``) to keep
+    them longer."""
+
+    def __post_init__(self) -> None:
+        _check_positive("audit.retention_days", self.retention_days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +651,7 @@ class Settings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     portal: PortalSettings = field(default_factory=PortalSettings)
     abuse: AbuseSettings = field(default_factory=AbuseSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
@@ -771,16 +844,38 @@ def usable_cores() -> int:
 # ---------------------------------------------------------------- describing
 
 
+_SECRET_QUERY_WORDS = ("password", "passwd", "secret", "token")
+"""A URL query parameter whose name contains one of these is redacted (redis-py reads
+``?password=`` and Sentinel's ``?sentinel_password=``)."""
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
+    """``url`` with every password replaced by ``***``: in the ``user:password@`` part
+    (without parsing the hosts, so a multi-host Cluster or Sentinel URL works) and in query
+    parameters such as ``?password=``. A user part without a password is redacted whole: a
+    password written there by mistake must not reach a log either."""
     parts = urlsplit(url)
-    if parts.password is None:
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = credentials.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    query = "&".join(_redact_parameter(item) for item in parts.query.split("&"))
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Put together by hand: urlunsplit drops the "//" of an empty host (unix:///path).
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
+def _redact_parameter(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    if equals and any(word in name.lower() for word in _SECRET_QUERY_WORDS):
+        return f"{name}=***"
+    return item
 
 
 def shown(info: SettingInfo, value: Any) -> str:

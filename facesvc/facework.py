@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.imaging import DecodeLimits, decode_image
+from facesvc.imaging import DecodeLimits, decode_image, fit_pixels
 from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.models.batcher import MicroBatcher
 from facesvc.models.fas import crop_face, resize_and_pad
@@ -53,6 +53,7 @@ class FaceWork:
         pad_model: PresentationAttackModel | None,
         *,
         decode_limits: DecodeLimits,
+        max_analyze_pixels: int = 460_800,
         threads: int,
         embed_batching: BatchSettings,
         pad_batching: BatchSettings,
@@ -64,6 +65,9 @@ class FaceWork:
         self.pipeline = pipeline
         self._dense = dense_landmarks
         self._decode_limits = decode_limits
+        if max_analyze_pixels <= 0:
+            raise ValueError("max_analyze_pixels must be positive")
+        self._max_analyze_pixels = max_analyze_pixels
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="facework"
         )
@@ -87,14 +91,14 @@ class FaceWork:
             )
 
     async def decode(self, blobs: Sequence[bytes]) -> list[RGBImage]:
-        """Decoded frames, in order. Raises ``ImageRejected`` for the first bad one, its
-        message prefixed with the frame's position."""
+        """Decoded frames, in order, each scaled down to at most ``max_analyze_pixels``: every
+        later stage (detection, landmarks, alignment, quality, the liveness crop) works on
+        that one picture, so a huge frame costs what a frame of that size costs. Raises
+        ``ImageRejected`` for the first bad one, its message prefixed with the frame's
+        position."""
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._executor, decode_image, blob, self._decode_limits)
-                for blob in blobs
-            ),
+            *(loop.run_in_executor(self._executor, self._decode_one, blob) for blob in blobs),
             return_exceptions=True,
         )
         images: list[RGBImage] = []
@@ -105,6 +109,18 @@ class FaceWork:
                 raise result
             images.append(result)
         return images
+
+    def _decode_one(self, blob: bytes) -> RGBImage:
+        return fit_pixels(decode_image(blob, self._decode_limits), self._max_analyze_pixels)
+
+    def warm_up(self) -> None:
+        """Analyse one blank frame of the largest size analysed (``max_analyze_pixels``, 4:3),
+        so the detector's buffers and ONNX Runtime's memory arena are sized for it at
+        start-up: the largest frame a caller can send then costs no new memory, and the
+        memory an operator sees after start is what the worker keeps under attack."""
+        width = int((self._max_analyze_pixels * 4 / 3) ** 0.5)
+        height = self._max_analyze_pixels // width
+        self.pipeline.analyze(np.zeros((height, width, 3), dtype=np.uint8))
 
     async def analyze(
         self, images: Sequence[RGBImage], deadline: float | None = None

@@ -9,14 +9,21 @@ checks run cheapest first and before the expensive step they protect:
 3. the pixel count from the header, before a single pixel is decoded: Pillow opens lazily,
    so a 100-megapixel PNG of a few kilobytes (a decompression bomb) is refused here
    without allocating its pixels;
-4. animation: a still photo is expected, so animated PNG/WebP is refused;
-5. the decode itself, with truncated or corrupt data an error rather than a grey-padded
+4. the decoding budget (``DecodeLimits.max_decoded_pixels``), also from the header: a JPEG
+   above it is decoded at 1/2, 1/4 or 1/8 scale (libjpeg scales while it decodes, so the full
+   picture is never made); a PNG or WebP above it is refused, since neither can be decoded
+   at a smaller scale and a flat 24 MP PNG of 80 KB otherwise costs seconds and gigabytes;
+5. animation: a still photo is expected, so animated PNG/WebP is refused;
+6. the decode itself, with truncated or corrupt data an error rather than a grey-padded
    picture (Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay off);
-6. the EXIF orientation, so a portrait phone photo comes out upright;
-7. conversion to 8-bit RGB: palette and grey images expanded, transparency composited on
+7. the EXIF orientation, so a portrait phone photo comes out upright;
+8. conversion to 8-bit RGB: palette and grey images expanded, transparency composited on
    white, 16-bit grey scaled (not clipped) to 8 bits, CMYK converted.
 
 Every refusal is an ``ImageRejected`` whose message says what was wrong and what to send.
+
+``fit_pixels`` then scales a decoded frame down to what face detection may look at: the
+detector's cost grows with the pixels it is given, whatever the detector.
 """
 
 from __future__ import annotations
@@ -46,27 +53,35 @@ class DecodeLimits:
     """What ``decode_image`` accepts.
 
     ``max_bytes``: encoded size in bytes (8 MiB: a 12 MP phone JPEG is 3-6 MB).
-    ``max_pixels``: width * height (25 MP: above any phone or webcam frame a scan needs,
-    and 75 MB as RGB). ``formats``: accepted formats, among "JPEG", "PNG", "WebP".
-    ``jpeg_reduce_to_side``: None decodes every image at full size. When set, a JPEG whose
-    longer side is at least twice this is decoded at 1/2, 1/4 or 1/8 scale, the strongest
-    reduction that keeps its longer side at least this long: libjpeg scales while it
-    decodes, so a 4000x3000 phone photo comes out 2000x1500 (at 1280) in about a fifth of
-    the CPU time of a full decode (measured 50 ms against 270 ms). The pixels differ from a
-    full decode followed by a resize, and faces shrink with the image: set it only where
-    the faces that matter stay above the detector's smallest size at the reduced scale.
+    ``max_pixels``: width * height in the header (25 MP: above any phone or webcam frame a
+    scan needs); a larger image is refused unread.
+    ``max_decoded_pixels``: the most pixels one image is decoded into (2048x2048 = 4.2 MP:
+    12 MB as RGB, a 2560x1600 screenshot; a flat PNG of that size decodes in about 40 ms).
+    A JPEG above it is decoded at the weakest of 1/2, 1/4, 1/8 that fits; a PNG or a WebP
+    above it is refused, and a progressive JPEG above half of it, since their decoders make
+    (or keep) the whole picture whatever the output size.
+    ``formats``: accepted formats, among "JPEG", "PNG", "WebP".
+    ``jpeg_reduce_to_side``: None reduces JPEGs only to fit ``max_decoded_pixels``. When
+    set, a JPEG whose longer side is at least twice this is decoded at 1/2, 1/4 or 1/8
+    scale, the strongest reduction that keeps its longer side at least this long: libjpeg
+    scales while it decodes, so a 4000x3000 phone photo comes out 2000x1500 (at 1280) in
+    about a fifth of the CPU time of a full decode (measured 50 ms against 270 ms). The
+    pixels differ from a full decode followed by a resize, and faces shrink with the image:
+    set it only where the faces that matter stay above the detector's smallest size at the
+    reduced scale.
     """
 
     max_bytes: int = 8 * _MIB
     max_pixels: int = 25_000_000
+    max_decoded_pixels: int = 2048 * 2048
     formats: frozenset[str] = field(default_factory=lambda: frozenset({"JPEG", "PNG", "WebP"}))
     jpeg_reduce_to_side: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.max_pixels <= 0:
-            raise ValueError("max_bytes and max_pixels must be positive")
+        if self.max_bytes <= 0 or self.max_pixels <= 0 or self.max_decoded_pixels <= 0:
+            raise ValueError("max_bytes, max_pixels and max_decoded_pixels must be positive")
         if self.jpeg_reduce_to_side is not None and self.jpeg_reduce_to_side <= 0:
-            raise ValueError("jpeg_reduce_to_side must be positive (or None: full size)")
+            raise ValueError("jpeg_reduce_to_side must be positive (or None)")
         unknown = self.formats - _OPENERS.keys()
         if unknown:
             raise ValueError(f"unsupported formats {sorted(unknown)}; known: JPEG, PNG, WebP")
@@ -95,8 +110,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> RGBImage:
     try:
         with Image.open(io.BytesIO(data), formats=pillow_formats) as image:
             _check_header(image, limits)
-            if limits.jpeg_reduce_to_side is not None:
-                _reduce_jpeg(image, limits.jpeg_reduce_to_side)
+            _fit_decoding_budget(image, limits)
             return _to_rgb(_load_upright(image))
     except ImageRejected:
         raise
@@ -129,18 +143,71 @@ def _check_header(image: Image.Image, limits: DecodeLimits) -> None:
         raise ImageRejected("animated images are not accepted: send a single still photo")
 
 
-def _reduce_jpeg(image: Image.Image, side: int) -> None:
-    """Ask libjpeg to decode ``image`` (not yet loaded) at the strongest power-of-two
-    reduction that keeps its longer side at least ``side``; other formats, and JPEGs whose
-    longer side is under twice ``side``, decode at full size."""
-    if not isinstance(image, JpegImagePlugin.JpegImageFile):
-        return
+_JPEG_SCALES = (1, 2, 4, 8)
+"""The reductions libjpeg applies while decoding (its DCT scaling)."""
+
+
+def _fit_decoding_budget(image: Image.Image, limits: DecodeLimits) -> None:
+    """Before ``image`` is loaded: make its decode fit ``limits.max_decoded_pixels``, or
+    refuse it. A JPEG is decoded at the weakest reduction that fits the budget, or the
+    strongest that keeps its longer side at least ``jpeg_reduce_to_side``, whichever
+    reduces more; other formats decode at full size only, so above the budget they are
+    refused before a single pixel is decoded."""
     width, height = image.size
-    longer = max(width, height)
-    if longer < 2 * side:
+    budget = limits.max_decoded_pixels
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        if width * height > budget:
+            raise ImageRejected(
+                f"image is {width}x{height} = {width * height / 1e6:.1f} MP; a {image.format} "
+                f"image may have at most {budget / 1e6:.1f} MP: send a smaller picture, or "
+                "a JPEG"
+            )
         return
-    # Pillow picks the largest 1/s with both sides at least the requested ones.
-    image.draft(None, (-(-width * side // longer), -(-height * side // longer)))
+    if image.info.get("progressive") and width * height > budget // 2:
+        # libjpeg decodes every scan of a progressive JPEG and keeps all its coefficients
+        # until the last, at any output scale: each pixel costs about twice a baseline one
+        # (a 25 MP one took 150 MB and three times a webcam scan's CPU), so half the budget.
+        raise ImageRejected(
+            f"image is a progressive JPEG of {width}x{height} = {width * height / 1e6:.1f} MP; "
+            f"a progressive JPEG may have at most {budget // 2 / 1e6:.1f} MP: send a smaller "
+            "picture, or a standard (baseline) JPEG as cameras write them"
+        )
+    scale = next((s for s in _JPEG_SCALES if -(-width // s) * -(-height // s) <= budget), None)
+    if scale is None:
+        raise ImageRejected(
+            f"image is {width}x{height} = {width * height / 1e6:.0f} MP, more than "
+            f"{_JPEG_SCALES[-1]}x{_JPEG_SCALES[-1]} times the {budget / 1e6:.1f} MP this "
+            "service decodes: send a smaller photo"
+        )
+    side = limits.jpeg_reduce_to_side
+    if side is not None:
+        longer = max(width, height)
+        scale = max(scale, max(s for s in _JPEG_SCALES if longer // s >= side or s == 1))
+    if scale == 1:
+        return
+    # Pillow picks the strongest reduction s with both sides at least size // s: asking for
+    # exactly width // scale by height // scale gives ``scale`` (never a stronger one).
+    image.draft(None, (max(1, width // scale), max(1, height // scale)))
+    if image.size[0] * image.size[1] > budget:
+        raise ImageRejected(
+            f"image is {width}x{height}: it cannot be decoded within {budget / 1e6:.1f} MP; "
+            "send a smaller photo"
+        )
+
+
+def fit_pixels(image: RGBImage, max_pixels: int) -> RGBImage:
+    """``image`` scaled down, keeping its proportions, to at most ``max_pixels`` pixels
+    (unchanged when it has no more). Box-averaged first by an integer factor, then bilinear:
+    about 20 ms from 4 MP, and the face detector's cost falls with the pixels."""
+    if max_pixels <= 0:
+        raise ValueError("max_pixels must be positive")
+    height, width = image.shape[:2]
+    if width * height <= max_pixels:
+        return image
+    factor = (max_pixels / (width * height)) ** 0.5
+    size = (max(1, int(width * factor)), max(1, int(height * factor)))
+    small = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.ascontiguousarray(np.asarray(small, dtype=np.uint8))
 
 
 def _load_upright(image: Image.Image) -> Image.Image:

@@ -36,7 +36,7 @@ import re
 import secrets
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -461,6 +461,16 @@ def _aad(header: bytes, participant_id: str) -> bytes:
     return header + b"\x00" + participant_id.encode("utf-8")
 
 
+def next_template_kid(kids: Sequence[str]) -> str:
+    """``k<n>`` one above the highest ``k<n>`` in ``kids``: never a kid already in the ring.
+
+    Counting the entries instead would reuse a kid once an old key has been removed (k1 and
+    k2, k1 retired, and the next key would be a second k2, which the ring refuses to load).
+    """
+    numbers = [int(match.group(1)) for kid in kids if (match := re.fullmatch(r"k(\d+)", kid))]
+    return f"k{max(numbers, default=0) + 1}"
+
+
 def cli_keygen(args: argparse.Namespace) -> int:
     """``facesvc templates keygen``: append a new key to ``templates.key_file`` (created with
     mode 0600) and print its id. The newest entry encrypts new templates unless
@@ -469,8 +479,14 @@ def cli_keygen(args: argparse.Namespace) -> int:
 
     path = settings_from_args(args).templates.key_file
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    existing = path.read_text() if path.exists() else ""
-    kid = f"k{len([line for line in existing.splitlines() if line.strip()]) + 1}"
+    existing = path.read_text(encoding="ascii") if path.exists() else ""
+    try:
+        kids = TemplateKeyRing.parse(existing).kids if existing.strip() else ()
+    except ValueError as exc:
+        # Appending to a file the service cannot read would only hide the problem.
+        print(f"facesvc: {path}: {exc}; fix the file before adding a key", file=sys.stderr)
+        return 2
+    kid = next_template_kid(kids)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, (generate_template_key(kid) + "\n").encode())

@@ -12,18 +12,28 @@
 
 Unreadable or mismatched files are a :class:`~facesvc.config.ConfigError` naming the
 setting, raised before anything binds.
+
+Off loopback, both servers need TLS and API keys (:func:`check_exposure`): ``facesvc serve``
+refuses to start on 0.0.0.0 in plaintext or with every caller an admin, unless
+``security.allow_insecure_network`` says so, which is logged as CRITICAL.
+
+Under TLS every HTTP response carries ``Strict-Transport-Security`` (:func:`add_hsts`): a
+browser that has reached the scan page once over HTTPS never again follows a plain
+``http://`` link to it, where a network attacker could serve a page of their own.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 
-from facesvc.config import ConfigError, SecuritySettings
+from facesvc.config import ConfigError, SecuritySettings, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +99,67 @@ def insecure_warnings(security: SecuritySettings) -> list[str]:
             "security.allow_anonymous=false in production."
         )
     return lines
+
+
+STRICT_TRANSPORT_SECURITY = "max-age=31536000"
+"""One year, the usual value; no includeSubDomains or preload: the service cannot speak for
+other hosts of its domain."""
+
+
+async def add_hsts(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp ``on_response_prepare`` hook of an HTTPS server: the HSTS header."""
+    response.headers.setdefault("Strict-Transport-Security", STRICT_TRANSPORT_SECURITY)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (``localhost``, 127.0.0.0/8, ``::1``);
+    False for every other, the wildcard addresses and host names included."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problems(settings: Settings) -> list[str]:
+    """What is missing for serving beyond loopback, one sentence each (empty on loopback, or
+    with TLS and API keys both set)."""
+    server, security = settings.server, settings.security
+    exposed = [
+        f"server.{name}={host}"
+        for name, host in (("grpc_host", server.grpc_host), ("http_host", server.http_host))
+        if not is_loopback(host)
+    ]
+    if not exposed:
+        return []
+    where = " and ".join(exposed)
+    problems = []
+    if security.tls_cert is None:
+        problems.append(
+            f"{where}: reachable from other machines without TLS (security.tls_cert): "
+            "photos, API keys and tokens would cross the network in clear"
+        )
+    if security.api_keys_file is None:
+        problems.append(
+            f"{where}: reachable from other machines without API keys "
+            "(security.api_keys_file): every caller would be an admin, able to enroll and delete"
+        )
+    return problems
+
+
+def check_exposure(settings: Settings) -> list[str]:
+    """Raise ConfigError when the servers would be reachable from other machines without TLS
+    or API keys, naming what to set; with ``security.allow_insecure_network``, return the
+    problems instead, for the start-up banner."""
+    problems = exposure_problems(settings)
+    if problems and not settings.security.allow_insecure_network:
+        raise ConfigError(
+            "refusing to serve: "
+            + "; ".join(problems)
+            + ". Set security.tls_cert, security.tls_key and security.api_keys_file "
+            "(`facesvc init` makes all three; compose.yaml shows how), or bind "
+            "server.grpc_host and server.http_host to 127.0.0.1; for development only, "
+            "security.allow_insecure_network=true"
+        )
+    return problems

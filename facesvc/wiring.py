@@ -77,8 +77,11 @@ async def build_engine(
     clock: Clock | None = None,
     pack: ModelPack | None = None,
     skew: SkewWatch | None = None,
+    warm_up: bool = False,
 ) -> Engine:
-    """The engine for ``settings``; loads the model pack unless one is given."""
+    """The engine for ``settings``; loads the model pack unless one is given. With
+    ``warm_up`` (the server's engine), face work sizes its memory for the largest frame
+    before the engine is returned (:meth:`FaceWork.warm_up`)."""
     clock = clock or SystemClock()
     if pack is None:
         pack = await asyncio.to_thread(load_pack, settings)
@@ -107,8 +110,10 @@ async def build_engine(
         pad_model,
         decode_limits=DecodeLimits(
             max_bytes=settings.server.max_image_bytes,
+            max_decoded_pixels=settings.server.max_decode_pixels,
             jpeg_reduce_to_side=settings.server.jpeg_reduce_to_side or None,
         ),
+        max_analyze_pixels=settings.server.max_analyze_pixels,
         threads=settings.models.threads,
         embed_batching=BatchSettings(
             throughput.embed_max_batch, throughput.max_wait_s, throughput.max_queue
@@ -123,6 +128,8 @@ async def build_engine(
             else None
         ),
     )
+    if warm_up:
+        await asyncio.to_thread(faces.warm_up)
     keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
     issuer = TokenIssuer(
         keys, issuer=settings.tokens.issuer, ttl_s=settings.tokens.ttl_s, clock=clock
@@ -174,7 +181,11 @@ async def build_engine(
         issuer=issuer,
         redeemer=redeemer,
         published_keys=published,
-        audit=AuditLog(redis, stream=f"{prefix.rstrip(':')}:audit"),
+        audit=AuditLog(
+            redis,
+            stream=f"{prefix.rstrip(':')}:audit",
+            retention=timedelta(days=settings.audit.retention_days),
+        ),
         lockout=SpoofLockout(
             redis,
             LockoutRule(
@@ -195,7 +206,7 @@ async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
     return await build_engine(
-        resources.settings, resources.redis, resources.metrics, skew=resources.skew
+        resources.settings, resources.redis, resources.metrics, skew=resources.skew, warm_up=True
     )
 
 

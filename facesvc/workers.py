@@ -58,7 +58,11 @@ CONFIG_ERROR_EXIT = 2
 
 
 def serve(settings: Settings) -> int:
-    """Run ``facesvc serve`` until SIGTERM/SIGINT; the process exit code."""
+    """Run ``facesvc serve`` until SIGTERM/SIGINT; the process exit code. Raises ConfigError
+    before anything starts when the servers would be exposed without TLS or API keys."""
+    from facesvc.tls import check_exposure
+
+    check_exposure(settings)
     if settings.server.workers == 1:
         return asyncio.run(serve_process(settings))
     return Supervisor(settings).run()
@@ -68,8 +72,11 @@ async def serve_process(settings: Settings, metrics: Metrics | None = None, tag:
     """Serve from this process until SIGTERM/SIGINT (0, after draining) or until the engine
     fails to load (1). ``tag`` ends the "listening" line (which worker this is)."""
     from facesvc.app import App
+    from facesvc.memory import pin_malloc_thresholds
     from facesvc.wiring import engine_from_resources
 
+    # Before the models load and the first frame arrives (facesvc.memory says why).
+    pin_malloc_thresholds()
     app = App(settings, metrics=metrics, engine_factory=engine_from_resources)
     await app.start()
     s = settings.server

@@ -8,8 +8,10 @@ such as ``faketime -f -1d`` shifts the child's clock from the real one, which Re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -73,11 +75,20 @@ def serve_process(
     env: Mapping[str, str] | None = None,
 ) -> Iterator[ServeProcess]:
     """``[*wrapper, python, -m, facesvc.cli, serve, *args]`` running until the block ends
-    (then killed if it has not exited)."""
+    (then killed if it has not exited).
+
+    The command runs in a process group of its own, and the whole group is killed: a
+    ``wrapper`` such as faketime runs the server as its child, which killing the wrapper
+    alone left running (holding its ports and CPU) after the test."""
     command = [*wrapper, sys.executable, "-m", "facesvc.cli", "serve", *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            command, cwd=REPO, env=child_env(env), stdout=log, stderr=subprocess.STDOUT
+            command,
+            cwd=REPO,
+            env=child_env(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         yield ServeProcess(proc, log_path)
@@ -85,3 +96,5 @@ def serve_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -97,6 +98,25 @@ async def test_rate_retry_after_is_enough(client: aioredis.Redis, redis_prefix: 
         assert wait is not None
         clock.advance(timedelta(seconds=wait))
         assert await limiter.admit("c") is None
+
+
+async def test_rate_counts_a_costly_call_as_its_cost(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    clock = FixedClock(T0 + timedelta(seconds=2))
+    limiter = ClientRateLimiter(
+        client, RateRule(10, timedelta(seconds=10)), clock, key_prefix=redis_prefix
+    )
+    assert await limiter.admit("c", cost=4) is None
+    assert await limiter.admit("c", cost=4) is None
+    wait = await limiter.admit("c", cost=4)  # 8 + 4 > 10: refused, and not counted
+    assert wait is not None
+    assert await limiter.admit("c", cost=2) is None  # 8 + 2 fits
+    assert await limiter.admit("c") is not None
+    clock.advance(timedelta(seconds=await limiter.admit("c", cost=4) or 0))
+    assert await limiter.admit("c", cost=4) is None  # the wait it was told was enough
+    with pytest.raises(ValueError, match="between 1 and the limit"):
+        await limiter.admit("c", cost=11)
 
 
 async def test_lockout_after_threshold_within_window(
@@ -263,3 +283,39 @@ def test_rate_limit_fails_closed_through_the_server(
     with pytest.raises(grpc.RpcError) as up:  # no engine: past the limiter, UNIMPLEMENTED
         server.stub.GetSigningKeys(pb.GetSigningKeysRequest(), timeout=10, metadata=metadata)
     assert up.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_audited_calls_count_more_against_the_client_rate(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    # Each RedeemToken writes an audit event, whatever its outcome: at one request each, one
+    # LMS key could append 6,000 events a minute and flush a count-capped trail in hours.
+    key, key_id, digest = new_api_key()
+    path = tmp_path / "keys.json"
+    write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
+    server = start_server(
+        redis_url,
+        security__api_keys_file=str(path),
+        abuse__client_rate="25",
+        abuse__client_rate_window_s="600",
+        abuse__audited_call_cost="10",
+    )
+    metadata = (("authorization", f"Bearer {key}"),)
+
+    def code(call: Any, request: Any) -> grpc.StatusCode:
+        try:
+            call(request, timeout=10, metadata=metadata)
+        except grpc.RpcError as error:
+            return error.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    redeem = pb.RedeemTokenRequest(token="x.y.z", audience="lms-a")
+    # Past the limiter (refused afterwards, as a malformed token), twice: 20 of 25.
+    assert exhausted not in [code(server.stub.RedeemToken, redeem) for _ in range(2)]
+    assert code(server.stub.RedeemToken, redeem) is exhausted
+    # An unaudited call still fits in what is left, one request each.
+    keys_request = pb.GetSigningKeysRequest()
+    codes = [code(server.stub.GetSigningKeys, keys_request) for _ in range(6)]
+    assert exhausted not in codes[:5]
+    assert codes[5] is exhausted

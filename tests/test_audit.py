@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ import redis
 
 from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.audit import AuditEvent
+from facesvc.audit import AuditEvent, AuditLog
 from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.redis_client import redis_client_from_url
 from facesvc.templates import TemplateStore, keyring_from_settings
@@ -162,3 +163,34 @@ def test_one_event_per_decision_and_no_biometric_data(
     assert len(lines) == 3
     assert "action=redeem" in lines[0] and "outcome=OK" in lines[0]
     assert "action=delete" in lines[2] and "caller=ops" in lines[2]
+
+
+async def test_events_are_kept_by_age_not_by_count(redis_url: str, redis_prefix: str) -> None:
+    # A count cap let one client push the whole trail out with cheap calls; by age, an
+    # event stays for the retention however many come after it, and older ones go.
+    client = redis_client_from_url(redis_url)
+    stream = f"{redis_prefix}audit"
+    try:
+        seconds, micros = await client.time()  # Redis's clock: the one stream ids follow
+        now_ms = seconds * 1000 + micros // 1000
+        day_ms = 24 * 3600 * 1000
+        for age_days in (9, 8, 1):
+            await client.xadd(
+                stream, {"action": f"{age_days}d"}, id=f"{now_ms - age_days * day_ms}-0"
+            )
+        audit = AuditLog(client, stream=stream, retention=timedelta(days=7))
+        event = AuditEvent("verify", "lms-a-gate", "lms-a", "p-1", "NO_FACE")
+        for _ in range(50):
+            await audit.append(event)
+        rows = await client.xrange(stream)
+        actions = [fields[b"action"] for _, fields in rows]
+        assert actions == [b"1d"] + [b"verify"] * 50  # 8 and 9 days old: trimmed
+        ((_, newest),) = await audit.tail(1)
+        assert newest["outcome"] == "NO_FACE"
+    finally:
+        await client.aclose()
+
+
+def test_retention_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="retention"):
+        AuditLog(object(), retention=timedelta(0))

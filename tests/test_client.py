@@ -28,6 +28,8 @@ from facesvc.client import (
     TokenVerifier,
     Unauthenticated,
     _redemption,
+    check_jwks_url,
+    fetch_jwks_url,
 )
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
@@ -220,6 +222,60 @@ def test_verifier_fetches_the_jwks_over_http(
 
     asyncio.run(main())
     assert service.fetches == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://lms-jwks.example/.well-known/jwks.json",
+        "http://10.1.2.3/.well-known/jwks.json",
+        "http://127.0.0.1.evil.example/jwks.json",
+        "http://localhost.evil.example/jwks.json",
+        "ftp://127.0.0.1/jwks.json",
+        "https:///jwks.json",
+    ],
+)
+def test_jwks_urls_that_cross_a_network_in_clear_are_refused(url: str) -> None:
+    # Keys fetched over plain HTTP let anyone on the path hand the gate keys of their own.
+    with pytest.raises(ValueError, match="refused: keys are fetched over https://"):
+        TokenVerifier.from_url(url, issuer=ISSUER)
+    with pytest.raises(ValueError, match="refused"):
+        AsyncTokenVerifier.from_url(url, issuer=ISSUER)
+    with pytest.raises(ValueError, match="refused"):
+        fetch_jwks_url(url)
+
+
+def test_jwks_urls_over_https_or_to_this_machine_are_accepted() -> None:
+    for url in (
+        "https://scan.example.id/.well-known/jwks.json",
+        "http://127.0.0.1:8080/.well-known/jwks.json",
+        "http://localhost:8080/.well-known/jwks.json",
+        "http://[::1]:8080/.well-known/jwks.json",
+    ):
+        assert check_jwks_url(url) == url
+
+
+def test_a_redirect_to_a_plain_http_key_set_elsewhere_is_not_followed() -> None:
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            # TEST-NET-1: never routed, so following it could only hang, not succeed.
+            self.send_header("Location", "http://192.0.2.1/.well-known/jwks.json")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        with pytest.raises(ValueError, match=r"192\.0\.2\.1"):
+            fetch_jwks_url(url, timeout_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_every_redeem_reason_maps_to_the_shared_vocabulary() -> None:

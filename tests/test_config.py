@@ -109,6 +109,34 @@ def test_redact_url_keeps_urls_without_password() -> None:
     assert redact_url("rediss://:pw@h/0") == "rediss://:***@h/0"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Several hosts: reading the port of "h1:26379,h2:26379" raised, and `facesvc serve`
+        # died printing its settings.
+        (
+            "redis+sentinel://:s3cret@h1:26379,h2:26379/mymaster",
+            "redis+sentinel://:***@h1:26379,h2:26379/mymaster",
+        ),
+        ("redis+cluster://ops:s3cret@h1:7000,h2:7001", "redis+cluster://ops:***@h1:7000,h2:7001"),
+        # A password as a query parameter (redis-py reads it there too) was printed as is.
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***"),
+        (
+            "redis+sentinel://h1:26379/m?sentinel_password=s3cret&db=2",
+            "redis+sentinel://h1:26379/m?sentinel_password=***&db=2",
+        ),
+        ("unix:///run/redis.sock?db=1&password=s3cret", "unix:///run/redis.sock?db=1&password=***"),
+        # A password put where the user name goes must not reach a log either.
+        ("redis://s3cret@h:6379/0", "redis://***@h:6379/0"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    text = describe(load_settings(env={"FACESVC_REDIS_URL": url}))
+    assert "s3cret" not in text
+    assert f"redis.url = {shown}" in text
+
+
 def test_serve_flags_reach_the_settings() -> None:
     args = build_parser().parse_args(
         ["serve", "--server-grpc-port", "0", "--redis-url", "redis://127.0.0.1:1/0"]

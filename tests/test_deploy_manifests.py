@@ -29,8 +29,9 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from facesvc.config import settings_info
+from facesvc.config import load_settings, settings_info
 from facesvc.health import FACESVC_SERVICE, LIVENESS_SERVICE
+from facesvc.tls import check_exposure
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -253,6 +254,19 @@ def test_every_facesvc_variable_is_a_real_setting(overlay: str) -> None:
     assert env["FACESVC_MODELS_THREADS"] == "1"
     if overlay == "production":
         assert container(objects)["resources"]["requests"]["cpu"] == str(workers)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_would_start_with_what_the_overlay_says_about_tls_and_keys(overlay: str) -> None:
+    # Pods listen on 0.0.0.0: facesvc serve refuses that without TLS and API keys unless
+    # security.allow_insecure_network says so (issue 18.6). Production must not need it.
+    env = {k: v for k, v in _environment(render(overlay)).items() if v is not None}
+    settable = {k: v for k, v in env.items() if k.startswith("FACESVC_SECURITY_")}
+    settable |= {k: env[k] for k in ("FACESVC_SERVER_GRPC_HOST", "FACESVC_SERVER_HTTP_HOST")}
+    settings = load_settings(env=settable)
+    problems = check_exposure(settings)  # raises when the pods would refuse to start
+    if overlay == "production":
+        assert problems == [] and not settings.security.allow_insecure_network
 
 
 def _secrets_used(objects: tuple[Obj, ...]) -> set[str]:

@@ -306,10 +306,12 @@ async def test_a_large_jpeg_is_decoded_reduced_unless_the_setting_is_zero(
 
     photo = np.asarray(Image.fromarray(astronaut()).resize((3000, 3000)))
     data = jpeg(photo)
-    async with running_engine(tmp_path, redis_url, redis_prefix, model_pack) as kit:
+    # The side rule alone: decoding budget and analysed size raised above 9 MP here.
+    roomy = {"server__max_decode_pixels": 10_000_000, "server__max_analyze_pixels": 10_000_000}
+    async with running_engine(tmp_path, redis_url, redis_prefix, model_pack, **roomy) as kit:
         reduced = await kit.engine.inspect(data)
     async with running_engine(
-        tmp_path, redis_url, redis_prefix, model_pack, server__jpeg_reduce_to_side=0
+        tmp_path, redis_url, redis_prefix, model_pack, server__jpeg_reduce_to_side=0, **roomy
     ) as kit:
         full = await kit.engine.inspect(data)
     # 1280 by default: 3000 px is decoded at 1/2 (1500), the strongest reduction >= 1280.

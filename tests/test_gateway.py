@@ -461,7 +461,16 @@ def test_one_ticket_yields_one_token_however_many_scans_race_for_it(
 ) -> None:
     """40 genuine scans sent at once with one ticket: before the ticket was held atomically,
     5 were VERIFIED (the daily cap) with 5 distinct tokens."""
-    running, _ = gateway_with_p1_enrolled(start_server, redis_url, tmp_path)
+    # The gateway's own limits (facesvc.gateway_limits) would turn most of the 40 away at the
+    # door: raised here, so that all of them race for the ticket.
+    running, _ = gateway_with_p1_enrolled(
+        start_server,
+        redis_url,
+        tmp_path,
+        portal__max_in_flight_scans=40,
+        portal__ticket_rate=400,
+        portal__client_rate=400,
+    )
     ticket = tickets_of(running).issue(scope())
 
     def scan(n: int) -> tuple[int, dict[str, Any]]:

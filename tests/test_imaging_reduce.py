@@ -13,6 +13,9 @@ from PIL import Image
 from facesvc.imaging import DecodeLimits, decode_image
 
 SIDE = 600
+ROOMY = 5_000_000
+"""A decoding budget above the 2400x1800 (4.3 MP) photos here, so what these tests see is
+the side rule alone (tests/test_imaging_budget.py has the budget)."""
 
 
 def _photo(width: int, height: int) -> Image.Image:
@@ -32,7 +35,8 @@ def _jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
 
 
 def test_full_size_unless_asked() -> None:
-    assert decode_image(_jpeg(_photo(2400, 1800)), DecodeLimits()).shape == (1800, 2400, 3)
+    limits = DecodeLimits(max_decoded_pixels=ROOMY)
+    assert decode_image(_jpeg(_photo(2400, 1800)), limits).shape == (1800, 2400, 3)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def test_reduced_picture_is_the_same_picture() -> None:
 def test_exif_rotated_jpeg_is_reduced_and_upright() -> None:
     # Orientation 6: the stored 2400x1800 picture is shown rotated to portrait.
     data = _jpeg(_photo(2400, 1800), orientation=6)
-    full = decode_image(data, DecodeLimits())
+    full = decode_image(data, DecodeLimits(max_decoded_pixels=ROOMY))
     reduced = decode_image(data, DecodeLimits(jpeg_reduce_to_side=SIDE))
     assert full.shape == (2400, 1800, 3)
     assert reduced.shape == (600, 450, 3)
@@ -70,8 +74,8 @@ def test_exif_rotated_jpeg_is_reduced_and_upright() -> None:
 def test_png_is_never_reduced() -> None:
     buffer = io.BytesIO()
     _photo(2400, 1800).save(buffer, format="PNG", compress_level=1)
-    image = decode_image(buffer.getvalue(), DecodeLimits(jpeg_reduce_to_side=SIDE))
-    assert image.shape == (1800, 2400, 3)
+    limits = DecodeLimits(max_decoded_pixels=ROOMY, jpeg_reduce_to_side=SIDE)
+    assert decode_image(buffer.getvalue(), limits).shape == (1800, 2400, 3)
 
 
 def test_side_must_be_positive() -> None:

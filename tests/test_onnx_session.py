@@ -35,3 +35,13 @@ def test_session_runs_on_cpu_with_the_requested_threads() -> None:
 def test_zero_threads_is_refused() -> None:
     with pytest.raises(ValueError, match="intra_threads"):
         SessionSettings(intra_threads=0)
+
+
+def test_no_memory_pattern_is_kept_per_input_shape() -> None:
+    # Patterns are kept per shape for the session's life; frames come in any size (issue
+    # 18.1: memory must come back after large frames). Runs of new shapes still work.
+    session = create_session(relu_model(), SessionSettings())
+    assert session.get_session_options().enable_mem_pattern is False
+    for rows in (1, 7, 300):
+        (y,) = session.run(None, {"x": np.full((rows, 2), -1.0, dtype=np.float32)})
+        assert y.shape == (rows, 2) and not y.any()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -152,3 +153,62 @@ async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
         assert len(await faces.analyze(images, deadline=time.monotonic() + 60)) == 1
     finally:
         await faces.close()
+
+
+SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
+
+
+def register_counting_slow_service(server: Any, settings: Any) -> None:
+    """Plugin: ``facesvc.test.Slow/Wait`` leaves one ``started-*`` file per call in
+    ``$FACESVC_TEST_SLOW_DIR`` and answers once ``release`` exists there."""
+    import asyncio
+    import os
+    import uuid
+
+    directory = Path(os.environ[SLOW_DIR_ENV])
+
+    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        (directory / f"started-{uuid.uuid4().hex}").touch()
+        while not (directory / "release").exists():
+            await asyncio.sleep(0.02)
+        return b"finished"
+
+    handler = grpc.unary_unary_rpc_method_handler(wait)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("facesvc.test.Slow", {"Wait": handler}),)
+    )
+
+
+def test_beyond_max_concurrent_rpcs_grpc_refuses_at_once_and_queues_nothing(
+    start_server: ServerStarter,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What README and server.max_concurrent_rpcs say: no queue there. A call beyond the
+    # limit, a health check too, is refused at once and without a retry-after.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    monkeypatch.setenv(SLOW_DIR_ENV, str(tmp_path))
+    server = start_server(
+        redis_url,
+        server__max_concurrent_rpcs="2",
+        server__plugins="tests.test_overload:register_counting_slow_service",
+    )
+    slow = server.channel.unary_unary("/facesvc.test.Slow/Wait")
+    held = [slow.future(b"", timeout=120) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(list(tmp_path.glob("started-*"))) == 2
+        health = health_pb2_grpc.HealthStub(server.channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Concurrent RPC limit exceeded" in (refused.value.details() or "")
+        assert "retry-after" not in dict(refused.value.trailing_metadata() or ())
+        assert not any(call.done() for call in held)  # refused while both were in flight
+    finally:
+        (tmp_path / "release").touch()
+    assert [call.result(timeout=60) for call in held] == [b"finished", b"finished"]

@@ -320,3 +320,29 @@ def test_redis_down_raises_store_unavailable() -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_keygen_after_removing_an_old_key_adds_a_new_kid(tmp_path: Path) -> None:
+    # Rotation: k1 and k2 in the file, templates rekeyed to k2, k1 removed. The next
+    # keygen used to number keys by counting lines and wrote a second k2, and the service
+    # then refused to start ("appears twice").
+    key_file = tmp_path / "templates.key"
+    args = ["templates", "--templates-key-file", str(key_file), "keygen"]
+    assert facesvc_cli(args) == 0
+    assert facesvc_cli(args) == 0
+    assert TemplateKeyRing.parse(key_file.read_text()).kids == ("k1", "k2")
+    key_file.write_text(key_file.read_text().splitlines()[1] + "\n")
+    assert facesvc_cli(args) == 0
+    ring = keyring_from_settings(TemplatesSettings(key_file=key_file))
+    assert ring.kids == ("k2", "k3")
+    assert ring.active_kid == "k3"
+
+
+def test_keygen_refuses_to_append_to_a_file_the_service_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "templates.key"
+    key_file.write_text("k1:not base64!\n")
+    assert facesvc_cli(["templates", "--templates-key-file", str(key_file), "keygen"]) == 2
+    assert "fix the file before adding a key" in capsys.readouterr().err
+    assert key_file.read_text() == "k1:not base64!\n"

@@ -7,8 +7,9 @@ writes the QR code as a PNG; ``facesvc passes jwks`` prints the matching public 
 kiosks that are given a key file. The participant dashboard would call :func:`issue_pass_png`
 the same way when it shows the code.
 
-Key lifetime: token keys retire a few minutes after a rotation, and a pass signed by a
-retired key no longer checks. Passes are therefore best minted close to the meeting (the
+Key lifetime: token keys retire a rotation's publication delay plus the longest token or
+launch-ticket life after it (about 20 minutes by default), and a pass signed by a retired
+key no longer checks. Passes are therefore best minted close to the meeting (the
 dashboard draws the code when opened); a programme that prints passes days ahead keeps a
 key directory of its own for them (``--key-dir``) and gives kiosks its JWKS file
 (``facesvc-kiosk --pass-keys``).

@@ -26,6 +26,7 @@ Failure mode: fail closed, like the caps. Any Redis error raises
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -35,28 +36,30 @@ from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace
 
 # KEYS[1]: current window counter, KEYS[2]: previous window counter (same hash tag).
-# ARGV[1]: limit, ARGV[2]: window ms, ARGV[3]: ms elapsed in the current window.
-# Returns 0 when admitted (and counted), else the ms to wait before the estimate drops below
-# the limit (at least 1).
+# ARGV[1]: limit, ARGV[2]: window ms, ARGV[3]: ms elapsed in the current window, ARGV[4]: the
+# request's cost (units it counts for, 1 <= cost <= limit).
+# Returns 0 when admitted (and counted), else the ms to wait before the estimate has room for
+# the cost (at least 1).
 _RATE_LUA = """
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local elapsed = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
 local estimate = previous * (window - elapsed) / window + current
-if estimate + 1 <= limit then
-  redis.call('INCR', KEYS[1])
+if estimate + cost <= limit then
+  redis.call('INCRBY', KEYS[1], cost)
   redis.call('PEXPIRE', KEYS[1], 2 * window)
   return 0
 end
 local wait
-if current < limit then
-  -- Within this window: the previous window's weight must fall until one more fits.
-  wait = math.ceil(window * (1 - (limit - 1 - current) / previous)) - elapsed
+if current + cost <= limit then
+  -- Within this window: the previous window's weight must fall until the cost fits.
+  wait = math.ceil(window * (1 - (limit - cost - current) / previous)) - elapsed
 else
   -- This window is full: into the next one, where it weighs as the previous window.
-  wait = window - elapsed + math.ceil(window * (1 - (limit - 1) / current))
+  wait = window - elapsed + math.ceil(window * (1 - (limit - cost) / current))
 end
 if wait < 1 then wait = 1 end
 return wait
@@ -104,11 +107,21 @@ class ClientRateLimiter:
         self._window_ms = max(1, round(rule.window.total_seconds() * 1000))
         self._script = client.register_script(_RATE_LUA)
 
-    async def admit(self, client_id: str) -> float | None:
-        """Count one request of ``client_id``: None when admitted, else the seconds to wait.
+    @property
+    def limit(self) -> int:
+        """Requests admitted per window."""
+        return self._rule.limit
 
-        Raises StoreUnavailable when Redis cannot answer (the caller fails closed).
+    async def admit(self, client_id: str, cost: int = 1) -> float | None:
+        """Count one request of ``client_id`` as ``cost`` requests (a call that costs the
+        service more, or that writes to the audit trail, counts more): None when admitted,
+        else the seconds to wait.
+
+        Raises StoreUnavailable when Redis cannot answer (the caller fails closed), and
+        ValueError for a cost below 1 or above the limit (it could never be admitted).
         """
+        if not 1 <= cost <= self._rule.limit:
+            raise ValueError(f"cost={cost}: must be between 1 and the limit {self._rule.limit}")
         now_ms = math.floor(self._clock.now().timestamp() * 1000)
         index, elapsed = divmod(now_ms, self._window_ms)
         keys = [
@@ -117,9 +130,36 @@ class ClientRateLimiter:
         ]
         async with store_errors("check the client request rate"):
             wait_ms = int(
-                await self._script(keys=keys, args=[self._rule.limit, self._window_ms, elapsed])
+                await self._script(
+                    keys=keys, args=[self._rule.limit, self._window_ms, elapsed, cost]
+                )
             )
         return None if wait_ms == 0 else wait_ms / 1000
+
+
+AUDITED_RPCS = frozenset({"Enroll", "DeleteEnrollment", "Verify", "RedeemToken"})
+"""RPCs that append to the audit trail whatever their outcome (facesvc.engine)."""
+
+
+class RpcRateLimiter:
+    """The per-client rate for gRPC calls: an RPC in ``costs`` counts as that many requests,
+    any other as one. Audited calls cost more (``abuse.audited_call_cost``): the audit trail
+    keeps every event for its retention, so its size is what a client's rate lets it write."""
+
+    def __init__(self, limiter: ClientRateLimiter, costs: Mapping[str, int]) -> None:
+        self._limiter = limiter
+        self._costs = dict(costs)
+
+    @classmethod
+    def auditing(cls, limiter: ClientRateLimiter, audited_call_cost: int) -> RpcRateLimiter:
+        """Every RPC in :data:`AUDITED_RPCS` costs ``audited_call_cost``."""
+        return cls(limiter, dict.fromkeys(AUDITED_RPCS, audited_call_cost))
+
+    async def admit(self, client_id: str, rpc: str) -> float | None:
+        """None when admitted, else the seconds to wait. Raises StoreUnavailable."""
+        # A cost above the limit could never be admitted: it takes the whole window instead.
+        cost = min(self._costs.get(rpc, 1), self._limiter.limit)
+        return await self._limiter.admit(client_id, cost)
 
 
 @dataclass(frozen=True, slots=True)

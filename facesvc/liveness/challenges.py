@@ -26,6 +26,7 @@ from typing import NoReturn
 
 from facesvc.domain import Gate
 from facesvc.redis_client import AsyncRedis, reply_text
+from facesvc.redis_errors import store_errors
 from facesvc.redis_keys import KeySpace, validate_id
 
 
@@ -122,7 +123,9 @@ class ChallengeStore:
     ``clock`` returns Unix epoch seconds; expiry is judged by it, not by Redis
     TTLs, so tests can move time. Redis keeps each record ``retention_s`` beyond
     its expiry so that late or repeated use is refused with the right reason.
-    Redis errors propagate (callers fail closed).
+    Every Redis error is raised as ``StoreUnavailable`` (callers fail closed with
+    UNAVAILABLE): a raw client error reached the transports as gRPC UNKNOWN and an
+    HTTP 500.
     """
 
     def __init__(
@@ -187,7 +190,10 @@ class ChallengeStore:
         )
         keep_ms = int((self._ttl_s + self._retention_s) * 1000)
         key = self._key(participant, challenge.challenge_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with (
+            store_errors("store a liveness challenge"),
+            self._redis.pipeline(transaction=False) as pipe,
+        ):
             pipe.hset(
                 key,
                 mapping={
@@ -218,7 +224,8 @@ class ChallengeStore:
         except ValueError:
             # Not an id this store could have issued; never build a key from it.
             raise ChallengeRefused(RefusalReason.UNKNOWN) from None
-        raw = await self._consume(keys=[self._key(participant, challenge_id)])
+        async with store_errors("use a liveness challenge"):
+            raw = await self._consume(keys=[self._key(participant, challenge_id)])
         if raw is None:
             await self._refuse_missing(challenge_id, participant)
         if raw in (b"used", "used"):
@@ -242,11 +249,13 @@ class ChallengeStore:
         )
 
     async def _refuse_missing(self, challenge_id: str, participant: str) -> NoReturn:
-        owner_raw = await self._redis.get(self._owner_key(challenge_id))
+        async with store_errors("look up a liveness challenge's owner"):
+            owner_raw = await self._redis.get(self._owner_key(challenge_id))
         if owner_raw is None or reply_text(owner_raw) == participant:
             raise ChallengeRefused(RefusalReason.UNKNOWN)
         # Burn the owner's challenge too; a separate command because the two
         # keys live in different cluster slots. Losing this race only leaves the
         # owner's challenge usable by its owner, which is harmless.
-        await self._consume(keys=[self._key(reply_text(owner_raw), challenge_id)])
+        async with store_errors("burn a leaked liveness challenge"):
+            await self._consume(keys=[self._key(reply_text(owner_raw), challenge_id)])
         raise ChallengeRefused(RefusalReason.FOREIGN_PARTICIPANT)

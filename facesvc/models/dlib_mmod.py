@@ -99,6 +99,11 @@ _PYRAMID_OUTER_PADDING = 11
 _SCORE_THRESHOLD = 0.0
 # Plans (index and weight arrays) kept per distinct image size; camera frames come in a few.
 _PLAN_CACHE_SIZE = 8
+# ...and at most this much canvas memory between them (the newest plan is always kept). Each
+# plan pools float32 canvases of about 40 bytes per image pixel, 18 MB for a frame of the
+# service's largest analysed size: eight sizes a caller picks at will would otherwise keep
+# 150 MB resident after the frames are gone.
+_PLAN_CACHE_BYTES = 64 << 20
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -516,7 +521,13 @@ class _CanvasPool:
     def __init__(self, shape: tuple[int, int, int, int]) -> None:
         self._shape = shape
         self._free: list[FloatArray] = []
+        self._made = 0
         self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every canvas this pool has made (lent out or waiting)."""
+        return self._made * int(np.prod(self._shape)) * np.dtype(np.float32).itemsize
 
     @contextmanager
     def borrow(self) -> Iterator[FloatArray]:
@@ -525,6 +536,8 @@ class _CanvasPool:
             canvas = self._free.pop() if self._free else None
         if canvas is None:
             canvas = np.zeros(self._shape, dtype=np.float32)
+            with self._lock:
+                self._made += 1
         try:
             yield canvas
         finally:
@@ -856,7 +869,10 @@ class MMODFaceDetector:
         plan = _PyramidPlan.create(rows, cols, min_level_rows, exact)
         with self._plans_lock:
             self._plans[key] = plan
-            while len(self._plans) > _PLAN_CACHE_SIZE:
+            while len(self._plans) > 1 and (
+                len(self._plans) > _PLAN_CACHE_SIZE
+                or sum(p.pool.nbytes for p in self._plans.values()) > _PLAN_CACHE_BYTES
+            ):
                 self._plans.popitem(last=False)
         return plan
 

@@ -2,7 +2,8 @@
 
 Each session runs on the CPU provider with ``intra_threads`` threads for one operator,
 one inter-op thread and sequential execution: concurrency comes from the micro-batcher
-and worker processes, not from ONNX Runtime spreading one call over the machine.
+and worker processes, not from ONNX Runtime spreading one call over the machine. Memory
+patterns are off: they are kept per input shape, and frames come in any size.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def create_session(model: Path | bytes, settings: SessionSettings) -> ort.Infere
     options.intra_op_num_threads = settings.intra_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Memory patterns are planned and kept per input shape, in the arena, for the process's
+    # life: after frames of 40 sizes a caller chose, the pipeline kept 48 MB more with them
+    # than without (98 against 50 MB), and a webcam scan ran no faster with them.
+    options.enable_mem_pattern = False
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if settings.optimize

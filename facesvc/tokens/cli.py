@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from facesvc.cli import settings_from_args
+from facesvc.config import Settings
 from facesvc.tokens.keys import (
     KeyDirectoryError,
     KeyStatus,
@@ -48,15 +49,29 @@ def cli_keys_generate(args: argparse.Namespace) -> int:
     return _operator_errors(lambda: _print([keys_generate(settings.key_dir)]))
 
 
+def longest_signed_life_s(settings: Settings) -> int:
+    """Seconds the longest-lived thing the token keys sign stays valid: gate tokens
+    (``tokens.ttl_s``) and the Scan Wajah page's launch tickets (``portal.ticket_ttl_s``).
+
+    A rotation keeps the old key published this long after its last signature. Retiring it
+    after the token lifetime alone (130 s by default) broke every scan link issued in the
+    last minutes before a switch, which live 600 s. Venue passes printed ahead are out of
+    reach of any retirement rule: sign them with a key directory of their own
+    (``facesvc passes issue --key-dir``)."""
+    return max(settings.tokens.ttl_s, settings.portal.ticket_ttl_s)
+
+
 def cli_keys_rotate(args: argparse.Namespace) -> int:
-    """Publish a new key now; it signs after ``tokens.publish_delay_s``."""
-    settings = settings_from_args(args).tokens
+    """Publish a new key now; it signs after ``tokens.publish_delay_s``, and the keys before
+    it retire once everything they signed has expired (:func:`longest_signed_life_s`)."""
+    full = settings_from_args(args)
+    settings = full.tokens
 
     def rotate() -> None:
         new = keys_rotate(
             settings.key_dir,
             publish_delay_s=settings.publish_delay_s,
-            token_ttl_s=settings.ttl_s,
+            token_ttl_s=longest_signed_life_s(full),
             leeway_s=settings.leeway_s,
         )
         print(

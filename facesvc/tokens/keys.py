@@ -8,11 +8,13 @@ Layout of the directory (a plain folder or a read-only secret mount), one pair p
 ``kid`` is the key's RFC 7638 thumbprint, so a file pair that does not belong together is
 detected on load. Times are ISO 8601 UTC.
 
-Timeline of one rotation at time T (publication delay D, token ttl L, leeway E)::
+Timeline of one rotation at time T (publication delay D, leeway E, and L the life of the
+longest-lived thing a key signs: gate tokens and the scan page's launch tickets, see
+``facesvc.tokens.cli.longest_signed_life_s``)::
 
     T          new key written as "next": published in the JWKS, not signing
     T + D      new key signs (D >= the JWKS cache max-age, so every verifier has it by then)
-    T + D + L + E   old key leaves the JWKS: the last token it signed has expired by then
+    T + D + L + E   old key leaves the JWKS: the last token or ticket it signed has expired
 
 The service derives each key's live state from these timestamps; ``state`` in the file is the
 state as of the last write by ``keys_*``, and only ``retired`` there is binding. So no service
@@ -429,7 +431,8 @@ def keys_rotate(
     """Add a new key that signs from ``now + publish_delay_s``; schedule the old ones' retirement.
 
     Every live key without a retirement time gets ``retire_after = switch + token_ttl_s +
-    leeway_s``: the last token it can sign expires (with the verifiers' leeway) by then. Keys
+    leeway_s``: the last token it can sign expires (with the verifiers' leeway) by then, so
+    ``token_ttl_s`` must be the life of the longest-lived format the keys sign. Keys
     already retired lose their private key file. Returns the new key's status.
     """
     if publish_delay_s < 0 or token_ttl_s <= 0 or leeway_s < 0:
