@@ -6,6 +6,10 @@ channel order and memory layout, and returns one descriptor per chip. ``InputSpe
 states that contract; ``OnnxEmbedder`` checks it against the model's declared input
 and output shapes when it is built, so a wrong manifest fails at start-up with the
 model's real shape in the message, never with a wrong descriptor at run time.
+
+A model exported with a fixed batch size (often 1) is found by its declared batch axis
+at load and is run that many chips at a time (the last call padded), so the batcher's
+batches of any size reach it in calls it accepts.
 """
 
 from __future__ import annotations
@@ -133,6 +137,8 @@ class OnnxEmbedder:
         self._session = session
         self._input = inputs[0].name
         self._output = outputs[0].name
+        self.fixed_batch = _fixed(shape[0])
+        """The batch size the model was exported with, or None when its batch axis is free."""
         self._spec = spec
         self._template = template
         self.dim = output_size
@@ -144,8 +150,25 @@ class OnnxEmbedder:
 
     def embed_raw(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
         """(N, dim) float32 descriptors as the model outputs them."""
-        out = self._session.run([self._output], {self._input: self._spec.tensor(chips)})[0]
-        result = np.asarray(out, dtype=np.float32).reshape(len(chips), -1)
+        tensor = self._spec.tensor(chips)
+        if self.fixed_batch is None:
+            result = self._run(tensor, len(chips))
+        else:
+            step = self.fixed_batch
+            parts = []
+            for start in range(0, len(chips), step):
+                part = tensor[start : start + step]
+                count = len(part)
+                if count < step:
+                    filler = np.zeros((step - count, *part.shape[1:]), np.float32)
+                    part = np.concatenate([part, filler])
+                parts.append(self._run(part, step)[:count])
+            result = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        return result
+
+    def _run(self, tensor: FloatArray, count: int) -> FloatArray:
+        out = self._session.run([self._output], {self._input: tensor})[0]
+        result = np.asarray(out, dtype=np.float32).reshape(count, -1)
         if result.shape[1] != self.dim:
             raise ModelContractError(
                 f"the model returned {result.shape[1]}-d descriptors, the manifest says {self.dim}"

@@ -1,0 +1,227 @@
+"""YuNet (OpenCV Zoo, 2023mar) as a FaceDetector: its pre- and post-processing in numpy.
+
+The network is recognised by its signature, as insightface's model_zoo recognises models:
+one input [1, 3, H, W] (BGR pixel values 0-255, H and W multiples of 32, no mean or scale)
+and twelve outputs, ``cls_S``, ``obj_S``, ``bbox_S`` and ``kps_S`` for the strides S = 8,
+16 and 32, one row per cell of the stride's grid (row-major). For the cell in row r and
+column c of stride S:
+
+- score = sqrt(clip(cls, 0, 1) * clip(obj, 0, 1));
+- box centre = ((c + bbox[0]) * S, (r + bbox[1]) * S), size = (exp(bbox[2]) * S,
+  exp(bbox[3]) * S);
+- five points = ((c + kps[2k]) * S, (r + kps[2k + 1]) * S): the eye on the image's left,
+  the other eye, the nose tip, the mouth corner on the image's left, the other one; the
+  ArcFace five-point order that SFace is aligned with.
+
+Faces scoring at least ``score_threshold`` (0.9: at 0.5 the tight crops' extra detections
+bring bad landmarks) are kept after non-maximum suppression (IoU 0.3), as OpenCV's
+FaceDetectorYN does; ``tests/test_yunet.py`` checks the decoding against OpenCV's own
+implementation where OpenCV is installed.
+
+YuNet finds faces of about 10 to 300 pixels. A frame is therefore resized first
+(``ScalePolicy``): down until the smallest face looked for is ``smallest_face_px`` and
+the frame's shorter side at most ``largest_face_px``, never up. A face that fills its
+image (a tight crop such as a 150x150 ID-style photo) leaves the network no context: when
+nothing is found, the frame is padded by half its longer side on every side, with its edge
+pixels, and searched once more at the scale that brings the frame's own shorter side (the
+face's size, in a tight crop) to at most ``largest_face_px``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from facesvc.models.onnx_embedder import ModelContractError
+from facesvc.models.types import Box, Detection, RGBImage
+
+STRIDES = (8, 16, 32)
+OUTPUTS = tuple(f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES)
+_WIDTHS = {"cls": 1, "obj": 1, "bbox": 4, "kps": 10}
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class ScalePolicy:
+    """How a frame is resized before detection (module doc).
+
+    ``smallest_face_px``: the smallest face looked for (``min_face_px``) is scaled to about
+    this many pixels. ``largest_face_px``: the frame's shorter side is scaled to at most
+    this, so that a face filling the frame stays within what YuNet finds. ``pad_fraction``:
+    the margin added on every side, as a share of the longer side, for the second search.
+    """
+
+    smallest_face_px: float = 40.0
+    largest_face_px: float = 300.0
+    pad_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 10.0 <= self.smallest_face_px <= self.largest_face_px:
+            raise ValueError("need 10 <= smallest_face_px <= largest_face_px")
+        if self.pad_fraction < 0:
+            raise ValueError("pad_fraction must be >= 0")
+
+    def scale(self, height: int, width: int, min_face_px: int) -> float:
+        """The factor (at most 1) a (height, width) frame is resized by."""
+        return min(
+            1.0,
+            self.smallest_face_px / max(min_face_px, 1),
+            self.largest_face_px / max(min(height, width), 1),
+        )
+
+
+def _check_signature(session: Any) -> tuple[str, list[str]]:
+    inputs = session.get_inputs()
+    names = [o.name for o in session.get_outputs()]
+    if len(inputs) != 1 or sorted(names) != sorted(OUTPUTS):
+        raise ModelContractError(
+            f"not a YuNet detector: expected one input and outputs {', '.join(OUTPUTS)}, "
+            f"got {len(inputs)} input(s) and {names}"
+        )
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1] != 3:
+        raise ModelContractError(f"YuNet's input must be [1, 3, H, W], the model has {shape}")
+    return inputs[0].name, names
+
+
+class YunetDetector:
+    """:class:`facesvc.models.types.FaceDetector` over a YuNet ONNX Runtime session.
+
+    Detections carry YuNet's five points (ArcFace order) as ``landmarks``; ``box`` and the
+    points are in the caller's image pixels.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        *,
+        score_threshold: float = 0.9,
+        nms_iou: float = 0.3,
+        policy: ScalePolicy | None = None,
+    ) -> None:
+        self._input, self._outputs = _check_signature(session)
+        self._session = session
+        self._threshold = score_threshold
+        self._nms_iou = nms_iou
+        self.policy = policy or ScalePolicy()
+
+    def detect(self, image: RGBImage, min_face_px: int) -> list[Detection]:
+        """Faces at least ``min_face_px`` tall, best score first (module doc for the search)."""
+        height, width = image.shape[:2]
+        found = self._search(image, min_face_px, self.policy.scale(height, width, min_face_px))
+        if found or self.policy.pad_fraction == 0:
+            return found
+        # A face that fills the frame: pad, and scale so that the frame's own size (the
+        # face's) lands within YuNet's range whatever the smallest face looked for.
+        pad = round(max(height, width) * self.policy.pad_fraction)
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        scale = min(1.0, self.policy.largest_face_px / max(min(height, width), 1))
+        return [_shifted(d, -pad) for d in self._search(padded, min_face_px, scale)]
+
+    def _search(self, image: RGBImage, min_face_px: int, scale: float) -> list[Detection]:
+        height, width = image.shape[:2]
+        small = image
+        if scale < 1.0:
+            size = (max(round(width * scale), 1), max(round(height * scale), 1))
+            small = np.asarray(
+                Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8
+            )
+        boxes, scores, points = self.raw_detections(small)
+        # Back to the caller's pixels: each axis by its own resize ratio.
+        sx, sy = width / small.shape[1], height / small.shape[0]
+        boxes = boxes * np.array([sx, sy, sx, sy], np.float32)
+        points = points * np.array([sx, sy], np.float32)
+        found = [
+            Detection(Box(*(float(v) for v in boxes[k])), float(scores[k]), points[k])
+            for k in range(len(scores))
+            if boxes[k, 3] - boxes[k, 1] >= min_face_px
+        ]
+        found.sort(key=lambda d: -d.score)
+        return found
+
+    def raw_detections(self, image: RGBImage) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """YuNet on ``image`` as it is (no resize, no retry): (K, 4) boxes (left, top, right,
+        bottom), (K,) scores and (K, 5, 2) points in its pixels, after the score threshold
+        and non-maximum suppression, best first."""
+        tensor, padded_w = _tensor(image)
+        results = self._session.run(self._outputs, {self._input: tensor})
+        out = dict(zip(self._outputs, results, strict=True))
+        boxes, scores, points = [], [], []
+        for stride in STRIDES:
+            cols = padded_w // stride
+            cls = _rows(out, "cls", stride)[:, 0]
+            obj = _rows(out, "obj", stride)[:, 0]
+            score = np.sqrt(np.clip(cls, 0.0, 1.0) * np.clip(obj, 0.0, 1.0))
+            keep = np.flatnonzero(score >= self._threshold)
+            if keep.size == 0:
+                continue
+            row, col = np.divmod(keep, cols)
+            b = _rows(out, "bbox", stride)[keep]
+            k = _rows(out, "kps", stride)[keep]
+            cx, cy = (col + b[:, 0]) * stride, (row + b[:, 1]) * stride
+            w, h = np.exp(b[:, 2]) * stride, np.exp(b[:, 3]) * stride
+            boxes.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1))
+            scores.append(score[keep])
+            xs = (k[:, 0::2] + col[:, None]) * stride
+            ys = (k[:, 1::2] + row[:, None]) * stride
+            points.append(np.stack([xs, ys], axis=2))
+        if not scores:
+            empty = np.zeros(0, np.float32)
+            return empty.reshape(0, 4), empty, empty.reshape(0, 5, 2)
+        all_boxes = np.concatenate(boxes).astype(np.float32)
+        all_scores = np.concatenate(scores).astype(np.float32)
+        all_points = np.concatenate(points).astype(np.float32)
+        kept = non_maximum_suppression(all_boxes, all_scores, self._nms_iou)
+        return all_boxes[kept], all_scores[kept], all_points[kept]
+
+
+def _tensor(image: RGBImage) -> tuple[FloatArray, int]:
+    """The network input for an (H, W, 3) RGB image: BGR, NCHW, zero-padded at the bottom
+    and right to multiples of 32; and the padded width."""
+    height, width = image.shape[:2]
+    padded_h, padded_w = (math.ceil(height / 32) * 32, math.ceil(width / 32) * 32)
+    tensor = np.zeros((1, 3, padded_h, padded_w), np.float32)
+    tensor[0, :, :height, :width] = image[..., ::-1].transpose(2, 0, 1)
+    return tensor, padded_w
+
+
+def _rows(out: dict[str, Any], kind: str, stride: int) -> FloatArray:
+    rows = np.asarray(out[f"{kind}_{stride}"], dtype=np.float32)
+    return rows.reshape(-1, _WIDTHS[kind])
+
+
+def non_maximum_suppression(
+    boxes: FloatArray, scores: FloatArray, iou_limit: float
+) -> npt.NDArray[np.intp]:
+    """Indices of the boxes kept, best score first: each box is dropped when it overlaps a
+    better-scoring kept one by more than ``iou_limit`` (intersection over union)."""
+    order = np.argsort(-scores, kind="stable")
+    left, top, right, bottom = boxes.T
+    area = np.maximum(right - left, 0) * np.maximum(bottom - top, 0)
+    kept: list[int] = []
+    while order.size:
+        best, rest = int(order[0]), order[1:]
+        kept.append(best)
+        w = np.minimum(right[best], right[rest]) - np.maximum(left[best], left[rest])
+        h = np.minimum(bottom[best], bottom[rest]) - np.maximum(top[best], top[rest])
+        inter = np.maximum(w, 0) * np.maximum(h, 0)
+        union = area[best] + area[rest] - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
+        order = rest[iou <= iou_limit]
+    return np.array(kept, dtype=np.intp)
+
+
+def _shifted(detection: Detection, offset: int) -> Detection:
+    b = detection.box
+    points = detection.landmarks
+    return Detection(
+        Box(b.left + offset, b.top + offset, b.right + offset, b.bottom + offset),
+        detection.score,
+        None if points is None else (points + np.float32(offset)).astype(np.float32),
+    )
