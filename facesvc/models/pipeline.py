@@ -21,6 +21,7 @@ from facesvc.config import QualitySettings
 from facesvc.models.quality import (
     Check,
     FaceChoice,
+    FrontalGeometry,
     LandmarkLayout,
     QualityReport,
     assess_quality,
@@ -78,7 +79,9 @@ class FacePipeline:
     ``landmarks`` may be None when the detector's detections carry the alignment points
     themselves (SCRFD's five ArcFace points); otherwise it must be one of dlib's 5- or
     68-point models. When both exist, the detector's points align the chip (the embedder was
-    trained on them) and the landmark model's points measure the head pose.
+    trained on them) and the landmark model's points measure the head pose, against
+    ``frontal``: the pack's calibrated frontal geometry for those points (None: the
+    layout's mean face).
     """
 
     def __init__(
@@ -87,20 +90,40 @@ class FacePipeline:
         landmarks: LandmarkModel | None,
         embedder: Embedder,
         limits: QualitySettings,
+        frontal: FrontalGeometry | None = None,
     ) -> None:
         if landmarks is not None and landmarks.num_points not in _DLIB_LAYOUTS:
             raise ValueError(
                 f"a {landmarks.num_points}-point landmark model has no known layout: "
                 "use dlib's 5- or 68-point model"
             )
+        self.layout = (
+            LandmarkLayout.ARCFACE_5 if landmarks is None else _DLIB_LAYOUTS[landmarks.num_points]
+        )
+        """The layout of the points that measure the pose (``FaceAnalysis.landmarks``)."""
+        if frontal is not None and frontal.layout is not self.layout:
+            raise ValueError(
+                f"the frontal geometry is for {frontal.layout} points, the pose is measured "
+                f"on {self.layout} points"
+            )
         self._detector = detector
         self._landmarks = landmarks
         self._embedder = embedder
         self._limits = limits
+        self._frontal = frontal
 
     @property
     def limits(self) -> QualitySettings:
         return self._limits
+
+    @property
+    def dim(self) -> int:
+        """Length of the embedder's descriptors."""
+        return self._embedder.dim
+
+    def align(self, image: RGBImage, points: Points) -> RGBImage:
+        """The embedder's chip for a face whose alignment points are ``points``."""
+        return self._embedder.align(image, points)
 
     def analyze(self, image: RGBImage) -> FaceAnalysis:
         """The ``FaceAnalysis`` of one (H, W, 3) uint8 RGB frame."""
@@ -119,7 +142,7 @@ class FacePipeline:
         points, layout = self._points(image, detection)
         align_points = detection.landmarks if detection.landmarks is not None else points
         chip = self._embedder.align(image, align_points)
-        report = assess_quality(image, detection, points, layout, chip, self._limits)
+        report = assess_quality(image, detection, points, layout, chip, self._limits, self._frontal)
         status = FaceStatus.OK if report.passed else FaceStatus.LOW_QUALITY
         reasons = tuple(issue.reason for issue in report.issues)
         return FaceAnalysis(status, reasons, len(detections), detection, points, chip, report)

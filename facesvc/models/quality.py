@@ -18,7 +18,8 @@ Measurements (``assess_quality``):
 - exposure: mean grey level (0-255) of the inner face in the source image (the central
   half of the detector's box: eyes, nose and mouth, not dark hair or background) and the
   fraction of it that is clipped (grey <= 5 or >= 250, or outside the frame);
-- head pose from five landmarks (``head_pose``).
+- head pose from five landmarks (``head_pose``), measured against the pack's own frontal
+  geometry (``FrontalGeometry``: where its landmark model puts the nose in a frontal face).
 
 Choosing the face (``select_face``), the rule for "exactly one usable face":
 
@@ -167,13 +168,15 @@ def assess_quality(
     layout: LandmarkLayout,
     chip: RGBImage,
     limits: QualitySettings,
+    frontal: FrontalGeometry | None = None,
 ) -> QualityReport:
     """Measure the face in ``detection`` (box in pixels of the (H, W, 3) uint8 ``image``)
-    with its landmarks (image pixels, in ``layout``) and its aligned (S, S, 3) uint8 chip."""
+    with its landmarks (image pixels, in ``layout``; ``frontal``: the pack's frontal
+    geometry for them) and its aligned (S, S, 3) uint8 chip."""
     face_px = min(detection.box.width, detection.box.height)
     sharp = sharpness(_chip_face(_grey(chip)))
     brightness, clipped = exposure(image, detection.box)
-    pose = head_pose(landmarks, layout)
+    pose = head_pose(landmarks, layout, frontal)
 
     issues: list[QualityIssue] = []
     if face_px < limits.min_face_px:
@@ -244,19 +247,76 @@ def sharpness(grey: npt.NDArray[np.float64]) -> float:
     return float(lap.var()) * gain * gain
 
 
-def head_pose(landmarks: Points, layout: LandmarkLayout) -> HeadPose:
+@dataclass(frozen=True, slots=True)
+class FrontalGeometry:
+    """Where a pack's nose point sits in a frontal face, for its landmark ``layout``.
+
+    ``nose_drop``: the nose point's distance below the eye line, in eye distances. It
+    depends on the landmark model more than on the person: dlib's 5-point model marks the
+    bottom of the nose, SCRFD and YuNet the tip, and each model places it its own way, so
+    a constant taken from another model's mean face turns a frontal face into a tilted
+    one. ``facesvc calibrate`` measures it on the calibration photos (their median) and
+    the calibration record carries it; without one, the layout's mean face gives it.
+    ``nose_depth``: the nose point's distance in front of the eyes, in eye distances.
+    """
+
+    layout: LandmarkLayout
+    nose_drop: float
+    nose_depth: float = _NOSE_DEPTH
+
+    @staticmethod
+    def of_layout(layout: LandmarkLayout) -> FrontalGeometry:
+        """The geometry of the layout's mean face (dlib's templates, ArcFace's template)."""
+        frontal = _FRONTAL[layout]
+        eye_dist = float(np.hypot(*(frontal[0] - frontal[1])))
+        drop = float((frontal[2, 1] - (frontal[0, 1] + frontal[1, 1]) / 2) / eye_dist)
+        return FrontalGeometry(layout, drop)
+
+
+def nose_drop(landmarks: Points, layout: LandmarkLayout) -> float:
+    """The nose point's distance below the eye line of one face, in eye distances (roll
+    removed): what ``FrontalGeometry.nose_drop`` is the frontal value of."""
+    _, _, _, nose_y = _eye_frame(np.asarray(landmarks, dtype=np.float64), layout)
+    return nose_y
+
+
+def head_pose(
+    landmarks: Points, layout: LandmarkLayout, frontal: FrontalGeometry | None = None
+) -> HeadPose:
     """Yaw, pitch and roll of a head from its eye centres and nose point.
 
-    Weak-perspective model: in a frontal face the nose point lies a known drop below the eye
-    line (from the layout's mean face) and ``_NOSE_DEPTH`` eye-distances in front of
-    the eyes. Yaw comes from the nose's sideways shift against the eye distance. Pitch
-    comes from the nose's drop below the eye line, which shrinks fast for chin up and
-    slowly for chin down; of the two angles that fit, the smaller one is reported, so treat
-    pitch as a coarse gate. On ../shared/data/poses (42 labelled photos, 5 people plus 12
-    AFLW2000 faces) yaw came out with the right sign, up to 1.5 times too large, and pitch
-    within 9 degrees on average.
+    Weak-perspective model: in a frontal face the nose point lies ``frontal.nose_drop``
+    below the eye line (default: the layout's mean face) and ``frontal.nose_depth``
+    eye-distances in front of the eyes. Yaw comes from the nose's sideways shift against
+    the eye distance. Pitch comes from the nose's drop below the eye line, which shrinks
+    fast for chin up and slowly for chin down; of the two angles that fit, the smaller one
+    is reported, so treat pitch as a coarse gate. On ../shared/data/poses (42 labelled
+    photos, 5 people plus 12 AFLW2000 faces) yaw came out with the right sign, up to 1.5
+    times too large, and pitch within 9 degrees on average (dlib's 5 points).
     """
-    eye_a, eye_b, nose, drop = _eyes_and_nose(np.asarray(landmarks, dtype=np.float64), layout)
+    geometry = frontal or FrontalGeometry.of_layout(layout)
+    if geometry.layout is not layout:
+        raise ValueError(f"frontal geometry for {geometry.layout} applied to {layout} landmarks")
+    _, roll, nose_x, nose_y = _eye_frame(np.asarray(landmarks, dtype=np.float64), layout)
+    depth, drop = geometry.nose_depth, geometry.nose_drop
+    yaw = math.atan(nose_x / depth)
+    # nose_y ~ drop*cos(pitch) - depth*sin(pitch) = amp*cos(pitch + shift), in eye
+    # distances. The eye distance is taken as seen, not corrected by cos(yaw): the yaw
+    # estimate is the less certain one, and correcting by it made turned heads look raised.
+    amp = math.hypot(drop, depth)
+    shift = math.atan2(depth, drop)
+    ratio = min(max(nose_y / amp, -1.0), 1.0)
+    spread = math.acos(ratio)
+    pitch = min((spread - shift, -spread - shift), key=abs)
+    return HeadPose(math.degrees(yaw), math.degrees(pitch), math.degrees(roll))
+
+
+def _eye_frame(
+    points: npt.NDArray[np.float64], layout: LandmarkLayout
+) -> tuple[float, float, float, float]:
+    """(eye distance in pixels, roll in radians, nose x and nose y in eye distances): the
+    nose point relative to the mid-point of the eyes, in the frame of the eye line."""
+    eye_a, eye_b, nose = _eyes_and_nose(points, layout)
     # Eye on the image's left first, so a level face has roll 0.
     left, right = (eye_a, eye_b) if eye_a[0] <= eye_b[0] else (eye_b, eye_a)
     eye_vec = right - left
@@ -266,19 +326,9 @@ def head_pose(landmarks: Points, layout: LandmarkLayout) -> HeadPose:
     roll = math.atan2(eye_vec[1], eye_vec[0])
     c, s = math.cos(-roll), math.sin(-roll)
     rel = nose - (left + right) / 2
-    nose_x = c * rel[0] - s * rel[1]
-    nose_y = s * rel[0] + c * rel[1]
-
-    yaw = math.atan(nose_x / (eye_dist * _NOSE_DEPTH))
-    # nose_y / eye_dist ~ drop*cos(pitch) - depth*sin(pitch) = amp*cos(pitch + shift). The
-    # eye distance is taken as seen, not corrected by cos(yaw): the yaw estimate is the
-    # less certain one, and correcting by it made turned heads look raised.
-    amp = math.hypot(drop, _NOSE_DEPTH)
-    shift = math.atan2(_NOSE_DEPTH, drop)
-    ratio = min(max(nose_y / (eye_dist * amp), -1.0), 1.0)
-    spread = math.acos(ratio)
-    pitch = min((spread - shift, -spread - shift), key=abs)
-    return HeadPose(math.degrees(yaw), math.degrees(pitch), math.degrees(roll))
+    nose_x = (c * rel[0] - s * rel[1]) / eye_dist
+    nose_y = (s * rel[0] + c * rel[1]) / eye_dist
+    return eye_dist, roll, nose_x, nose_y
 
 
 # Mean-face positions of (eye, eye, nose) for each layout, any consistent unit.
@@ -301,24 +351,17 @@ _POINT_COUNTS = {LandmarkLayout.DLIB_5: 5, LandmarkLayout.DLIB_68: 68, LandmarkL
 
 def _eyes_and_nose(
     points: npt.NDArray[np.float64], layout: LandmarkLayout
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float]:
-    """Both eye centres, the nose point, and the frontal nose drop below the eye line (in
-    eye distances)."""
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Both eye centres and the nose point of one face."""
     if points.shape != (_POINT_COUNTS[layout], 2):
         raise ValueError(
             f"{layout} landmarks must be ({_POINT_COUNTS[layout]}, 2), got {points.shape}"
         )
     if layout is LandmarkLayout.DLIB_5:
-        eye_a, eye_b, nose = points[0:2].mean(axis=0), points[2:4].mean(axis=0), points[4]
-    elif layout is LandmarkLayout.DLIB_68:
-        eye_a, eye_b, nose = points[36:42].mean(axis=0), points[42:48].mean(axis=0), points[33]
-    else:
-        eye_a, eye_b, nose = points[0], points[1], points[2]
-    frontal = _FRONTAL[layout]
-    drop = float(
-        (frontal[2, 1] - (frontal[0, 1] + frontal[1, 1]) / 2) / np.hypot(*(frontal[0] - frontal[1]))
-    )
-    return eye_a, eye_b, nose, drop
+        return points[0:2].mean(axis=0), points[2:4].mean(axis=0), points[4]
+    if layout is LandmarkLayout.DLIB_68:
+        return points[36:42].mean(axis=0), points[42:48].mean(axis=0), points[33]
+    return points[0], points[1], points[2]
 
 
 def exposure(image: RGBImage, box: Box) -> tuple[float, float]:
