@@ -9,7 +9,10 @@ is better served by "come closer" or "face the camera" than by a false NOT_MATCH
 
 Measurements (``assess_quality``):
 
-- face size: the smaller side of the detector's box, in source-image pixels;
+- face size: the geometric mean of the detector box's sides, in source-image pixels
+  (``face_size``): dlib's boxes are square, YuNet's and SCRFD's taller than wide around
+  the same face, and the mean of the sides measures them alike (on the astronaut photo:
+  MMOD 96x95, YuNet 91x111; 95 and 101);
 - sharpness: variance of the 4-neighbour Laplacian of the grey aligned chip's central
   region (the face; the chip's margins are background), in grey levels squared at a
   standard contrast (``sharpness``). Because the
@@ -26,7 +29,7 @@ Choosing the face (``select_face``), the rule for "exactly one usable face":
 - no detection at all: NO_FACE;
 - the chosen face is the one with the largest box area;
 - another face is *comparable* when its box area is at least
-  ``QualitySettings.second_face_area_ratio`` (0.5) times the chosen one's and its smaller side
+  ``QualitySettings.second_face_area_ratio`` (0.5) times the chosen one's and its size
   is at least ``min_face_px``; any comparable face makes the frame MULTIPLE_FACES (someone
   else close to the camera could be the one scanned). Smaller faces (people in the
   background) are ignored;
@@ -136,6 +139,11 @@ class FaceSelection:
     reason: str
 
 
+def face_size(box: Box) -> float:
+    """A face's size in pixels: the geometric mean of its box's sides (module doc)."""
+    return math.sqrt(max(box.width, 0.0) * max(box.height, 0.0))
+
+
 def select_face(detections: Sequence[Detection], limits: QualitySettings) -> FaceSelection:
     """Apply the module's "exactly one usable face" rule to one frame's detections."""
     if not detections:
@@ -151,7 +159,7 @@ def select_face(detections: Sequence[Detection], limits: QualitySettings) -> Fac
         if i == chosen:
             continue
         comparable = areas[i] >= limits.second_face_area_ratio * areas[chosen]
-        if comparable and min(d.box.width, d.box.height) >= limits.min_face_px:
+        if comparable and face_size(d.box) >= limits.min_face_px:
             return FaceSelection(
                 FaceChoice.MULTIPLE_FACES,
                 chosen,
@@ -173,7 +181,7 @@ def assess_quality(
     """Measure the face in ``detection`` (box in pixels of the (H, W, 3) uint8 ``image``)
     with its landmarks (image pixels, in ``layout``; ``frontal``: the pack's frontal
     geometry for them) and its aligned (S, S, 3) uint8 chip."""
-    face_px = min(detection.box.width, detection.box.height)
+    face_px = face_size(detection.box)
     sharp = sharpness(_chip_face(_grey(chip)))
     brightness, clipped = exposure(image, detection.box)
     pose = head_pose(landmarks, layout, frontal)
