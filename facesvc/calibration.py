@@ -8,6 +8,12 @@ threshold, the distance it applies to, the target, what it was calibrated on
 that threshold. Those per-source figures are measured on the calibration pairs
 themselves: they show how uneven one threshold is across populations, they are
 not accuracy claims (docs/accuracy.md reports on held-out identities).
+
+The record also carries what else belongs to the pack and was measured on the same
+photos: where its landmark model puts the nose in a frontal face (``frontal``, for the
+pose gates) and, when turned-head photos were given, the threshold for "the same person"
+between a turned face and a frontal one (``turned``, for the liveness challenge's
+frames), each with its own counts.
 """
 
 from __future__ import annotations
@@ -84,6 +90,38 @@ class CalibrationData:
     images: int
     detection_failures: int
     """Photos where no single usable face was found; they are in no pair."""
+    identity_names: tuple[str, ...] = ()
+    """The identity folders calibrated on: reports on the same folder use the others."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrontalPose:
+    """The pack's frontal geometry as measured (``facesvc.models.quality.FrontalGeometry``):
+    the median nose drop, in eye distances, over ``faces`` calibration faces, for
+    landmarks of ``layout``."""
+
+    layout: str
+    nose_drop: float
+    faces: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnedIdentity:
+    """The largest distance at which a turned face (head turned about 30-50 degrees, or
+    looking up) is the same person as a frontal face of the same scan, calibrated to
+    ``target_fmr`` on impostor (turned, frontal) pairs. Used between the frames of a
+    liveness challenge, where the frontal threshold would refuse real people."""
+
+    threshold: float
+    target_fmr: float
+    folder: str
+    identities: int
+    rates: RatesAtThreshold
+    """Counts at the threshold: genuine (turned, frontal) pairs of one person, impostor
+    pairs of different people."""
+    min_turn_deg: float
+    """A face counts as turned when its yaw differs from the person's frontal face by at
+    least this much, or it looks up by the challenge's LOOK_UP measure."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +147,14 @@ class Calibration:
     centre: tuple[float, ...] | None = None
     """(D,) mean unit descriptor of the calibration photos: cosine distance is measured
     around it (see facesvc.models.matching); None for the origin."""
+    frontal: FrontalPose | None = None
+    """Where the pack's landmarks put the nose of a frontal face; None: the layout's mean
+    face."""
+    turned: TurnedIdentity | None = None
+    """The same-person threshold between turned and frontal faces; None: not calibrated
+    (the liveness check then uses ``threshold``)."""
+    centre_choice: str = ""
+    """Why the centre is there or not: the measurement that chose it."""
 
     def skewed_sources(self) -> tuple[str, ...]:
         """Sources whose FMR is above SOURCE_SKEW_LIMIT times the target or the overall FMR."""
@@ -123,6 +169,8 @@ class Calibration:
             {"source": s.source, "identities": s.identities, **_rates_json(s.rates)}
             for s in self.per_source
         ]
+        if self.turned is not None:
+            body["turned"]["rates"] = _rates_json(self.turned.rates)
         return json.dumps({"format": FORMAT, **body}, indent=2) + "\n"
 
     def save(self, path: Path) -> None:
@@ -143,6 +191,25 @@ def _rates_from(raw: dict[str, Any]) -> RatesAtThreshold:
         impostor_pairs=int(raw["impostor_pairs"]),
         false_non_matches=int(raw["false_non_matches"]),
         false_matches=int(raw["false_matches"]),
+    )
+
+
+def _frontal_from(raw: Any) -> FrontalPose | None:
+    if raw is None:
+        return None
+    return FrontalPose(str(raw["layout"]), float(raw["nose_drop"]), int(raw["faces"]))
+
+
+def _turned_from(raw: Any) -> TurnedIdentity | None:
+    if raw is None:
+        return None
+    return TurnedIdentity(
+        threshold=float(raw["threshold"]),
+        target_fmr=float(raw["target_fmr"]),
+        folder=str(raw["folder"]),
+        identities=int(raw["identities"]),
+        rates=_rates_from(raw["rates"]),
+        min_turn_deg=float(raw["min_turn_deg"]),
     )
 
 
@@ -181,6 +248,7 @@ def load_calibration(
                 identities=int(data["identities"]),
                 images=int(data["images"]),
                 detection_failures=int(data["detection_failures"]),
+                identity_names=tuple(str(n) for n in data.get("identity_names", ())),
             ),
             overall=_rates_from(raw["overall"]),
             per_source=tuple(
@@ -189,15 +257,19 @@ def load_calibration(
             ),
             created_utc=str(raw["created_utc"]),
             centre=None if raw.get("centre") is None else tuple(float(v) for v in raw["centre"]),
+            frontal=_frontal_from(raw.get("frontal")),
+            turned=_turned_from(raw.get("turned")),
+            centre_choice=str(raw.get("centre_choice", "")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CalibrationError(
             f"{path} is missing or has a bad field ({e}); re-run `facesvc calibrate`"
         ) from e
-    if not math.isfinite(calibration.threshold):
-        raise CalibrationError(
-            f"{path}: threshold {calibration.threshold} is not a finite distance"
-        )
+    thresholds = [calibration.threshold]
+    if calibration.turned is not None:
+        thresholds.append(calibration.turned.threshold)
+    if not all(math.isfinite(t) for t in thresholds):
+        raise CalibrationError(f"{path}: a threshold in it is not a finite distance")
     if pack is not None and calibration.pack != pack:
         raise CalibrationError(
             f"{path} calibrates pack {calibration.pack!r}, not {pack!r}: calibrate this pack"
@@ -225,6 +297,8 @@ def calibrate(
     data: CalibrationData,
     target_fmr: float = DEFAULT_TARGET_FMR,
     centre: Sequence[float] | None = None,
+    centre_choice: str = "",
+    frontal: FrontalPose | None = None,
     now: datetime | None = None,
 ) -> Calibration:
     """The threshold at ``target_fmr`` over all impostor ``pairs``, with per-source rates.
@@ -239,14 +313,15 @@ def calibrate(
     threshold = threshold_at_fmr(impostor, target_fmr)
     if not math.isfinite(threshold):
         raise CalibrationError("the target FMR accepts every impostor pair; lower it")
-    sources = sorted(set(pairs.sources))
+    present = np.unique(np.concatenate([pairs.claimed, pairs.probe])).tolist()
+    present_sources = [pairs.sources[k] for k in present]
     per_source = tuple(
         SourceRates(
             source=s,
-            identities=sum(1 for x in pairs.sources if x == s),
+            identities=present_sources.count(s),
             rates=RatesAtThreshold.of(pairs.of_source(s), threshold),
         )
-        for s in sources
+        for s in sorted(set(present_sources))
     )
     return Calibration(
         pack=pack,
@@ -260,6 +335,8 @@ def calibrate(
         per_source=per_source,
         created_utc=(now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         centre=None if centre is None else tuple(float(v) for v in centre),
+        centre_choice=centre_choice,
+        frontal=frontal,
     )
 
 
@@ -299,6 +376,18 @@ def log_calibration_status(
         c.overall.fmr,
         c.overall.fnmr,
     )
+    if c.turned is not None:
+        t = c.turned
+        logger.info(
+            "model pack %r: turned faces are the same person as the frontal one up to distance "
+            "%.6f (target FMR %g; %d genuine, %d impostor pairs from %s)",
+            c.pack,
+            t.threshold,
+            t.target_fmr,
+            t.rates.genuine_pairs,
+            t.rates.impostor_pairs,
+            t.folder,
+        )
     if not c.fmr_resolvable:
         logger.warning(
             "calibration of pack %r rests on %d impostor pairs: too few to resolve FMR %g; "

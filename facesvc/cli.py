@@ -143,13 +143,31 @@ def _add_eval(sub: SubParsers) -> None:
     p.add_argument("--variants", type=int, default=4, help="simulated frames per photo")
     p.add_argument("--seed", type=int, default=0, help="seed of folds, frames and bootstrap")
     p.add_argument("--full", action="store_true", help="measure every frame/template rule")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="also judge, at this record's threshold, the identities it was not calibrated on",
+    )
+    p.add_argument(
+        "--turned",
+        type=Path,
+        default=None,
+        help="folder of identity folders with turned heads: judge --calibration's turned "
+        "threshold on them",
+    )
     p.set_defaults(func=_delegate("facesvc.accuracy_cli", "run_eval", 11))
 
 
 def _add_accuracy_flags(p: argparse.ArgumentParser) -> None:
     """Flags that ``eval`` and ``calibrate`` share (facesvc.accuracy_cli)."""
     p.add_argument("--cache", type=Path, default=None, help="descriptor cache (.npz) to reuse")
-    p.add_argument("--min-face-px", type=int, default=60, help="smallest face to detect (px)")
+    p.add_argument(
+        "--min-face-px",
+        type=int,
+        default=None,
+        help="smallest face detected and matched (default: the quality settings', as served)",
+    )
 
 
 def _add_calibrate(sub: SubParsers) -> None:
@@ -159,6 +177,30 @@ def _add_calibrate(sub: SubParsers) -> None:
     p.add_argument("--fmr", type=float, default=1e-3, help="target false-match rate")
     p.add_argument("--out", type=Path, default=None, help="where to write the calibration record")
     _add_accuracy_flags(p)
+    p.add_argument(
+        "--centre",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="cosine around the photos' mean descriptor (on), around the origin (off), or "
+        "whichever measures the lower FNMR at the target on identity folds (auto)",
+    )
+    p.add_argument("--folds", type=int, default=2, help="identity folds for --hold-out and auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the identity folds")
+    p.add_argument(
+        "--hold-out",
+        type=int,
+        default=None,
+        metavar="FOLD",
+        help="calibrate without the identities of this fold, so that `facesvc eval "
+        "--calibration` can report on them",
+    )
+    p.add_argument(
+        "--turned",
+        type=Path,
+        default=None,
+        help="folder of identity folders with frontal and turned-head photos: also calibrate "
+        "the same-person threshold between turned and frontal faces (liveness challenges)",
+    )
     p.set_defaults(func=_delegate("facesvc.accuracy_cli", "run_calibrate", 11))
 
 

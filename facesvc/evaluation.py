@@ -17,23 +17,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import NormalDist
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.config import QualitySettings
 from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances, unit_rows
-from facesvc.models.types import (
-    Detection,
-    Embedder,
-    FaceDetector,
-    LandmarkModel,
-    Points,
-    RGBImage,
-)
+from facesvc.models.pipeline import FacePipeline, FaceStatus
+from facesvc.models.quality import FrontalGeometry, LandmarkLayout, head_pose, nose_drop
+from facesvc.models.types import Points, RGBImage
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -564,11 +559,12 @@ def write_det_plot(curves: dict[str, Comparisons], path: Path, title: str) -> No
 class DescriptorSet:
     """Descriptors of every usable photo of an identity-folder collection, for one pack.
 
-    ``descriptors`` (N, D) float64: one per photo, as the embedder returns it before
-    any normalisation (so both cosine and L2 can be measured). ``variants``
-    (N, A, D): A simulated extra frames per photo (see :class:`FrameSimulation`).
-    ``image_identity`` (N,) indexes ``identities``; ``failures`` lists photos where no
-    single usable face was found (they take no part in any comparison).
+    ``descriptors`` (N, D) float64: one per photo, the unit-length descriptor the service
+    stores and matches. ``variants`` (N, A, D): A simulated extra frames per photo (see
+    :class:`FrameSimulation`). ``landmarks`` (N, K, 2): the points that measured each
+    face's pose, in ``layout``. ``image_identity`` (N,) indexes ``identities``;
+    ``failures`` lists photos where no single usable face was found, each with the reason
+    (they take no part in any comparison).
     """
 
     pack: str
@@ -578,6 +574,8 @@ class DescriptorSet:
     descriptors: FloatArray
     variants: FloatArray
     failures: tuple[str, ...]
+    landmarks: FloatArray = field(default_factory=lambda: np.zeros((0, 5, 2)))
+    layout: str = LandmarkLayout.ARCFACE_5.value
 
     def save(self, path: Path) -> None:
         """Cache to an ``.npz`` file (no pickles)."""
@@ -590,6 +588,8 @@ class DescriptorSet:
             descriptors=self.descriptors,
             variants=self.variants,
             failures=np.array(self.failures, dtype=str),
+            landmarks=self.landmarks,
+            layout=np.array(self.layout),
         )
 
     @staticmethod
@@ -603,6 +603,8 @@ class DescriptorSet:
                 descriptors=np.asarray(z["descriptors"], dtype=np.float64),
                 variants=np.asarray(z["variants"], dtype=np.float64),
                 failures=tuple(str(x) for x in z["failures"]),
+                landmarks=np.asarray(z["landmarks"], dtype=np.float64),
+                layout=str(z["layout"]),
             )
 
     def photos_of(self, identity: int) -> IntArray:
@@ -621,6 +623,57 @@ class DescriptorSet:
         if rows.shape[0] == 0:
             raise ValueError("no photos to compute a centre from")
         return np.asarray(unit_rows(rows).mean(axis=0), dtype=np.float64)
+
+    def keep(self, photos: BoolArray, why: str | None) -> DescriptorSet:
+        """Only the photos where ``photos`` (N,) is true; the others become failures for
+        ``why`` (None: they are left out, not failures). Identities (and their indices)
+        stay as they are."""
+        dropped = tuple(
+            f"{p}: {why}"
+            for p, k in zip(self.paths, photos, strict=True)
+            if not k and why is not None
+        )
+        return replace(
+            self,
+            image_identity=self.image_identity[photos],
+            paths=tuple(p for p, k in zip(self.paths, photos, strict=True) if k),
+            descriptors=self.descriptors[photos],
+            variants=self.variants[photos],
+            landmarks=self.landmarks[photos],
+            failures=self.failures + dropped,
+        )
+
+    def of_identities(self, names: Sequence[str]) -> DescriptorSet:
+        """The photos (and failures) of the named identities only; the identity list is
+        unchanged."""
+        chosen = set(names)
+        wanted = np.array([i in chosen for i in self.identities], dtype=bool)
+        part = self.keep(wanted[self.image_identity], None)
+        failures = tuple(f for f in self.failures if Path(f.split(": ")[0]).parent.name in chosen)
+        return replace(part, failures=failures)
+
+    def frontal_pose(self) -> tuple[FrontalGeometry, int]:
+        """The pack's frontal geometry measured on these photos (the median nose drop) and
+        the number of faces it rests on: calibration photos are portraits, looking at the
+        camera."""
+        layout = LandmarkLayout(self.layout)
+        if len(self.paths) == 0:
+            raise ValueError("no faces to measure the frontal geometry on")
+        drops = [nose_drop(points, layout) for points in self.landmarks.astype(np.float32)]
+        return FrontalGeometry(layout, float(np.median(drops))), len(drops)
+
+    def posed(self, frontal: FrontalGeometry, limits: QualitySettings) -> DescriptorSet:
+        """The photos whose head pose passes the quality gates (``limits``) measured against
+        ``frontal``: the ones the service would accept."""
+        layout = LandmarkLayout(self.layout)
+        ok = []
+        for points in self.landmarks.astype(np.float32):
+            pose = head_pose(points, layout, frontal)
+            ok.append(
+                abs(pose.yaw) <= limits.max_abs_yaw_deg
+                and abs(pose.pitch) <= limits.max_abs_pitch_deg
+            )
+        return self.keep(np.array(ok, dtype=bool), "head pose outside the quality gates")
 
 
 @dataclass(frozen=True, slots=True)
@@ -849,13 +902,6 @@ def lever_table(results: Sequence[LeverResult]) -> str:
 # --------------------------------------------------------------------------- describing photos
 
 
-@runtime_checkable
-class RawEmbedder(Protocol):
-    """An embedder that can also return descriptors before L2 normalisation."""
-
-    def embed_raw(self, chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class FrameSimulation:
     """How simulated extra frames of a photo are made (faces/ has no real multi-frame scans).
@@ -893,69 +939,55 @@ class FrameSimulation:
         return np.clip(lit, 0, 255).astype(np.uint8), moved.astype(np.float32)
 
 
-def find_face(
-    image: RGBImage, detector: FaceDetector, min_face_px: int
-) -> tuple[RGBImage, Detection] | None:
-    """The best face in ``image``, or in the image padded by half its size on every side.
-
-    Evaluation photos are portraits, so the detector first looks only for faces at least
-    a sixth of the shorter side (detecting at a coarser scale is much faster on large
-    press photos), then down to ``min_face_px``. Tightly cropped photos (faceapi's
-    150x150 faces) leave a detector no margin: padding with the border pixels gives it
-    one. Returns the (possibly padded) image and the detection in its coordinates, or
-    None when no attempt finds a face.
-    """
-    coarse = max(min_face_px, min(image.shape[:2]) // 6)
-    for size in sorted({coarse, min_face_px}, reverse=True):
-        found = detector.detect(image, size)
-        if found:
-            return image, found[0]
-    pad = max(image.shape[:2]) // 2
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    found = detector.detect(padded, min_face_px)
-    return (padded, found[0]) if found else None
+OPEN_POSE = 180.0
+"""Yaw and pitch limits (degrees) that let every head pose through: a collection is
+described with its pose measured but not gated, because the gate's frontal geometry is
+itself calibrated on it; :meth:`DescriptorSet.posed` applies the gate afterwards."""
 
 
 def describe_photos(
     images: Sequence[LabelledImage],
     read_image: Callable[[Path], RGBImage],
-    detector: FaceDetector,
-    landmarks: LandmarkModel | None,
-    embedder: Embedder,
+    pipeline: FacePipeline,
     *,
     pack: str,
-    min_face_px: int,
     simulation: FrameSimulation,
 ) -> DescriptorSet:
-    """Descriptors of every photo (and its simulated frames) with one pack's models.
+    """Descriptors of every photo (and its simulated frames), made as the service makes
+    them: ``pipeline`` is the service's FacePipeline for the pack (detection, choice of
+    the one face, landmarks, alignment, quality gates) and its ``embed``.
 
-    ``landmarks`` None means the detections carry the alignment points (SCRFD).
-    Photos without a face are listed in ``failures`` and take part in no comparison.
+    Photos the pipeline does not accept (no face, several faces, a failed quality check)
+    are listed in ``failures`` with the reason and take part in no comparison. Build the
+    pipeline with ``OPEN_POSE`` yaw and pitch limits to gate the pose later (``posed``).
     """
-    embed = embedder.embed_raw if isinstance(embedder, RawEmbedder) else embedder.embed
     identities = tuple(sorted({i.identity for i in images}))
     rng = np.random.default_rng(simulation.seed)
     rows: list[FloatArray] = []
     variant_rows: list[FloatArray] = []
+    points_rows: list[FloatArray] = []
     kept: list[LabelledImage] = []
     failures: list[str] = []
     for item in images:
-        face = find_face(read_image(item.path), detector, min_face_px)
-        if face is None:
-            failures.append(str(item.path))
+        image = read_image(item.path)
+        analysis = pipeline.analyze(image)
+        if analysis.status is not FaceStatus.OK:
+            failures.append(f"{item.path}: {analysis.status.value}: {analysis.reason}")
             continue
-        image, det = face
-        points = landmarks.predict(image, det.box) if landmarks is not None else det.landmarks
-        if points is None:
-            raise ValueError("the pack has no landmark model and its detector gives no points")
-        chips = [embedder.align(image, points)]
+        assert analysis.detection is not None and analysis.landmarks is not None
+        assert analysis.chip is not None
+        align = analysis.detection.landmarks
+        align = analysis.landmarks if align is None else align
+        chips = [analysis.chip]
         for _ in range(simulation.variants):
-            chips.append(embedder.align(*simulation.perturb(image, points, rng)))
-        out = np.asarray(embed(np.stack(chips)), dtype=np.float64)
+            chips.append(pipeline.align(*simulation.perturb(image, align, rng)))
+        out = np.asarray(pipeline.embed(chips), dtype=np.float64)
         rows.append(out[0])
         variant_rows.append(out[1:])
+        points_rows.append(np.asarray(analysis.landmarks, dtype=np.float64))
         kept.append(item)
-    dim = embedder.dim
+    dim = pipeline.dim
+    points = len(points_rows[0]) if points_rows else 5
     return DescriptorSet(
         pack=pack,
         identities=identities,
@@ -964,4 +996,59 @@ def describe_photos(
         descriptors=np.stack(rows) if rows else np.empty((0, dim)),
         variants=np.stack(variant_rows) if rows else np.empty((0, simulation.variants, dim)),
         failures=tuple(failures),
+        landmarks=np.stack(points_rows) if rows else np.empty((0, points, 2)),
+        layout=pipeline.layout.value,
     )
+
+
+# --------------------------------------------------------------------------- turned faces
+
+
+FRONTAL_MAX_DEG = 15.0
+"""A face whose measured yaw and pitch are both within this many degrees is frontal."""
+TURNED_MIN_DEG = 20.0
+"""A face whose yaw or pitch reaches this many degrees is turned (the liveness challenge's
+turns measure 24 degrees and more, its look-ups rather less in pitch)."""
+TURNED_MAX_YAW_DEG = 70.0
+"""Beyond this the head is in profile: no challenge asks for it."""
+
+
+def pose_classes(ds: DescriptorSet, frontal: FrontalGeometry) -> tuple[BoolArray, BoolArray]:
+    """(frontal, turned) masks (N,) over ``ds``'s photos by their measured head pose."""
+    layout = LandmarkLayout(ds.layout)
+    front, turned = [], []
+    for points in ds.landmarks.astype(np.float32):
+        pose = head_pose(points, layout, frontal)
+        yaw, pitch = abs(pose.yaw), abs(pose.pitch)
+        front.append(yaw <= FRONTAL_MAX_DEG and pitch <= FRONTAL_MAX_DEG)
+        turned.append(max(yaw, pitch) >= TURNED_MIN_DEG and yaw <= TURNED_MAX_YAW_DEG)
+    return np.array(front, dtype=bool), np.array(turned, dtype=bool)
+
+
+def turned_comparisons(
+    turned_set: DescriptorSet,
+    frontal: FrontalGeometry,
+    others: DescriptorSet,
+    distance: Distance,
+    centre: FloatArray | None,
+) -> Comparisons:
+    """Every turned face of ``turned_set`` against every frontal face: of the same person
+    (genuine) and of everyone else there and in ``others`` (frontal photos of other people,
+    e.g. a calibration collection: impostors). ``claimed`` is the frontal face's identity,
+    ``probe`` the turned face's; ``identities`` lists ``turned_set``'s then ``others``'."""
+    front, turned = pose_classes(turned_set, frontal)
+    if not turned.any() or not front.any():
+        raise ValueError(
+            f"{turned_set.pack}: need frontal and turned faces (found {int(front.sum())} "
+            f"frontal, {int(turned.sum())} turned)"
+        )
+    identities = turned_set.identities + others.identities
+    offset = len(turned_set.identities)
+    frontal_desc = np.concatenate([turned_set.descriptors[front], others.descriptors])
+    frontal_ids = np.concatenate([turned_set.image_identity[front], others.image_identity + offset])
+    probe_desc = turned_set.descriptors[turned]
+    probe_ids = turned_set.image_identity[turned]
+    d = pairwise_distances(frontal_desc, probe_desc, distance, centre)
+    claimed = np.repeat(frontal_ids, probe_ids.size)
+    probe = np.tile(probe_ids, frontal_ids.size)
+    return Comparisons(d.reshape(-1).astype(np.float64), claimed, probe, identities)

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from facesvc.calibration import CalibrationData, calibrate
+from facesvc.config import QualitySettings
 from facesvc.evaluation import pairwise_comparisons
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
 from facesvc.models.matching import Distance
@@ -28,6 +29,7 @@ from facesvc.models.packs import (
     load_insightface_manifest,
     load_onnx_manifest,
 )
+from facesvc.models.pipeline import FacePipeline
 
 pytest.importorskip("insightface", reason="the insightface extra is not installed")
 
@@ -106,6 +108,22 @@ def detector_standin(path: Path) -> Path:
     return path
 
 
+LENIENT = QualitySettings(
+    min_face_px=40,
+    min_detect_px=40,
+    min_sharpness=0.0,
+    min_brightness=0.0,
+    max_clipped_fraction=1.0,
+    max_abs_yaw_deg=180.0,
+    max_abs_pitch_deg=180.0,
+)
+"""Quality gates that pass the stand-in detector's synthetic faces (a coloured block)."""
+LENIENT_ENV = {
+    "FACESVC_QUALITY_MIN_SHARPNESS": "0",
+    "FACESVC_QUALITY_MIN_BRIGHTNESS": "0",
+    "FACESVC_QUALITY_MAX_CLIPPED_FRACTION": "1",
+}
+
 RED = 200
 """Red value of the face block in test frames; its stand-in score is (200 - 127.5) / 128."""
 
@@ -124,6 +142,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recogniser_standin(d / "w600k_r50.onnx", ["None", 3, 112, 112])
     recogniser_standin(d / "nhwc.onnx", ["N", 112, 112, 3])
     recogniser_standin(d / "r128.onnx", ["None", 3, 128, 128])
+    recogniser_standin(d / "batch1.onnx", [1, 3, 112, 112])
     detector_standin(d / "det_10g.onnx")
     return d
 
@@ -223,6 +242,25 @@ def test_generic_manifest_feeds_the_described_tensor_nhwc(models: Path) -> None:
     expected = (c[..., ::-1].astype(np.float64) - [10.0, 20.0, 30.0]) / [2.0, 4.0, 8.0]
     expected = expected.reshape(2, -1)[:, GATHERED]
     np.testing.assert_allclose(pack.embedder.embed_raw(c), expected, rtol=1e-6)  # type: ignore[attr-defined]
+
+
+def test_a_fixed_batch_of_one_is_run_one_chip_at_a_time(models: Path) -> None:
+    """A recogniser exported with batch 1 loads, and a batch of any size gets the
+    descriptors each chip gets alone (ONNX Runtime would refuse the stacked batch)."""
+    free = registry().load(
+        str(
+            write(models, "free.toml", ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW"))
+        ),
+        context(),
+    )
+    fixed = registry().load(
+        str(write(models, "fixed.toml", ONNX_MANIFEST.format(model="batch1.onnx", layout="NCHW"))),
+        context(),
+    )
+    assert fixed.embedder.fixed_batch == 1 and free.embedder.fixed_batch is None  # type: ignore[attr-defined]
+    c = chips(5)
+    np.testing.assert_array_equal(fixed.embedder.embed(c), free.embedder.embed(c))
+    assert fixed.embedder.embed(c[:0]).shape == (0, 512)
 
 
 def test_wrong_input_shape_is_a_clear_error(models: Path) -> None:
@@ -374,26 +412,29 @@ def test_describe_photos_with_a_manifest_pack(models: Path, tmp_path: Path) -> N
         models, "onnx_desc.toml", ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW")
     )
     pack = registry().load(str(path), context())
+    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, LENIENT)
     ds = describe_photos(
         scan_identity_folders(tmp_path),
         read_photo,
-        pack.detector,
-        pack.landmarks,
-        pack.embedder,
+        pipeline,
         pack=pack.tag,
-        min_face_px=40,
         simulation=FrameSimulation(variants=3),
     )
     assert ds.pack == pack.tag and ds.identities == ("s__a", "s__b")
-    assert [Path(f).name for f in ds.failures] == ["empty.png"]
+    assert [Path(f.split(": ")[0]).name for f in ds.failures] == ["empty.png"]
+    assert ds.failures[0].split(": ")[1] == "NO_FACE"
+    assert ds.layout == "arcface_5" and ds.landmarks.shape == (4, 5, 2)
     assert ds.descriptors.shape == (4, 512) and ds.variants.shape == (4, 3, 512)
     assert ds.image_identity.tolist() == [0, 0, 1, 1]
     # variants are perturbed re-alignments, not copies of the photo's descriptor
     assert not np.allclose(ds.variants[0, 0], ds.descriptors[0])
 
 
-def test_calibrate_command_output_loads_into_the_pack(models: Path, tmp_path: Path) -> None:
-    """`facesvc calibrate` on a manifest pack writes a record that the same pack accepts."""
+def test_calibrate_command_output_loads_into_the_pack(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`facesvc calibrate` on a manifest pack that names the calibration file it is about to
+    write (as docs/packs.md says to) runs, and the record it writes loads into the pack."""
     import argparse
 
     from PIL import Image
@@ -409,18 +450,38 @@ def test_calibrate_command_output_loads_into_the_pack(models: Path, tmp_path: Pa
             frame[224:256, 320:352] = frame_with_block()[224:256, 320:352]
             frame[rng.integers(0, 480, 50), rng.integers(0, 640, 50)] = 255  # photo noise
             Image.fromarray(frame).save(tmp_path / "faces" / person / f"{k}.png")
-    manifest = write(
-        models, "onnx_calcmd.toml", ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW")
-    )
-    out = tmp_path / "calibration.json"
+    for name, value in LENIENT_ENV.items():
+        monkeypatch.setenv(name, value)
+    out = models / "calcmd-calibration.json"
+    out.unlink(missing_ok=True)
+    text = ONNX_MANIFEST.format(model="w600k_r50.onnx", layout="NCHW")
+    manifest = write(models, "onnx_calcmd.toml", f'calibration = "{out.name}"\n' + text)
+    with pytest.raises(PackError, match="does not exist; run `facesvc calibrate`"):
+        registry().load(str(manifest), context())  # serving needs it...
     args = argparse.Namespace(
-        pack=str(manifest), data=tmp_path / "faces", cache=None, min_face_px=40, fmr=0.25, out=out
+        pack=str(manifest),
+        data=tmp_path / "faces",
+        cache=None,
+        min_face_px=40,
+        fmr=0.25,
+        out=out,
+        centre="on",
+        folds=2,
+        seed=0,
+        hold_out=None,
+        turned=None,
     )
-    assert run_calibrate(args) == 0
-    pack = registry().load(str(manifest), context(calibration_override=out))
+    assert run_calibrate(args) == 0  # ...calibrating never does
+    pack = registry().load(str(manifest), context())
     assert pack.calibration is not None and pack.threshold is not None
     assert pack.calibration.data.identities == 3 and pack.calibration.data.images == 6
     assert pack.calibration.overall.genuine_pairs == 3
     assert pack.calibration.overall.impostor_pairs == 12
     assert [s.source for s in pack.calibration.per_source] == ["s", "t"]
     assert pack.calibration.centre is not None and len(pack.calibration.centre) == 512
+    assert pack.calibration.data.identity_names == ("s__a", "s__b", "t__c")
+    assert pack.calibration.frontal is not None and pack.calibration.frontal.layout == "arcface_5"
+    # the frontal geometry measured on the stand-in's keypoints: the nose half a stride below
+    # the eye line, the eyes two strides apart
+    assert pack.calibration.frontal.nose_drop == pytest.approx(0.25)
+    assert pack.frontal is not None and pack.frontal.nose_drop == pytest.approx(0.25)

