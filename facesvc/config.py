@@ -198,7 +198,9 @@ class ModelSettings:
     """The model pack and how it runs."""
 
     pack: str = "default"
-    """Name of the model pack (the open dlib-derived pack unless an operator installs another)."""
+    """The model pack: ``default`` (= ``yunet-sface``: YuNet + SFace), ``dlib``, or the path of
+    an operator's pack manifest (docs/packs.md). Templates record their pack: after a change
+    every participant enrolls again."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
     """Where converted ONNX models are kept (``python -m facesvc.models.convert`` fills it)."""
     threads: int = 0

@@ -539,7 +539,9 @@ class Engine:
             reason = (
                 "no face is enrolled for this participant: enroll first"
                 if template is None
-                else "the enrollment was made with another model pack: enroll again"
+                else f"the enrollment was made with model pack {template.model_pack}, and this "
+                f"service now matches with {self._pack.tag}: enroll again (faces are never "
+                "compared across model packs)"
             )
             return await self._finish(
                 cmd, Decision.NOT_ENROLLED, reason, usage, method, started, timings

@@ -18,6 +18,7 @@ Layout (``prefix`` defaults to ``facesvc``; tests pass a unique one to isolate t
     <prefix>:{p:<pid>}:challenge:<id>                    HASH    a liveness challenge
     <prefix>:{ch:<id>}:challenge-owner                   STRING  the participant of a challenge
     <prefix>:{c:<client>}:rate:<window index>            STRING  a client's requests in one window
+    <prefix>:serving-pack                                STRING  tag of the model pack last served
 
 The challenge keys are built in :mod:`facesvc.liveness.challenges`, the others here.
 """
@@ -103,6 +104,10 @@ class KeySpace:
         """Key counting one client's requests in rate window number ``window``; the
         ``{c:...}`` hash tag keeps a client's windows in one Cluster slot."""
         return f"{self.prefix}:{{c:{validate_id(client_id, 'client id')}}}:rate:{window}"
+
+    def serving_pack(self) -> str:
+        """Key holding the tag of the model pack that served last (a pack change is logged)."""
+        return f"{self.prefix}:serving-pack"
 
     def template_pattern(self) -> str:
         """SCAN MATCH pattern for every participant's template key."""

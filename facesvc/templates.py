@@ -235,6 +235,15 @@ class TemplateStore:
             )
         return self._metadata(template, self._keyring.active_kid)
 
+    async def swap_serving_pack(self, tag: str) -> str | None:
+        """Record ``tag`` as the model pack this service serves with; return the tag that
+        was recorded before (None the first time). Templates carry their pack's tag, so a
+        different previous tag means every template made before needs a new enrollment."""
+        async with store_errors("record the serving model pack"):
+            previous = await self._client.getset(self._keys.serving_pack(), tag.encode())
+        value = _binary(previous)
+        return None if value is None else value.decode("utf-8", errors="replace")
+
     async def get(self, participant_id: str) -> Template | None:
         """The participant's template, or None if not enrolled.
 

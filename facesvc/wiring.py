@@ -36,6 +36,7 @@ from facesvc.models.model_cache import ModelCache
 from facesvc.models.packs import ModelPack, PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline
 from facesvc.redis_client import AsyncRedis
+from facesvc.redis_errors import StoreUnavailable
 from facesvc.templates import TemplateStore, keyring_from_settings
 from facesvc.tokens.check import CheckPolicy
 from facesvc.tokens.issuer import TokenIssuer
@@ -55,8 +56,30 @@ def load_pack(settings: Settings) -> ModelPack:
         logger=log,
     )
     pack = default_registry().load(settings.models.pack, context)
+    log.info("model pack %s (%s); licence: %s", pack.tag, settings.models.pack, pack.licence)
     log_calibration_status(log, pack.name, pack.calibration)
     return pack
+
+
+async def note_pack_change(templates: TemplateStore, pack: ModelPack) -> None:
+    """Record the serving pack in Redis and tell the operator, once, when it changed: every
+    template records its pack, and a scan is never compared with another pack's template,
+    so each participant enrolled before answers NOT_ENROLLED ("enroll again") until enrolled
+    again with this pack (docs/packs.md)."""
+    try:
+        previous = await templates.swap_serving_pack(pack.tag)
+    except StoreUnavailable as exc:
+        log.warning("could not compare the model pack with the one served before: %s", exc)
+        return
+    if previous is not None and previous != pack.tag:
+        log.warning(
+            "MODEL PACK CHANGED from %s to %s: every participant enrolled with %s must enroll "
+            "again (their scans answer NOT_ENROLLED with 'enroll again' until then); "
+            "templates are never compared across packs. docs/packs.md: changing the pack",
+            previous,
+            pack.tag,
+            previous,
+        )
 
 
 def liveness_policy(settings: Settings) -> LivenessPolicy:
@@ -103,7 +126,9 @@ async def build_engine(
     pad_threshold = (
         settings.liveness.pad_threshold if settings.liveness.pad_threshold >= 0 else pad.threshold
     )
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
+    pipeline = FacePipeline(
+        pack.detector, pack.landmarks, pack.embedder, settings.quality, pack.frontal
+    )
     throughput = settings.throughput
     faces = FaceWork(
         pipeline,
@@ -154,15 +179,16 @@ async def build_engine(
     def published(now: datetime) -> list[PublishedKey]:
         return keys.published(now)
 
+    templates = TemplateStore(redis, keyring_from_settings(settings.templates), key_prefix=prefix)
+    await note_pack_change(templates, pack)
+
     return Engine(
         clock=clock,
         pack=pack,
         faces=faces,
         windows=GateWindows(tz=tz),
         caps=caps,
-        templates=TemplateStore(
-            redis, keyring_from_settings(settings.templates), key_prefix=prefix
-        ),
+        templates=templates,
         challenges=ChallengeStore(
             redis,
             clock=lambda: clock.now().timestamp(),
@@ -174,7 +200,8 @@ async def build_engine(
         judge=LivenessJudge(
             live_threshold=pad_threshold,
             identity_metric=pack.distance,
-            identity_centre=None if pack.calibration is None else _centre(pack),
+            identity_centre=_centre(pack),
+            turned_identity_threshold=pack.turned_threshold,
         ),
         passive_frames=settings.liveness.passive_frames,
         passive_with_challenge=settings.liveness.passive_with_challenge,
@@ -233,6 +260,5 @@ def challenge_steps(settings: Settings) -> tuple[Step, ...]:
 
 def _centre(pack: ModelPack) -> npt.NDArray[np.float32] | None:
     """The pack's calibration centre as an array, for the liveness same-person check."""
-    assert pack.calibration is not None
-    centre = pack.calibration.centre
-    return None if centre is None else np.asarray(centre, dtype=np.float32)
+    centre = pack.centre
+    return None if centre is None else centre.astype(np.float32)

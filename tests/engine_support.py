@@ -46,7 +46,7 @@ _DENSE: DenseLandmarks | None = None
 
 
 def default_pack() -> ModelPack:
-    """The default (dlib) pack, loaded once per test process: loading takes seconds."""
+    """The default pack (yunet-sface), loaded once per test process: loading takes seconds."""
     global _PACK
     if _PACK is None:
         _PACK = load_pack(load_settings(env={}))

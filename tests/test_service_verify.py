@@ -95,7 +95,7 @@ def test_enroll_verify_redeem_once(
     assert enrolled.images[0].accepted and enrolled.images[0].face_height_px > 80
 
     metadata = server.stub.GetEnrollment(pb.GetEnrollmentRequest(participant_id=PID), timeout=5)
-    assert metadata.enrollment.model_pack.startswith("dlib@")
+    assert metadata.enrollment.model_pack.startswith("yunet-sface@")
 
     reply = verify(server, genuine())
     assert reply.decision == pb.DECISION_VERIFIED, reply.reason

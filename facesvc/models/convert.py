@@ -1,4 +1,4 @@
-"""``python -m facesvc.models.convert``: convert every default-pack model into the model cache.
+"""``python -m facesvc.models.convert``: convert every built-in pack's models into the model cache.
 
 The Docker image runs this at build time so that a container starts without converting.
 Options: ``--cache-dir DIR`` (default ``$XDG_CACHE_HOME/facesvc/models`` or
@@ -17,16 +17,27 @@ from facesvc.liveness.landmarks import cached_landmarks_68
 from facesvc.models.dlib_mmod import cached_mmod
 from facesvc.models.dlib_resnet import cached_resnet
 from facesvc.models.model_cache import ModelCache, default_cache_dir
+from facesvc.models.opencv_zoo import cached_sface, cached_yunet
+from facesvc.models.packs import landmarks_5_dat
+from facesvc.models.shape_predictor import ShapePredictorLandmarks
 
 Conversion = Callable[[ModelCache], Path]
 """Converts one model into the cache (once) and returns the converted file's path."""
 
 DEFAULT_PACK_CONVERSIONS: tuple[tuple[str, Conversion], ...] = (
+    ("yunet", cached_yunet),
+    ("sface", cached_sface),
+    (
+        "dlib_landmarks_5",
+        lambda cache: ShapePredictorLandmarks.cached_arrays(cache, landmarks_5_dat()),
+    ),
     ("dlib_resnet", cached_resnet),
     ("dlib_mmod", cached_mmod),
     # Not the pack's: the liveness landmark stage's, which challenge scans need with any pack.
     ("liveness_landmarks_68", cached_landmarks_68),
 )
+"""The default pack (yunet-sface, which measures pose with dlib's 5 points) first, then
+the rest of the dlib pack, which stays selectable."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
