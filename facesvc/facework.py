@@ -3,25 +3,69 @@
 Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime and Pillow
 release the GIL while they work). Embedding and the presentation-attack model go through
 micro-batchers, so the faces of concurrent requests share one ONNX Runtime call.
+
+A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
+never an answer about the face: it surfaces as ``ModelFailure``, which the transports
+answer INTERNAL with its message (no attempt counted), and is logged with its cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from facesvc.imaging import DecodeLimits, decode_image, fit_pixels
 from facesvc.liveness.landmarks import DenseLandmarks
-from facesvc.models.batcher import MicroBatcher
+from facesvc.models.batcher import MicroBatcher, Overloaded
 from facesvc.models.fas import crop_face, resize_and_pad
 from facesvc.models.pipeline import FaceAnalysis, FacePipeline
 from facesvc.models.types import Points, PresentationAttackModel, RGBImage
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ModelFailure(RuntimeError):
+    """A face model failed on this request: not a decision about the face. Nothing was
+    decided, so the attempt is not counted; the message says what failed."""
+
+
+_PASSED_THROUGH = (TimeoutError, Overloaded, asyncio.CancelledError)
+
+
+def _model_work(what: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Turn any error of the wrapped model work other than a deadline, an overload or a
+    cancellation into ``ModelFailure`` naming ``what`` failed, logging the cause."""
+
+    def wrap(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @functools.wraps(fn)
+        async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except _PASSED_THROUGH:
+                raise
+            except Exception as exc:
+                log.exception("model failure in %s", what)
+                raise ModelFailure(
+                    f"the face models failed while {what} ({type(exc).__name__}: {exc}); "
+                    "nothing was decided and no attempt was counted: retry, and report it to "
+                    "the operator if it persists"
+                ) from exc
+
+        return run
+
+    return wrap
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +166,7 @@ class FaceWork:
         height = self._max_analyze_pixels // width
         self.pipeline.analyze(np.zeros((height, width, 3), dtype=np.uint8))
 
+    @_model_work("finding and measuring the faces")
     async def analyze(
         self, images: Sequence[RGBImage], deadline: float | None = None
     ) -> list[FaceAnalysis]:
@@ -139,12 +184,14 @@ class FaceWork:
             )
         )
 
+    @_model_work("describing the faces")
     async def embed(
         self, chips: Sequence[RGBImage], deadline: float | None = None
     ) -> npt.NDArray[np.float32]:
         """(N, D) L2-normalised descriptors of N aligned chips, batched with other requests."""
         return await self._embedder.submit(np.stack(chips), deadline)
 
+    @_model_work("measuring the faces for liveness")
     async def landmarks_68(
         self,
         images: Sequence[RGBImage],
@@ -173,6 +220,7 @@ class FaceWork:
             )
         )
 
+    @_model_work("scoring the faces for presentation attacks")
     async def live_scores(
         self,
         images: Sequence[RGBImage],

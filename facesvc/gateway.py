@@ -55,6 +55,7 @@ from facesvc.engine import (
     VerifyCommand,
     VerifyOutcome,
 )
+from facesvc.facework import ModelFailure
 from facesvc.imaging import ImageRejected
 from facesvc.launch import (
     LaunchScope,
@@ -446,6 +447,8 @@ class Portal:
             raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
         except Overloaded as exc:
             raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
+        except ModelFailure as exc:
+            raise ApiError(500, "MODEL_FAILURE", str(exc)) from exc
         return {
             "status": report.status.value,
             "accepted": report.accepted,
@@ -514,6 +517,8 @@ class Portal:
             raise ApiError(
                 504, "TIMEOUT", "the scan took too long on the server; send it again"
             ) from exc
+        except ModelFailure as exc:
+            raise ApiError(500, "MODEL_FAILURE", str(exc)) from exc
         body: dict[str, Any] = {
             "decision": outcome.decision.value,
             "reason": outcome.reason,

@@ -34,6 +34,7 @@ from facesvc.engine import (
     VenuePassRefused,
     VerifyCommand,
 )
+from facesvc.facework import ModelFailure
 from facesvc.grpc_mapping import (
     challenge_response,
     enroll_response,
@@ -169,6 +170,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (ImageRejected, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ModelFailure as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         raise AssertionError("context.abort returned")
 
     # ------------------------------------------------------------ RPCs
