@@ -40,8 +40,9 @@ KPS_OFFSETS = np.array([-1.0, -0.5, 1.0, -0.5, 0.0, 0.0, -0.8, 1.0, 0.8, 1.0], n
 """Keypoint offsets of the detector stand-in, in units of its stride."""
 
 
-def recogniser_standin(path: Path, shape: list[int | str]) -> Path:
-    """output[n, k] = input[n].flatten()[GATHERED[k]]: a linear map that shows the input."""
+def recogniser_standin(path: Path, shape: list[int | str], dim: int = 512) -> Path:
+    """output[n, k] = input[n].flatten()[GATHERED[k]] (k < dim): a linear map that shows the
+    input. The output's batch axis is the input's (fixed when the input's is)."""
     graph = helper.make_graph(
         [
             helper.make_node("Flatten", ["input.1"], ["flat"], axis=1, name="flatten0"),
@@ -49,8 +50,8 @@ def recogniser_standin(path: Path, shape: list[int | str]) -> Path:
         ],
         "arcface_standin",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["None", 512])],
-        [numpy_helper.from_array(GATHERED.astype(np.int64), "idx")],
+        [helper.make_tensor_value_info("683", TensorProto.FLOAT, [shape[0], dim])],
+        [numpy_helper.from_array(GATHERED[:dim].astype(np.int64), "idx")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
