@@ -143,9 +143,11 @@ class Spawned:
     """Its keys and its log (serve.log)."""
 
 
-def spawn_service(workers: int, redis_url: str, min_face_px: int) -> Spawned:
-    """``facesvc serve`` on free ports with liveness off, keys of its own, and faces looked
-    for and matched from ``min_face_px``."""
+def spawn_service(
+    workers: int, redis_url: str, min_face_px: int, extra_env: dict[str, str] | None = None
+) -> Spawned:
+    """``facesvc serve`` on free ports with liveness off, keys of its own, faces looked
+    for and matched from ``min_face_px``, and ``extra_env`` (FACESVC_* settings) on top."""
     from facesvc.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
@@ -169,6 +171,7 @@ def spawn_service(workers: int, redis_url: str, min_face_px: int) -> Spawned:
             "FACESVC_QUALITY_MIN_FACE_PX": str(min_face_px),
             "FACESVC_QUALITY_MIN_DETECT_PX": str(min_face_px),
             "FACESVC_LOGGING_LEVEL": "WARNING",
+            **(extra_env or {}),
         }
     )
     log = (home / "serve.log").open("wb")
@@ -410,9 +413,9 @@ async def sweep(
 # ---------------------------------------------------------------- side-by-side baselines
 
 
-def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> int:
-    """Scans done in ``duration_s`` by the in-process pipeline on one thread, with the
-    service's quality gates."""
+def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack: str) -> int:
+    """Scans done in ``duration_s`` by the in-process pipeline of ``pack`` on one thread,
+    with the service's quality gates."""
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
     from facesvc.models.pipeline import FacePipeline
@@ -422,12 +425,15 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> in
         env={},
         overrides={
             "models.threads": 1,
+            "models.pack": pack,
             "quality.min_face_px": min_face_px,
             "quality.min_detect_px": min_face_px,
         },
     )
-    pack = load_pack(settings)
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
+    loaded = load_pack(settings)
+    pipeline = FacePipeline(
+        loaded.detector, loaded.landmarks, loaded.embedder, settings.quality, loaded.frontal
+    )
     limits = DecodeLimits()
     template = None
     done = 0
@@ -437,7 +443,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int) -> in
         if analysis.chip is not None:
             descriptor = pipeline.embed([analysis.chip])
             template = descriptor if template is None else template
-            pack.match(template, descriptor)
+            loaded.match(template, descriptor)
         done += 1
     return done
 
@@ -534,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("FACESVC_API_KEY"))
     parser.add_argument("--faces", type=Path, help="identity folders (default: bundled photos)")
     parser.add_argument("--people", type=int, default=20, help="identities to enroll")
+    parser.add_argument(
+        "--pack", default="default", help="with --spawn and the bare pipeline: models.pack"
+    )
     parser.add_argument("--frame-size", type=_size, default=FRAME_SIZE, help="probe WxH")
     parser.add_argument(
         "--min-face-px",
@@ -569,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target
     rss: RssSampler | None = None
     if args.spawn:
-        spawned = spawn_service(args.workers, args.redis_url, args.min_face_px)
+        spawned = spawn_service(
+            args.workers, args.redis_url, args.min_face_px, {"FACESVC_MODELS_PACK": args.pack}
+        )
         target = spawned.target
         print(f"spawned facesvc at {target} (log: {spawned.home / 'serve.log'})", file=sys.stderr)
     try:
@@ -597,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
             spawned.proc.wait(60)
     bare_rps = fr_rps = None
     if baseline_s > 0:
-        bare = functools.partial(_bare_worker, min_face_px=args.min_face_px)
+        bare = functools.partial(_bare_worker, min_face_px=args.min_face_px, pack=args.pack)
         bare_rps = baseline(bare, frames, baseline_s, args.baseline_processes)
         fr_rps = baseline(_face_recognition_worker, frames, baseline_s, args.baseline_processes)
 
@@ -612,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": os.getloadavg(),
         },
         "workers": args.workers if args.spawn else None,
+        "pack": args.pack,
         "frame_size": "x".join(map(str, args.frame_size)),
         "min_face_px": args.min_face_px,
         "frames": len(frames),

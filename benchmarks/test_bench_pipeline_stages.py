@@ -19,7 +19,7 @@ from PIL import Image
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from facesvc.imaging import DecodeLimits, decode_image
-from facesvc.models.alignment import dlib_face_chip
+from facesvc.models.alignment import ARCFACE_TEMPLATE_112, dlib_face_chip, warp_to_template
 from facesvc.models.matching import DEFAULT_RULES, match
 from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, RGBImage
@@ -67,6 +67,14 @@ def test_align_dlib_chip(benchmark: BenchmarkFixture, frame: RGBImage) -> None:
     points = five.predict(frame, FACE_BOX)
     chip = benchmark(dlib_face_chip, frame, points)
     assert chip.shape == (150, 150, 3)
+
+
+def test_align_arcface_chip(benchmark: BenchmarkFixture, frame: RGBImage) -> None:
+    """The yunet-sface pack's 112x112 chip: YuNet's five points onto ArcFace's template
+    (the points are the template moved onto the face; the work does not depend on them)."""
+    points = ARCFACE_TEMPLATE_112 * 0.95 + np.float32([225, 60])
+    chip = benchmark(warp_to_template, frame, points, ARCFACE_TEMPLATE_112, 112)
+    assert chip.shape == (112, 112, 3)
 
 
 @pytest.mark.parametrize("enrolled", [1, 5])

@@ -6,9 +6,10 @@ deleted afterwards). No server: the engine is driven in-process on one event loo
 figures are the service's work without gRPC. Groups:
 
 - ``verify-by-frame-size``: one 1-frame Verify (liveness off) of the enrolled astronaut at
-  640x480, 1280x960 and 1920x1440 (JPEG q90): decode, window and template, the atomic
-  reservation, detection, landmarks, alignment, embedding, match, audit. Target at
-  640x480: p50 <= 40 ms.
+  640x480, 1280x960 and 1920x1440 (JPEG q90) with the default pack (yunet-sface): decode,
+  window and template, the atomic reservation, detection, landmarks, alignment, embedding,
+  match, audit.
+- ``verify-by-pack``: the same at 640x480 with each built-in pack, side by side.
 - ``verify-by-enrolled``: the same at 640x480 with 1 or 10,000 participants enrolled:
   a Verify reads only its participant's template, so the cost must not grow.
 - ``cap-check``: one ``AttemptCaps.reserve`` round trip (a Lua script on Redis). Target:
@@ -34,13 +35,15 @@ from PIL import Image
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from benchmarks.load import frame_jpeg
+from facesvc.config import load_settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Engine, VerifyCommand
 from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.metrics import Metrics
+from facesvc.models.packs import ModelPack
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.templates import Template, TemplateStore, keyring_from_settings
-from facesvc.wiring import build_engine
+from facesvc.wiring import build_engine, load_pack
 from tests.engine_support import ADMIN, LMS, astronaut, default_pack, engine_settings, jpeg
 
 REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -60,11 +63,22 @@ class Kit:
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
     """An engine on the default pack and the real Redis, with the astronaut enrolled."""
+    yield from _kit(tmp_path_factory, default_pack())
+
+
+@pytest.fixture(scope="module")
+def dlib_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
+    """The same on the dlib pack."""
+    settings = load_settings(env={}, overrides={"models.pack": "dlib"})
+    yield from _kit(tmp_path_factory, load_pack(settings))
+
+
+def _kit(tmp_path_factory: pytest.TempPathFactory, pack: ModelPack) -> Iterator[Kit]:
     prefix = f"bench:{uuid.uuid4().hex[:12]}:"
     settings = engine_settings(tmp_path_factory.mktemp("keys"), REDIS_URL, prefix)
     loop = asyncio.new_event_loop()
     redis = redis_client_from_url(REDIS_URL)
-    engine = loop.run_until_complete(build_engine(settings, redis, Metrics(), pack=default_pack()))
+    engine = loop.run_until_complete(build_engine(settings, redis, Metrics(), pack=pack))
     enrolled = loop.run_until_complete(
         engine.enroll(PID, [jpeg(astronaut())], replace=True, caller=ADMIN)
     )
@@ -116,6 +130,16 @@ def test_verify_time_by_frame_size(
     frame = _frame(size)
     benchmark.extra_info.update(frame=f"{size[0]}x{size[1]}", jpeg_bytes=len(frame))
     _bench_verify(benchmark, kit, frame)
+
+
+@pytest.mark.benchmark(group="verify-by-pack")
+@pytest.mark.parametrize("pack", ["yunet-sface", "dlib"])
+def test_verify_time_by_pack(
+    benchmark: BenchmarkFixture, request: pytest.FixtureRequest, pack: str
+) -> None:
+    chosen: Kit = request.getfixturevalue("kit" if pack == "yunet-sface" else "dlib_kit")
+    benchmark.extra_info.update(pack=chosen.engine.pack.tag, frame="640x480")
+    _bench_verify(benchmark, chosen, _frame(SIZES[0]))
 
 
 @pytest.mark.benchmark(group="verify-by-enrolled")
