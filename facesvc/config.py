@@ -222,14 +222,16 @@ class QualitySettings:
     a stated, a-priori choice; the reason is given with each."""
 
     min_face_px: int = 80
-    """Smallest face box, in pixels, matched; a smaller one found is LOW_QUALITY ("come
-    closer"). dlib's chip maps the face's box to about 100 px; below 80 px the matcher
-    sees an upsampled, soft face."""
+    """Smallest face, in pixels (the geometric mean of the detector box's sides), matched; a
+    smaller one found is LOW_QUALITY ("come closer"). An 80 px face has its eyes about 35 px
+    apart, where SFace's chip puts them (dlib's chip maps it to about 100 px): below it the
+    matcher sees an upsampled, soft face."""
     min_detect_px: int = 80
-    """Smallest face box, in pixels, looked for (at most min_face_px); smaller faces are not
-    found (NO_FACE). Above 80 the dlib pack detects at a smaller scale, faster (100: 21
-    instead of 29 ms) but its boxes move and more genuine scans are NOT_MATCHED
-    (docs/benchmarks.md)."""
+    """Smallest face, in pixels, looked for (at most min_face_px); smaller faces are not
+    found (NO_FACE). The default pack scales each frame so that this size is 32 px for
+    YuNet: a larger value is a smaller, faster search. The dlib pack enters its pyramid
+    lower (100: 21 instead of 29 ms), but its boxes move and more genuine scans are
+    NOT_MATCHED (docs/benchmarks.md)."""
     min_sharpness: float = 15.0
     """Least detail in the face at the chip's scale: focused faces measure in the hundreds
     (dim webcam frames in the tens); a face blurred by a few pixels falls below 15."""
@@ -244,11 +246,10 @@ class QualitySettings:
     """Most head turn, in degrees, for a frame that is matched: beyond it frontal-face
     matchers lose accuracy fast."""
     max_abs_pitch_deg: float = 35.0
-    """Most head tilt up or down, in degrees. Pitch from five points is coarse (9 degrees
-    mean error on the labelled pose photos) and saturates near -30 for a frontal face whose
-    nose sits lower than the mean face's (insightface's Tom_Hanks_54745.png, looking
-    straight at the camera, measures -30.2): a tighter gate would send such people away
-    with "look straight", so this one only catches gross tilts."""
+    """Most head tilt up or down, in degrees, measured against the pack's calibrated frontal
+    geometry (where its landmarks put the nose of a frontal face). Pitch from five points is
+    coarse (9 degrees mean error on the labelled pose photos), so this gate only catches
+    gross tilts."""
     second_face_area_ratio: float = 0.5
     """A second face at least this share of the chosen face's area (and at least
     min_face_px) makes MULTIPLE_FACES: someone that close could be the one scanned."""
