@@ -107,7 +107,10 @@ class OnnxEmbedder:
         spec: InputSpec,
         template: Points,
         output_size: int,
+        run_batch: int | None = None,
     ) -> None:
+        """``run_batch``: run at most this many chips a call even where the model takes any
+        batch (for models measured faster one chip at a time on a CPU)."""
         inputs = session.get_inputs()
         outputs = session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
@@ -139,6 +142,7 @@ class OnnxEmbedder:
         self._output = outputs[0].name
         self.fixed_batch = _fixed(shape[0])
         """The batch size the model was exported with, or None when its batch axis is free."""
+        self._step = self.fixed_batch or run_batch
         self._spec = spec
         self._template = template
         self.dim = output_size
@@ -151,20 +155,18 @@ class OnnxEmbedder:
     def embed_raw(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
         """(N, dim) float32 descriptors as the model outputs them."""
         tensor = self._spec.tensor(chips)
-        if self.fixed_batch is None:
-            result = self._run(tensor, len(chips))
-        else:
-            step = self.fixed_batch
-            parts = []
-            for start in range(0, len(chips), step):
-                part = tensor[start : start + step]
-                count = len(part)
-                if count < step:
-                    filler = np.zeros((step - count, *part.shape[1:]), np.float32)
-                    part = np.concatenate([part, filler])
-                parts.append(self._run(part, step)[:count])
-            result = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-        return result
+        if self._step is None or (len(chips) <= self._step and self.fixed_batch is None):
+            return self._run(tensor, len(chips))
+        step = self._step
+        parts = []
+        for start in range(0, len(chips), step):
+            part = tensor[start : start + step]
+            count = len(part)
+            if count < step and self.fixed_batch is not None:
+                filler = np.zeros((step - count, *part.shape[1:]), np.float32)
+                part = np.concatenate([part, filler])
+            parts.append(self._run(part, len(part))[:count])
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def _run(self, tensor: FloatArray, count: int) -> FloatArray:
         out = self._session.run([self._output], {self._input: tensor})[0]
