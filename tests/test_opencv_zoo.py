@@ -77,6 +77,13 @@ def test_prelu_rewrite_computes_the_same_function_on_a_small_graph() -> None:
     (after,) = _run(rewritten, {"x": x})
     np.testing.assert_array_equal(after, before)
     np.testing.assert_allclose(after, np.where(x > 0, x, slope * x), rtol=0, atol=0)
+    layout = prelu_as_relu(
+        onnx.ModelProto.FromString(model.SerializeToString()), per_channel_as_conv=True
+    )
+    assert [n.op_type for n in layout.graph.node] == ["Relu", "Conv", "Relu", "Conv", "Add"]
+    assert "slope" not in {i.name for i in layout.graph.initializer}  # replaced, not kept
+    (depthwise,) = _run(layout, {"x": x})
+    np.testing.assert_allclose(depthwise, before, rtol=1e-6, atol=1e-7)
 
 
 def test_initializers_listed_as_inputs_are_dropped() -> None:
@@ -93,7 +100,7 @@ def test_converted_sface_equals_the_released_graph_and_takes_any_batch(tmp_path:
     converted = cached_sface(ModelCache(tmp_path))
     graph = onnx.load(str(converted))
     ops = {n.op_type for n in graph.graph.node}
-    assert "PRelu" not in ops and {"Relu", "Min"} <= ops
+    assert "PRelu" not in ops and {"Relu", "Conv", "Add"} <= ops
     assert [v.name for v in graph.graph.input] == ["data"]
     chips = np.random.default_rng(1).uniform(0, 255, size=(3, 3, 112, 112)).astype(np.float32)
     original = np.concatenate(

@@ -14,9 +14,10 @@ optimised copies into the model cache, keyed by the source digest and the conver
 - YuNet: the 640x640 input becomes H x W (any multiple of 32: the network is fully
   convolutional and its reshapes keep the anchor axis free), so frames are not letterboxed
   into 640x640;
-- SFace: initializers listed as graph inputs are dropped, PRelu becomes Relu + slope *
-  Min(x, 0) (facesvc.models.onnx_rewrite; the same function of the same weights), and the
-  batch axis is freed.
+- SFace: initializers listed as graph inputs are dropped, PRelu becomes Relu(x) + slope *
+  Min(x, 0), its per-channel products as 1x1 depthwise convolutions that stay in ONNX
+  Runtime's blocked layout (facesvc.models.onnx_rewrite; the same function of the same
+  weights), and the batch axis is freed.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ SFACE = ZooModel(
 )
 
 YUNET_CONVERTER = ("yunet", "1")
-SFACE_CONVERTER = ("sface", "1")
+SFACE_CONVERTER = ("sface", "2")
 
 
 def locate(model: ZooModel) -> Path:
@@ -108,7 +109,7 @@ def convert_sface(source: Path) -> bytes:
     """The optimised SFace graph (see the module doc) for the checked ``source``."""
     model = onnx.load(str(verified(SFACE, source)))
     drop_initializer_inputs(model)
-    prelu_as_relu(model)
+    prelu_as_relu(model, per_channel_as_conv=True)
     free_axes(model, {"data": {0: "batch"}}, {"fc1": {0: "batch"}})
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
