@@ -354,9 +354,10 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
     assert session.json()["liveness"] == "off"
 
     # The camera screen's pre-check looks at single frames and costs nothing.
-    for image, status, faces in (
-        (astronaut(), "OK", 1),
-        (insightface_image("t1.jpg"), "MULTIPLE_FACES", 6),
+    # t1.jpg shows six people; how many of them are 80 px or more depends on the detector
+    for image, status, several in (
+        (astronaut(), "OK", False),
+        (insightface_image("t1.jpg"), "MULTIPLE_FACES", True),
     ):
         checked = http(
             "POST",
@@ -365,7 +366,8 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
             body=jpeg(image),
         )
         assert checked.status == 200, checked.body
-        assert (checked.json()["status"], checked.json()["face_count"]) == (status, faces)
+        assert checked.json()["status"] == status
+        assert (checked.json()["face_count"] > 1) is several
     # A phone's upload arrives in pieces; the frame is read to its end, not cut short.
     slowly = http(
         "POST",
