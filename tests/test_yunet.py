@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from facesvc.config import QualitySettings
+from facesvc.domain import Decision, Gate, TrainingType
+from facesvc.engine import VerifyCommand
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import SFACE, YUNET, cached_yunet, locate
@@ -22,7 +24,7 @@ from facesvc.models.yunet import (
     non_maximum_suppression,
 )
 from facesvc.models.yunet_sface import MMOD_BOX, PACK_NAME
-from tests.engine_support import astronaut, insightface_image
+from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, insightface_image, jpeg
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,31 @@ def test_sface_descriptor_matches_opencvs_recogniser(model_pack: ModelPack) -> N
     ours = model_pack.embedder.embed(chip[None])[0]
     cosine = float(ours @ their_feature / np.linalg.norm(their_feature))
     assert cosine > 0.99999
+
+
+async def test_a_12mp_enrollment_and_a_tight_crop_scan_are_the_same_person(
+    engine_kit: EngineKit,
+) -> None:
+    """Through the engine: a 12 MP phone photo (the face far over YuNet's 300 px) enrolls,
+    and a 150x150 crop of the face (no margin around it) is matched against it."""
+    image = astronaut()
+    scene = np.zeros((512, 683, 3), np.uint8)  # 4:3, the face undistorted
+    scene[:, 85:597] = image
+    phone = np.asarray(Image.fromarray(scene).resize((4000, 3000), Image.Resampling.BILINEAR))
+    enrolled = await engine_kit.engine.enroll("p-12mp", [jpeg(phone)], replace=False, caller=ADMIN)
+    assert enrolled.enrolled, enrolled.reason
+    # decoded at half size (server.jpeg_reduce_to_side): still beyond YuNet's 300 px
+    assert enrolled.images[0].face_height_px > 300
+    crop = np.asarray(Image.fromarray(image[55:185, 160:290]).resize((150, 150)))
+    outcome = await engine_kit.engine.verify(
+        VerifyCommand(
+            participant_id="p-12mp",
+            training_id="t-1",
+            training_type=TrainingType.SPL,
+            gate=Gate.SESSION,
+            session_id="s-1",
+            frames=[jpeg(crop)],
+            caller=LMS,
+        )
+    )
+    assert outcome.decision is Decision.VERIFIED, outcome.reason
