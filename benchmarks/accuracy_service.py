@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack", default="default", help="models.pack of the served pack")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--protocols",
+        default="single,default",
+        help="single (1 photo, 1 frame) and/or default (2 photos, 3 frames)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="accuracy-service")
@@ -112,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         wait_workers_serving(spawned, 1)
         channel = grpc.insecure_channel(spawned.target)
         stub = pb_grpc.FaceVerificationStub(channel)
-        results = {
-            "1 photo, 1 frame": run_protocol(stub, photos, 1, 1, rng, args.concurrency),
-            "2 photos, 3 frames (the default rules)": run_protocol(
+        wanted = set(args.protocols.split(","))
+        results = {}
+        if "single" in wanted:
+            results["1 photo, 1 frame"] = run_protocol(stub, photos, 1, 1, rng, args.concurrency)
+        if "default" in wanted:
+            results["2 photos, 3 frames (the default rules)"] = run_protocol(
                 stub, photos, 2, 3, rng, args.concurrency
-            ),
-        }
+            )
         channel.close()
     finally:
         spawned.proc.send_signal(signal.SIGTERM)

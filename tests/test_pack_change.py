@@ -17,7 +17,7 @@ from facesvc.liveness.checks import FrameObservation, LivenessThresholds, check_
 from facesvc.models.packs import ModelPack
 from facesvc.models.types import Box
 from facesvc.templates import generate_template_key
-from tests.engine_support import ADMIN, LMS, astronaut, jpeg, running_engine
+from tests.engine_support import ADMIN, LMS, TENANTS, astronaut, jpeg, running_engine
 
 
 def older(pack: ModelPack) -> ModelPack:
@@ -35,7 +35,9 @@ async def test_a_pack_change_is_logged_once_and_old_enrollments_must_enroll_agai
     old = older(model_pack)
     key = {"templates__key": generate_template_key("k1")}  # one key across the restarts
     async with running_engine(tmp_path, redis_url, redis_prefix, old, **key) as kit:
-        enrolled = await kit.engine.enroll("p-1", [jpeg(astronaut())], replace=False, caller=ADMIN)
+        enrolled = await kit.engine.enroll(
+            "p-1", [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
+        )
         assert enrolled.enrolled, enrolled.reason
     with caplog.at_level(logging.WARNING, logger="facesvc.wiring"):
         async with running_engine(tmp_path, redis_url, redis_prefix, model_pack, **key) as kit:

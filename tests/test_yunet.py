@@ -24,7 +24,15 @@ from facesvc.models.yunet import (
     non_maximum_suppression,
 )
 from facesvc.models.yunet_sface import MMOD_BOX, PACK_NAME
-from tests.engine_support import ADMIN, LMS, EngineKit, astronaut, insightface_image, jpeg
+from tests.engine_support import (
+    ADMIN,
+    LMS,
+    TENANTS,
+    EngineKit,
+    astronaut,
+    insightface_image,
+    jpeg,
+)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +201,9 @@ async def test_a_12mp_enrollment_and_a_tight_crop_scan_are_the_same_person(
     scene = np.zeros((512, 683, 3), np.uint8)  # 4:3, the face undistorted
     scene[:, 85:597] = image
     phone = np.asarray(Image.fromarray(scene).resize((4000, 3000), Image.Resampling.BILINEAR))
-    enrolled = await engine_kit.engine.enroll("p-12mp", [jpeg(phone)], replace=False, caller=ADMIN)
+    enrolled = await engine_kit.engine.enroll(
+        "p-12mp", [jpeg(phone)], replace=False, caller=ADMIN, tenants=TENANTS
+    )
     assert enrolled.enrolled, enrolled.reason
     # decoded at half size (server.jpeg_reduce_to_side): still beyond YuNet's 300 px
     assert enrolled.images[0].face_height_px > 300
