@@ -44,7 +44,15 @@ from facesvc.models.packs import ModelPack
 from facesvc.redis_client import AsyncRedis, redis_client_from_url
 from facesvc.templates import Template, TemplateStore, keyring_from_settings
 from facesvc.wiring import build_engine, load_pack
-from tests.engine_support import ADMIN, LMS, astronaut, default_pack, engine_settings, jpeg
+from tests.engine_support import (
+    ADMIN,
+    LMS,
+    TENANTS,
+    astronaut,
+    default_pack,
+    engine_settings,
+    jpeg,
+)
 
 REDIS_URL = os.environ.get("FACESVC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PID = "bench-participant"
@@ -80,7 +88,7 @@ def _kit(tmp_path_factory: pytest.TempPathFactory, pack: ModelPack) -> Iterator[
     redis = redis_client_from_url(REDIS_URL)
     engine = loop.run_until_complete(build_engine(settings, redis, Metrics(), pack=pack))
     enrolled = loop.run_until_complete(
-        engine.enroll(PID, [jpeg(astronaut())], replace=True, caller=ADMIN)
+        engine.enroll(PID, [jpeg(astronaut())], replace=True, caller=ADMIN, tenants=TENANTS)
     )
     assert enrolled.enrolled, enrolled.reason
     templates = TemplateStore(redis, keyring_from_settings(settings.templates), key_prefix=prefix)
