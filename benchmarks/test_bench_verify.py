@@ -112,7 +112,8 @@ def _frame(size: tuple[int, int]) -> bytes:
 
 def _bench_verify(benchmark: BenchmarkFixture, kit: Kit, frame: bytes) -> None:
     # A fresh training id per round: the daily cap never cuts the run short.
-    training_ids = (f"bench-{n}" for n in itertools.count())
+    run_id = uuid.uuid4().hex[:8]  # each benchmark its own trainings: caps count per training
+    training_ids = (f"bench-{run_id}-{n}" for n in itertools.count())
 
     def run() -> Decision:
         command = VerifyCommand(
