@@ -1,6 +1,6 @@
 """Changing the model pack: the operator is told once at start-up, a participant enrolled
-with the old pack is asked to enroll again, and a turned challenge frame is judged with
-the pack's turned-face threshold."""
+with the old pack is asked to enroll again; and the liveness check gets the pack's
+turned-face threshold."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
-from facesvc.liveness.checks import FrameObservation, LivenessThresholds, check_liveness
 from facesvc.models.packs import ModelPack
-from facesvc.models.types import Box
 from facesvc.templates import generate_template_key
-from tests.engine_support import ADMIN, LMS, TENANTS, astronaut, jpeg, running_engine
+from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg, running_engine
 
 
 def older(pack: ModelPack) -> ModelPack:
@@ -66,38 +63,14 @@ async def test_a_pack_change_is_logged_once_and_old_enrollments_must_enroll_agai
     ]
 
 
-def frame(descriptor: list[float], *, turned: bool, shade: int) -> FrameObservation:
-    points = np.array([[60, 40], [50, 40], [20, 40], [30, 40], [40, 60]], np.float32)
-    return FrameObservation(
-        landmarks=points,
-        box=Box(0, 0, 80, 80),
-        descriptor=np.array(descriptor, np.float32),
-        live_score=None,
-        thumbnail=np.full((32, 32), shade, np.uint8),
-        turned=turned,
-    )
-
-
-@pytest.mark.parametrize(
-    ("turned", "turned_limit", "decision"),
-    [
-        (False, 0.2, None),  # a frontal frame: the frontal limit (0.5) holds it
-        (True, 0.2, Decision.NOT_MATCHED),  # turned: its own, stricter, limit refuses it
-        (True, None, None),  # no turned limit calibrated: the frontal one applies
-        (True, 0.7, None),
-    ],
-)
-def test_a_turned_frame_is_judged_with_the_turned_threshold(
-    turned: bool, turned_limit: float | None, decision: Decision | None
+async def test_the_liveness_judge_gets_the_packs_turned_face_threshold(
+    engine_kit: EngineKit, model_pack: ModelPack
 ) -> None:
-    first = frame([1.0, 0.0], turned=False, shade=10)
-    # cosine distance 1 - cos(angle): about 0.3 between the two frames
-    second = frame([0.7, 0.71414], turned=turned, shade=90)
-    thresholds = LivenessThresholds(
-        max_identity_distance=0.5,
-        passive_threshold=0.0,
-        max_turned_identity_distance=turned_limit,
-    )
-    result = check_liveness((), [first, second], thresholds)
-    assert result.decision is decision
-    assert result.max_identity_distance == pytest.approx(0.3, abs=1e-3)
+    """The default pack ships a threshold calibrated on turned faces (facesvc calibrate
+    --turned), stricter than the frontal one for SFace, and the challenge's identity check
+    judges turned frames with it."""
+    turned = model_pack.turned_threshold
+    assert turned is not None and model_pack.threshold is not None
+    assert turned < model_pack.threshold
+    judge = engine_kit.engine._judge  # the engine's collaborator, as wiring built it
+    assert judge.turned_identity_threshold == turned

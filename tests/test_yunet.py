@@ -205,8 +205,9 @@ async def test_a_12mp_enrollment_and_a_tight_crop_scan_are_the_same_person(
         "p-12mp", [jpeg(phone)], replace=False, caller=ADMIN, tenants=TENANTS
     )
     assert enrolled.enrolled, enrolled.reason
-    # decoded at half size (server.jpeg_reduce_to_side): still beyond YuNet's 300 px
-    assert enrolled.images[0].face_height_px > 300
+    # decoded at half size (server.jpeg_reduce_to_side), then fitted to
+    # server.max_analyze_pixels before any face work
+    assert enrolled.images[0].width_px * enrolled.images[0].height_px <= 460_800
     crop = np.asarray(Image.fromarray(image[55:185, 160:290]).resize((150, 150)))
     outcome = await engine_kit.engine.verify(
         VerifyCommand(
