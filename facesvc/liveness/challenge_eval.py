@@ -578,8 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--turned-identity-threshold",
         type=float,
         default=None,
-        help="identity threshold for turned frames (default: the pack's match threshold); "
-        "2 checks no turned frame's identity, to see the liveness checks alone",
+        help="identity threshold for turned frames (default: the pack's calibrated turned-face "
+        "threshold, else its match threshold); 2 checks no turned frame's identity, to see the "
+        "liveness checks alone",
     )
     args = parser.parse_args(argv)
 
@@ -589,12 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings(env={})
     pack = load_pack(settings)
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, settings.quality)
+    pipeline = FacePipeline(
+        pack.detector, pack.landmarks, pack.embedder, settings.quality, pack.frontal
+    )
+    turned = args.turned_identity_threshold
     observer = Observer(
         pack,
         pipeline,
         DenseLandmarks.load(ModelCache(settings.models.cache_dir)),
-        args.turned_identity_threshold,
+        pack.turned_threshold if turned is None else turned,
     )
     source = FrameSource(args.data)
     splits: tuple[Split, ...] = ("calibration", "report") if args.split == "all" else (args.split,)
