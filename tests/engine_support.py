@@ -151,3 +151,11 @@ def insightface_image(name: str) -> np.ndarray:
 
     path = importlib.resources.files("insightface") / "data" / "images" / name
     return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"))
+
+
+def two_people() -> np.ndarray:
+    """Two of t1.jpg's people, side by side at their own size (faces of about 100x140 px):
+    a frame that is MULTIPLE_FACES for every pack, whatever size frames are analysed at
+    (the whole group photo is scaled down to server.max_analyze_pixels, where some of its
+    faces fall under quality.min_face_px)."""
+    return np.ascontiguousarray(insightface_image("t1.jpg")[40:500, 440:880])

@@ -29,6 +29,7 @@ from tests.engine_support import (
     insightface_image,
     jpeg,
     running_engine,
+    two_people,
 )
 
 pytestmark = pytest.mark.calendar
@@ -108,7 +109,7 @@ async def test_impostor_is_not_matched_and_the_attempt_counts(engine_kit: Engine
 
 async def test_two_faces_is_multiple_faces_and_costs_no_attempt(engine_kit: EngineKit) -> None:
     await enroll(engine_kit)
-    outcome = await engine_kit.engine.verify(scan([jpeg(insightface_image("t1.jpg"))]))
+    outcome = await engine_kit.engine.verify(scan([jpeg(two_people())]))
     assert outcome.decision is Decision.MULTIPLE_FACES
     assert outcome.attempts.used == 0
     usage = await engine_kit.engine.attempts(PID, "training-1", TrainingType.SPL, caller=ADMIN)

@@ -36,7 +36,13 @@ from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import KeyDirectory
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
-from tests.engine_support import ADMIN, DEV_TENANTS, astronaut, insightface_image, jpeg
+from tests.engine_support import (
+    ADMIN,
+    DEV_TENANTS,
+    astronaut,
+    jpeg,
+    two_people,
+)
 
 pytestmark = pytest.mark.calendar
 
@@ -354,10 +360,9 @@ def test_a_scan_through_the_gateway_spends_attempts_and_then_reports_the_cap(
     assert session.json()["liveness"] == "off"
 
     # The camera screen's pre-check looks at single frames and costs nothing.
-    # t1.jpg shows six people; how many of them are 80 px or more depends on the detector
     for image, status, several in (
         (astronaut(), "OK", False),
-        (insightface_image("t1.jpg"), "MULTIPLE_FACES", True),
+        (two_people(), "MULTIPLE_FACES", True),
     ):
         checked = http(
             "POST",
