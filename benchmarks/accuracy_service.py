@@ -1,6 +1,6 @@
 """Accuracy through the service: enroll and verify held-out photos over gRPC, count decisions.
 
-    python -m facesvc.cli calibrate ../shared/data/faces --hold-out 0 --out /tmp/cal-h0.json
+    facesvc calibrate ../shared/data/faces --hold-out 0 --out /tmp/cal-h0.json
     python -m benchmarks.accuracy_service --faces ../shared/data/faces \\
         --calibration /tmp/cal-h0.json --name accuracy-yunet-sface
 
@@ -15,7 +15,7 @@ calibrated on. Every photo is sent as it is stored (JPEG or PNG bytes).
   mean of the frame descriptors): photos s and s+1 (cyclically) enroll; a scan is one of
   the identity's other photos, or any photo of another held-out identity, sent as three
   frames: the photo and two jittered copies (a small random rotation, scale and shift,
-  an exposure gain and sensor noise, as in facesvc.evaluation.FrameSimulation; real
+  an exposure gain and sensor noise, as in facesvc.accuracy.evaluation.FrameSimulation; real
   frames of one scan differ less than two photos do).
 
 A scan the service does not match or refuse for the face (NO_FACE, LOW_QUALITY...) is
@@ -45,8 +45,8 @@ from PIL import Image, ImageOps
 from benchmarks.load import spawn_service, wait_workers_serving
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.calibration import load_calibration
-from facesvc.evaluation import scan_identity_folders, source_of
+from facesvc.accuracy.calibration import load_calibration
+from facesvc.accuracy.evaluation import scan_identity_folders, source_of
 
 DECISION = {v: k for k, v in pb.Decision.items()}
 

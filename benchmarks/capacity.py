@@ -55,10 +55,10 @@ import redis
 from benchmarks.load import RssSampler, free_port, load_people, wait_serving
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.redis_local import RedisServer, find_redis_server
+from tools.redis_local import RedisServer, find_redis_server
 
 SCENARIOS = ("one-frame", "portal-challenge")
-PORTAL_FRAMES = 6  # facesvc/gateway.py: (1 + 2 challenge steps) poses x 2 frames per pose
+PORTAL_FRAMES = 6  # facesvc/transport/portal.py: (1 + 2 challenge steps) poses x 2 frames per pose
 # Commands the measurement itself or the health probe sends, not a scan.
 # HELLO and CLIENT open a pooled connection, once per connection, not per scan.
 NOT_A_SCAN = {"info", "ping", "memory|usage", "scan", "type", "config|get", "command|docs"}
@@ -120,7 +120,7 @@ def spawn(
     scenario: str, redis_url: str, prefix: str, home: Path, cpus: set[int]
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``facesvc serve`` for ``scenario`` pinned to ``cpus``; the process and its gRPC port."""
-    from facesvc.templates import generate_template_key
+    from facesvc.store.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
     keys_generate(home / "token-keys")
@@ -150,7 +150,7 @@ def spawn(
     )
     log = (home / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facesvc.cli", "serve"],
+        [sys.executable, "-m", "facesvc.commands.cli", "serve"],
         env=env,
         stdout=log,
         stderr=log,

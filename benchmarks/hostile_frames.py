@@ -26,7 +26,7 @@ printed with the figures: on a shared machine compare ratios from one run, not t
 across runs.
 
 The report also goes to ``<out>/<name>.json``. Run it against a checkout by putting that
-checkout first on PYTHONPATH (the server is ``python -m facesvc.cli serve`` of this
+checkout first on PYTHONPATH (the server is ``python -m facesvc.commands.cli serve`` of this
 interpreter).
 """
 
@@ -153,7 +153,7 @@ class Server:
 
 
 def spawn(redis_url: str, extra_env: dict[str, str]) -> Server:
-    from facesvc.templates import generate_template_key
+    from facesvc.store.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
     home = Path(tempfile.mkdtemp(prefix="facesvc-hostile-"))
@@ -175,7 +175,7 @@ def spawn(redis_url: str, extra_env: dict[str, str]) -> Server:
     )
     log = (home / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facesvc.cli", "serve"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "facesvc.commands.cli", "serve"], env=env, stdout=log, stderr=log
     )
     return Server(proc, f"127.0.0.1:{port}", home)
 

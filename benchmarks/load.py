@@ -148,7 +148,7 @@ def spawn_service(
 ) -> Spawned:
     """``facesvc serve`` on free ports with liveness off, keys of its own, faces looked
     for and matched from ``min_face_px``, and ``extra_env`` (FACESVC_* settings) on top."""
-    from facesvc.templates import generate_template_key
+    from facesvc.store.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
     home = Path(tempfile.mkdtemp(prefix="facesvc-load-"))
@@ -176,7 +176,7 @@ def spawn_service(
     )
     log = (home / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facesvc.cli", "serve"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "facesvc.commands.cli", "serve"], env=env, stdout=log, stderr=log
     )
     return Spawned(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}/metrics", home)
 
@@ -419,7 +419,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack:
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
     from facesvc.models.pipeline import FacePipeline
-    from facesvc.wiring import load_pack
+    from facesvc.serve.wiring import load_pack
 
     settings = load_settings(
         env={},

@@ -25,7 +25,7 @@ import skimage.data
 from PIL import Image
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from facesvc.models.dlib_mmod import MMODFaceDetector
+from facesvc.models.dlib.mmod import MMODFaceDetector
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import cached_yunet

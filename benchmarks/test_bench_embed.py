@@ -20,7 +20,7 @@ import pytest
 import skimage.data
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from facesvc.models.dlib_resnet import CHIP_SIZE, DlibResnetEmbedder
+from facesvc.models.dlib.resnet import CHIP_SIZE, DlibResnetEmbedder
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import SFACE, cached_sface, verified

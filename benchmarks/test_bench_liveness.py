@@ -18,7 +18,7 @@ Run: ``pytest benchmarks/test_bench_liveness.py --benchmark-only``. Groups:
   Runtime threads), the passive model's cost when an operator turns it on.
 
 The frames are scikit-image's astronaut rendered as the camera would see her at each pose
-(``facesvc.liveness.attacks``): the predictor's time does not depend on the pose. The
+(``facesvc.accuracy.flat_attacks``): the predictor's time does not depend on the pose. The
 checks run on landmarks of a synthetic head that answers every step, the most expensive
 path (a flat picture stops earlier).
 """
@@ -33,8 +33,8 @@ import pytest
 import skimage.data
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from facesvc.accuracy.flat_attacks import Hold, render
 from facesvc.config import LivenessSettings, load_settings
-from facesvc.liveness.attacks import Hold, render
 from facesvc.liveness.challenges import Step
 from facesvc.liveness.checks import (
     FrameObservation,

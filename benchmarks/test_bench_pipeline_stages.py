@@ -20,8 +20,8 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112, dlib_face_chip, warp_to_template
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.matching import DEFAULT_RULES, match
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, RGBImage
 
 MODELS = Path(str(importlib.resources.files("face_recognition_models") / "models"))

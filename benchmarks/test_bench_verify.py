@@ -41,9 +41,9 @@ from facesvc.engine import Engine, VerifyCommand
 from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.metrics import Metrics
 from facesvc.models.packs import ModelPack
-from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.templates import Template, TemplateStore, keyring_from_settings
-from facesvc.wiring import build_engine, load_pack
+from facesvc.serve.wiring import build_engine, load_pack
+from facesvc.store.connection import AsyncRedis, redis_client_from_url
+from facesvc.store.templates import Template, TemplateStore, keyring_from_settings
 from tests.engine_support import (
     ADMIN,
     LMS,

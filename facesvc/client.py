@@ -51,14 +51,6 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
-from facesvc.proto_enums import (
-    DECISIONS,
-    GATES,
-    LIVENESS_METHODS,
-    REDEEM_REASONS,
-    TRAINING_TYPES,
-    bare_name,
-)
 from facesvc.tokens import (
     DEFAULT_LEEWAY_S,
     CheckPolicy,
@@ -68,6 +60,14 @@ from facesvc.tokens import (
     PublicKeySet,
     VerificationClaims,
     check_token,
+)
+from facesvc.transport.proto_enums import (
+    DECISIONS,
+    GATES,
+    LIVENESS_METHODS,
+    REDEEM_REASONS,
+    TRAINING_TYPES,
+    bare_name,
 )
 
 __all__ = [

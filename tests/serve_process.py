@@ -74,13 +74,13 @@ def serve_process(
     wrapper: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> Iterator[ServeProcess]:
-    """``[*wrapper, python, -m, facesvc.cli, serve, *args]`` running until the block ends
+    """``[*wrapper, python, -m, facesvc.commands.cli, serve, *args]`` running until the block ends
     (then killed if it has not exited).
 
     The command runs in a process group of its own, and the whole group is killed: a
     ``wrapper`` such as faketime runs the server as its child, which killing the wrapper
     alone left running (holding its ports and CPU) after the test."""
-    command = [*wrapper, sys.executable, "-m", "facesvc.cli", "serve", *args]
+    command = [*wrapper, sys.executable, "-m", "facesvc.commands.cli", "serve", *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command,

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
+from facesvc.accuracy.flat_attacks import Hold, hand_shake, render
 from facesvc.clock import FixedClock
 from facesvc.limits.abuse import (
     ClientRateLimiter,
@@ -26,16 +26,16 @@ from facesvc.limits.abuse import (
     RateRule,
     SpoofLockout,
 )
-from facesvc.liveness.attacks import Hold, hand_shake, render
 from facesvc.models.types import Box
-from facesvc.redis_client import redis_client_from_url
-from facesvc.redis_errors import StoreUnavailable
-from facesvc.redis_keys import KeySpace
-from facesvc.redis_local import RedisServer
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.errors import StoreUnavailable
+from facesvc.store.keys import KeySpace
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.clocks import wib_at
 from tests.conftest import ServerStarter
 from tests.engine_support import astronaut, jpeg
 from tests.test_service_verify import PID, enroll, start
+from tools.redis_local import RedisServer
 
 pytestmark = pytest.mark.calendar
 

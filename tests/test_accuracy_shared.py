@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.accuracy_cli import read_photo
-from facesvc.config import load_settings
-from facesvc.evaluation import (
+from facesvc.accuracy.evaluation import (
     OPEN_POSE,
     DescriptorSet,
     FrameSimulation,
@@ -31,6 +29,8 @@ from facesvc.evaluation import (
     scan_identity_folders,
     threshold_at_fmr,
 )
+from facesvc.commands.accuracy import read_photo
+from facesvc.config import load_settings
 from facesvc.models.matching import Distance, FrameRule, MatchRules, TemplateRule
 from facesvc.models.packs import PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import redis
 
-from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.audit import AuditEvent, AuditLog
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
-from facesvc.redis_client import redis_client_from_url
-from facesvc.templates import TemplateStore, keyring_from_settings
+from facesvc.commands import cli
+from facesvc.store.audit import AuditEvent, AuditLog
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.templates import TemplateStore, keyring_from_settings
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, jpeg
 from tests.test_service_verify import PID, enroll, genuine, impostor, start, verify

@@ -29,10 +29,13 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
-from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.auth import (
+from facesvc.client import FaceVerificationClient, PermissionDenied, Unauthenticated
+from facesvc.commands import cli
+from facesvc.config import ConfigError, load_settings
+from facesvc.domain import Gate, TrainingType
+from facesvc.transport.auth import (
     ROLE_TABLE,
     Client,
     ClientRegistry,
@@ -42,16 +45,13 @@ from facesvc.auth import (
     read_keys_file,
     write_keys_file,
 )
-from facesvc.client import FaceVerificationClient, PermissionDenied, Unauthenticated
-from facesvc.config import ConfigError, load_settings
-from facesvc.domain import Gate, TrainingType
 from tests.conftest import RunningServer, ServerStarter
 
 pytestmark = pytest.mark.calendar
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64  # validation only looks at sizes, not pixels
 
-# The role table the issue asks for, written out independently of facesvc.auth.ROLE_TABLE.
+# The role table the issue asks for, written out independently of facesvc.transport.auth.ROLE_TABLE.
 EXPECTED_RPCS: dict[str, set[str]] = {
     "admin": {
         "Enroll",
@@ -619,7 +619,7 @@ def test_unreadable_or_mismatched_certificates_stop_the_start(
 def test_plaintext_and_no_auth_are_announced_loudly(
     start_server: ServerStarter, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="facesvc.app"):
+    with caplog.at_level(logging.WARNING, logger="facesvc.serve.app"):
         start_server(redis_url)
     banner = [r.getMessage() for r in caplog.records if "INSECURE" in r.getMessage()]
     assert any("PLAINTEXT" in line for line in banner)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.calibration import (
+from facesvc.accuracy.calibration import (
     Calibration,
     CalibrationData,
     CalibrationError,
@@ -17,7 +17,7 @@ from facesvc.calibration import (
     load_calibration,
     log_calibration_status,
 )
-from facesvc.evaluation import pairwise_comparisons
+from facesvc.accuracy.evaluation import pairwise_comparisons
 from facesvc.models.matching import Distance
 from tests.clocks import wib_at
 

@@ -22,11 +22,11 @@ from facesvc.limits.caps import (
     Reservation,
     default_cap_rules,
 )
-from facesvc.redis_client import redis_client_from_url
-from facesvc.redis_errors import StoreUnavailable
-from facesvc.redis_keys import KeySpace
-from facesvc.redis_local import RedisServer, free_port
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.errors import StoreUnavailable
+from facesvc.store.keys import KeySpace
 from tests.clocks import wib_at
+from tools.redis_local import RedisServer, free_port
 
 pytestmark = pytest.mark.calendar
 

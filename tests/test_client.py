@@ -17,7 +17,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.client import (
     AsyncFaceVerificationClient,
     AsyncTokenVerifier,
@@ -33,7 +32,7 @@ from facesvc.client import (
 )
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
-from facesvc.templates import generate_template_key
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens import (
     CheckReason,
     Expectation,
@@ -44,6 +43,7 @@ from facesvc.tokens import (
     load_key_ring,
 )
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_encode
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.browser.support import EngineHolder
 from tests.clocks import wib_at
 from tests.conftest import ServerStarter

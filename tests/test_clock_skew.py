@@ -29,12 +29,12 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.clock import ClockUntrusted, FixedClock, SkewWatch
 from facesvc.domain import TrainingType
-from facesvc.health import Health, RedisProbe
 from facesvc.metrics import Metrics
 from facesvc.models.packs import ModelPack
-from facesvc.redis_client import redis_client_from_url
-from facesvc.templates import generate_template_key
-from facesvc.wiring import build_engine
+from facesvc.serve.health import Health, RedisProbe
+from facesvc.serve.wiring import build_engine
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.templates import generate_template_key
 from tests.engine_support import ADMIN, TENANTS, EngineKit, astronaut, jpeg
 from tests.serve_process import REPO, child_env, serve_process, wait_for
 from tests.test_engine import PID, scan
@@ -72,7 +72,7 @@ async def test_the_probe_measures_the_skew_warns_and_stops_serving_beyond_the_bo
         assert health.state.serving
 
         clock.set(redis_now(redis_url) + timedelta(seconds=10))
-        with caplog.at_level(logging.WARNING, logger="facesvc.health"):
+        with caplog.at_level(logging.WARNING, logger="facesvc.serve.health"):
             await probe.probe()
         assert 9.0 < metrics.clock_skew._value.get() < 11.0
         assert "clock skew" in caplog.text
@@ -133,7 +133,7 @@ def _start_args(tmp_path: Path, redis_url: str, redis_prefix: str, offset: str) 
     signing key made on that same clock."""
     keys = tmp_path / "token-keys"
     made = subprocess.run(
-        [faketime(), "-f", offset, sys.executable, "-m", "facesvc.cli", "keys",
+        [faketime(), "-f", offset, sys.executable, "-m", "facesvc.commands.cli", "keys",
          "--tokens-key-dir", str(keys), "generate"],
         cwd=REPO, env=child_env(), capture_output=True, check=False,
     )  # fmt: skip

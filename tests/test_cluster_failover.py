@@ -60,8 +60,8 @@ from facesvc.client import (
     Gate,
     TrainingType,
 )
-from facesvc.redis_keys import KeySpace
-from facesvc.templates import generate_template_key
+from facesvc.store.keys import KeySpace
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.jws import b64url_decode
 from facesvc.tokens.keys import keys_generate
 from tests.engine_support import astronaut, jpeg
@@ -161,7 +161,7 @@ DEAD_SLOTS = range(0, 16384 // 3)
 
 
 def audit_stream(prefix: str) -> str:
-    """The audit stream's key under ``prefix`` (facesvc/wiring.py names it so; the test
+    """The audit stream's key under ``prefix`` (facesvc/serve/wiring.py names it so; the test
     checks the key exists after the run, so a rename cannot pass unnoticed)."""
     return f"{prefix.rstrip(':')}:audit"
 
@@ -212,7 +212,7 @@ def servers(
             log_path = tmp_path / f"serve-{index}.log"
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "facesvc.cli", "serve"],
+                    [sys.executable, "-m", "facesvc.commands.cli", "serve"],
                     cwd=REPO,
                     env=env,
                     stdout=log,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from facesvc.cli import build_parser, settings_from_args
+from facesvc.commands.cli import build_parser, settings_from_args
 from facesvc.config import ConfigError, describe, load_settings, redact_url, settings_info
 
 

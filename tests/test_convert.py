@@ -1,4 +1,5 @@
-"""``python -m facesvc.models.convert`` fills the model cache once for every default-pack model."""
+"""``python -m facesvc.commands.convert`` fills the model cache once for every default-pack
+model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from facesvc.models.convert import DEFAULT_PACK_CONVERSIONS, main
+from facesvc.commands.convert import DEFAULT_PACK_CONVERSIONS, main
 
 
 def test_convert_fills_the_cache_and_a_second_run_reuses_it(

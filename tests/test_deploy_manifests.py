@@ -30,8 +30,8 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from facesvc.config import load_settings, settings_info
-from facesvc.health import FACESVC_SERVICE, LIVENESS_SERVICE
-from facesvc.tls import check_exposure
+from facesvc.serve.health import FACESVC_SERVICE, LIVENESS_SERVICE
+from facesvc.serve.tls import check_exposure
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -196,8 +196,8 @@ def test_probes_ask_the_grpc_health_service_for_the_right_names(overlay: str) ->
         if "grpc" in spec:  # the kubelet's own gRPC health probe (plaintext)
             assert spec["grpc"]["port"] == grpc_port
             return str(spec["grpc"].get("service", ""))
-        command = spec["exec"]["command"]  # facesvc.healthcheck, with the service's TLS
-        assert command[:3] == ["python", "-m", "facesvc.healthcheck"], command
+        command = spec["exec"]["command"]  # facesvc.commands.healthcheck, with the service's TLS
+        assert command[:3] == ["python", "-m", "facesvc.commands.healthcheck"], command
         return command[command.index("--service") + 1] if "--service" in command else ""
 
     # Readiness: the service's own health (models loaded, Redis reachable), which the

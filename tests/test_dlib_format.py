@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.models.dlib_format import (
+from facesvc.models.dlib.format import (
     Affine,
     AvgPool,
     Con,

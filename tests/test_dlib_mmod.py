@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from facesvc.imaging import DecodeLimits, decode_image
-from facesvc.models.dlib_mmod import (
+from facesvc.models.dlib.mmod import (
     MMODFaceDetector,
     _ResizePlan,
     mmod_dat_path,

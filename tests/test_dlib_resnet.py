@@ -20,7 +20,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from facesvc.models.dlib_resnet import (
+from facesvc.models.dlib.resnet import (
     CHIP_SIZE,
     DlibResnetEmbedder,
     cached_resnet,

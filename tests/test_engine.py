@@ -17,7 +17,7 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, VerifyCommand
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FaceStatus
-from facesvc.templates import AlreadyEnrolled
+from facesvc.store.templates import AlreadyEnrolled
 from facesvc.tokens.jws import verify_compact
 from tests.clocks import wib_at
 from tests.engine_support import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.evaluation import (
+from facesvc.accuracy.evaluation import (
     Comparisons,
     DescriptorSet,
     ScanProtocol,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from facesvc.liveness.evaluation import (
+from facesvc.accuracy.liveness import (
     PadScore,
     calibrate_threshold,
     error_rates,

@@ -22,7 +22,11 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, TrainingType
 from facesvc.engine import EnrollOutcome
-from facesvc.launch import (
+from facesvc.store.connection import redis_client_from_url
+from facesvc.tokens import CheckPolicy, Expectation, PublicKeySet, check_token
+from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
+from facesvc.tokens.keys import KeyDirectory
+from facesvc.tokens.launch import (
     TICKET_TYPE,
     LaunchRefused,
     LaunchScope,
@@ -30,10 +34,6 @@ from facesvc.launch import (
     check_return_url,
     return_url_with_token,
 )
-from facesvc.redis_client import redis_client_from_url
-from facesvc.tokens import CheckPolicy, Expectation, PublicKeySet, check_token
-from facesvc.tokens.jws import b64url_decode, b64url_encode, sign_compact
-from facesvc.tokens.keys import KeyDirectory
 from tests.browser.support import EngineHolder, http, multipart, portal_overrides, stranger
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import (
@@ -468,8 +468,8 @@ def test_one_ticket_yields_one_token_however_many_scans_race_for_it(
 ) -> None:
     """40 genuine scans sent at once with one ticket: before the ticket was held atomically,
     5 were VERIFIED (the daily cap) with 5 distinct tokens."""
-    # The gateway's own limits (facesvc.gateway_limits) would turn most of the 40 away at the
-    # door: raised here, so that all of them race for the ticket.
+    # The gateway's own limits (facesvc.transport.portal_limits) would turn most of the 40
+    # away at the door: raised here, so that all of them race for the ticket.
     running, _ = gateway_with_p1_enrolled(
         start_server,
         redis_url,

@@ -17,8 +17,8 @@ from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.config import QualitySettings, ServerSettings
-from facesvc.facework import BatchSettings, FaceWork
 from facesvc.imaging import DecodeLimits
+from facesvc.models.facework import BatchSettings, FaceWork
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from tests.conftest import ServerStarter
@@ -88,7 +88,7 @@ async def test_face_work_sees_at_most_max_analyze_pixels_of_a_huge_frame(
 def test_frame_sizes_chosen_at_will_leave_a_bounded_detector_cache(model_pack: ModelPack) -> None:
     # The dlib detector keeps a pool of float32 canvases per input size: eight sizes of the
     # largest analysed frame kept about 150 MB resident once the frames were gone.
-    from facesvc.models import dlib_mmod
+    from facesvc.models.dlib import mmod as dlib_mmod
 
     detector = model_pack.detector
     if not isinstance(detector, dlib_mmod.MMODFaceDetector):

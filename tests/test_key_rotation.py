@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from facesvc import cli
 from facesvc.clock import FixedClock
+from facesvc.commands import cli
 from facesvc.config import PortalSettings, TokensSettings
-from facesvc.launch import LaunchTickets
-from facesvc.redis_client import redis_client_from_url
+from facesvc.store.connection import redis_client_from_url
 from facesvc.tokens.keys import KeyDirectory, keys_list
+from facesvc.tokens.launch import LaunchTickets
 from tests.test_gateway import RETURN, scope
 
 pytestmark = pytest.mark.calendar

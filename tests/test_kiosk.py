@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facesvc import cli
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
 from facesvc.client import Challenge, FaceVerificationClient, VerifyResult
+from facesvc.commands import cli
 from facesvc.config import LimitsSettings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.kiosk import __main__ as kiosk_main
@@ -31,9 +30,9 @@ from facesvc.kiosk.camera import StillFrames
 from facesvc.kiosk.flow import CaptureSettings, RetryPolicy, ScanEvent, ScanFlow, ScanState
 from facesvc.kiosk.qr import JwksFileKeys, PassChecker, PassKeys, ServiceKeys, qr_png, read_qr
 from facesvc.kiosk.tui import describe, render
-from facesvc.launch import TICKET_TYPE
 from facesvc.tokens.jws import PublicKeySet, b64url_decode, b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, keys_generate, load_key_ring
+from facesvc.tokens.launch import TICKET_TYPE
 from facesvc.tokens.passes import (
     PASS_TYPE,
     PassProblem,
@@ -42,6 +41,7 @@ from facesvc.tokens.passes import (
     open_pass,
     sign_pass,
 )
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.clocks import wib_at
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, insightface_image, jpeg

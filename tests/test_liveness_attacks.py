@@ -1,10 +1,10 @@
 """Flat pictures never pass a challenge: prints and screens of real photos, held square,
 turned or tilted about every axis, bent a little, brought closer, through the real models.
 
-The attacks are rendered by ``facesvc.liveness.attacks`` from photos that ship in wheels
+The attacks are rendered by ``facesvc.accuracy.flat_attacks`` from photos that ship in wheels
 (scikit-image's astronaut, insightface's Tom Hanks and a face of its group photo), and
 from ../shared/data when present. Each is decided as the engine decides a challenge scan
-after decoding (``facesvc.liveness.challenge_eval.decide``: the pack's detector, landmarks,
+after decoding (``facesvc.accuracy.challenges.decide``: the pack's detector, landmarks,
 quality gates and embedder, the liveness landmark stage, ``check_liveness``, the match
 against a template enrolled from the very photo printed), for every ordered step pair a
 challenge can draw and every pair of holds.
@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facesvc.config import load_settings
-from facesvc.domain import Decision
-from facesvc.liveness.attacks import Camera, Hold, answering_holds, hand_shake, render
-from facesvc.liveness.challenge_eval import (
+from facesvc.accuracy.challenges import (
     ATTACK_PHOTOS,
     FrameSource,
     Observer,
     attack_scans,
     challenge_pairs,
 )
+from facesvc.accuracy.flat_attacks import Camera, Hold, answering_holds, hand_shake, render
+from facesvc.config import load_settings
+from facesvc.domain import Decision
 from facesvc.liveness.challenges import DEFAULT_STEPS, Step
 from facesvc.liveness.checks import step_evidence
 from facesvc.models.packs import ModelPack

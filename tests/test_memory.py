@@ -1,4 +1,4 @@
-"""``facesvc.memory.pin_malloc_thresholds``: memory freed after a large frame goes back to
+"""``facesvc.serve.memory.pin_malloc_thresholds``: memory freed after a large frame goes back to
 the system (issue 18.1: after large images the server stayed gigabytes larger).
 
 Each case runs in a fresh interpreter, since the thresholds are per process and glibc's
@@ -29,7 +29,7 @@ _CHILD = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from facesvc.memory import pin_malloc_thresholds
+    from facesvc.serve.memory import pin_malloc_thresholds
 
     def rss_mib():
         with open("/proc/self/status") as status:
@@ -75,7 +75,7 @@ def test_pinning_reports_success_on_glibc() -> None:
         [
             sys.executable,
             "-c",
-            "from facesvc.memory import pin_malloc_thresholds as p; print(p())",
+            "from facesvc.serve.memory import pin_malloc_thresholds as p; print(p())",
         ],
         cwd=REPO,
         capture_output=True,

@@ -16,14 +16,14 @@ import grpc
 import pytest
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.admission import InFlightLimit
 from facesvc.config import QualitySettings
 from facesvc.domain import Gate, TrainingType
 from facesvc.engine import VerifyCommand
-from facesvc.facework import BatchSettings, FaceWork
 from facesvc.imaging import DecodeLimits
+from facesvc.models.facework import BatchSettings, FaceWork
 from facesvc.models.packs import ModelPack
 from facesvc.models.pipeline import FacePipeline
+from facesvc.transport.admission import InFlightLimit
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg
 from tests.test_service_verify import PID, enroll, genuine, start

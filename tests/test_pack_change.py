@@ -13,7 +13,7 @@ import pytest
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.models.packs import ModelPack
-from facesvc.templates import generate_template_key
+from facesvc.store.templates import generate_template_key
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg, running_engine
 
 
@@ -36,7 +36,7 @@ async def test_a_pack_change_is_logged_once_and_old_enrollments_must_enroll_agai
             "p-1", [jpeg(astronaut())], replace=False, caller=ADMIN, tenants=TENANTS
         )
         assert enrolled.enrolled, enrolled.reason
-    with caplog.at_level(logging.WARNING, logger="facesvc.wiring"):
+    with caplog.at_level(logging.WARNING, logger="facesvc.serve.wiring"):
         async with running_engine(tmp_path, redis_url, redis_prefix, model_pack, **key) as kit:
             outcome = await kit.engine.verify(
                 VerifyCommand(

@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from facesvc.calibration import CalibrationData, calibrate
+from facesvc.accuracy.calibration import CalibrationData, calibrate
+from facesvc.accuracy.evaluation import pairwise_comparisons
 from facesvc.config import QualitySettings
-from facesvc.evaluation import pairwise_comparisons
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
 from facesvc.models.matching import Distance
 from facesvc.models.packs import (
@@ -399,8 +399,8 @@ def test_tag_changes_with_preprocessing(models: Path) -> None:
 def test_describe_photos_with_a_manifest_pack(models: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from facesvc.accuracy_cli import read_photo
-    from facesvc.evaluation import FrameSimulation, describe_photos, scan_identity_folders
+    from facesvc.accuracy.evaluation import FrameSimulation, describe_photos, scan_identity_folders
+    from facesvc.commands.accuracy import read_photo
 
     for person in ("s__a", "s__b"):
         (tmp_path / person).mkdir()
@@ -440,7 +440,7 @@ def test_calibrate_command_output_loads_into_the_pack(
 
     from PIL import Image
 
-    from facesvc.accuracy_cli import run_calibrate
+    from facesvc.commands.accuracy import run_calibrate
 
     rng = np.random.default_rng(9)
     for person in ("s__a", "s__b", "t__c"):

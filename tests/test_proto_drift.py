@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from facesvc import protogen
+from tools import protogen
 
 
 def test_committed_stubs_match_the_proto() -> None:

@@ -13,8 +13,9 @@ from PIL import Image, ImageFilter
 
 from facesvc.config import QualitySettings
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
-from facesvc.models.dlib_mmod import MMODFaceDetector
-from facesvc.models.dlib_resnet import DlibResnetEmbedder
+from facesvc.models.dlib.mmod import MMODFaceDetector
+from facesvc.models.dlib.resnet import DlibResnetEmbedder
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.models.quality import (
@@ -27,7 +28,6 @@ from facesvc.models.quality import (
     select_face,
     sharpness,
 )
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, Detection, RGBImage
 
 LANDMARKS_5 = (

@@ -26,8 +26,7 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
-from facesvc.redis_local import RedisServer
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.conftest import RunningServer, ServerStarter
 from tests.test_audit import as_caller
 from tests.test_redis_topologies import (
@@ -36,6 +35,7 @@ from tests.test_redis_topologies import (
 )
 from tests.test_redis_topologies import binary as redis_server_binary
 from tests.test_service_verify import PID, enroll, genuine, start
+from tools.redis_local import RedisServer
 
 pytestmark = pytest.mark.slow
 SERVING = health_pb2.HealthCheckResponse.SERVING

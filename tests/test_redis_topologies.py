@@ -31,9 +31,9 @@ from facesvc.limits.caps import (
     Reservation,
     default_cap_rules,
 )
-from facesvc.redis_client import redis_client_from_url
-from facesvc.redis_local import RedisServer, find_redis_server
-from facesvc.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
+from tools.redis_local import RedisServer, find_redis_server
 
 pytestmark = pytest.mark.slow
 SPL = TrainingType.SPL

@@ -16,8 +16,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
+from facesvc.commands import healthcheck
 from tests.conftest import RunningServer, ServerStarter
 
 pytestmark = pytest.mark.calendar

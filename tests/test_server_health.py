@@ -13,12 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from facesvc import healthcheck
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.app import Resources
-from facesvc.health import LIVENESS_SERVICE
-from facesvc.redis_local import RedisServer
+from facesvc.commands import healthcheck
+from facesvc.serve.app import Resources
+from facesvc.serve.health import LIVENESS_SERVICE
 from tests.conftest import RunningServer
+from tools.redis_local import RedisServer
 
 pytestmark = pytest.mark.calendar
 

@@ -23,10 +23,10 @@ from typing import Any
 import grpc
 import pytest
 
-from facesvc import cli
-from facesvc.app import App, Resources
+from facesvc.commands import cli
 from facesvc.config import Settings, load_settings
-from facesvc.templates import generate_template_key
+from facesvc.serve.app import App, Resources
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 
 SLOW_METHOD = "/facesvc.test.Slow/Wait"
@@ -77,7 +77,7 @@ def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[subproc
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "facesvc.cli", "serve",
+            sys.executable, "-m", "facesvc.commands.cli", "serve",
             "--server-grpc-port", "0",
             "--server-http-port", "0",
             "--server-grace-s", "60",
@@ -158,7 +158,7 @@ async def test_a_shutdown_step_that_hangs_is_logged_and_the_stop_still_ends(
     await app.start()
     while not app.health.state.models_ready:
         await asyncio.sleep(0.01)
-    with caplog.at_level(logging.INFO, logger="facesvc.app"):
+    with caplog.at_level(logging.INFO, logger="facesvc.serve.app"):
         await asyncio.wait_for(app.stop(0), timeout=30)
     messages = [r.getMessage() for r in caplog.records]
     assert any("the engine's model workers did not finish" in m for m in messages)

@@ -11,11 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.app import Resources
 from facesvc.engine import Engine
-from facesvc.templates import generate_template_key
+from facesvc.serve.app import Resources
+from facesvc.serve.wiring import build_engine
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
-from facesvc.wiring import build_engine
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, default_pack, insightface_image, jpeg
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from facesvc.imaging import DecodeLimits, decode_image
-from facesvc.models.dlib_format import DlibFormatError
+from facesvc.models.dlib.format import DlibFormatError
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.model_cache import ModelCache
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, RGBImage
 
 dlib = pytest.importorskip("dlib")

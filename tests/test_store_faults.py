@@ -17,10 +17,10 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.redis_local import RedisServer
 from tests.browser.support import EngineHolder, http, portal_overrides
 from tests.conftest import RunningServer, ServerStarter
 from tests.test_gateway import ALLOWLIST, bearer, scope, tickets_of
+from tools.redis_local import RedisServer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

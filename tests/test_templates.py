@@ -14,16 +14,15 @@ import numpy.typing as npt
 import pytest
 import redis.asyncio as aioredis
 
-from facesvc.cli import main as facesvc_cli
 from facesvc.clock import SystemClock
+from facesvc.commands.cli import main as facesvc_cli
 from facesvc.config import ConfigError, TemplatesSettings
 from facesvc.domain import TrainingType
 from facesvc.limits.caps import AttemptCaps, IdempotentScan, default_cap_rules
-from facesvc.redis_client import redis_client_from_url
-from facesvc.redis_errors import StoreUnavailable
-from facesvc.redis_keys import KeySpace
-from facesvc.redis_local import free_port
-from facesvc.templates import (
+from facesvc.store.connection import redis_client_from_url
+from facesvc.store.errors import StoreUnavailable
+from facesvc.store.keys import KeySpace
+from facesvc.store.templates import (
     AlreadyEnrolled,
     Template,
     TemplateKeyRing,
@@ -33,6 +32,7 @@ from facesvc.templates import (
     keyring_from_settings,
 )
 from tests.clocks import wib_at
+from tools.redis_local import free_port
 
 pytestmark = pytest.mark.calendar
 

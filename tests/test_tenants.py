@@ -23,15 +23,15 @@ import redis
 from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.auth import Client, Role, new_api_key, write_keys_file
+from facesvc.accuracy.flat_attacks import Hold, hand_shake, render
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand, VerifyOutcome
 from facesvc.limits.abuse import ParticipantLocked
-from facesvc.liveness.attacks import Hold, hand_shake, render
 from facesvc.models.packs import ModelPack
 from facesvc.models.types import Box
 from facesvc.tokens.keys import load_key_ring
 from facesvc.tokens.passes import new_pass, sign_pass
+from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import (
     ADMIN,

@@ -25,15 +25,15 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.accuracy_cli import describe, quality_limits, run_calibrate
-from facesvc.calibration import CalibrationData, calibrate
+from facesvc.accuracy.calibration import CalibrationData, calibrate
+from facesvc.accuracy.evaluation import FrameSimulation, pairwise_comparisons
+from facesvc.commands.accuracy import describe, quality_limits, run_calibrate
 from facesvc.config import QualitySettings
-from facesvc.evaluation import FrameSimulation, pairwise_comparisons
 from facesvc.models.packs import PackContext, default_registry
 from facesvc.models.pipeline import FacePipeline, FaceStatus
-from facesvc.templates import generate_template_key
+from facesvc.serve.wiring import engine_from_resources
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
-from facesvc.wiring import engine_from_resources
 from tests.conftest import ServerStarter
 from tests.test_packs import ONNX_MANIFEST, detector_standin, recogniser_standin
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from facesvc.clock import FixedClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
-from facesvc.redis_errors import StoreUnavailable
+from facesvc.store.errors import StoreUnavailable
 from facesvc.tokens import (
     CheckPolicy,
     CheckReason,
@@ -657,7 +657,7 @@ def test_private_key_material_never_shows(
 
 
 def test_keys_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from facesvc.cli import main
+    from facesvc.commands.cli import main
 
     key_dir = str(tmp_path / "keys")
     assert main(["keys", "--tokens-key-dir", key_dir, "generate"]) == 0

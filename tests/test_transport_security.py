@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from facesvc import cli
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.app import App
+from facesvc.commands import cli
 from facesvc.config import ConfigError, Settings, load_settings
-from facesvc.templates import generate_template_key
-from facesvc.tls import check_exposure
+from facesvc.serve.app import App
+from facesvc.serve.tls import check_exposure
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 from tests.conftest import ServerStarter
 from tests.serve_process import REPO, child_env, serve_process
@@ -223,7 +223,7 @@ def test_init_makes_a_working_secure_set_up_once(
     )
     # The container's health probe trusts the certificate init made (127.0.0.1 is in it).
     probe = subprocess.run(
-        [sys.executable, "-m", "facesvc.healthcheck"],
+        [sys.executable, "-m", "facesvc.commands.healthcheck"],
         cwd=REPO,
         env=child_env(
             {

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.config import Settings, load_settings, usable_cores
-from facesvc.templates import generate_template_key
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def workers(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Worke
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "facesvc.cli", "serve",
+                sys.executable, "-m", "facesvc.commands.cli", "serve",
                 "--workers", "2",
                 "--server-grpc-port", "0",
                 "--server-http-port", "0",
@@ -268,7 +268,7 @@ def test_a_worker_refusing_its_settings_stops_the_supervisor_at_once(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
     done = subprocess.run(
         [
-            sys.executable, "-m", "facesvc.cli", "serve",
+            sys.executable, "-m", "facesvc.commands.cli", "serve",
             "--workers", "2",
             "--server-grpc-port", "0",
             "--server-http-port", "0",

@@ -130,7 +130,7 @@ def test_every_faceapi_crop_is_found_two_only_after_padding(
 ) -> None:
     """faceapi's 150x150 grayscale crops leave YuNet no context: two of the 40 are found
     only in a padded search, and then in the crop's own pixels."""
-    from facesvc.accuracy_cli import read_photo
+    from facesvc.commands.accuracy import read_photo
 
     no_retry = YunetDetector(yunet._session, policy=ScalePolicy(pad_fractions=(), full_side=0))
     needed_padding = []
@@ -230,7 +230,7 @@ def test_crops_set_in_a_flat_frame_are_searched_again_larger(
     """faceapi's crops pasted into a grey 640x480 frame (as benchmarks.load sends them): at
     the first search's scale (an 80 px face made 32 px) YuNet sees no context around four
     of them; the second search, at the frame's own size, finds them."""
-    from facesvc.accuracy_cli import read_photo
+    from facesvc.commands.accuracy import read_photo
 
     def framed(path: Path) -> np.ndarray:
         frame = np.full((480, 640, 3), 96, np.uint8)

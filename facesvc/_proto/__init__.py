@@ -1,1 +1,1 @@
-"""Generated from proto/ by `python -m facesvc.protogen`; do not edit."""
+"""Generated from proto/ by `python -m tools.protogen`; do not edit."""

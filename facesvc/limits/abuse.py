@@ -20,7 +20,7 @@ hash tag (:meth:`KeySpace.spoof_strikes`, :meth:`KeySpace.lockout`) like every o
 per-participant key.
 
 Failure mode: fail closed, like the caps. Any Redis error raises
-:class:`~facesvc.redis_errors.StoreUnavailable`; callers answer UNAVAILABLE.
+:class:`~facesvc.store.errors.StoreUnavailable`; callers answer UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from facesvc.clock import WIB, Clock
-from facesvc.redis_client import AsyncRedis
-from facesvc.redis_errors import store_errors
-from facesvc.redis_keys import KeySpace
+from facesvc.store.connection import AsyncRedis
+from facesvc.store.errors import store_errors
+from facesvc.store.keys import KeySpace
 
 # KEYS[1]: current window counter, KEYS[2]: previous window counter (same hash tag).
 # ARGV[1]: limit, ARGV[2]: window ms, ARGV[3]: ms elapsed in the current window, ARGV[4]: the

@@ -4,7 +4,7 @@ A cap is data (:class:`CapRule`, in the style of an Envoy rate-limit descriptor)
 WEBINAR 10, OFFLINE configurable (default 10) attempts per participant AND training per
 calendar day in Asia/Jakarta (WIB); the count resets at 00:00 WIB.
 
-Storage (see :mod:`facesvc.redis_keys`): each participant, training and WIB day has one Redis
+Storage (see :mod:`facesvc.store.keys`): each participant, training and WIB day has one Redis
 SET ``<prefix>:{p:<pid>}:cap:<training_id>:<yyyymmdd>`` whose members are reservation ids.
 The number used is the set's size. A set rather than an INCR counter because it makes the
 three hard properties structural instead of bookkept:
@@ -45,7 +45,7 @@ retry decides it with the same reservation id, so the same attempt. All keys sha
 participant's hash tag, so the script is valid on Redis Cluster. Lua uses only Redis 6.2
 commands (no functions, no 7-only commands).
 
-Failure mode: every Redis error raises :class:`facesvc.redis_errors.StoreUnavailable`;
+Failure mode: every Redis error raises :class:`facesvc.store.errors.StoreUnavailable`;
 the engine answers UNAVAILABLE (fail closed: no face work, no token without a cap check).
 """
 
@@ -62,9 +62,9 @@ from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, day_end, programme_day
 from facesvc.domain import TrainingType
-from facesvc.redis_client import AsyncRedis, reply_text
-from facesvc.redis_errors import store_errors
-from facesvc.redis_keys import KeySpace
+from facesvc.store.connection import AsyncRedis, reply_text
+from facesvc.store.errors import store_errors
+from facesvc.store.keys import KeySpace
 
 # KEYS[1]: the cap SET; KEYS[2], KEYS[3] (optional): the idempotency HASH and its lease
 # (same hash tag). ARGV[1]: limit, ARGV[2]: reservation id, ARGV[3]: the SET's TTL,

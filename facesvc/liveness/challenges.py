@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from facesvc.domain import Gate
-from facesvc.redis_client import AsyncRedis, reply_text
-from facesvc.redis_errors import store_errors
-from facesvc.redis_keys import KeySpace, validate_id
+from facesvc.store.connection import AsyncRedis, reply_text
+from facesvc.store.errors import store_errors
+from facesvc.store.keys import KeySpace, validate_id
 
 
 class Step(enum.StrEnum):

@@ -99,7 +99,7 @@ class LivenessThresholds:
 
     The pose and depth defaults were chosen on ../shared/data/poses (calibration
     identities: the freefield man's sets A-C and farhanrbnn) and on flat-picture attacks
-    rendered from ten photos (``facesvc.liveness.attacks``) with the liveness landmark
+    rendered from ten photos (``facesvc.accuracy.flat_attacks``) with the liveness landmark
     stage's 68 points; docs/liveness.md reports them on other people and photos. Each
     field says what was measured. ``max_identity_distance`` and ``passive_threshold``
     belong to the model pack and the passive model's calibration.
@@ -284,7 +284,7 @@ def step_evidence(
     """Whether the frame with 68 points ``moved`` shows ``step`` against the frontal frame's
     ``reference`` points: (its pose answers the step, and it also shows the depth a head
     would), as ``check_liveness`` judges each frame. Evaluation uses it to skip scans that
-    cannot pass (``facesvc.liveness.challenge_eval``)."""
+    cannot pass (``facesvc.accuracy.challenges``)."""
     ref, pose = estimate_pose(reference), estimate_pose(moved)
     posed = _answers(step, pose, ref, thresholds)
     if not posed or step not in DEPTH_STEPS:

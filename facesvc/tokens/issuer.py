@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
-from facesvc.redis_keys import validate_id
+from facesvc.store.keys import validate_id
 from facesvc.tokens.claims import VerificationClaims
 from facesvc.tokens.jws import b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, SigningKeySource

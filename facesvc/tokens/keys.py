@@ -10,7 +10,7 @@ detected on load. Times are ISO 8601 UTC.
 
 Timeline of one rotation at time T (publication delay D, leeway E, and L the life of the
 longest-lived thing a key signs: gate tokens and the scan page's launch tickets, see
-``facesvc.tokens.cli.longest_signed_life_s``)::
+``facesvc.commands.keys.longest_signed_life_s``)::
 
     T          new key written as "next": published in the JWKS, not signing
     T + D      new key signs (D >= the JWKS cache max-age, so every verifier has it by then)

@@ -36,7 +36,7 @@ from typing import Any
 
 from facesvc.clock import Clock, SystemClock, require_aware
 from facesvc.domain import Gate
-from facesvc.redis_keys import validate_id
+from facesvc.store.keys import validate_id
 from facesvc.tokens.claims import CheckReason, str_claim, time_claim
 from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
 from facesvc.tokens.keys import PublicKeySource, SigningKey

@@ -1,6 +1,6 @@
 """One-time redemption: check a token, then spend its jti in Redis so it never admits twice.
 
-Key (under the participant's Cluster hash tag, see ``facesvc.redis_keys``)::
+Key (under the participant's Cluster hash tag, see ``facesvc.store.keys``)::
 
     <prefix>:{p:<participant_id>}:jti:<jti>    STRING "1", EX = seconds until exp + leeway
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 from facesvc.clock import Clock, SystemClock
-from facesvc.redis_client import AsyncRedis
-from facesvc.redis_errors import store_errors
-from facesvc.redis_keys import KeySpace
+from facesvc.store.connection import AsyncRedis
+from facesvc.store.errors import store_errors
+from facesvc.store.keys import KeySpace
 from facesvc.tokens.check import CheckPolicy, check_token
 from facesvc.tokens.claims import CheckReason, CheckResult, Expectation
 from facesvc.tokens.keys import PublicKeySource

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facesvc.app import Resources
 from facesvc.engine import Engine
-from facesvc.templates import generate_template_key
+from facesvc.serve.app import Resources
+from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 
 
@@ -202,7 +202,7 @@ class EngineHolder:
     async def __call__(self, resources: Resources) -> Engine:
         import asyncio
 
-        from facesvc.wiring import build_engine
+        from facesvc.serve.wiring import build_engine
         from tests.engine_support import default_pack
 
         self.loop = asyncio.get_running_loop()
