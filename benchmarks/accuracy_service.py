@@ -45,8 +45,8 @@ from PIL import Image, ImageOps
 from benchmarks.load import spawn_service, wait_workers_serving
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.accuracy.calibration import load_calibration
 from facesvc.accuracy.evaluation import scan_identity_folders, source_of
+from facesvc.models.calibration import load_calibration
 
 DECISION = {v: k for k, v in pb.Decision.items()}
 

@@ -418,8 +418,8 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack:
     with the service's quality gates."""
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
+    from facesvc.models.packs import load_pack
     from facesvc.models.pipeline import FacePipeline
-    from facesvc.serve.wiring import load_pack
 
     settings = load_settings(
         env={},
@@ -430,7 +430,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack:
             "quality.min_detect_px": min_face_px,
         },
     )
-    loaded = load_pack(settings)
+    loaded = load_pack(settings.models)
     pipeline = FacePipeline(
         loaded.detector, loaded.landmarks, loaded.embedder, settings.quality, loaded.frontal
     )

@@ -40,8 +40,9 @@ from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Engine, VerifyCommand
 from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.metrics import Metrics
-from facesvc.models.packs import ModelPack
-from facesvc.serve.wiring import build_engine, load_pack
+from facesvc.models.pack import ModelPack
+from facesvc.models.packs import load_pack
+from facesvc.serve.wiring import build_engine
 from facesvc.store.connection import AsyncRedis, redis_client_from_url
 from facesvc.store.templates import Template, TemplateStore, keyring_from_settings
 from tests.engine_support import (
@@ -78,7 +79,7 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
 def dlib_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
     """The same on the dlib pack."""
     settings = load_settings(env={}, overrides={"models.pack": "dlib"})
-    yield from _kit(tmp_path_factory, load_pack(settings))
+    yield from _kit(tmp_path_factory, load_pack(settings.models))
 
 
 def _kit(tmp_path_factory: pytest.TempPathFactory, pack: ModelPack) -> Iterator[Kit]:

@@ -35,8 +35,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from facesvc.config import QualitySettings
 from facesvc.imaging import DecodeLimits, decode_image
 from facesvc.models.alignment import dlib_face_chip
+from facesvc.models.dlib.pack import load_dlib_pack
 from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
-from facesvc.models.packs import ModelPack, PackContext, load_dlib_pack
+from facesvc.models.pack import ModelPack, PackContext
 from facesvc.models.pipeline import FacePipeline
 from facesvc.models.types import Box, RGBImage
 

@@ -34,7 +34,7 @@ from facesvc.liveness.challenges import Challenge, ChallengeRefused, ChallengeSt
 from facesvc.liveness.judge import LivenessJudge, frames_to_score
 from facesvc.metrics import Metrics
 from facesvc.models.facework import FaceWork
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FaceAnalysis, FaceStatus
 from facesvc.models.types import RGBImage
 from facesvc.store.audit import AuditEvent, AuditLog

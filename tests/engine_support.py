@@ -25,8 +25,9 @@ from facesvc.engine import Caller, Engine
 from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
 from facesvc.models.model_cache import ModelCache
-from facesvc.models.packs import ModelPack
-from facesvc.serve.wiring import build_engine, load_pack
+from facesvc.models.pack import ModelPack
+from facesvc.models.packs import load_pack
+from facesvc.serve.wiring import build_engine
 from facesvc.store.connection import AsyncRedis, redis_client_from_url
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
@@ -49,7 +50,7 @@ def default_pack() -> ModelPack:
     """The default pack (yunet-sface), loaded once per test process: loading takes seconds."""
     global _PACK
     if _PACK is None:
-        _PACK = load_pack(load_settings(env={}))
+        _PACK = load_pack(load_settings(env={}).models)
     return _PACK
 
 

@@ -32,7 +32,8 @@ from facesvc.accuracy.evaluation import (
 from facesvc.commands.accuracy import read_photo
 from facesvc.config import load_settings
 from facesvc.models.matching import Distance, FrameRule, MatchRules, TemplateRule
-from facesvc.models.packs import PackContext, default_registry
+from facesvc.models.pack import PackContext
+from facesvc.models.packs import default_registry
 from facesvc.models.pipeline import FacePipeline
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facesvc.accuracy.calibration import (
+from facesvc.accuracy.calibrate import calibrate
+from facesvc.accuracy.evaluation import pairwise_comparisons
+from facesvc.models.calibration import (
     Calibration,
     CalibrationData,
     CalibrationError,
-    calibrate,
     load_calibration,
     log_calibration_status,
 )
-from facesvc.accuracy.evaluation import pairwise_comparisons
 from facesvc.models.matching import Distance
 from tests.clocks import wib_at
 

@@ -30,7 +30,7 @@ from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.clock import ClockUntrusted, FixedClock, SkewWatch
 from facesvc.domain import TrainingType
 from facesvc.metrics import Metrics
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.serve.health import Health, RedisProbe
 from facesvc.serve.wiring import build_engine
 from facesvc.store.connection import redis_client_from_url

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from facesvc.commands.cli import build_parser, settings_from_args
+from facesvc.commands.arguments import settings_from_args
+from facesvc.commands.cli import build_parser
 from facesvc.config import ConfigError, describe, load_settings, redact_url, settings_info
 
 

@@ -15,7 +15,7 @@ import pytest
 from facesvc.config import ConfigError, load_settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import Caller, VerifyCommand
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FaceStatus
 from facesvc.store.templates import AlreadyEnrolled
 from facesvc.tokens.jws import verify_compact

@@ -12,7 +12,7 @@ from PIL import Image
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.liveness.judge import frames_to_score
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg, running_engine
 
 pytestmark = pytest.mark.calendar

@@ -21,7 +21,7 @@ from facesvc.accuracy.liveness import (
     write_curve,
 )
 from facesvc.models.fas import FasFtModel, crop_face, load_fas_calibration, resize_and_pad
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.types import Box, RGBImage
 
 

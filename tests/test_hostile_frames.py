@@ -19,7 +19,7 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.config import QualitySettings, ServerSettings
 from facesvc.imaging import DecodeLimits
 from facesvc.models.facework import BatchSettings, FaceWork
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from tests.conftest import ServerStarter
 from tests.engine_support import astronaut

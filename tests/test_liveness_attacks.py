@@ -32,7 +32,7 @@ from facesvc.config import load_settings
 from facesvc.domain import Decision
 from facesvc.liveness.challenges import DEFAULT_STEPS, Step
 from facesvc.liveness.checks import step_evidence
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline
 from facesvc.models.types import Box, RGBImage
 from tests.engine_support import astronaut, dense_landmarks, insightface_image

@@ -30,7 +30,7 @@ from facesvc.liveness.checks import (
 from facesvc.liveness.geometry import depth_motion
 from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.liveness.pose import estimate_pose
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.types import Box, Detection, Points, RGBImage
 from tests.engine_support import dense_landmarks
 from tests.test_liveness_geometry import PRINT, tilted, view

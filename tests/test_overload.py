@@ -21,7 +21,7 @@ from facesvc.domain import Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.imaging import DecodeLimits
 from facesvc.models.facework import BatchSettings, FaceWork
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline
 from facesvc.transport.admission import InFlightLimit
 from tests.conftest import RunningServer, ServerStarter

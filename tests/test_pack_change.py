@@ -12,7 +12,7 @@ import pytest
 
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.store.templates import generate_template_key
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg, running_engine
 

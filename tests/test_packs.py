@@ -16,19 +16,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from facesvc.accuracy.calibration import CalibrationData, calibrate
+from facesvc.accuracy.calibrate import calibrate
 from facesvc.accuracy.evaluation import pairwise_comparisons
 from facesvc.config import QualitySettings
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
+from facesvc.models.calibration import CalibrationData
+from facesvc.models.manifest_packs import load_insightface_manifest, load_onnx_manifest
 from facesvc.models.matching import Distance
-from facesvc.models.packs import (
-    ModelPack,
-    PackContext,
-    PackError,
-    PackRegistry,
-    load_insightface_manifest,
-    load_onnx_manifest,
-)
+from facesvc.models.pack import ModelPack, PackContext, PackError
+from facesvc.models.packs import PackRegistry
 from facesvc.models.pipeline import FacePipeline
 
 pytest.importorskip("insightface", reason="the insightface extra is not installed")

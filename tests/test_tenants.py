@@ -27,7 +27,7 @@ from facesvc.accuracy.flat_attacks import Hold, hand_shake, render
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand, VerifyOutcome
 from facesvc.limits.abuse import ParticipantLocked
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.types import Box
 from facesvc.tokens.keys import load_key_ring
 from facesvc.tokens.passes import new_pass, sign_pass

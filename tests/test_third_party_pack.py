@@ -25,11 +25,13 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
-from facesvc.accuracy.calibration import CalibrationData, calibrate
+from facesvc.accuracy.calibrate import calibrate
 from facesvc.accuracy.evaluation import FrameSimulation, pairwise_comparisons
 from facesvc.commands.accuracy import describe, quality_limits, run_calibrate
 from facesvc.config import QualitySettings
-from facesvc.models.packs import PackContext, default_registry
+from facesvc.models.calibration import CalibrationData
+from facesvc.models.pack import PackContext
+from facesvc.models.packs import default_registry
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.serve.wiring import engine_from_resources
 from facesvc.store.templates import generate_template_key

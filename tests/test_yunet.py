@@ -15,7 +15,7 @@ from facesvc.engine import VerifyCommand
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import SFACE, YUNET, cached_yunet, locate
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.models.types import Box
 from facesvc.models.yunet import (

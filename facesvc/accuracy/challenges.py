@@ -58,7 +58,7 @@ from facesvc.liveness.checks import (
 from facesvc.liveness.geometry import depth_motion
 from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.liveness.pose import estimate_pose
-from facesvc.models.packs import ModelPack
+from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.models.types import Box, Points, RGBImage
 
@@ -586,10 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from facesvc.config import load_settings
     from facesvc.models.model_cache import ModelCache
-    from facesvc.serve.wiring import load_pack
+    from facesvc.models.packs import load_pack
 
     settings = load_settings(env={})
-    pack = load_pack(settings)
+    pack = load_pack(settings.models)
     pipeline = FacePipeline(
         pack.detector, pack.landmarks, pack.embedder, settings.quality, pack.frontal
     )

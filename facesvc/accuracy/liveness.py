@@ -286,20 +286,14 @@ def calibration_record(
 def main(args: argparse.Namespace) -> int:
     """``facesvc eval-liveness DATA [--out DIR]``: report, curve and a calibration record."""
     from facesvc.config import load_settings
-    from facesvc.models.packs import PackContext, default_registry
+    from facesvc.models.packs import load_pack
 
     folder: Path = args.data
     out: Path = args.out or Path("eval-liveness")
     out.mkdir(parents=True, exist_ok=True)
     shipped = load_fas_calibration()
     settings = load_settings()
-    context = PackContext(
-        cache_dir=settings.models.cache_dir,
-        threads=settings.models.threads,
-        calibration_override=None,
-        logger=log,
-    )
-    pack = default_registry().load(settings.models.pack, context)
+    pack = load_pack(settings.models, calibrated=False)
     model = FasFtModel(args.input_size or shipped.input_size)
     items = photos(folder)
     log.info("scoring %d photos at %dx%d", len(items), model.input_size, model.input_size)

@@ -25,16 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
-from facesvc.accuracy.calibration import (
-    DEFAULT_TARGET_FMR,
-    Calibration,
-    CalibrationData,
-    FrontalPose,
-    RatesAtThreshold,
-    TurnedIdentity,
-    calibrate,
-    load_calibration,
-)
+from facesvc.accuracy.calibrate import DEFAULT_TARGET_FMR, calibrate, rates_at
 from facesvc.accuracy.evaluation import (
     OPEN_POSE,
     TURNED_MIN_DEG,
@@ -58,8 +49,16 @@ from facesvc.accuracy.evaluation import (
     write_det_plot,
 )
 from facesvc.config import QualitySettings, load_settings
+from facesvc.models.calibration import (
+    Calibration,
+    CalibrationData,
+    FrontalPose,
+    TurnedIdentity,
+    load_calibration,
+)
 from facesvc.models.matching import Distance, FrameRule, MatchRules, TemplateRule
-from facesvc.models.packs import ModelPack, PackContext, default_registry
+from facesvc.models.pack import ModelPack
+from facesvc.models.packs import load_pack
 from facesvc.models.pipeline import FacePipeline
 from facesvc.models.quality import FrontalGeometry, LandmarkLayout
 from facesvc.models.types import RGBImage
@@ -75,19 +74,6 @@ def read_photo(path: Path) -> RGBImage:
     """A photo from a trusted evaluation folder as (H, W, 3) uint8 RGB, EXIF orientation applied."""
     with Image.open(path) as im:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
-
-
-def _load_pack(name: str | None) -> ModelPack:
-    """The pack without any calibration: these commands calibrate, they never need one."""
-    settings = load_settings()
-    context = PackContext(
-        cache_dir=settings.models.cache_dir,
-        threads=settings.models.threads,
-        calibration_override=None,
-        logger=log,
-        calibrated=False,
-    )
-    return default_registry().load(name or settings.models.pack, context)
 
 
 def quality_limits(min_face_px: int | None) -> QualitySettings:
@@ -312,7 +298,7 @@ def _on_det_plot(lever: Lever) -> bool:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    pack = _load_pack(args.pack)
+    pack = load_pack(load_settings().models, spec=args.pack, calibrated=False)
     limits = quality_limits(args.min_face_px)
     calibration = None
     if args.calibration is not None:
@@ -409,7 +395,7 @@ def turned_table(
 
 def run_calibrate(args: argparse.Namespace) -> int:
     # Calibrating never needs the calibration it is about to write: the pack loads without.
-    pack = _load_pack(args.pack)
+    pack = load_pack(load_settings().models, spec=args.pack, calibrated=False)
     limits = quality_limits(args.min_face_px)
     described = describe(pack, args.data, args.cache, FrameSimulation(variants=0), limits)
     if args.hold_out is not None:
@@ -465,7 +451,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 target_fmr=args.fmr,
                 folder=args.turned.name,
                 identities=len(turned_set.identities),
-                rates=RatesAtThreshold.of(comps, threshold),
+                rates=rates_at(comps, threshold),
                 min_turn_deg=TURNED_MIN_DEG,
             ),
         )

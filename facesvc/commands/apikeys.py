@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facesvc.commands.cli import settings_from_args
+from facesvc.commands.arguments import settings_from_args
 from facesvc.domain import TrainingType
 from facesvc.transport.auth import (
     Client,

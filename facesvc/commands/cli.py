@@ -2,8 +2,7 @@
 
 Each subcommand is registered by a small ``_add_*`` function below that defines
 its flags and points at a handler; handlers import the implementing module only
-when run, so ``facesvc serve`` never loads evaluation code and a subcommand whose
-module has not landed yet says which issue brings it.
+when run, so ``facesvc serve`` never loads evaluation or operator code.
 
 To add one: write ``_add_name(sub)`` that calls ``sub.add_parser(...)`` and
 ``set_defaults(func=...)``, with ``func(args) -> int`` (the exit code), and list
@@ -13,79 +12,28 @@ it in :data:`_COMMANDS`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import TypeAlias
 
-from facesvc.config import (
-    ConfigError,
-    Settings,
-    describe,
-    load_settings,
-    settings_info,
-    shown,
-)
+from facesvc.commands.arguments import add_settings_flags, settings_from_args
+from facesvc.config import ConfigError, describe, settings_info, shown
 
 Handler = Callable[[argparse.Namespace], int]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
-class MissingCapability(RuntimeError):
-    """A subcommand whose implementing module has not landed yet."""
-
-
-def _module(name: str, issue: int) -> ModuleType:
-    """Import ``name``, or explain which issue brings it."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and name.startswith(exc.name):
-            raise MissingCapability(
-                f"{name} is not there yet; it arrives with issue {issue}"
-            ) from exc
-        raise
-
-
-def _delegate(module: str, function: str, issue: int) -> Handler:
-    """A handler calling ``module.function(args) -> int``, imported on use."""
+def _handler(module: str, function: str) -> Handler:
+    """A handler calling ``module.function(args) -> int``, imported only when run: ``facesvc
+    serve`` never loads evaluation or operator code."""
 
     def handler(args: argparse.Namespace) -> int:
-        result: int = getattr(_module(module, issue), function)(args)
+        result: int = getattr(importlib.import_module(module), function)(args)
         return result
 
     return handler
-
-
-# ---------------------------------------------------------------- settings flags
-
-
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", type=Path, default=None, help="TOML settings file (env FACESVC_CONFIG)"
-    )
-    group = parser.add_argument_group("settings (each also env FACESVC_<SECTION>_<NAME>)")
-    for info in settings_info():
-        group.add_argument(
-            info.flag,
-            dest=f"setting__{info.section}__{info.name}",
-            metavar="VALUE",
-            default=None,
-            help=f"{info.doc} [{info.env}]" if info.doc else f"[{info.env}]",
-        )
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from defaults, file, env and the ``--<section>-<name>`` flags given."""
-    overrides = {}
-    for key, value in vars(args).items():
-        if key.startswith("setting__") and value is not None:
-            _, section, name = key.split("__", 2)
-            overrides[f"{section}.{name}"] = value
-    return load_settings(config_file=args.config, overrides=overrides)
 
 
 # ---------------------------------------------------------------- serve
@@ -103,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: SubParsers) -> None:
     p = sub.add_parser("serve", help="run the gRPC and HTTP servers")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     p.add_argument(
         "--workers",
         dest="setting__server__workers",
@@ -129,7 +77,7 @@ def _add_settings(sub: SubParsers) -> None:
     p.set_defaults(func=_settings_table)
 
 
-# ---------------------------------------------------------------- commands other issues implement
+# ---------------------------------------------------------------- operator commands
 
 
 def _add_eval(sub: SubParsers) -> None:
@@ -156,7 +104,7 @@ def _add_eval(sub: SubParsers) -> None:
         help="folder of identity folders with turned heads: judge --calibration's turned "
         "threshold on them",
     )
-    p.set_defaults(func=_delegate("facesvc.commands.accuracy", "run_eval", 11))
+    p.set_defaults(func=_handler("facesvc.commands.accuracy", "run_eval"))
 
 
 def _add_accuracy_flags(p: argparse.ArgumentParser) -> None:
@@ -201,7 +149,7 @@ def _add_calibrate(sub: SubParsers) -> None:
         help="folder of identity folders with frontal and turned-head photos: also calibrate "
         "the same-person threshold between turned and frontal faces (liveness challenges)",
     )
-    p.set_defaults(func=_delegate("facesvc.commands.accuracy", "run_calibrate", 11))
+    p.set_defaults(func=_handler("facesvc.commands.accuracy", "run_calibrate"))
 
 
 def _add_eval_liveness(sub: SubParsers) -> None:
@@ -214,12 +162,12 @@ def _add_eval_liveness(sub: SubParsers) -> None:
         default=None,
         help="side of the model's square input (default: the shipped calibration's)",
     )
-    p.set_defaults(func=_delegate("facesvc.accuracy.liveness", "main", 6))
+    p.set_defaults(func=_handler("facesvc.accuracy.liveness", "main"))
 
 
 def _add_keys(sub: SubParsers) -> None:
     p = sub.add_parser("keys", help="token signing keys")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     for action, text in (
         ("generate", "create the first signing key"),
@@ -227,72 +175,35 @@ def _add_keys(sub: SubParsers) -> None:
         ("list", "list keys with their validity (never private parts)"),
     ):
         keys.add_parser(action, help=text).set_defaults(
-            func=_delegate("facesvc.commands.keys", f"cli_keys_{action}", 5)
+            func=_handler("facesvc.commands.keys", f"cli_keys_{action}")
         )
 
 
 def _add_templates(sub: SubParsers) -> None:
     p = sub.add_parser("templates", help="stored face templates")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     t = p.add_subparsers(dest="templates_command", required=True, metavar="ACTION")
     t.add_parser("rekey", help="re-encrypt every template under the current key").set_defaults(
-        func=_delegate("facesvc.store.templates", "cli_rekey", 4)
+        func=_handler("facesvc.commands.templates", "cli_rekey")
     )
     t.add_parser("keygen", help="add a new template encryption key to the key file").set_defaults(
-        func=_delegate("facesvc.store.templates", "cli_keygen", 4)
+        func=_handler("facesvc.commands.templates", "cli_keygen")
     )
 
 
 def _add_audit(sub: SubParsers) -> None:
     p = sub.add_parser("audit", help="the audit trail")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     a = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     tail = a.add_parser("tail", help="print the newest audit events")
     tail.add_argument("-n", type=int, default=20, help="how many events")
     tail.add_argument("--follow", action="store_true", help="keep printing new events")
-    tail.set_defaults(func=_audit_tail)
-
-
-def _audit_tail(args: argparse.Namespace) -> int:
-    """Print the newest ``-n`` audit events, one ``id key=value ...`` line each, oldest
-    first; with ``--follow`` keep polling for newer ones until interrupted."""
-    from facesvc.store.audit import AuditLog
-    from facesvc.store.connection import redis_client_from_url
-
-    settings = settings_from_args(args)
-
-    async def run() -> int:
-        client = redis_client_from_url(settings.redis.url)
-        audit = AuditLog(client, stream=f"{settings.redis.key_prefix.removesuffix(':')}:audit")
-        seen = ""
-        try:
-            while True:
-                for entry_id, fields in await audit.tail(args.n):
-                    if _stream_id(entry_id) > _stream_id(seen):
-                        print(entry_id, " ".join(f"{k}={v}" for k, v in fields.items()))
-                        seen = entry_id
-                if not args.follow:
-                    return 0
-                sys.stdout.flush()
-                await asyncio.sleep(1.0)
-        finally:
-            await client.aclose()
-
-    try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0
-
-
-def _stream_id(entry_id: str) -> tuple[int, int]:
-    """A Redis stream id ``<ms>-<seq>`` as a sortable pair ("" sorts first)."""
-    ms, _, seq = entry_id.partition("-")
-    return (int(ms), int(seq)) if ms else (-1, -1)
+    tail.set_defaults(func=_handler("facesvc.commands.audit", "cli_audit_tail"))
 
 
 def _add_apikeys(sub: SubParsers) -> None:
     p = sub.add_parser("apikeys", help="API keys and mTLS identities of callers (roles, tenants)")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     p.add_argument("--file", type=Path, default=None, help="keys file (security.api_keys_file)")
     a = p.add_subparsers(dest="apikeys_command", required=True, metavar="ACTION")
     add = a.add_parser("add", help="register a client; prints its new API key once")
@@ -313,18 +224,18 @@ def _add_apikeys(sub: SubParsers) -> None:
         help="client certificate CN or subjectAltName; then no API key unless --with-key",
     )
     add.add_argument("--with-key", action="store_true", help="also make an API key")
-    add.set_defaults(func=_delegate("facesvc.commands.apikeys", "cli_apikeys_add", 10))
+    add.set_defaults(func=_handler("facesvc.commands.apikeys", "cli_apikeys_add"))
     a.add_parser("list", help="list clients (never secrets)").set_defaults(
-        func=_delegate("facesvc.commands.apikeys", "cli_apikeys_list", 10)
+        func=_handler("facesvc.commands.apikeys", "cli_apikeys_list")
     )
     revoke = a.add_parser("revoke", help="remove a client by name")
     revoke.add_argument("--name", required=True)
-    revoke.set_defaults(func=_delegate("facesvc.commands.apikeys", "cli_apikeys_revoke", 10))
+    revoke.set_defaults(func=_handler("facesvc.commands.apikeys", "cli_apikeys_revoke"))
 
 
 def _add_passes(sub: SubParsers) -> None:
     p = sub.add_parser("passes", help="venue passes: the QR codes kiosks scan (OFFLINE)")
-    _add_settings_flags(p)
+    add_settings_flags(p)
     a = p.add_subparsers(dest="passes_command", required=True, metavar="ACTION")
     issue = a.add_parser("issue", help="sign a pass and write its QR code as a PNG")
     issue.add_argument("--participant", required=True)
@@ -337,10 +248,10 @@ def _add_passes(sub: SubParsers) -> None:
     issue.add_argument("--out", type=Path, required=True, help="PNG file to write")
     issue.add_argument("--key-dir", type=Path, default=None, help="default: tokens.key_dir")
     issue.add_argument("--print-pass", action="store_true", help="also print the pass text")
-    issue.set_defaults(func=_delegate("facesvc.commands.passes", "cli_passes_issue", 8))
+    issue.set_defaults(func=_handler("facesvc.commands.passes", "cli_passes_issue"))
     jwks = a.add_parser("jwks", help="print the public keys that check passes (for --pass-keys)")
     jwks.add_argument("--key-dir", type=Path, default=None, help="default: tokens.key_dir")
-    jwks.set_defaults(func=_delegate("facesvc.commands.passes", "cli_passes_jwks", 8))
+    jwks.set_defaults(func=_handler("facesvc.commands.passes", "cli_passes_jwks"))
 
 
 def _add_init(sub: SubParsers) -> None:
@@ -349,7 +260,7 @@ def _add_init(sub: SubParsers) -> None:
         help="make the keys and TLS certificate a first start needs, where the settings say "
         "(keeps whatever exists)",
     )
-    _add_settings_flags(p)
+    add_settings_flags(p)
     p.add_argument(
         "--tls-host",
         action="append",
@@ -357,7 +268,7 @@ def _add_init(sub: SubParsers) -> None:
         help="a DNS name or address callers use to reach the service (repeatable); loopback "
         "is always included",
     )
-    p.set_defaults(func=_delegate("facesvc.commands.init", "cli_init", 18))
+    p.set_defaults(func=_handler("facesvc.commands.init", "cli_init"))
 
 
 _COMMANDS: tuple[Callable[[SubParsers], None], ...] = (
@@ -387,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ConfigError, MissingCapability) as exc:
+    except ConfigError as exc:
         print(f"facesvc: {exc}", file=sys.stderr)
         return 2
     return code

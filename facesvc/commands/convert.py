@@ -20,7 +20,7 @@ from facesvc.models.dlib.resnet import cached_resnet
 from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks
 from facesvc.models.model_cache import ModelCache, default_cache_dir
 from facesvc.models.opencv_zoo import cached_sface, cached_yunet
-from facesvc.models.packs import landmarks_5_dat
+from facesvc.models.pack import landmarks_5_dat
 
 Conversion = Callable[[ModelCache], Path]
 """Converts one model into the cache (once) and returns the converted file's path."""

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from facesvc.commands.cli import settings_from_args
+from facesvc.commands.arguments import settings_from_args
 from facesvc.config import ConfigError
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from facesvc.commands.cli import settings_from_args
+from facesvc.commands.arguments import settings_from_args
 from facesvc.config import Settings
 from facesvc.tokens.keys import (
     KeyDirectoryError,

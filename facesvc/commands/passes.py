@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from facesvc.clock import SystemClock
-from facesvc.commands.cli import settings_from_args
+from facesvc.commands.arguments import settings_from_args
 from facesvc.domain import Gate
 from facesvc.kiosk.qr import qr_png
 from facesvc.tokens.keys import KeyDirectoryError, NoSigningKeyError, SigningKey, load_key_ring

@@ -33,7 +33,7 @@ from facesvc.models.opencv_zoo import (
     cached_yunet,
     verified,
 )
-from facesvc.models.packs import (
+from facesvc.models.pack import (
     LANDMARKS_5_DAT,
     ModelPack,
     PackContext,

@@ -30,8 +30,9 @@ from facesvc.engine import Engine
 from facesvc.limits.abuse import ClientRateLimiter, RateRule, RpcRateLimiter
 from facesvc.metrics import Metrics
 from facesvc.serve.health import Health, RedisProbe
+from facesvc.serve.ops_http import build_http_app
 from facesvc.serve.tls import add_hsts, check_exposure, insecure_warnings, server_tls
-from facesvc.store.connection import AsyncRedis, redis_client_from_url
+from facesvc.store.connection import AsyncRedis, redis_from_settings
 from facesvc.transport.admission import AdmissionInterceptor, InFlightLimit
 from facesvc.transport.auth import (
     ApiKeyAuthenticator,
@@ -45,7 +46,6 @@ from facesvc.transport.grpc_servicer import (
     FaceVerificationServicer,
     MetricsInterceptor,
 )
-from facesvc.transport.http_ops import build_http_app
 from facesvc.transport.portal import build_portal
 from facesvc.transport.portal_limits import GatewayLimits
 from facesvc.transport.preauth import CredentialsFirst
@@ -133,11 +133,7 @@ class App:
         self.health = Health(self.metrics)
         self.skew = SkewWatch(settings.limits.clock_skew_warn_s, settings.limits.clock_skew_max_s)
         server = settings.server
-        self.redis = redis_client_from_url(
-            settings.redis.url,
-            socket_connect_timeout_s=settings.redis.connect_timeout_s,
-            socket_timeout_s=settings.redis.socket_timeout_s,
-        )
+        self.redis = redis_from_settings(settings.redis)
         auth = _authenticator(settings, self.redis)
         # The Scan Wajah page and its JSON gateway (facesvc.transport.portal) share the HTTP server;
         # CreateLaunchTicket issues its tickets.

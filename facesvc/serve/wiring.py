@@ -15,7 +15,6 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.accuracy.calibration import log_calibration_status
 from facesvc.clock import Clock, SkewWatch, SystemClock
 from facesvc.config import ConfigError, Settings
 from facesvc.domain import LivenessMethod, TrainingType
@@ -31,7 +30,8 @@ from facesvc.metrics import Metrics
 from facesvc.models.facework import BatchSettings, FaceWork, PadCrop
 from facesvc.models.fas import FasFtModel, load_fas_calibration
 from facesvc.models.model_cache import ModelCache
-from facesvc.models.packs import ModelPack, PackContext, default_registry
+from facesvc.models.pack import ModelPack
+from facesvc.models.packs import load_pack
 from facesvc.models.pipeline import FacePipeline
 from facesvc.serve.app import Resources
 from facesvc.store.audit import AuditLog
@@ -45,20 +45,6 @@ from facesvc.tokens.passes import VenuePassCheck
 from facesvc.tokens.redemption import TokenRedeemer
 
 log = logging.getLogger(__name__)
-
-
-def load_pack(settings: Settings) -> ModelPack:
-    """The configured model pack, loaded once per process (seconds: run it off the loop)."""
-    context = PackContext(
-        cache_dir=settings.models.cache_dir,
-        threads=settings.models.threads,
-        calibration_override=settings.models.calibration,
-        logger=log,
-    )
-    pack = default_registry().load(settings.models.pack, context)
-    log.info("model pack %s (%s); licence: %s", pack.tag, settings.models.pack, pack.licence)
-    log_calibration_status(log, pack.name, pack.calibration)
-    return pack
 
 
 async def note_pack_change(templates: TemplateStore, pack: ModelPack) -> None:
@@ -107,7 +93,7 @@ async def build_engine(
     before the engine is returned (:meth:`FaceWork.warm_up`)."""
     clock = clock or SystemClock()
     if pack is None:
-        pack = await asyncio.to_thread(load_pack, settings)
+        pack = await asyncio.to_thread(load_pack, settings.models)
     tz = ZoneInfo(settings.limits.timezone)
     prefix = settings.redis.key_prefix
     policies = {

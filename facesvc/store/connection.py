@@ -29,6 +29,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 
+from facesvc.config import RedisSettings
+
 #: Either kind of client; both run the same commands and Lua scripts for single-slot keys.
 AsyncRedis: TypeAlias = Redis | RedisCluster
 
@@ -69,6 +71,16 @@ def redis_client_from_url(
     raise ValueError(
         f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, unix://, "
         "redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel://"
+    )
+
+
+def redis_from_settings(settings: RedisSettings) -> AsyncRedis:
+    """The client for ``[redis]``: its URL and its connect and reply timeouts. The one way the
+    service and its commands reach Redis, so none of them waits on Redis unbounded."""
+    return redis_client_from_url(
+        settings.url,
+        socket_connect_timeout_s=settings.connect_timeout_s,
+        socket_timeout_s=settings.socket_timeout_s,
     )
 
 

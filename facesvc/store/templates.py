@@ -24,18 +24,14 @@ then retire the old entry once a pass reports nothing left under it.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import binascii
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import secrets
 import struct
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,9 +42,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from facesvc.clock import require_aware
-from facesvc.config import ConfigError, Settings, TemplatesSettings
-from facesvc.store.connection import AsyncRedis, redis_client_from_url, scan_keys
-from facesvc.store.errors import StoreUnavailable, store_errors
+from facesvc.config import ConfigError, TemplatesSettings
+from facesvc.store.connection import AsyncRedis, scan_keys
+from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace, validate_id
 
 _MAGIC = b"FSVT"
@@ -478,68 +474,3 @@ def next_template_kid(kids: Sequence[str]) -> str:
     """
     numbers = [int(match.group(1)) for kid in kids if (match := re.fullmatch(r"k(\d+)", kid))]
     return f"k{max(numbers, default=0) + 1}"
-
-
-def cli_keygen(args: argparse.Namespace) -> int:
-    """``facesvc templates keygen``: append a new key to ``templates.key_file`` (created with
-    mode 0600) and print its id. The newest entry encrypts new templates unless
-    ``templates.active_kid`` says otherwise; run ``templates rekey`` to move old ones."""
-    from facesvc.commands.cli import settings_from_args  # the CLI imports this module on use
-
-    path = settings_from_args(args).templates.key_file
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    existing = path.read_text(encoding="ascii") if path.exists() else ""
-    try:
-        kids = TemplateKeyRing.parse(existing).kids if existing.strip() else ()
-    except ValueError as exc:
-        # Appending to a file the service cannot read would only hide the problem.
-        print(f"facesvc: {path}: {exc}; fix the file before adding a key", file=sys.stderr)
-        return 2
-    kid = next_template_kid(kids)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, (generate_template_key(kid) + "\n").encode())
-    finally:
-        os.close(fd)
-    print(f"added template key {kid} to {path}")
-    return 0
-
-
-def cli_rekey(args: argparse.Namespace) -> int:
-    """``facesvc templates rekey``: re-encrypt every template under the active key.
-
-    Exit 0 when every template is under the active key afterwards, 1 when some could not
-    be read (listed on stderr) or Redis is unavailable.
-    """
-    from facesvc.commands.cli import settings_from_args  # the CLI imports this module on use
-
-    return asyncio.run(_rekey(settings_from_args(args)))
-
-
-async def _rekey(settings: Settings) -> int:
-    keyring = keyring_from_settings(settings.templates)
-    client = redis_client_from_url(
-        settings.redis.url,
-        socket_timeout_s=settings.redis.socket_timeout_s,
-        socket_connect_timeout_s=settings.redis.connect_timeout_s,
-    )
-    try:
-        store = TemplateStore(client, keyring, key_prefix=settings.redis.key_prefix)
-        result = await store.rekey_all()
-    except StoreUnavailable as exc:
-        print(f"facesvc templates rekey: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await client.aclose()
-    print(
-        f"re-encrypted {result.rekeyed} template(s) under key {keyring.active_kid}; "
-        f"{result.current} already used it"
-    )
-    if result.unreadable:
-        print(
-            f"{len(result.unreadable)} template(s) could not be read (their key is not in the "
-            f"ring, or the value was altered); re-enroll: {', '.join(result.unreadable)}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0

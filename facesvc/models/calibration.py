@@ -1,19 +1,17 @@
-"""A model pack's decision threshold, calibrated to a stated false-match rate.
+"""A model pack's calibration record: its decision threshold at a stated false-match rate, and
+what else was measured for the pack on the same photos.
 
-``facesvc calibrate <folder>`` scores every pair of photos of an identity-folder
-collection with a pack, sets the threshold where the impostor pairs' false-match
-rate (FMR) reaches the target (default 1e-3) and writes a JSON record of it: the
-threshold, the distance it applies to, the target, what it was calibrated on
-(sources, identity, image and pair counts) and every source's FMR and FNMR at
-that threshold. Those per-source figures are measured on the calibration pairs
-themselves: they show how uneven one threshold is across populations, they are
-not accuracy claims (docs/accuracy.md reports on held-out identities).
+The record is written by ``facesvc calibrate`` (:mod:`facesvc.accuracy.calibrate`) and read
+here when a pack loads: the threshold, the distance it applies to, the target, what it was
+calibrated on (sources, identity, image and pair counts) and every source's FMR and FNMR at
+that threshold. Those per-source figures are measured on the calibration pairs themselves:
+they show how uneven one threshold is across populations, they are not accuracy claims
+(docs/accuracy.md reports on held-out identities).
 
-The record also carries what else belongs to the pack and was measured on the same
-photos: where its landmark model puts the nose in a frontal face (``frontal``, for the
-pose gates) and, when turned-head photos were given, the threshold for "the same person"
-between a turned face and a frontal one (``turned``, for the liveness challenge's
-frames), each with its own counts.
+It also carries where the pack's landmark model puts the nose in a frontal face
+(``frontal``, for the pose gates) and, when turned-head photos were given, the threshold for
+"the same person" between a turned face and a frontal one (``turned``, for the liveness
+challenge's frames), each with its own counts.
 """
 
 from __future__ import annotations
@@ -21,19 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from facesvc.accuracy.evaluation import Comparisons, fmr_resolvable, threshold_at_fmr
 from facesvc.models.matching import Distance
 
 FORMAT = "facesvc-calibration/1"
-DEFAULT_TARGET_FMR = 1e-3
 
 SOURCE_SKEW_LIMIT = 2.0
 """A source whose FMR exceeds this multiple of the overall FMR is called out at start-up."""
@@ -59,16 +51,6 @@ class RatesAtThreshold:
     @property
     def fmr(self) -> float:
         return self.false_matches / self.impostor_pairs if self.impostor_pairs else math.nan
-
-    @staticmethod
-    def of(comparisons: Comparisons, threshold: float) -> RatesAtThreshold:
-        gen = comparisons.genuine
-        return RatesAtThreshold(
-            genuine_pairs=int(gen.sum()),
-            impostor_pairs=int((~gen).sum()),
-            false_non_matches=int(np.sum(comparisons.distance[gen] > threshold)),
-            false_matches=int(np.sum(comparisons.distance[~gen] <= threshold)),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,58 +268,6 @@ def load_calibration(
             f"compares with {distance.value}: re-run `facesvc calibrate` for this pack"
         )
     return calibration
-
-
-def calibrate(
-    pairs: Comparisons,
-    *,
-    pack: str,
-    pack_digest: str,
-    distance: Distance,
-    data: CalibrationData,
-    target_fmr: float = DEFAULT_TARGET_FMR,
-    centre: Sequence[float] | None = None,
-    centre_choice: str = "",
-    frontal: FrontalPose | None = None,
-    now: datetime | None = None,
-) -> Calibration:
-    """The threshold at ``target_fmr`` over all impostor ``pairs``, with per-source rates.
-
-    ``pairs`` must be single-photo pairs scored with ``distance`` (around ``centre``,
-    which the calibration then records). The impostor set
-    mixes sources as the folder does: calibrate on photos that look like the
-    deployment (population, cameras), since a threshold does not carry over.
-    """
-    gen = pairs.genuine
-    impostor = pairs.distance[~gen]
-    threshold = threshold_at_fmr(impostor, target_fmr)
-    if not math.isfinite(threshold):
-        raise CalibrationError("the target FMR accepts every impostor pair; lower it")
-    present = np.unique(np.concatenate([pairs.claimed, pairs.probe])).tolist()
-    present_sources = [pairs.sources[k] for k in present]
-    per_source = tuple(
-        SourceRates(
-            source=s,
-            identities=present_sources.count(s),
-            rates=RatesAtThreshold.of(pairs.of_source(s), threshold),
-        )
-        for s in sorted(set(present_sources))
-    )
-    return Calibration(
-        pack=pack,
-        pack_digest=pack_digest,
-        distance=distance,
-        threshold=threshold,
-        target_fmr=target_fmr,
-        fmr_resolvable=fmr_resolvable(int(impostor.size), target_fmr),
-        data=data,
-        overall=RatesAtThreshold.of(pairs, threshold),
-        per_source=per_source,
-        created_utc=(now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        centre=None if centre is None else tuple(float(v) for v in centre),
-        centre_choice=centre_choice,
-        frontal=frontal,
-    )
 
 
 def log_calibration_status(
