@@ -42,7 +42,7 @@ from facesvc.liveness.checks import (
     check_liveness,
     face_thumbnail,
 )
-from facesvc.liveness.landmarks import DenseLandmarks
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.fas import FasFtModel, crop_face, load_fas_calibration
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.types import Box, Detection, RGBImage

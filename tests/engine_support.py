@@ -22,8 +22,8 @@ from PIL import Image
 from facesvc.clock import FixedClock
 from facesvc.config import Settings, load_settings
 from facesvc.engine import Caller, Engine
-from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.pack import ModelPack
 from facesvc.models.packs import load_pack

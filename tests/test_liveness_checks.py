@@ -28,8 +28,8 @@ from facesvc.liveness.checks import (
     parallax_residual,
 )
 from facesvc.liveness.geometry import depth_motion
-from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.liveness.pose import estimate_pose
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.pack import ModelPack
 from facesvc.models.types import Box, Detection, Points, RGBImage
 from tests.engine_support import dense_landmarks

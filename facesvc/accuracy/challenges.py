@@ -56,8 +56,8 @@ from facesvc.liveness.checks import (
     step_evidence,
 )
 from facesvc.liveness.geometry import depth_motion
-from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.liveness.pose import estimate_pose
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.models.types import Box, Points, RGBImage

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from facesvc.liveness.landmarks import cached_landmarks_68
+from facesvc.models.dense_landmarks import cached_landmarks_68
 from facesvc.models.dlib.mmod import cached_mmod
 from facesvc.models.dlib.resnet import cached_resnet
 from facesvc.models.dlib.shape_predictor import ShapePredictorLandmarks

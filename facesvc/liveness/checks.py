@@ -26,7 +26,7 @@ Checks, in the order a participant can best act on them:
    a spoof strike: the model refuses too many real people, docs/liveness.md).
 
 With 68 points on every frame (the engine's liveness landmark stage,
-``facesvc.liveness.landmarks``) the poses and the depth come from them, whatever
+``facesvc.models.dense_landmarks``) the poses and the depth come from them, whatever
 the pack's detector; without them (a caller of this module that has only five
 points), from the five points, with the older nose-offset parallax.
 """

@@ -69,7 +69,7 @@ arbitrary units (only its shape matters: every use re-projects and rescales it).
 
 Measured, not modelled: the mean plane-plus-parallax depth profile (``depth_profile``'s
 fit, one moved frame at a time) of 54 real head movements of one man, in the points of the
-liveness landmark stage (``facesvc.liveness.landmarks``): ../shared/data/poses, freefield
+liveness landmark stage (``facesvc.models.dense_landmarks``): ../shared/data/poses, freefield
 sets A and B, each of 3 frontal photos against each of 3 turns left, 3 turns right and 3
 look-ups of about 30 degrees; made left-right symmetric. The
 nose tip (30) stands out most; the jaw line's ends (0, 16) lie deepest; eye corners and

@@ -37,7 +37,7 @@ Measured on ../shared/data/poses with the default pack's own detector (MMOD) and
 
 With 68 points (dlib's 68-point model) in the detector's MMOD box, turns measured worse
 (5.1 to 40.5 degrees for the same 30-degree turns). In the liveness landmark stage's
-boxes (``facesvc.liveness.landmarks``: fitted to the face's five points, then to the 68
+boxes (``facesvc.models.dense_landmarks``: fitted to the face's five points, then to the 68
 points themselves) they measure like the five points do (freefield sets A and B: 33-52
 degrees; farhanrbnn's turns 35 and 37 where the five points said 23 and 28), and the
 challenge measures every pose from them, whatever the pack (docs/liveness.md).

@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.imaging import DecodeLimits, decode_image, fit_pixels
-from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.models.batcher import MicroBatcher, Overloaded
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.fas import crop_face, resize_and_pad
 from facesvc.models.pipeline import FaceAnalysis, FacePipeline
 from facesvc.models.types import Points, PresentationAttackModel, RGBImage

@@ -25,8 +25,8 @@ from facesvc.limits.caps import AttemptCaps, CapRule
 from facesvc.limits.windows import GateWindows
 from facesvc.liveness.challenges import DEFAULT_STEPS, ChallengeStore, Step
 from facesvc.liveness.judge import LivenessJudge
-from facesvc.liveness.landmarks import DenseLandmarks
 from facesvc.metrics import Metrics
+from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.facework import BatchSettings, FaceWork, PadCrop
 from facesvc.models.fas import FasFtModel, load_fas_calibration
 from facesvc.models.model_cache import ModelCache
