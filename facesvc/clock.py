@@ -11,6 +11,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from facesvc.errors import Unavailable
+
 #: The programme's time zone: every "day" and every window shown to a participant is in it.
 #: (The tzdata dependency provides it where the OS has no zoneinfo, e.g. slim images.)
 WIB = ZoneInfo("Asia/Jakarta")
@@ -72,7 +74,7 @@ def day_end(day: date, tz: ZoneInfo = WIB) -> datetime:
     return datetime.combine(day + timedelta(days=1), time(0), tzinfo=tz)
 
 
-class ClockUntrusted(Exception):
+class ClockUntrusted(Unavailable):
     """This service's clock is too far from Redis's to say which WIB day a scan belongs to:
     the scan is refused (transports answer UNAVAILABLE) until the clocks agree again."""
 

@@ -27,6 +27,7 @@ from datetime import datetime
 
 from facesvc.clock import WIB, Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
+from facesvc.errors import Conflict, NotFound, PermissionRefused, PreconditionFailed
 from facesvc.limits.abuse import SpoofLockout
 from facesvc.limits.caps import AttemptCaps, CapUsage, Exhausted, IdempotentScan, Reservation
 from facesvc.limits.windows import GateWindows, WindowClosed
@@ -57,24 +58,26 @@ _FACE_DECISIONS = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(PreconditionFailed):
     """The request is well formed but the configured policy refuses it before any attempt
     is spent (e.g. a challenge is required and none was given). Transports answer
     FAILED_PRECONDITION with the message."""
 
+    code = "POLICY"
 
-class ScanInProgress(RuntimeError):
+
+class ScanInProgress(Conflict):
     """A scan with the same idempotency key is still being decided: retry in a moment.
     Transports answer ABORTED."""
 
 
-class ParticipantNotFound(Exception):
+class ParticipantNotFound(NotFound):
     """No enrollment of this participant is visible to the caller's tenant: nothing was read,
     spent or changed. Transports answer NOT_FOUND; an admin enrolls the participant for the
     tenant (Enroll or SetEnrollmentTenants)."""
 
 
-class VenuePassRefused(Exception):
+class VenuePassRefused(PermissionRefused):
     """A kiosk's scan came without a venue pass that binds it to the kiosk's venue: nothing was
     spent. Transports answer PERMISSION_DENIED; the participant shows today's QR code."""
 
@@ -495,7 +498,8 @@ class Engine:
     async def verify(self, cmd: VerifyCommand) -> VerifyOutcome:
         """Decide one scan.
 
-        Raises ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``ValueError``
+        Raises, each a ``facesvc.errors`` kind the transports answer from one table:
+        ``StoreUnavailable`` (fail closed), ``ImageRejected`` and ``InvalidRequest``
         (invalid input, nothing spent), ``PolicyError`` (refused by policy, nothing spent),
         ``ScanInProgress``, ``ParticipantLocked`` (repeated spoof suspicions, nothing spent),
         ``TimeoutError`` (``cmd.deadline`` passed; nothing spent), ``Overloaded`` (the

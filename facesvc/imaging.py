@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from facesvc.errors import InvalidRequest
 from facesvc.models.types import RGBImage
 
 _MIB = 1 << 20
@@ -44,8 +45,10 @@ _SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-class ImageRejected(ValueError):
+class ImageRejected(InvalidRequest):
     """The bytes are not an acceptable image; the message says why and what to send."""
+
+    code = "IMAGE_REJECTED"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
 from facesvc.domain import TrainingType
+from facesvc.errors import InvalidRequest
 from facesvc.limits.caps import (
     AttemptCaps,
     CapRule,
@@ -323,11 +324,11 @@ def test_bad_input_is_refused_before_redis(redis_url: str, redis_prefix: str) ->
         now = future_day()
         with pytest.raises(ValueError, match="timezone-aware"):
             await caps.reserve("p1", "t1", SPL, now.replace(tzinfo=None))
-        with pytest.raises(ValueError, match="participant_id"):
+        with pytest.raises(InvalidRequest, match="participant_id"):
             await caps.reserve("p{1}", "t1", SPL, now)
-        with pytest.raises(ValueError, match="training_id"):
+        with pytest.raises(InvalidRequest, match="training_id"):
             await caps.reserve("p1", "t*", SPL, now)
-        with pytest.raises(ValueError, match="idempotency_key"):
+        with pytest.raises(InvalidRequest, match="idempotency_key"):
             await caps.reserve("p1", "t1", SPL, now, idempotent=scan(""))
         assert [key async for key in client.scan_iter(match=f"{prefix}*")] == []
 

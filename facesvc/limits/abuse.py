@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from facesvc.clock import WIB, Clock
+from facesvc.errors import Exhausted
 from facesvc.store.connection import AsyncRedis
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace
@@ -175,7 +176,7 @@ class LockoutRule:
             raise ValueError("a lockout rule needs threshold >= 1 and positive durations")
 
 
-class ParticipantLocked(Exception):
+class ParticipantLocked(Exhausted):
     """Scans of this participant are refused until ``until`` (repeated spoof suspicions).
 
     Transports answer RESOURCE_EXHAUSTED with ``retry_after_s`` (whole seconds, at least 1);
@@ -183,15 +184,17 @@ class ParticipantLocked(Exception):
     frames looked fake.
     """
 
+    code = "LOCKED"
+
     def __init__(self, participant_id: str, until: datetime, retry_after_s: int) -> None:
         super().__init__(
             f"scans for participant {participant_id} are paused until "
             f"{until.astimezone(WIB):%Y-%m-%d %H:%M} WIB after repeated suspected spoofing; "
-            "try again then, in person and in good light, or contact the programme's support"
+            "try again then, in person and in good light, or contact the programme's support",
+            retry_after_s,
         )
         self.participant_id = participant_id
         self.until = until
-        self.retry_after_s = retry_after_s
 
 
 class SpoofLockout:

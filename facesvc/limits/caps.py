@@ -62,6 +62,7 @@ from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, day_end, programme_day
 from facesvc.domain import TrainingType
+from facesvc.errors import InvalidRequest
 from facesvc.store.connection import AsyncRedis, reply_text
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace
@@ -121,7 +122,7 @@ return 0
 """
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(InvalidRequest):
     """An idempotency key the caller already used with another request: nothing was reserved
     or replayed. Transports answer INVALID_ARGUMENT: use a fresh key for a new scan."""
 
@@ -139,7 +140,7 @@ class IdempotentScan:
 
     def __post_init__(self) -> None:
         if not (1 <= len(self.key) <= 128 and self.key.isascii() and self.key.isprintable()):
-            raise ValueError("idempotency_key must be 1-128 printable ASCII characters")
+            raise InvalidRequest("idempotency_key must be 1-128 printable ASCII characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, require_aware
 from facesvc.domain import Gate, TrainingType
+from facesvc.errors import InvalidRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,19 +126,19 @@ class GateWindows:
     ) -> WindowOpen | WindowClosed:
         """Is ``gate`` open at ``now``? Both instants tz-aware.
 
-        Raises ValueError (an invalid request, not a decision) when the type has no such gate,
-        when a window needs ``scheduled_start`` and it is missing, or for a naive datetime.
+        Raises ``InvalidRequest`` (not a decision) when the type has no such gate or when a
+        window needs ``scheduled_start`` and it is missing; ValueError for a naive datetime.
         """
         window = self._table.get((training_type, gate))
         if window is None:
-            raise ValueError(
+            raise InvalidRequest(
                 f"{training_type.value} trainings have no {gate.value} gate; "
                 "send one of the gates this training type has"
             )
         require_aware(now, "now")
         if scheduled_start is None:
             if window.requires_start:
-                raise ValueError(
+                raise InvalidRequest(
                     f"scheduled_start is required for {training_type.value} {gate.value}: "
                     "the window is set by when the training starts"
                 )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from facesvc.domain import Gate
+from facesvc.errors import InvalidRequest
 from facesvc.store.connection import AsyncRedis, reply_text
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace, validate_id
@@ -221,7 +222,7 @@ class ChallengeStore:
         """
         try:
             validate_id(challenge_id, "challenge_id")
-        except ValueError:
+        except InvalidRequest:
             # Not an id this store could have issued; never build a key from it.
             raise ChallengeRefused(RefusalReason.UNKNOWN) from None
         async with store_errors("use a liveness challenge"):

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.errors import Busy
+
 BatchFn = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 """Maps a stacked batch (N, ...) to results (N, ...), row i answering input i."""
 
 
-class Overloaded(RuntimeError):
+class Overloaded(Busy):
     """The batcher's queue is full: retry after a short back-off or shed the request."""
 
 
@@ -78,8 +80,8 @@ class MicroBatcher:
             raise ValueError("submit needs at least one item")
         if self._queued_items + n > self._max_queue:
             raise Overloaded(
-                f"{self._queued_items} items already queued (limit {self._max_queue}); "
-                "retry shortly"
+                f"server busy: {self._queued_items} items already queued "
+                f"(limit {self._max_queue}); retry shortly"
             )
         loop = asyncio.get_running_loop()
         pending = _Pending(items=items, future=loop.create_future(), deadline=deadline)

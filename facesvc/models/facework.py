@@ -23,7 +23,8 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from facesvc.imaging import DecodeLimits, decode_image, fit_pixels
+from facesvc.errors import Internal
+from facesvc.imaging import DecodeLimits, ImageRejected, decode_image, fit_pixels
 from facesvc.models.batcher import MicroBatcher, Overloaded
 from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.fas import crop_face, resize_and_pad
@@ -36,9 +37,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class ModelFailure(RuntimeError):
+class ModelFailure(Internal):
     """A face model failed on this request: not a decision about the face. Nothing was
     decided, so the attempt is not counted; the message says what failed."""
+
+    code = "MODEL_FAILURE"
 
 
 _PASSED_THROUGH = (TimeoutError, Overloaded, asyncio.CancelledError)
@@ -148,8 +151,8 @@ class FaceWork:
         images: list[RGBImage] = []
         for index, result in enumerate(results):
             if isinstance(result, BaseException):
-                if isinstance(result, ValueError):
-                    raise type(result)(f"image {index}: {result}") from result
+                if isinstance(result, ImageRejected):
+                    raise ImageRejected(f"image {index}: {result}") from result
                 raise result
             images.append(result)
         return images

@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 
 from redis.exceptions import RedisError
 
+from facesvc.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(Unavailable):
     """Redis could not answer: the request must fail closed (gRPC UNAVAILABLE); retry later.
 
     Its message goes to callers as is: it says what could not be done, never the client

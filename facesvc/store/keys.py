@@ -29,6 +29,7 @@ import re
 from datetime import date
 
 from facesvc.domain import ID_CHARS, ID_PATTERN
+from facesvc.errors import InvalidRequest
 
 # Identifiers end up inside key names, SCAN patterns and hash tags: refuse the characters that
 # would break them ("{" "}" move the hash tag, "*?[]\\" are glob syntax in SCAN MATCH, ":" is
@@ -38,9 +39,9 @@ _PREFIX = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
 def validate_id(value: str, field: str) -> str:
     """Return ``value`` if it is usable in a key (:data:`facesvc.domain.ID_PATTERN`), else
-    raise ValueError naming ``field``."""
+    raise ``InvalidRequest`` naming ``field`` (ids come from callers)."""
     if not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"{field} must be 1-128 characters, only {ID_CHARS} (got {value!r})")
+        raise InvalidRequest(f"{field} must be 1-128 characters, only {ID_CHARS} (got {value!r})")
     return value
 
 

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from facesvc.clock import require_aware
 from facesvc.config import ConfigError, TemplatesSettings
+from facesvc.errors import AlreadyExists, InvalidRequest, PreconditionFailed
 from facesvc.store.connection import AsyncRedis, scan_keys
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace, validate_id
@@ -64,12 +65,12 @@ return 0
 """
 
 
-class AlreadyEnrolled(Exception):
+class AlreadyEnrolled(AlreadyExists):
     """The participant has a template and ``replace`` was not set: enroll with replace=True
     to overwrite it, or delete the enrollment first."""
 
 
-class TemplateUnreadable(Exception):
+class TemplateUnreadable(PreconditionFailed):
     """A stored template cannot be decrypted: its key id is not in the key ring, or the value
     was altered or moved from another participant's key. Re-enroll the participant, or add
     the missing key to the key ring."""
@@ -326,7 +327,7 @@ class TemplateStore:
             async for key in scan_keys(self._client, self._keys.template_pattern()):
                 try:
                     participant_id = self._keys.participant_of_template(key)
-                except ValueError:  # not written by this service (an id it would refuse)
+                except InvalidRequest:  # not written by this service (an id it would refuse)
                     unreadable.append(key)
                     continue
                 value = _binary(await self._client.get(key))

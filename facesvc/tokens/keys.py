@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from facesvc.clock import Clock, SystemClock, require_aware
+from facesvc.errors import PreconditionFailed
 from facesvc.tokens.jws import PublicKeySet, key_thumbprint, public_jwk, strict_json_object
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class KeyState(enum.Enum):
     RETIRED = "retired"
 
 
-class NoSigningKeyError(RuntimeError):
+class NoSigningKeyError(PreconditionFailed):
     """The key directory holds no key that may sign now."""
 
 

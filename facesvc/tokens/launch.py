@@ -45,6 +45,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Gate, TrainingType
+from facesvc.errors import (
+    Conflict,
+    InvalidRequest,
+    PermissionRefused,
+    ServiceError,
+    Unauthenticated,
+)
 from facesvc.store.connection import AsyncRedis, reply_text
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace, validate_id
@@ -84,15 +91,16 @@ _PROBLEM_MESSAGES = {
 }
 
 
-class TicketRefused(Exception):
+class TicketRefused(Unauthenticated):
     """A presented ticket cannot be used; ``problem`` says why, the message what to do."""
 
     def __init__(self, problem: TicketProblem) -> None:
         super().__init__(_PROBLEM_MESSAGES[problem])
         self.problem = problem
+        self.code = f"TICKET_{problem.value}"
 
 
-class TicketBusy(Exception):
+class TicketBusy(Conflict):
     """Another scan with the same ticket is being decided: answer it first (the page sends one
     scan at a time; a second one in flight is a replay or a race)."""
 
@@ -122,14 +130,17 @@ return 0
 """
 
 
-class LaunchRefused(ValueError):
+class LaunchRefused(ServiceError):
     """A CreateLaunchTicket request cannot be honoured; the message names the field and
-    what to change. Transports answer INVALID_ARGUMENT (a bad field) or PERMISSION_DENIED
-    (``not_allowed``: a return URL outside the tenant's allowlist)."""
+    what to change. One of the two below."""
 
-    def __init__(self, message: str, *, not_allowed: bool = False) -> None:
-        super().__init__(message)
-        self.not_allowed = not_allowed
+
+class LaunchFieldInvalid(LaunchRefused, InvalidRequest):
+    """A field of the request is missing or malformed."""
+
+
+class ReturnUrlNotAllowed(LaunchRefused, PermissionRefused):
+    """The return URL is well formed but outside the calling tenant's allowlist."""
 
 
 class TicketKeys(Protocol):
@@ -189,11 +200,13 @@ def check_return_url(url: str, prefixes: Sequence[str]) -> None:
     encoded dots or slashes, so what is checked here is what the browser will load.
     """
     if not url:
-        raise LaunchRefused("return_url is required: the page sends the participant back there")
+        raise LaunchFieldInvalid(
+            "return_url is required: the page sends the participant back there"
+        )
     if len(url) > MAX_RETURN_URL_CHARS:
-        raise LaunchRefused(f"return_url is longer than {MAX_RETURN_URL_CHARS} characters")
+        raise LaunchFieldInvalid(f"return_url is longer than {MAX_RETURN_URL_CHARS} characters")
     if any(c <= " " or c == "\x7f" or c == "\\" for c in url) or not url.isascii():
-        raise LaunchRefused(
+        raise LaunchFieldInvalid(
             "return_url has spaces, control characters, backslashes or non-ASCII characters: "
             "percent-encode them"
         )
@@ -201,17 +214,19 @@ def check_return_url(url: str, prefixes: Sequence[str]) -> None:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise LaunchRefused(f"return_url is not a valid URL: {exc}") from exc
+        raise LaunchFieldInvalid(f"return_url is not a valid URL: {exc}") from exc
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise LaunchRefused("return_url must be an absolute http(s) URL")
+        raise LaunchFieldInvalid("return_url must be an absolute http(s) URL")
     if parts.username is not None or parts.password is not None:
-        raise LaunchRefused("return_url may not carry credentials")
+        raise LaunchFieldInvalid("return_url may not carry credentials")
     if parts.fragment or url.endswith("#"):
-        raise LaunchRefused("return_url may not have a fragment (#...)")
+        raise LaunchFieldInvalid("return_url may not have a fragment (#...)")
     lowered = parts.path.lower()
     segments = parts.path.split("/")
     if "%2e" in lowered or "%2f" in lowered or "." in segments or ".." in segments:
-        raise LaunchRefused("return_url may not contain dot segments or encoded dots or slashes")
+        raise LaunchFieldInvalid(
+            "return_url may not contain dot segments or encoded dots or slashes"
+        )
     for prefix in prefixes:
         allowed = urlsplit(prefix)
         if (
@@ -224,10 +239,9 @@ def check_return_url(url: str, prefixes: Sequence[str]) -> None:
         path = parts.path or "/"
         if path == base or path.startswith(base if base.endswith("/") else base + "/"):
             return
-    raise LaunchRefused(
+    raise ReturnUrlNotAllowed(
         "return_url is not on this LMS's allowlist: ask the service operator to add its "
-        "prefix to portal.return_urls",
-        not_allowed=True,
+        "prefix to portal.return_urls"
     )
 
 
@@ -389,11 +403,11 @@ def _check_scope(scope: LaunchScope) -> None:
             validate_id(scope.session_id, "session_id")
         validate_id(scope.tenant, "tenant")
     except ValueError as exc:
-        raise LaunchRefused(str(exc)) from exc
+        raise LaunchFieldInvalid(str(exc)) from exc
     if not scope.session_id and scope.gate is not Gate.REDEEM:
-        raise LaunchRefused(f"session_id is required for the {scope.gate.value} gate")
+        raise LaunchFieldInvalid(f"session_id is required for the {scope.gate.value} gate")
     if scope.scheduled_start is not None and scope.scheduled_start.tzinfo is None:
-        raise LaunchRefused("scheduled_start must carry a time zone")
+        raise LaunchFieldInvalid("scheduled_start must carry a time zone")
 
 
 def _ticket_from_claims(claims: dict[str, Any], token: str) -> LaunchTicket:

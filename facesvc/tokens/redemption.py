@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from facesvc.clock import Clock, SystemClock
+from facesvc.errors import InvalidRequest
 from facesvc.store.connection import AsyncRedis
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace
@@ -59,7 +60,7 @@ class TokenRedeemer:
         claims = result.claims
         try:
             key = self.used_key(claims.sub, claims.jti)
-        except ValueError:
+        except InvalidRequest:
             # Our issuer validates participant ids, so only a token from elsewhere gets here.
             return CheckResult(CheckReason.MALFORMED)
         ttl_s = max(1, math.ceil(claims.exp + self._policy.leeway_s - now.timestamp()))

@@ -23,27 +23,15 @@ from google.protobuf.message import Message
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.clock import ClockUntrusted
 from facesvc.engine import (
     Caller,
     Engine,
-    ParticipantNotFound,
-    PolicyError,
-    ScanInProgress,
-    VenuePassRefused,
     VerifyCommand,
 )
-from facesvc.imaging import ImageRejected
-from facesvc.limits.abuse import ParticipantLocked
-from facesvc.limits.caps import IdempotencyConflict
+from facesvc.errors import ServiceError
 from facesvc.metrics import Metrics
-from facesvc.models.batcher import Overloaded
-from facesvc.models.facework import ModelFailure
-from facesvc.store.errors import StoreUnavailable
-from facesvc.store.templates import AlreadyEnrolled, TemplateUnreadable
 from facesvc.tokens.claims import Expectation
-from facesvc.tokens.keys import NoSigningKeyError
-from facesvc.tokens.launch import Launcher, LaunchRefused, LaunchScope
+from facesvc.tokens.launch import Launcher, LaunchScope
 from facesvc.transport import validation
 from facesvc.transport.grpc_handlers import async_unary, with_behaviour
 from facesvc.transport.grpc_messages import (
@@ -56,6 +44,7 @@ from facesvc.transport.grpc_messages import (
     verify_response,
 )
 from facesvc.transport.proto_enums import GATES, TRAINING_TYPES
+from facesvc.transport.status import Status, status_of
 
 T = TypeVar("T")
 
@@ -142,36 +131,12 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         raise AssertionError("context.abort returned")  # abort always raises
 
     async def _call(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        """Await the engine's ``work``, mapping what is not a decision to a status code."""
+        """Await the engine's ``work``; a refusal that is not a decision aborts the call with
+        its status from the one table (``facesvc.transport.status``)."""
         try:
             return await work
-        except (StoreUnavailable, ClockUntrusted) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}")
-        except ParticipantLocked as exc:
-            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the scan ran"
-            )
-        except AlreadyEnrolled as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except (PolicyError, TemplateUnreadable) as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ScanInProgress as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
-        except ParticipantNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except VenuePassRefused as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except IdempotencyConflict as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except (ImageRejected, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ModelFailure as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception as exc:  # every error has its status; an unknown one is INTERNAL
+            await _abort_with(context, status_of(exc))
         raise AssertionError("context.abort returned")
 
     # ------------------------------------------------------------ RPCs
@@ -357,12 +322,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         )
         try:
             ticket, page_url = self._launcher.launch(scope)
-        except LaunchRefused as exc:
-            code = grpc.StatusCode.PERMISSION_DENIED if exc.not_allowed else None
-            await context.abort(code or grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("context.abort returned") from exc
-        except NoSigningKeyError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ServiceError as exc:  # a bad field, a URL off the allowlist, no signing key
+            await _abort_with(context, status_of(exc))
             raise AssertionError("context.abort returned") from exc
         return pb.CreateLaunchTicketResponse(
             ticket=ticket.token, page_url=page_url, expires_at=timestamp(ticket.expires_at)
@@ -432,3 +393,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 m.grpc_latency.labels(method).observe(time.perf_counter() - start)
 
         return with_behaviour(handler, observed)
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, status: Status) -> None:
+    if status.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(status.retry_after_s)),))
+    await context.abort(status.grpc_code, status.message)

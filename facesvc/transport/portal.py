@@ -42,26 +42,18 @@ from typing import Any, Protocol
 
 from aiohttp import BodyPartReader, web
 
-from facesvc.clock import Clock, ClockUntrusted, SystemClock
+from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import (
     Caller,
     FrameReport,
-    ParticipantNotFound,
-    PolicyError,
-    ScanInProgress,
     VerifyCommand,
     VerifyOutcome,
 )
-from facesvc.imaging import ImageRejected
-from facesvc.limits.abuse import ParticipantLocked
-from facesvc.limits.caps import CapUsage, IdempotencyConflict
+from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
-from facesvc.models.batcher import Overloaded
-from facesvc.models.facework import ModelFailure
 from facesvc.store.connection import AsyncRedis
-from facesvc.store.errors import StoreUnavailable
 from facesvc.tokens.keys import (
     KeyDirectory,
     KeyDirectoryError,
@@ -72,11 +64,10 @@ from facesvc.tokens.launch import (
     LaunchScope,
     LaunchTicket,
     LaunchTickets,
-    TicketBusy,
-    TicketRefused,
     return_url_with_token,
 )
 from facesvc.transport.auth import bearer_key
+from facesvc.transport.status import status_of
 
 log = logging.getLogger(__name__)
 
@@ -338,20 +329,13 @@ class Portal:
                 response = web.json_response(body)
             except ApiError as exc:
                 response = _error(exc.status, exc.code, str(exc))
-            except TicketRefused as exc:
-                response = _error(401, "TICKET_" + exc.problem.value, str(exc))
-            except ParticipantLocked as exc:
-                response = _error(429, "LOCKED", str(exc))
-                response.headers["Retry-After"] = str(exc.retry_after_s)
-            except ParticipantNotFound as exc:
-                response = _error(404, "NOT_FOUND", str(exc))
-            except StoreUnavailable:
-                log.warning("scan refused: Redis unavailable", exc_info=True)
-                response = _error(
-                    503, "UNAVAILABLE", "the service cannot reach its store; retry in a minute"
-                )
-            except ClockUntrusted as exc:
-                response = _error(503, "UNAVAILABLE", str(exc))
+            except web.HTTPException:
+                raise
+            except Exception as exc:  # every refusal has its status; anything else is a bug
+                status = status_of(exc)
+                response = web.json_response(status.json_body(), status=status.http_status)
+                if status.retry_after_s is not None:
+                    response.headers["Retry-After"] = str(status.retry_after_s)
             response.headers["Cache-Control"] = "no-store"
             return response
 
@@ -440,15 +424,8 @@ class Portal:
         frame = await _read_limited(request.content.readany, limit, "frame")
         if self._precheck_slots.locked():
             raise ApiError(503, "BUSY", "live guidance is busy; the scan itself still works")
-        try:
-            async with self._precheck_slots:
-                report = await engine.inspect(frame)
-        except ImageRejected as exc:
-            raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
-        except Overloaded as exc:
-            raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
-        except ModelFailure as exc:
-            raise ApiError(500, "MODEL_FAILURE", str(exc)) from exc
+        async with self._precheck_slots:
+            report = await engine.inspect(frame)
         return {
             "status": report.status.value,
             "accepted": report.accepted,
@@ -466,10 +443,7 @@ class Portal:
         # replays that answer).
         scan = idempotency_key or uuid.uuid4().hex
         tickets = self._launch_tickets()
-        try:
-            await tickets.hold(ticket, scan, self._settings.portal.verify_timeout_s + _HOLD_SLACK_S)
-        except TicketBusy as exc:
-            raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
+        await tickets.hold(ticket, scan, self._settings.portal.verify_timeout_s + _HOLD_SLACK_S)
         try:
             return await self._decide(engine, ticket, scan, fields, frames)
         finally:
@@ -499,26 +473,7 @@ class Portal:
             # The page stops waiting then too, and offers to resend the same scan.
             deadline=time.monotonic() + self._settings.portal.verify_timeout_s,
         )
-        try:
-            outcome = await engine.verify(command)
-        except ImageRejected as exc:
-            raise ApiError(422, "IMAGE_REJECTED", str(exc)) from exc
-        except PolicyError as exc:
-            raise ApiError(412, "POLICY", str(exc)) from exc
-        except ScanInProgress as exc:
-            raise ApiError(409, "IN_PROGRESS", str(exc)) from exc
-        except IdempotencyConflict as exc:
-            raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
-        except ValueError as exc:  # invalid input the engine found; nothing was spent
-            raise ApiError(400, "BAD_REQUEST", str(exc)) from exc
-        except Overloaded as exc:
-            raise ApiError(503, "BUSY", f"the service is busy; retry in a moment ({exc})") from exc
-        except TimeoutError as exc:
-            raise ApiError(
-                504, "TIMEOUT", "the scan took too long on the server; send it again"
-            ) from exc
-        except ModelFailure as exc:
-            raise ApiError(500, "MODEL_FAILURE", str(exc)) from exc
+        outcome = await engine.verify(command)
         body: dict[str, Any] = {
             "decision": outcome.decision.value,
             "reason": outcome.reason,

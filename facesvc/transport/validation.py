@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.config import ServerSettings
 from facesvc.domain import ID_CHARS, ID_PATTERN
+from facesvc.errors import InvalidRequest
 
 MAX_ID_CHARS = 128
 MAX_TOKEN_CHARS = 8192
@@ -31,7 +32,7 @@ _SESSION_GATES = (pb.GATE_SESSION, pb.GATE_POST_TEST)
 _ONLINE_TYPES = (pb.TRAINING_TYPE_SPL, pb.TRAINING_TYPE_WEBINAR)
 
 
-class InvalidArgument(ValueError):
+class InvalidArgument(InvalidRequest):
     """A malformed request: ``field`` (e.g. ``frames[2]``) and ``why``."""
 
     def __init__(self, field: str, why: str) -> None:
