@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 ENV_PREFIX = "FACESVC_"
 CONFIG_FILE_ENV = "FACESVC_CONFIG"
 
-LivenessPolicy = Literal["off", "passive", "challenge"]
+LivenessMethodName = Literal["off", "passive", "challenge"]
 """How a scan's liveness is checked: not at all, passive score only, challenge-response."""
 
 LogFormat = Literal["json", "kv"]
@@ -419,13 +419,13 @@ class LivenessSettings:
     signal (see DESIGN.md), so switching to "passive" or "off" is an explicit choice.
     """
 
-    spl: LivenessPolicy = "challenge"
+    spl: LivenessMethodName = "challenge"
     """Policy for SPL scans (off, passive or challenge)."""
-    webinar: LivenessPolicy = "challenge"
+    webinar: LivenessMethodName = "challenge"
     """Policy for WEBINAR scans."""
-    offline: LivenessPolicy = "challenge"
+    offline: LivenessMethodName = "challenge"
     """Policy for OFFLINE scans not made on a kiosk."""
-    kiosk: LivenessPolicy = "challenge"
+    kiosk: LivenessMethodName = "challenge"
     """Applies to every scan from a kiosk caller, whatever the training type."""
     pad_calibration: Path | None = None
     """A ``facesvc eval-liveness`` calibration of the passive model (threshold, input size,
@@ -453,11 +453,12 @@ class LivenessSettings:
         # (facesvc.serve.wiring.challenge_steps): this module imports nothing of the service.
         _check_positive("liveness.challenge_length", self.challenge_length)
 
-    def policy(self, training_type: str, *, kiosk: bool = False) -> LivenessPolicy:
-        """The policy for a scan of ``training_type`` ("SPL", ...), from a kiosk or not."""
+    def method(self, training_type: str, *, kiosk: bool = False) -> LivenessMethodName:
+        """The liveness method for a scan of ``training_type`` ("SPL", ...), from a kiosk or
+        not: the one home of this choice (the engine asks it, the page asks the engine)."""
         if kiosk:
             return self.kiosk
-        value: LivenessPolicy = getattr(self, training_type.lower())
+        value: LivenessMethodName = getattr(self, training_type.lower())
         return value
 
 

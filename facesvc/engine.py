@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from facesvc.clock import WIB, Clock, SkewWatch
+from facesvc.clock import Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
 from facesvc.errors import Conflict, NotFound, PermissionRefused, PreconditionFailed
 from facesvc.limits.abuse import SpoofLockout
@@ -493,6 +493,11 @@ class Engine:
         """The public keys a gate needs to check tokens offline (the JWKS)."""
         return self._published_keys(self._clock.now())
 
+    def liveness_method(self, training_type: TrainingType, caller: Caller) -> LivenessMethod:
+        """How a scan of ``training_type`` by ``caller`` proves liveness: the one answer both
+        Verify and the Scan Wajah page (which must know whether to ask for a challenge) use."""
+        return self._liveness_policy(training_type, caller)
+
     # ------------------------------------------------------------------ verification
 
     async def verify(self, cmd: VerifyCommand) -> VerifyOutcome:
@@ -511,7 +516,7 @@ class Engine:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         now = self._clock.now()
-        method = self._liveness_policy(cmd.training_type, cmd.caller)
+        method = self.liveness_method(cmd.training_type, cmd.caller)
         if method is LivenessMethod.CHALLENGE and not cmd.challenge_id:
             raise PolicyError(
                 f"{cmd.training_type.value} scans from a {cmd.caller.role} need a liveness "
@@ -578,10 +583,10 @@ class Engine:
             return self._replay(held, method)
         if isinstance(held, Exhausted):
             self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
-            resets = held.resets_at.astimezone(WIB)
+            resets = held.resets_at  # in limits.timezone, whose abbreviation the message shows
             reason = (
                 f"all {held.limit} attempts for today are used; the count resets at "
-                f"{resets:%H:%M} WIB on {resets:%Y-%m-%d}"
+                f"{resets:%H:%M %Z} on {resets:%Y-%m-%d}"
             )
             return await self._finish(
                 cmd,

@@ -19,6 +19,7 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.commands import cli
 from facesvc.store.audit import AuditEvent, AuditLog
 from facesvc.store.connection import redis_client_from_url
+from facesvc.store.keys import KeySpace
 from facesvc.store.templates import TemplateStore, keyring_from_settings
 from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.conftest import RunningServer, ServerStarter
@@ -31,9 +32,9 @@ AUDIT_FIELDS = {f for f in AuditEvent.__dataclass_fields__ if f != "timings_ms"}
 
 
 def _stream(server: RunningServer) -> list[dict[bytes, bytes]]:
-    prefix = server.app.settings.redis.key_prefix.rstrip(":")
+    stream = KeySpace(server.app.settings.redis.key_prefix).audit_stream()
     with redis.Redis.from_url(server.app.settings.redis.url) as client:
-        return [fields for _, fields in client.xrange(f"{prefix}:audit")]
+        return [fields for _, fields in client.xrange(stream)]
 
 
 def _descriptors(server: RunningServer) -> np.ndarray:
@@ -169,7 +170,7 @@ async def test_events_are_kept_by_age_not_by_count(redis_url: str, redis_prefix:
     # A count cap let one client push the whole trail out with cheap calls; by age, an
     # event stays for the retention however many come after it, and older ones go.
     client = redis_client_from_url(redis_url)
-    stream = f"{redis_prefix}audit"
+    stream = KeySpace(redis_prefix).audit_stream()
     try:
         seconds, micros = await client.time()  # Redis's clock: the one stream ids follow
         now_ms = seconds * 1000 + micros // 1000
@@ -178,7 +179,7 @@ async def test_events_are_kept_by_age_not_by_count(redis_url: str, redis_prefix:
             await client.xadd(
                 stream, {"action": f"{age_days}d"}, id=f"{now_ms - age_days * day_ms}-0"
             )
-        audit = AuditLog(client, stream=stream, retention=timedelta(days=7))
+        audit = AuditLog(client, key_prefix=redis_prefix, retention=timedelta(days=7))
         event = AuditEvent("verify", "lms-a-gate", "lms-a", "p-1", "NO_FACE")
         for _ in range(50):
             await audit.append(event)

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
+from facesvc.config import LimitsSettings
 from facesvc.domain import TrainingType
 from facesvc.errors import InvalidRequest
 from facesvc.limits.caps import (
@@ -21,7 +22,7 @@ from facesvc.limits.caps import (
     IdempotencyConflict,
     IdempotentScan,
     Reservation,
-    default_cap_rules,
+    cap_rules,
 )
 from facesvc.store.connection import redis_client_from_url
 from facesvc.store.errors import StoreUnavailable
@@ -43,7 +44,7 @@ def run(scenario: Scenario, url: str, prefix: str) -> None:
         client = redis_client_from_url(url, socket_timeout_s=2.0, socket_connect_timeout_s=2.0)
         assert isinstance(client, aioredis.Redis)
         try:
-            caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix)
+            caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix=prefix)
             await scenario(caps, client, prefix)
         finally:
             await client.aclose()
@@ -103,7 +104,7 @@ def test_caps_are_per_participant_and_per_training(redis_url: str, redis_prefix:
 
 def test_offline_cap_is_configurable(redis_url: str, redis_prefix: str) -> None:
     async def scenario(caps: AttemptCaps, client: aioredis.Redis, prefix: str) -> None:
-        caps3 = AttemptCaps(client, default_cap_rules(offline_limit=3), key_prefix=prefix)
+        caps3 = AttemptCaps(client, cap_rules(LimitsSettings(cap_offline=3)), key_prefix=prefix)
         outcomes = await burst(caps3, 6, OFFLINE, future_day())
         assert sum(isinstance(o, Reservation) for o in outcomes) == 3
         assert caps.limit_for(OFFLINE) == 10
@@ -116,7 +117,7 @@ def test_rules_must_cover_every_type_once() -> None:
     with pytest.raises(ValueError, match="OFFLINE"):
         AttemptCaps(client, [CapRule(SPL, 5), CapRule(WEBINAR, 10)])
     with pytest.raises(ValueError, match="two cap rules"):
-        AttemptCaps(client, [*default_cap_rules(), CapRule(SPL, 1)])
+        AttemptCaps(client, [*cap_rules(LimitsSettings()), CapRule(SPL, 1)])
     with pytest.raises(ValueError, match=">= 0"):
         AttemptCaps(client, [CapRule(SPL, -1), CapRule(WEBINAR, 10), CapRule(OFFLINE, 1)])
 
@@ -300,7 +301,7 @@ def test_an_undecided_scan_is_taken_over_with_its_attempt_once_its_lease_lapses(
 def test_a_lease_must_fit_inside_the_idempotency_record() -> None:
     client = redis_client_from_url("redis://127.0.0.1:1/0")
     with pytest.raises(ValueError, match="scan_lease"):
-        AttemptCaps(client, default_cap_rules(), scan_lease=timedelta(minutes=10))
+        AttemptCaps(client, cap_rules(LimitsSettings()), scan_lease=timedelta(minutes=10))
 
 
 def test_exhausted_outcome_replays_as_exhausted(redis_url: str, redis_prefix: str) -> None:
@@ -338,7 +339,7 @@ def test_bad_input_is_refused_before_redis(redis_url: str, redis_prefix: str) ->
 def test_redis_down_raises_store_unavailable() -> None:
     async def main() -> None:
         client = redis_client_from_url(f"redis://127.0.0.1:{free_port()}/0")
-        caps = AttemptCaps(client, default_cap_rules(), key_prefix="test-caps-down")
+        caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix="test-caps-down")
         now = future_day()
         try:
             with pytest.raises(StoreUnavailable, match="reserve an attempt"):
@@ -363,7 +364,7 @@ def test_redis_too_slow_raises_store_unavailable() -> None:
             silent.listen(16)  # the kernel completes handshakes; nobody ever replies
             url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
             client = redis_client_from_url(url, socket_timeout_s=0.2, socket_connect_timeout_s=0.2)
-            caps = AttemptCaps(client, default_cap_rules(), key_prefix="test-caps-slow")
+            caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix="test-caps-slow")
             try:
                 with pytest.raises(StoreUnavailable, match="reserve an attempt") as refused:
                     await caps.reserve("p1", "t1", SPL, future_day())

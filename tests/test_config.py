@@ -18,7 +18,7 @@ def test_defaults_run_on_one_machine_with_the_programme_rules() -> None:
     assert [s.limits.daily_cap(t) for t in ("SPL", "WEBINAR", "OFFLINE")] == [5, 10, 10]
     assert s.limits.timezone == "Asia/Jakarta"
     assert s.tokens.ttl_s == 120
-    assert s.liveness.policy("SPL") == "challenge"
+    assert s.liveness.method("SPL") == "challenge"
 
 
 def test_every_setting_has_a_unique_env_name_and_flag() -> None:

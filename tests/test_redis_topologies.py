@@ -23,13 +23,14 @@ import redis
 import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
+from facesvc.config import LimitsSettings
 from facesvc.domain import TrainingType
 from facesvc.limits.caps import (
     AttemptCaps,
     Exhausted,
     IdempotentScan,
     Reservation,
-    default_cap_rules,
+    cap_rules,
 )
 from facesvc.store.connection import redis_client_from_url
 from facesvc.store.templates import Template, TemplateKeyRing, TemplateStore, generate_template_key
@@ -193,7 +194,7 @@ def test_caps_and_templates_on_a_cluster(cluster: list[ClusterServer]) -> None:
     async def main() -> None:
         client = redis_client_from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}")
         assert isinstance(client, aioredis.RedisCluster)
-        caps = AttemptCaps(client, default_cap_rules(), key_prefix="facesvc")
+        caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix="facesvc")
         store = TemplateStore(
             client, TemplateKeyRing.parse(generate_template_key("k1")), key_prefix="facesvc"
         )
@@ -249,7 +250,7 @@ def test_sentinel_url_reaches_the_master(tmp_path: Path) -> None:
             client = redis_client_from_url(
                 f"redis+sentinel://127.0.0.1:{sentinel.port}/facesvc-main/0"
             )
-            caps = AttemptCaps(client, default_cap_rules(), key_prefix="facesvc")
+            caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix="facesvc")
             now = SystemClock().now() + timedelta(days=1)
             try:
                 outcomes = await asyncio.gather(

@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 
 from facesvc.clock import SystemClock
 from facesvc.commands.cli import main as facesvc_cli
-from facesvc.config import ConfigError, TemplatesSettings
+from facesvc.config import ConfigError, LimitsSettings, TemplatesSettings
 from facesvc.domain import TrainingType
-from facesvc.limits.caps import AttemptCaps, IdempotentScan, default_cap_rules
+from facesvc.limits.caps import AttemptCaps, IdempotentScan, cap_rules
 from facesvc.store.connection import redis_client_from_url
 from facesvc.store.errors import StoreUnavailable
 from facesvc.store.keys import KeySpace
@@ -225,7 +225,7 @@ def test_delete_removes_every_key_of_that_participant_only(
 ) -> None:
     async def scenario(client: aioredis.Redis, prefix: str) -> None:
         store = TemplateStore(client, ring("k1"), key_prefix=prefix)
-        caps = AttemptCaps(client, default_cap_rules(), key_prefix=prefix)
+        caps = AttemptCaps(client, cap_rules(LimitsSettings()), key_prefix=prefix)
         now = SystemClock().now()
         for pid in ("p1", "p10", "p2"):
             await store.put(template(pid), replace=False)

@@ -18,7 +18,7 @@ def cli_audit_tail(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         client = redis_from_settings(settings.redis)
-        audit = AuditLog(client, stream=f"{settings.redis.key_prefix.removesuffix(':')}:audit")
+        audit = AuditLog(client, key_prefix=settings.redis.key_prefix)
         seen = ""
         try:
             while True:

@@ -29,6 +29,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, Clock
 from facesvc.errors import Exhausted
@@ -187,9 +188,10 @@ class ParticipantLocked(Exhausted):
     code = "LOCKED"
 
     def __init__(self, participant_id: str, until: datetime, retry_after_s: int) -> None:
+        """``until``: in the zone the participant reads times in (``limits.timezone``)."""
         super().__init__(
             f"scans for participant {participant_id} are paused until "
-            f"{until.astimezone(WIB):%Y-%m-%d %H:%M} WIB after repeated suspected spoofing; "
+            f"{until:%Y-%m-%d %H:%M %Z} after repeated suspected spoofing; "
             "try again then, in person and in good light, or contact the programme's support",
             retry_after_s,
         )
@@ -201,9 +203,17 @@ class SpoofLockout:
     """Counts SPOOF_SUSPECTED decisions per participant and locks after too many."""
 
     def __init__(
-        self, client: AsyncRedis, rule: LockoutRule, clock: Clock, *, key_prefix: str = "facesvc"
+        self,
+        client: AsyncRedis,
+        rule: LockoutRule,
+        clock: Clock,
+        *,
+        key_prefix: str = "facesvc",
+        tz: ZoneInfo = WIB,
     ) -> None:
+        """``tz``: the zone of the lock's end in the participant's message."""
         self._client = client
+        self._tz = tz
         self._rule = rule
         self._clock = clock
         self._keys = KeySpace(key_prefix)
@@ -217,7 +227,7 @@ class SpoofLockout:
         async with store_errors("check the spoof lockout"):
             until_ms = await self._client.get(self._keys.lockout(participant_id))
         if until_ms is not None:
-            until = _from_ms(int(until_ms))
+            until = _from_ms(int(until_ms)).astimezone(self._tz)
             wait_s = (until - self._clock.now()).total_seconds()
             raise ParticipantLocked(participant_id, until, max(1, math.ceil(wait_s)))
 

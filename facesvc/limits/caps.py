@@ -61,6 +61,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from facesvc.clock import WIB, day_end, programme_day
+from facesvc.config import LimitsSettings
 from facesvc.domain import TrainingType
 from facesvc.errors import InvalidRequest
 from facesvc.store.connection import AsyncRedis, reply_text
@@ -151,13 +152,10 @@ class CapRule:
     limit: int
 
 
-def default_cap_rules(offline_limit: int = 10) -> tuple[CapRule, ...]:
-    """The programme's caps: SPL 5, WEBINAR 10 (FAQ), OFFLINE ``offline_limit`` (FAQ: none)."""
-    return (
-        CapRule(TrainingType.SPL, 5),
-        CapRule(TrainingType.WEBINAR, 10),
-        CapRule(TrainingType.OFFLINE, offline_limit),
-    )
+def cap_rules(limits: LimitsSettings) -> tuple[CapRule, ...]:
+    """The daily caps ``limits`` sets, one rule per training type (``limits.cap_spl`` ...;
+    defaults: the programme's SPL 5 and WEBINAR 10, OFFLINE 10, which its FAQ leaves open)."""
+    return tuple(CapRule(t, limits.daily_cap(t.value)) for t in TrainingType)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,8 @@ from facesvc.serve.health import Health, RedisProbe
 from facesvc.serve.ops_http import build_http_app
 from facesvc.serve.tls import add_hsts, check_exposure, insecure_warnings, server_tls
 from facesvc.store.connection import AsyncRedis, redis_from_settings
+from facesvc.tokens.keys import KeyDirectory, KeyDirectoryError
+from facesvc.tokens.launch import LaunchTickets
 from facesvc.transport.admission import AdmissionInterceptor, InFlightLimit
 from facesvc.transport.auth import (
     ApiKeyAuthenticator,
@@ -46,7 +48,7 @@ from facesvc.transport.grpc_servicer import (
     FaceVerificationServicer,
     MetricsInterceptor,
 )
-from facesvc.transport.portal import build_portal
+from facesvc.transport.portal import Portal
 from facesvc.transport.portal_limits import GatewayLimits
 from facesvc.transport.preauth import CredentialsFirst
 from facesvc.transport.validation import RequestLimits, transport_limit
@@ -62,6 +64,9 @@ class Resources:
     redis: AsyncRedis
     metrics: Metrics
     skew: SkewWatch
+    keys: KeyDirectory | None
+    """The token keys the portal also uses (one directory, one reload); None when
+    ``tokens.key_dir`` could not be read at start-up (the engine then reports why)."""
 
 
 EngineFactory = Callable[[Resources], Awaitable[Engine]]
@@ -88,6 +93,34 @@ def _authenticator(settings: Settings, redis: AsyncRedis) -> ApiKeyAuthenticator
         key_prefix=settings.redis.key_prefix,
     )
     return ApiKeyAuthenticator(registry, RpcRateLimiter.auditing(limiter, abuse.audited_call_cost))
+
+
+def _key_directory(settings: Settings) -> KeyDirectory | None:
+    """The token signing keys, shared by the portal's launch tickets and the engine's tokens
+    and venue passes; None (logged) when ``tokens.key_dir`` cannot be read: the page stays up
+    and its API answers 503 with the fix, and the engine's start reports the same error."""
+    try:
+        return KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s)
+    except KeyDirectoryError as exc:
+        log.warning("the scan page cannot issue or check launch tickets: %s", exc)
+        return None
+
+
+def _portal(settings: Settings, redis: AsyncRedis, keys: KeyDirectory | None) -> Portal:
+    """The Scan Wajah page and its JSON API; launch tickets signed with ``keys``."""
+    tickets = (
+        None
+        if keys is None
+        else LaunchTickets(
+            keys,
+            redis,
+            issuer=settings.tokens.issuer,
+            allowed_prefixes=settings.portal.return_prefixes,
+            ttl_s=settings.portal.ticket_ttl_s,
+            key_prefix=settings.redis.key_prefix,
+        )
+    )
+    return Portal(settings, tickets=tickets, keys=keys, now=SystemClock().now)
 
 
 def _connection_age_options(server: ServerSettings) -> list[tuple[str, int]]:
@@ -137,7 +170,8 @@ class App:
         auth = _authenticator(settings, self.redis)
         # The Scan Wajah page and its JSON gateway (facesvc.transport.portal) share the HTTP server;
         # CreateLaunchTicket issues its tickets.
-        self.portal = build_portal(settings, self.redis)
+        self.keys = _key_directory(settings)
+        self.portal = _portal(settings, self.redis, self.keys)
         self.servicer = FaceVerificationServicer(
             None,
             limits=RequestLimits.from_settings(server),
@@ -263,7 +297,7 @@ class App:
 
     async def _load_engine(self) -> None:
         assert self._engine_factory is not None
-        resources = Resources(self.settings, self.redis, self.metrics, self.skew)
+        resources = Resources(self.settings, self.redis, self.metrics, self.skew, self.keys)
         try:
             engine = await self._engine_factory(resources)
         except Exception as exc:

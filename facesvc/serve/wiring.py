@@ -21,7 +21,7 @@ from facesvc.domain import LivenessMethod, TrainingType
 from facesvc.engine import Caller, Engine, LivenessPolicy
 from facesvc.imaging import DecodeLimits
 from facesvc.limits.abuse import LockoutRule, SpoofLockout
-from facesvc.limits.caps import AttemptCaps, CapRule
+from facesvc.limits.caps import AttemptCaps, cap_rules
 from facesvc.limits.windows import GateWindows
 from facesvc.liveness.challenges import DEFAULT_STEPS, ChallengeStore, Step
 from facesvc.liveness.judge import LivenessJudge
@@ -73,7 +73,7 @@ def liveness_policy(settings: Settings) -> LivenessPolicy:
     live = settings.liveness
 
     def method(training_type: TrainingType, caller: Caller) -> LivenessMethod:
-        return LivenessMethod(live.policy(training_type.value, kiosk=caller.role == "kiosk"))
+        return LivenessMethod(live.method(training_type.value, kiosk=caller.role == "kiosk"))
 
     return method
 
@@ -86,6 +86,7 @@ async def build_engine(
     clock: Clock | None = None,
     pack: ModelPack | None = None,
     skew: SkewWatch | None = None,
+    keys: KeyDirectory | None = None,
     warm_up: bool = False,
 ) -> Engine:
     """The engine for ``settings``; loads the model pack unless one is given. With
@@ -141,7 +142,10 @@ async def build_engine(
     )
     if warm_up:
         await asyncio.to_thread(faces.warm_up)
-    keys = KeyDirectory(settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock)
+    if keys is None:
+        keys = KeyDirectory(
+            settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock
+        )
     issuer = TokenIssuer(
         keys, issuer=settings.tokens.issuer, ttl_s=settings.tokens.ttl_s, clock=clock
     )
@@ -154,7 +158,7 @@ async def build_engine(
     )
     caps = AttemptCaps(
         redis,
-        [CapRule(t, settings.limits.daily_cap(t.value)) for t in TrainingType],
+        cap_rules(settings.limits),
         key_prefix=prefix,
         tz=tz,
         expiry_grace=timedelta(seconds=settings.limits.cap_expiry_grace_s),
@@ -196,7 +200,7 @@ async def build_engine(
         published_keys=published,
         audit=AuditLog(
             redis,
-            stream=f"{prefix.rstrip(':')}:audit",
+            key_prefix=prefix,
             retention=timedelta(days=settings.audit.retention_days),
         ),
         lockout=SpoofLockout(
@@ -208,6 +212,7 @@ async def build_engine(
             ),
             clock,
             key_prefix=prefix,
+            tz=tz,
         ),
         metrics=metrics,
         skew=skew,
@@ -219,7 +224,12 @@ async def engine_from_resources(resources: Resources) -> Engine:
     """The engine factory ``facesvc serve`` hands to the app: it runs once the servers are
     up, while health says NOT_SERVING."""
     return await build_engine(
-        resources.settings, resources.redis, resources.metrics, skew=resources.skew, warm_up=True
+        resources.settings,
+        resources.redis,
+        resources.metrics,
+        skew=resources.skew,
+        keys=resources.keys,
+        warm_up=True,
     )
 
 

@@ -17,8 +17,7 @@ from typing import Any
 
 from facesvc.store.connection import reply_text
 from facesvc.store.errors import store_errors
-
-DEFAULT_STREAM = "facesvc:audit"
+from facesvc.store.keys import KeySpace
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +73,14 @@ class AuditLog:
         self,
         redis: Any,
         *,
-        stream: str = DEFAULT_STREAM,
+        key_prefix: str = "facesvc",
         retention: timedelta = timedelta(days=7),
     ) -> None:
+        """``key_prefix``: ``redis.key_prefix``; the stream is its ``KeySpace.audit_stream``."""
         if retention <= timedelta(0):
             raise ValueError("the audit retention must be positive")
         self._redis = redis
-        self._stream = stream
+        self._stream = KeySpace(key_prefix).audit_stream()
         self._retention_ms = int(retention.total_seconds() * 1000)
         self._append = redis.register_script(_APPEND_LUA)
 

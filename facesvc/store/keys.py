@@ -106,6 +106,10 @@ class KeySpace:
         ``{c:...}`` hash tag keeps a client's windows in one Cluster slot."""
         return f"{self.prefix}:{{c:{validate_id(client_id, 'client id')}}}:rate:{window}"
 
+    def audit_stream(self) -> str:
+        """The audit trail's Redis Stream (one key: every audited call appends to it)."""
+        return f"{self.prefix}:audit"
+
     def serving_pack(self) -> str:
         """Key holding the tag of the model pack that served last (a pack change is logged)."""
         return f"{self.prefix}:serving-pack"

@@ -42,9 +42,8 @@ from typing import Any, Protocol
 
 from aiohttp import BodyPartReader, web
 
-from facesvc.clock import Clock, SystemClock
 from facesvc.config import Settings
-from facesvc.domain import Decision, Gate, TrainingType
+from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
 from facesvc.engine import (
     Caller,
     FrameReport,
@@ -53,10 +52,7 @@ from facesvc.engine import (
 )
 from facesvc.limits.caps import CapUsage
 from facesvc.liveness.challenges import Challenge
-from facesvc.store.connection import AsyncRedis
 from facesvc.tokens.keys import (
-    KeyDirectory,
-    KeyDirectoryError,
     NoSigningKeyError,
     PublicKeySource,
 )
@@ -136,6 +132,8 @@ class ScanEngine(Protocol):
     ) -> CapUsage: ...
 
     async def inspect(self, frame: bytes) -> FrameReport: ...
+
+    def liveness_method(self, training_type: TrainingType, caller: Caller) -> LivenessMethod: ...
 
 
 class ApiError(Exception):
@@ -365,15 +363,12 @@ class Portal:
             raise ApiError(503, "STARTING", "the service is starting; retry in a few seconds")
         return self._engine
 
-    def _liveness(self, ticket: LaunchTicket) -> str:
-        """The liveness policy for the page (the ``portal`` channel is never a kiosk)."""
-        return self._settings.liveness.policy(ticket.scope.training_type.value)
-
     # ------------------------------------------------------------------ API routes
 
     async def _session(self, request: web.Request, ticket: LaunchTicket) -> dict[str, Any]:
         scope = ticket.scope
-        usage = await self._engine_or_busy().attempts(
+        engine = self._engine_or_busy()
+        usage = await engine.attempts(
             scope.participant_id, scope.training_id, scope.training_type, caller=_caller(ticket)
         )
         return {
@@ -384,7 +379,7 @@ class Portal:
             "return_url": scope.return_url,
             "ticket_expires_at": _iso(ticket.expires_at),
             "attempts": _usage_json(usage),
-            "liveness": self._liveness(ticket),
+            "liveness": engine.liveness_method(scope.training_type, _caller(ticket)).value,
             "capture": {
                 "frame_width_px": self._settings.portal.frame_width_px,
                 "frames_per_pose": _FRAMES_PER_POSE,
@@ -547,32 +542,3 @@ async def _read_limited(next_chunk: Callable[[], Awaitable[bytes]], limit: int, 
 async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
-
-
-def build_portal(settings: Settings, redis: AsyncRedis, clock: Clock | None = None) -> Portal:
-    """The portal for ``settings``: launch tickets signed with the token keys of
-    ``tokens.key_dir``. A key directory that cannot be read at start-up leaves the page up
-    and the API answering 503 with the fix (the gRPC side reports the same at its calls)."""
-    clock = clock or SystemClock()
-    keys: KeyDirectory | None
-    try:
-        keys = KeyDirectory(
-            settings.tokens.key_dir, reload_s=settings.tokens.key_reload_s, clock=clock
-        )
-    except KeyDirectoryError as exc:
-        log.warning("the scan page cannot issue or check launch tickets: %s", exc)
-        keys = None
-    tickets = (
-        None
-        if keys is None
-        else LaunchTickets(
-            keys,
-            redis,
-            issuer=settings.tokens.issuer,
-            allowed_prefixes=settings.portal.return_prefixes,
-            ttl_s=settings.portal.ticket_ttl_s,
-            key_prefix=settings.redis.key_prefix,
-            clock=clock,
-        )
-    )
-    return Portal(settings, tickets=tickets, keys=keys, now=clock.now)
