@@ -2,7 +2,7 @@
 #
 #   make run     venv + install + model conversion + Redis (if none answers) + facesvc serve
 #   make test    venv + install + Redis (if none answers) + pytest in parallel
-#   make lint    ruff + mypy
+#   make lint    ruff + mypy + the import layers (lint-imports)
 #   make proto   regenerate facesvc/_proto from proto/ (commit the result)
 #   make deploy-local  a local Kubernetes cluster (kind) running facesvc over a Redis Cluster
 
@@ -77,6 +77,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 proto: venv
 	$(PY) -m tools.protogen

@@ -61,7 +61,7 @@ from facesvc.tokens import (
     VerificationClaims,
     check_token,
 )
-from facesvc.transport.proto_enums import (
+from facesvc.wire import (
     DECISIONS,
     GATES,
     LIVENESS_METHODS,

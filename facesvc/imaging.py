@@ -32,10 +32,10 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from facesvc.errors import InvalidRequest
-from facesvc.models.types import RGBImage
 
 _MIB = 1 << 20
 # Our format names and Pillow's openers for them (Pillow's JPEG opener also returns the
@@ -43,6 +43,10 @@ _MIB = 1 << 20
 _OPENERS = {"JPEG": "JPEG", "PNG": "PNG", "WebP": "WEBP"}
 _SIXTEEN_BIT_GREY = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+RGBImage = npt.NDArray[np.uint8]
+"""(H, W, 3) uint8 RGB, C-contiguous: what ``decode_image`` makes and every model takes."""
 
 
 class ImageRejected(InvalidRequest):

@@ -12,8 +12,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-RGBImage = npt.NDArray[np.uint8]
-"""(H, W, 3) uint8 RGB."""
+# The decoded picture every model takes, defined where it is made.
+from facesvc.imaging import RGBImage as RGBImage
 
 Points = npt.NDArray[np.float32]
 """(K, 2) float32 landmark coordinates (x, y) in image pixels."""

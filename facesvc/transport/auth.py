@@ -72,7 +72,7 @@ from facesvc.domain import TrainingType
 from facesvc.engine import Caller
 from facesvc.store.errors import StoreUnavailable
 from facesvc.transport.grpc_handlers import async_unary, with_behaviour
-from facesvc.transport.proto_enums import TRAINING_TYPES
+from facesvc.wire import TRAINING_TYPES
 
 
 class Role(enum.StrEnum):

@@ -1,5 +1,5 @@
 """Engine results as facesvc.v1 messages; enum values map through
-:mod:`facesvc.transport.proto_enums`."""
+:mod:`facesvc.wire`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from facesvc.models.pipeline import FaceStatus
 from facesvc.store.templates import TemplateMetadata
 from facesvc.tokens.claims import CheckReason, CheckResult
 from facesvc.tokens.keys import PublishedKey
-from facesvc.transport.proto_enums import (
+from facesvc.wire import (
     DECISIONS,
     GATES,
     LIVENESS_METHODS,

@@ -43,8 +43,8 @@ from facesvc.transport.grpc_messages import (
     timestamp,
     verify_response,
 )
-from facesvc.transport.proto_enums import GATES, TRAINING_TYPES
 from facesvc.transport.status import Status, status_of
+from facesvc.wire import GATES, TRAINING_TYPES
 
 T = TypeVar("T")
 
