@@ -35,9 +35,7 @@ $(INSTALLED): pyproject.toml Makefile
 
 # Converts the default pack's models into the cache once (later runs find them there).
 models: venv
-	@if $(PY) -c 'import importlib.util as u, sys; sys.exit(u.find_spec("facesvc.commands.convert") is None)'; \
-	then $(PY) -m facesvc.commands.convert; \
-	else echo "facesvc.commands.convert is not there yet: no models to convert"; fi
+	$(PY) -m facesvc.commands.convert
 
 # Starts a local redis-server (var/redis/) only when nothing answers at the URL.
 redis: venv

@@ -90,7 +90,7 @@ class ServerSettings:
     grpc_port: int = 50051
     """gRPC port; 0 picks a free one (tests)."""
     http_host: str = "127.0.0.1"
-    """The HTTP server carries /metrics, /healthz (and later the JSON gateway)."""
+    """The HTTP server carries /metrics, /healthz, the Scan Wajah page and its JSON API."""
     http_port: int = 8080
     """HTTP port; 0 picks a free one (tests)."""
     grace_s: float = 10.0
@@ -416,7 +416,7 @@ class LivenessSettings:
     """Liveness policy per training type and for kiosks (off | passive | challenge).
 
     Challenge-response is the default everywhere: the passive model alone is a weak
-    signal (see DESIGN.md), so switching to "passive" or "off" is an explicit choice.
+    signal (docs/liveness.md), so switching to "passive" or "off" is an explicit choice.
     """
 
     spl: LivenessMethodName = "challenge"

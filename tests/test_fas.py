@@ -91,7 +91,7 @@ def test_attacks_of_held_out_subjects_refused_as_often_as_evaluated(
     photos pad/spoof/00NN_* with NN even, the prints of faces/nuaa__client00NN, plus
     the phone-captured poster and screen) are refused at the shipped threshold as
     often as the evaluation recorded: a rate over the split, not per photo, since
-    the model is weak (DESIGN.md). One photo of slack covers scores that sit on the
+    the model is weak (docs/liveness.md). One photo of slack covers scores that sit on the
     threshold and move in the last float digits between machines."""
     cal = load_fas_calibration()
     items = [

@@ -47,7 +47,7 @@ Split = Literal["calibration", "report"]
 
 TARGET_APCER = 0.25
 """Attack acceptance the threshold is calibrated to (share of attacks passed).
-The model is weak (DESIGN.md): a strict target would refuse most live faces."""
+The model is weak (docs/liveness.md): a strict target would refuse most live faces."""
 
 MIN_FACE_PX = 80
 """Smallest face, in pixels, the detector looks for in evaluation photos."""

@@ -98,7 +98,7 @@ _PRECHECK_CONCURRENCY = 2
 """Pre-checks run at once per process; more are refused (503) rather than queued."""
 _PASSIVE_MIN_FRAMES = 3
 """Frames of a scan without a challenge: several frames are the service's own lever on
-accuracy (DESIGN.md), and a few JPEGs of 640 px are still small."""
+accuracy (docs/accuracy.md), and a few JPEGs of 640 px are still small."""
 
 
 _HOLD_SLACK_S = 30.0

@@ -60,8 +60,7 @@ T = TypeVar("T")
 FloatArray = npt.NDArray[np.float32]
 
 _FLOAT_IS_INF = 32000
-_FLOAT_IS_NINF = 32001
-_FLOAT_IS_NAN = 32002
+_FLOAT_IS_NINF = 32001  # and 32002, any exponent above it, is NaN
 
 # dlib's layer_mode enum (dlib/dnn/layers.h): CONV_MODE = 0, FC_MODE = 1.
 _AFFINE_MODES = {0: "conv", 1: "fc"}
