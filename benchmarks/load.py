@@ -419,7 +419,6 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack:
     from facesvc.config import load_settings
     from facesvc.imaging import DecodeLimits, decode_image
     from facesvc.models.packs import load_pack
-    from facesvc.models.pipeline import FacePipeline
 
     settings = load_settings(
         env={},
@@ -431,9 +430,7 @@ def _bare_worker(frames: list[bytes], duration_s: float, min_face_px: int, pack:
         },
     )
     loaded = load_pack(settings.models)
-    pipeline = FacePipeline(
-        loaded.detector, loaded.landmarks, loaded.embedder, settings.quality, loaded.frontal
-    )
+    pipeline = loaded.pipeline(settings.quality)
     limits = DecodeLimits()
     template = None
     done = 0

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from facesvc.clock import Clock, SkewWatch
 from facesvc.domain import Decision, Gate, LivenessMethod, TrainingType
@@ -317,15 +318,12 @@ class Engine:
         """Replace the LMS tenants that may act for an enrolled participant. Raises
         ``ParticipantNotFound`` when there is no enrollment, ``StoreUnavailable``."""
         metadata = await self._templates.set_tenants(participant_id, tenants)
-        await self._audit.append(
-            AuditEvent(
-                action="set_tenants",
-                caller=caller.name,
-                tenant=caller.tenant,
-                participant_id=participant_id,
-                outcome="ok" if metadata is not None else "not_enrolled",
-                reason=",".join(sorted(tenants)),
-            )
+        await self._audited(
+            action="set_tenants",
+            caller=caller,
+            participant_id=participant_id,
+            outcome="ok" if metadata is not None else "not_enrolled",
+            reason=",".join(sorted(tenants)),
         )
         if metadata is None:
             raise ParticipantNotFound(f"participant {participant_id} has no enrollment")
@@ -394,30 +392,24 @@ class Engine:
     async def delete_enrollment(self, participant_id: str, *, caller: Caller) -> bool:
         """Erase the template and every key derived from it; True if there was one."""
         deleted = await self._templates.delete(participant_id)
-        await self._audit.append(
-            AuditEvent(
-                action="delete",
-                caller=caller.name,
-                tenant=caller.tenant,
-                participant_id=participant_id,
-                outcome="deleted" if deleted else "not_enrolled",
-            )
+        await self._audited(
+            action="delete",
+            caller=caller,
+            participant_id=participant_id,
+            outcome="deleted" if deleted else "not_enrolled",
         )
         return deleted
 
     async def _audit_enroll(
         self, caller: Caller, participant_id: str, outcome: str, reason: str, started: float
     ) -> None:
-        await self._audit.append(
-            AuditEvent(
-                action="enroll",
-                caller=caller.name,
-                tenant=caller.tenant,
-                participant_id=participant_id,
-                outcome=outcome,
-                reason=reason,
-                timings_ms={"total": _ms(started)},
-            )
+        await self._audited(
+            action="enroll",
+            caller=caller,
+            participant_id=participant_id,
+            outcome=outcome,
+            reason=reason,
+            timings_ms={"total": _ms(started)},
         )
 
     # ------------------------------------------------------------ challenge, attempts
@@ -466,18 +458,15 @@ class Engine:
             raise PolicyError("token signing is not configured on this service")
         result = await self._redeemer.redeem(token, expected)
         claims = result.claims
-        await self._audit.append(
-            AuditEvent(
-                action="redeem",
-                caller=caller.name,
-                tenant=caller.tenant,
-                participant_id=claims.sub if claims is not None else "",
-                outcome=result.reason.name,
-                training_id=claims.training_id if claims is not None else "",
-                gate=expected.gate.value,
-                session_id=expected.session_id,
-                verification_id=claims.verification_id if claims is not None else "",
-            )
+        await self._audited(
+            action="redeem",
+            caller=caller,
+            participant_id=claims.sub if claims is not None else "",
+            outcome=result.reason.name,
+            training_id=claims.training_id if claims is not None else "",
+            gate=expected.gate.value,
+            session_id=expected.session_id,
+            verification_id=claims.verification_id if claims is not None else "",
         )
         return result
 
@@ -497,6 +486,12 @@ class Engine:
         """How a scan of ``training_type`` by ``caller`` proves liveness: the one answer both
         Verify and the Scan Wajah page (which must know whether to ask for a challenge) use."""
         return self._liveness_policy(training_type, caller)
+
+    async def _audited(self, *, action: str, caller: Caller, **event: Any) -> None:
+        """Append an ``AuditEvent`` of ``action`` by ``caller``; ``event``: its other fields."""
+        await self._audit.append(
+            AuditEvent(action=action, caller=caller.name, tenant=caller.tenant, **event)
+        )
 
     # ------------------------------------------------------------------ verification
 
@@ -766,21 +761,18 @@ class Engine:
         )
         if held is not None:
             await self._caps.record_decision(held, _remember(outcome))
-        await self._audit.append(
-            AuditEvent(
-                action="verify",
-                caller=cmd.caller.name,
-                tenant=cmd.caller.tenant,
-                participant_id=cmd.participant_id,
-                outcome=decision.value,
-                reason=reason,
-                training_id=cmd.training_id,
-                training_type=cmd.training_type.value,
-                gate=cmd.gate.value,
-                session_id=cmd.session_id,
-                verification_id=verification_id,
-                timings_ms=timings,
-            )
+        await self._audited(
+            action="verify",
+            caller=cmd.caller,
+            participant_id=cmd.participant_id,
+            outcome=decision.value,
+            reason=reason,
+            training_id=cmd.training_id,
+            training_type=cmd.training_type.value,
+            gate=cmd.gate.value,
+            session_id=cmd.session_id,
+            verification_id=verification_id,
+            timings_ms=timings,
         )
         if decision is Decision.SPOOF_SUSPECTED and strike and self._lockout is not None:
             # After the audit append: the lockout is a consequence of an audited decision.

@@ -20,7 +20,7 @@ from facesvc.config import QualitySettings, ServerSettings
 from facesvc.imaging import DecodeLimits
 from facesvc.models.facework import BatchSettings, FaceWork
 from facesvc.models.pack import ModelPack
-from facesvc.models.pipeline import FacePipeline, FaceStatus
+from facesvc.models.pipeline import FaceStatus
 from tests.conftest import ServerStarter
 from tests.engine_support import astronaut
 from tests.test_service_verify import PID, enroll, start, verify
@@ -63,9 +63,7 @@ async def test_face_work_sees_at_most_max_analyze_pixels_of_a_huge_frame(
     cap = ServerSettings().max_analyze_pixels
     batching = BatchSettings(max_batch=1, max_wait_s=0.0, max_queue=1)
     faces = FaceWork(
-        FacePipeline(
-            model_pack.detector, model_pack.landmarks, model_pack.embedder, QualitySettings()
-        ),
+        model_pack.pipeline(QualitySettings()),
         None,
         decode_limits=DecodeLimits(),
         max_analyze_pixels=cap,

@@ -33,7 +33,6 @@ from facesvc.domain import Decision
 from facesvc.liveness.challenges import DEFAULT_STEPS, Step
 from facesvc.liveness.checks import step_evidence
 from facesvc.models.pack import ModelPack
-from facesvc.models.pipeline import FacePipeline
 from facesvc.models.types import Box, RGBImage
 from tests.engine_support import astronaut, dense_landmarks, insightface_image
 
@@ -48,9 +47,7 @@ HOLDS = list(answering_holds(tilts_deg=(45.0,), distances=(1.0, 1 / 1.5), bends=
 @pytest.fixture(scope="module")
 def observer(model_pack: ModelPack) -> Observer:
     settings = load_settings(env={})
-    pipeline = FacePipeline(
-        model_pack.detector, model_pack.landmarks, model_pack.embedder, settings.quality
-    )
+    pipeline = model_pack.pipeline(settings.quality)
     return Observer(model_pack, pipeline, dense_landmarks())
 
 

@@ -22,7 +22,6 @@ from facesvc.engine import VerifyCommand
 from facesvc.imaging import DecodeLimits
 from facesvc.models.facework import BatchSettings, FaceWork
 from facesvc.models.pack import ModelPack
-from facesvc.models.pipeline import FacePipeline
 from facesvc.transport.admission import InFlightLimit
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg
@@ -137,9 +136,7 @@ async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
 
     batching = BatchSettings(max_batch=1, max_wait_s=0.0, max_queue=1)
     faces = FaceWork(
-        FacePipeline(
-            model_pack.detector, model_pack.landmarks, model_pack.embedder, QualitySettings()
-        ),
+        model_pack.pipeline(QualitySettings()),
         None,
         decode_limits=DecodeLimits(),
         threads=1,

@@ -16,7 +16,7 @@ from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import SFACE, YUNET, cached_yunet, locate
 from facesvc.models.pack import ModelPack
-from facesvc.models.pipeline import FacePipeline, FaceStatus
+from facesvc.models.pipeline import FaceStatus
 from facesvc.models.types import Box
 from facesvc.models.yunet import (
     ScalePolicy,
@@ -156,13 +156,7 @@ def test_default_pack_is_yunet_sface_and_describes_a_real_face(model_pack: Model
     assert model_pack.tag.startswith("yunet-sface@sha256:")
     assert model_pack.calibration is not None and model_pack.calibration.centre is None
     assert model_pack.frontal is not None and model_pack.turned_threshold is not None
-    pipeline = FacePipeline(
-        model_pack.detector,
-        model_pack.landmarks,
-        model_pack.embedder,
-        QualitySettings(),
-        model_pack.frontal,
-    )
+    pipeline = model_pack.pipeline(QualitySettings())
     analysis = pipeline.analyze(astronaut())
     assert analysis.status is FaceStatus.OK, analysis.reason
     assert analysis.quality is not None

@@ -590,9 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings(env={})
     pack = load_pack(settings.models)
-    pipeline = FacePipeline(
-        pack.detector, pack.landmarks, pack.embedder, settings.quality, pack.frontal
-    )
+    pipeline = pack.pipeline(settings.quality)
     turned = args.turned_identity_threshold
     observer = Observer(
         pack,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from facesvc.config import QualitySettings
 from facesvc.models.calibration import Calibration, CalibrationError, load_calibration
 from facesvc.models.matching import (
     DEFAULT_RULES,
@@ -30,6 +31,7 @@ from facesvc.models.matching import (
     match,
 )
 from facesvc.models.model_cache import sha256_file
+from facesvc.models.pipeline import FacePipeline
 from facesvc.models.quality import FrontalGeometry, LandmarkLayout
 from facesvc.models.types import Embedder, FaceDetector, LandmarkModel
 
@@ -71,6 +73,11 @@ class ModelPack:
     def threshold(self) -> float | None:
         """The calibrated distance threshold, or None when the pack is uncalibrated."""
         return None if self.calibration is None else self.calibration.threshold
+
+    def pipeline(self, quality: QualitySettings) -> FacePipeline:
+        """This pack's detector, landmarks and embedder behind the ``quality`` gates, with its
+        own frontal geometry: how the service, evaluation and benchmarks run a pack."""
+        return FacePipeline(self.detector, self.landmarks, self.embedder, quality, self.frontal)
 
     @property
     def frontal(self) -> FrontalGeometry | None:

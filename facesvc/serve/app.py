@@ -43,10 +43,10 @@ from facesvc.transport.auth import (
     KeysFileError,
     http_auth_middleware,
 )
+from facesvc.transport.call_metrics import MetricsInterceptor
 from facesvc.transport.grpc_servicer import (
     DevAuthenticator,
     FaceVerificationServicer,
-    MetricsInterceptor,
 )
 from facesvc.transport.portal import Portal
 from facesvc.transport.portal_limits import GatewayLimits

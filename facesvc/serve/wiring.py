@@ -32,7 +32,6 @@ from facesvc.models.fas import FasFtModel, load_fas_calibration
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.pack import ModelPack
 from facesvc.models.packs import load_pack
-from facesvc.models.pipeline import FacePipeline
 from facesvc.serve.app import Resources
 from facesvc.store.audit import AuditLog
 from facesvc.store.connection import AsyncRedis
@@ -113,9 +112,7 @@ async def build_engine(
     pad_threshold = (
         settings.liveness.pad_threshold if settings.liveness.pad_threshold >= 0 else pad.threshold
     )
-    pipeline = FacePipeline(
-        pack.detector, pack.landmarks, pack.embedder, settings.quality, pack.frontal
-    )
+    pipeline = pack.pipeline(settings.quality)
     throughput = settings.throughput
     faces = FaceWork(
         pipeline,

@@ -16,13 +16,12 @@ The interceptor also counts every unary call this worker begins in
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from facesvc.metrics import Metrics
-from facesvc.transport.grpc_handlers import async_unary, with_behaviour
+from facesvc.transport.grpc_handlers import UnaryBehaviour, UnaryInterceptor, with_behaviour
 
 VERIFY_METHOD = "/facesvc.v1.FaceVerification/Verify"
 
@@ -54,7 +53,7 @@ class InFlightLimit:
         self._held -= 1
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AdmissionInterceptor(UnaryInterceptor):
     """Refuses the ``limited`` methods (full names, ``/package.Service/Method``) beyond
     ``limit`` calls in flight, with RESOURCE_EXHAUSTED and ``retry-after: retry_after_s``;
     counts every unary call in ``metrics.worker_calls``."""
@@ -72,16 +71,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._retry_after_s = retry_after_s
         self._limited = limited
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def around(
+        self, method: str, handler: grpc.RpcMethodHandler, inner: UnaryBehaviour
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        inner = async_unary(handler)
-        if inner is None:
-            return handler  # neither counted nor bounded
-        method = str(handler_call_details.method)
         calls = self._metrics.worker_calls.labels(method.lstrip("/"))
         if method in self._limited:
             limit = self._limit

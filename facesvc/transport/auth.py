@@ -71,7 +71,7 @@ from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc.domain import TrainingType
 from facesvc.engine import Caller
 from facesvc.store.errors import StoreUnavailable
-from facesvc.transport.grpc_handlers import async_unary, with_behaviour
+from facesvc.transport.grpc_handlers import UnaryBehaviour, UnaryInterceptor, with_behaviour
 from facesvc.wire import TRAINING_TYPES
 
 
@@ -522,7 +522,7 @@ class ApiKeyAuthenticator:
         return client
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(UnaryInterceptor):
     """Runs :meth:`ApiKeyAuthenticator.admit` before every call of ``service``.
 
     An interceptor because only it sees the decoded request before the servicer does,
@@ -534,15 +534,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._auth = authenticator
         self._prefix = f"/{service}/"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def around(
+        self, method: str, handler: grpc.RpcMethodHandler, inner: UnaryBehaviour
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = str(handler_call_details.method)
-        inner = async_unary(handler)
-        if inner is None or not method.startswith(self._prefix):
+        if not method.startswith(self._prefix):
             return handler
         rpc = method.removeprefix(self._prefix)
         auth = self._auth

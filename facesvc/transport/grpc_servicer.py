@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -29,11 +29,9 @@ from facesvc.engine import (
     VerifyCommand,
 )
 from facesvc.errors import ServiceError
-from facesvc.metrics import Metrics
 from facesvc.tokens.claims import Expectation
 from facesvc.tokens.launch import Launcher, LaunchScope
 from facesvc.transport import validation
-from facesvc.transport.grpc_handlers import async_unary, with_behaviour
 from facesvc.transport.grpc_messages import (
     challenge_response,
     enroll_response,
@@ -341,58 +339,6 @@ def _scheduled_start(
 
 
 # ---------------------------------------------------------------- metrics
-
-_CODE_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _status_name(code: Any) -> str:
-    """A gRPC status code as its name, whatever form the context reports it in."""
-    if isinstance(code, grpc.StatusCode):
-        return str(code.name)
-    if isinstance(code, int) and code in _CODE_BY_VALUE:
-        return str(_CODE_BY_VALUE[code].name)
-    return "OK" if code is None else "UNKNOWN"
-
-
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts every unary call by method and status code, and times it."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        inner = async_unary(handler)
-        if inner is None:
-            return handler  # not counted
-        method = str(handler_call_details.method).lstrip("/")
-        m = self._metrics
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = "OK"
-            m.grpc_in_flight.labels(method).inc()
-            try:
-                response = await inner(request, context)
-                code = _status_name(context.code())
-                return response
-            except BaseException:
-                # context.abort() records its code before raising; anything
-                # else escaping a handler is a bug, reported to the client as UNKNOWN.
-                code = _status_name(context.code())
-                if code == "OK":
-                    code = "UNKNOWN"
-                raise
-            finally:
-                m.grpc_in_flight.labels(method).dec()
-                m.grpc_calls.labels(method, code).inc()
-                m.grpc_latency.labels(method).observe(time.perf_counter() - start)
-
-        return with_behaviour(handler, observed)
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, status: Status) -> None:

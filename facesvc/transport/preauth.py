@@ -19,17 +19,17 @@ the others wrap unary handlers and leave streaming ones alone.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from facesvc.metrics import Metrics
 from facesvc.transport.auth import ApiKeyAuthenticator
-from facesvc.transport.grpc_handlers import async_unary
+from facesvc.transport.grpc_handlers import UnaryBehaviour, UnaryInterceptor
 
 
-class CredentialsFirst(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CredentialsFirst(UnaryInterceptor):
     """Refuses calls of ``service`` without valid credentials before reading their message;
     counts the refusals in ``metrics`` (the metrics interceptor never sees them)."""
 
@@ -38,15 +38,10 @@ class CredentialsFirst(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._prefix = f"/{service}/"
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def around(
+        self, method: str, handler: grpc.RpcMethodHandler, inner: UnaryBehaviour
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = str(handler_call_details.method)
-        inner = async_unary(handler)
-        if inner is None or not method.startswith(self._prefix):
+        if not method.startswith(self._prefix):
             return handler
         auth = self._auth
         metrics = self._metrics
