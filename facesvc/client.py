@@ -39,7 +39,7 @@ import json
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -904,19 +904,26 @@ def fetch_jwks_url(url: str, *, timeout_s: float = 5.0) -> PublicKeySet:
     return PublicKeySet.from_json(body)
 
 
-class _JwksCache:
-    """The caching rules both verifiers follow (times from the injected clock).
+class _OfflineCheck:
+    """What both verifiers do, apart from how they fetch keys: the check policy and the
+    caching rules (times from the injected clock).
 
     * The key set is used for at most ``max_age`` after it was fetched, then fetched again:
       a key the service stopped publishing stops verifying here too.
     * A token with an unknown ``kid`` triggers one refresh, at most once per ``min_refresh``:
       a rotated-in key is picked up at once, while junk kids cannot hammer the service.
+
+    :meth:`steps` is the check as a generator that yields when it needs a fresh key set and
+    is sent the keys fetched; :func:`_run` and :func:`_run_async` drive it.
     """
 
-    def __init__(self, clock: Clock, max_age_s: float, min_refresh_s: float) -> None:
+    def __init__(
+        self, issuer: str, leeway_s: float, max_age_s: float, min_refresh_s: float, clock: Clock
+    ) -> None:
         if min_refresh_s < 0 or max_age_s <= min_refresh_s:
             # A cache that ages out faster than it may refresh would refuse every other call.
             raise ValueError("need 0 <= min_refresh_s < max_age_s")
+        self.policy = CheckPolicy(issuer=issuer, leeway_s=leeway_s)
         self.clock = clock
         self.max_age = timedelta(seconds=max_age_s)
         self.min_refresh = timedelta(seconds=min_refresh_s)
@@ -924,29 +931,79 @@ class _JwksCache:
         self.fetched_at: datetime | None = None
         self.attempted_at: datetime | None = None
 
-    def usable(self, now: datetime) -> PublicKeySet | None:
+    def _usable(self, now: datetime) -> PublicKeySet | None:
         """The cached keys unless absent or aged out."""
         if self.keys is None or self.fetched_at is None or now - self.fetched_at >= self.max_age:
             return None
         return self.keys
 
-    def may_refresh(self, now: datetime) -> bool:
+    def _may_refresh(self, now: datetime) -> bool:
         return self.attempted_at is None or now - self.attempted_at >= self.min_refresh
 
-    def fetch_failed(self, exc: Exception) -> KeySetUnavailable:
-        return KeySetUnavailable(
-            f"could not fetch the token signing keys ({exc}); check the token online with redeem()"
-        )
+    def _refreshed(self, now: datetime) -> Generator[None, PublicKeySet, PublicKeySet]:
+        self.attempted_at = now
+        self.keys = yield
+        self.fetched_at = now
+        return self.keys
 
-    def refetch_too_soon(self) -> KeySetUnavailable:
-        return KeySetUnavailable(
-            "the last fetch of the token signing keys failed less than "
-            f"{self.min_refresh.total_seconds():g} s ago; check the token online with redeem()"
-        )
+    def steps(
+        self, token: str, expected: Expectation
+    ) -> Generator[None, PublicKeySet, CheckResult]:
+        """Check ``token`` against ``expected``, yielding for each key set it needs."""
+        now = self.clock.now()
+        keys = self._usable(now)
+        if keys is None:
+            if not self._may_refresh(now):
+                raise KeySetUnavailable(
+                    "the last fetch of the token signing keys failed less than "
+                    f"{self.min_refresh.total_seconds():g} s ago; check the token online with "
+                    "redeem()"
+                )
+            keys = yield from self._refreshed(now)
+        result = check_token(token, keys, expected, self.policy, now)
+        if result.reason is CheckReason.UNKNOWN_KEY and self._may_refresh(now):
+            keys = yield from self._refreshed(now)
+            result = check_token(token, keys, expected, self.policy, now)
+        return result
 
-    def store(self, keys: PublicKeySet, now: datetime) -> PublicKeySet:
-        self.keys, self.fetched_at = keys, now
-        return keys
+
+def _fetch_failed(exc: Exception) -> KeySetUnavailable:
+    return KeySetUnavailable(
+        f"could not fetch the token signing keys ({exc}); check the token online with redeem()"
+    )
+
+
+def _run(
+    steps: Generator[None, PublicKeySet, CheckResult], fetch: Callable[[], PublicKeySet]
+) -> CheckResult:
+    """Drive :meth:`_OfflineCheck.steps`, fetching keys with ``fetch`` whenever it asks."""
+    try:
+        next(steps)
+        while True:
+            try:
+                keys = fetch()
+            except Exception as exc:  # any transport failure means the same: no fresh keys
+                raise _fetch_failed(exc) from exc
+            steps.send(keys)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _run_async(
+    steps: Generator[None, PublicKeySet, CheckResult],
+    fetch: Callable[[], Awaitable[PublicKeySet]],
+) -> CheckResult:
+    """:func:`_run` with a coroutine ``fetch``."""
+    try:
+        next(steps)
+        while True:
+            try:
+                keys = await fetch()
+            except Exception as exc:  # any transport failure means the same: no fresh keys
+                raise _fetch_failed(exc) from exc
+            steps.send(keys)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 class TokenVerifier:
@@ -970,8 +1027,9 @@ class TokenVerifier:
         clock: Clock | None = None,
     ) -> None:
         self._fetch = fetch
-        self._policy = CheckPolicy(issuer=issuer, leeway_s=leeway_s)
-        self._cache = _JwksCache(clock or SystemClock(), max_age_s, min_refresh_s)
+        self._check = _OfflineCheck(
+            issuer, leeway_s, max_age_s, min_refresh_s, clock or SystemClock()
+        )
         self._lock = threading.Lock()
 
     @classmethod
@@ -986,14 +1044,6 @@ class TokenVerifier:
         check_jwks_url(url)
         return cls(lambda: fetch_jwks_url(url, timeout_s=timeout_s), **kwargs)
 
-    def _refresh(self, now: datetime) -> PublicKeySet:
-        self._cache.attempted_at = now
-        try:
-            keys = self._fetch()
-        except Exception as exc:  # any transport failure means the same: no fresh keys
-            raise self._cache.fetch_failed(exc) from exc
-        return self._cache.store(keys, now)
-
     def verify(self, token: str, expected: Expectation) -> CheckResult:
         """Check ``token`` against ``expected``.
 
@@ -1002,16 +1052,7 @@ class TokenVerifier:
         then check online with ``redeem``, which it must call anyway to admit once.
         """
         with self._lock:
-            now = self._cache.clock.now()
-            keys = self._cache.usable(now)
-            if keys is None:
-                if not self._cache.may_refresh(now):
-                    raise self._cache.refetch_too_soon()
-                keys = self._refresh(now)
-            result = check_token(token, keys, expected, self._policy, now)
-            if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
-                result = check_token(token, self._refresh(now), expected, self._policy, now)
-            return result
+            return _run(self._check.steps(token, expected), self._fetch)
 
 
 class AsyncTokenVerifier:
@@ -1028,8 +1069,9 @@ class AsyncTokenVerifier:
         clock: Clock | None = None,
     ) -> None:
         self._fetch = fetch
-        self._policy = CheckPolicy(issuer=issuer, leeway_s=leeway_s)
-        self._cache = _JwksCache(clock or SystemClock(), max_age_s, min_refresh_s)
+        self._check = _OfflineCheck(
+            issuer, leeway_s, max_age_s, min_refresh_s, clock or SystemClock()
+        )
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -1048,24 +1090,7 @@ class AsyncTokenVerifier:
 
         return cls(fetch, **kwargs)
 
-    async def _refresh(self, now: datetime) -> PublicKeySet:
-        self._cache.attempted_at = now
-        try:
-            keys = await self._fetch()
-        except Exception as exc:  # any transport failure means the same: no fresh keys
-            raise self._cache.fetch_failed(exc) from exc
-        return self._cache.store(keys, now)
-
     async def verify(self, token: str, expected: Expectation) -> CheckResult:
         """See :meth:`TokenVerifier.verify`."""
         async with self._lock:
-            now = self._cache.clock.now()
-            keys = self._cache.usable(now)
-            if keys is None:
-                if not self._cache.may_refresh(now):
-                    raise self._cache.refetch_too_soon()
-                keys = await self._refresh(now)
-            result = check_token(token, keys, expected, self._policy, now)
-            if result.reason is CheckReason.UNKNOWN_KEY and self._cache.may_refresh(now):
-                result = check_token(token, await self._refresh(now), expected, self._policy, now)
-            return result
+            return await _run_async(self._check.steps(token, expected), self._fetch)

@@ -18,7 +18,7 @@ from facesvc.engine import Caller, VerifyCommand
 from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FaceStatus
 from facesvc.store.templates import AlreadyEnrolled
-from facesvc.tokens.jws import verify_compact
+from facesvc.tokens.signed import verify_compact
 from tests.clocks import wib_at
 from tests.engine_support import (
     ADMIN,

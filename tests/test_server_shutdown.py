@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +24,10 @@ from facesvc.config import Settings, load_settings
 from facesvc.serve.app import App, Resources
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
+from tests.serve_process import ServeProcess, serve_process, wait_for
 
 SLOW_METHOD = "/facesvc.test.Slow/Wait"
 SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def register_slow_service(server: Any, settings: Settings) -> None:
@@ -52,84 +48,60 @@ def register_slow_service(server: Any, settings: Settings) -> None:
     )
 
 
-def _wait_for(predicate: Any, what: str, within_s: float = 60.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
-def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[subprocess.Popen[bytes]]:
+def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[ServeProcess]:
     # `facesvc serve` loads the real engine and exits non-zero without its keys: give it
     # a signing key and a template key of its own, so the drain is all that is tested.
     keys = tmp_path / "keys"
     assert cli.main(["keys", "--tokens-key-dir", str(keys / "tokens"), "generate"]) == 0
     key_file = keys / "templates.key"
     assert cli.main(["templates", "--templates-key-file", str(key_file), "keygen"]) == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
-    env[SLOW_DIR_ENV] = str(tmp_path)
     # The real engine loads behind the slow call: it needs its own signing and template keys.
     keys_generate(tmp_path / "token-keys")
-    env["FACESVC_TOKENS_KEY_DIR"] = str(tmp_path / "token-keys")
-    env["FACESVC_TEMPLATES_KEY"] = generate_template_key("k1")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "facesvc.commands.cli", "serve",
-            "--server-grpc-port", "0",
-            "--server-http-port", "0",
-            "--server-grace-s", "60",
-            "--server-plugins", "tests.test_server_shutdown:register_slow_service",
-            "--redis-url", redis_url,
-            "--redis-key-prefix", redis_prefix,
-            "--tokens-key-dir", str(keys / "tokens"),
-            "--templates-key-file", str(key_file),
-        ],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-def _log(tmp_path: Path) -> str:
-    return (tmp_path / "serve.log").read_text(errors="replace")
+    env = {
+        SLOW_DIR_ENV: str(tmp_path),
+        "FACESVC_TOKENS_KEY_DIR": str(tmp_path / "token-keys"),
+        "FACESVC_TEMPLATES_KEY": generate_template_key("k1"),
+    }
+    args = [
+        "--server-grpc-port", "0",
+        "--server-http-port", "0",
+        "--server-grace-s", "60",
+        "--server-plugins", "tests.test_server_shutdown:register_slow_service",
+        "--redis-url", redis_url,
+        "--redis-key-prefix", redis_prefix,
+        "--tokens-key-dir", str(keys / "tokens"),
+        "--templates-key-file", str(key_file),
+    ]  # fmt: skip
+    with serve_process(args, tmp_path / "serve.log", env=env) as served:
+        yield served
 
 
 def test_sigterm_drains_the_in_flight_call_then_exits_zero(
-    serve: subprocess.Popen[bytes], tmp_path: Path
+    serve: ServeProcess, tmp_path: Path
 ) -> None:
-    listening = re.compile(r"facesvc listening: gRPC 127\.0\.0\.1:(\d+)")
-    _wait_for(
-        lambda: listening.search(_log(tmp_path)) or serve.poll() is not None, "the server to listen"
-    )
-    match = listening.search(_log(tmp_path))
-    assert match, _log(tmp_path)
-    assert "redis.url = " in _log(tmp_path)  # settings printed once at start-up
+    grpc_port, _ = serve.ports()
+    assert "redis.url = " in serve.log()  # settings printed once at start-up
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{match.group(1)}")
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     slow = channel.unary_unary(SLOW_METHOD).future(b"", timeout=120)
-    _wait_for((tmp_path / "started").exists, "the slow call to start")
+    wait_for((tmp_path / "started").exists, "the slow call to start")
 
-    serve.send_signal(signal.SIGTERM)
-    _wait_for(lambda: '"msg": "draining"' in _log(tmp_path), "the server to start draining")
-    assert serve.poll() is None  # still draining: the call holds it open
+    serve.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: '"msg": "draining"' in serve.log(), "the server to start draining")
+    assert serve.proc.poll() is None  # still draining: the call holds it open
     assert not slow.done()
     # No new calls once draining: the listener is closed.
-    with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as fresh:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as fresh:
         with pytest.raises(grpc.RpcError) as refused:
             fresh.unary_unary(SLOW_METHOD)(b"", timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
     (tmp_path / "release").touch()
     assert slow.result(timeout=60) == b"finished"
-    assert serve.wait(timeout=60) == 0
-    assert '"msg": "stopped"' in _log(tmp_path)
-    assert "failed to load" not in _log(tmp_path)
+    assert serve.proc.wait(timeout=60) == 0
+    assert '"msg": "stopped"' in serve.log()
+    assert "failed to load" not in serve.log()
     channel.close()
 
 

@@ -45,7 +45,11 @@ from facesvc.tokens import (
     keys_rotate,
     load_key_ring,
 )
+from facesvc.tokens.claims import reason_of
 from facesvc.tokens.jws import TOKEN_TYPE, b64url_decode, b64url_encode
+from facesvc.tokens.launch import TicketProblem, ticket_problem
+from facesvc.tokens.passes import PassProblem, pass_problem
+from facesvc.tokens.signed import Problem
 from tests.clocks import wib_at
 
 pytestmark = pytest.mark.calendar
@@ -669,3 +673,17 @@ def test_keys_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     kids = [s.record.kid for s in keys_list(Path(key_dir))]
     assert len(kids) == 2 and all(kid in listing for kid in kids)
     assert "PRIVATE" not in listing and "next" in listing
+
+
+@pytest.mark.parametrize("problem", list(Problem))
+def test_every_problem_of_a_signed_document_has_a_word_in_each_format(problem: Problem) -> None:
+    # One vocabulary (tokens.signed.Problem), specialised by each format where it differs.
+    assert reason_of(problem).name == problem.name
+    assert ticket_problem(problem) in TicketProblem
+    assert pass_problem(problem) in PassProblem
+
+
+def test_a_token_wrong_in_issuer_and_time_names_the_issuer(keys: Keys) -> None:
+    staging = TokenIssuer(keys.ring, issuer="https://staging.test", clock=keys.clock)
+    token = issue(staging).token
+    assert keys.check(token, at=T0 + timedelta(days=1)) is CheckReason.WRONG_ISSUER

@@ -9,16 +9,11 @@ over a fresh connection (a local subchannel pool), so SO_REUSEPORT hashes it afr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,8 +27,8 @@ from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.config import Settings, load_settings, usable_cores
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
+from tests.serve_process import ServeProcess, serve_process, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 SLOW_METHOD = "/facesvc.test.SlowByPid/Wait"
 SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
 LISTENING = re.compile(
@@ -62,33 +57,14 @@ def register_slow_service(server: Any, settings: Settings) -> None:
     )
 
 
-def _wait_for(predicate: Callable[[], Any], what: str, within_s: float = 60.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-@dataclass
-class Workers:
+class Workers(ServeProcess):
     """The supervisor process and what its workers printed."""
-
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def listening(self) -> dict[int, tuple[int, int, int]]:
         """pid -> (gRPC port, HTTP port, worker index) of every worker that has listened."""
         return {
             int(pid): (int(g), int(h), int(i)) for g, h, i, pid in LISTENING.findall(self.log())
         }
-
-    def ports(self) -> tuple[int, int]:
-        (grpc_port, http_port, _), *_ = self.listening().values()
-        return grpc_port, http_port
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of /metrics (served by whichever worker the connection reached)."""
@@ -125,39 +101,23 @@ class Workers:
 def workers(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Workers]:
     keys_generate(tmp_path / "token-keys")
     (tmp_path / "templates.key").write_text(generate_template_key("k1") + "\n")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("FACESVC_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    env[SLOW_DIR_ENV] = str(tmp_path)
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "facesvc.commands.cli", "serve",
-                "--workers", "2",
-                "--server-grpc-port", "0",
-                "--server-http-port", "0",
-                "--server-grace-s", "60",
-                "--server-plugins", "tests.test_workers:register_slow_service",
-                "--redis-url", redis_url,
-                "--redis-key-prefix", redis_prefix,
-                "--tokens-key-dir", str(tmp_path / "token-keys"),
-                "--templates-key-file", str(tmp_path / "templates.key"),
-                "--liveness-spl", "off",
-                "--logging-format", "kv",
-            ],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    running = Workers(proc, log_path)
-    yield running
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    for pid in running.listening():  # a worker outlives a killed supervisor by moments
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    args = [
+        "--workers", "2",
+        "--server-grpc-port", "0",
+        "--server-http-port", "0",
+        "--server-grace-s", "60",
+        "--server-plugins", "tests.test_workers:register_slow_service",
+        "--redis-url", redis_url,
+        "--redis-key-prefix", redis_prefix,
+        "--tokens-key-dir", str(tmp_path / "token-keys"),
+        "--templates-key-file", str(tmp_path / "templates.key"),
+        "--liveness-spl", "off",
+        "--logging-format", "kv",
+    ]  # fmt: skip
+    # The workers share the supervisor's process group, which serve_process kills whole.
+    env = {SLOW_DIR_ENV: str(tmp_path)}
+    with serve_process(args, tmp_path / "serve.log", env=env) as served:
+        yield Workers(served.proc, served.log_path)
 
 
 def _ready(workers: Workers, count: int = 2) -> set[int]:
@@ -167,7 +127,7 @@ def _ready(workers: Workers, count: int = 2) -> set[int]:
         assert workers.proc.poll() is None, workers.log()
         return len(workers.listening()) >= count and len(workers.ready_pids()) >= count
 
-    _wait_for(check, f"{count} workers to load their models", LOAD_S)
+    wait_for(check, f"{count} workers to load their models", LOAD_S)
     return workers.ready_pids()
 
 
@@ -201,7 +161,7 @@ def test_two_workers_answer_and_their_metrics_add_up(workers: Workers) -> None:
     # A worker that dies is replaced; the calls it served stay in the totals.
     victim = min(pids)
     os.kill(victim, signal.SIGKILL)
-    _wait_for(lambda: len(workers.listening()) == 3, "the supervisor to restart the killed worker")
+    wait_for(lambda: len(workers.listening()) == 3, "the supervisor to restart the killed worker")
     pids_after = _ready(workers)
     assert victim not in pids_after and len(pids_after) == 2
     assert workers.metrics()[OK_GET_ATTEMPTS] == calls
@@ -237,17 +197,17 @@ def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path:
         channel = workers.channel()
         channels.append(channel)
         calls.append(channel.unary_unary(SLOW_METHOD).future(str(n).encode(), timeout=120))
-        _wait_for(partial(_started, tmp_path, n), f"slow call {n} to start")
+        wait_for(partial(_started, tmp_path, n), f"slow call {n} to start")
         busy.add(_started(tmp_path, n)[0])
     assert busy == set(workers.listening()), "40 fresh connections all reached one worker"
 
     workers.proc.send_signal(signal.SIGTERM)
-    _wait_for(lambda: workers.log().count("msg=draining") == 2, "both workers to start draining")
+    wait_for(lambda: workers.log().count("msg=draining") == 2, "both workers to start draining")
     assert workers.proc.poll() is None  # the calls in flight hold it open
     assert not any(call.done() for call in calls)
     # A worker logs "draining" just before it closes its listener: soon no worker listens,
     # and a new connection is refused at once while the old calls are still in flight.
-    _wait_for(partial(_refused, workers), "new connections to be refused")
+    wait_for(partial(_refused, workers), "new connections to be refused")
     assert workers.proc.poll() is None
     assert not any(call.done() for call in calls)
 
@@ -265,22 +225,20 @@ def test_a_worker_refusing_its_settings_stops_the_supervisor_at_once(
 ) -> None:
     # A keys file that does not exist is refused by every worker at start-up: no restart
     # can fix a setting, so the supervisor exits 2 (as one `facesvc serve` does) and says why.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACESVC_")}
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "facesvc.commands.cli", "serve",
-            "--workers", "2",
-            "--server-grpc-port", "0",
-            "--server-http-port", "0",
-            "--redis-url", redis_url,
-            "--security-api-keys-file", str(tmp_path / "missing.toml"),
-        ],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=LOAD_S,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "facesvc: security.api_keys_file" in done.stderr
-    assert "a worker refused the settings; stopping all workers" in done.stderr
-    assert "restarting" not in done.stderr
+    args = [
+        "--workers", "2",
+        "--server-grpc-port", "0",
+        "--server-http-port", "0",
+        "--redis-url", redis_url,
+        "--security-api-keys-file", str(tmp_path / "missing.toml"),
+    ]  # fmt: skip
+    with serve_process(args, tmp_path / "serve.log") as served:
+        returncode = served.proc.wait(timeout=LOAD_S)
+        log = served.log()
+    assert returncode == 2, log[-3000:]
+    assert "facesvc: security.api_keys_file" in log
+    assert "a worker refused the settings; stopping all workers" in log
+    assert "restarting" not in log
 
 
 def test_threads_per_worker_default_to_the_cores_divided_among_workers() -> None:

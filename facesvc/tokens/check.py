@@ -9,9 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from facesvc.clock import require_aware
-from facesvc.tokens.claims import CheckReason, CheckResult, Expectation, VerificationClaims
-from facesvc.tokens.jws import PublicKeySet, TokenRejected, verify_compact
+from facesvc.tokens.claims import (
+    CheckReason,
+    CheckResult,
+    Expectation,
+    VerificationClaims,
+    reason_of,
+)
+from facesvc.tokens.jws import TOKEN_TYPE, PublicKeySet
+from facesvc.tokens.signed import Refused, open_signed
 
 DEFAULT_LEEWAY_S = 10.0
 """Clock skew tolerated between the issuing service and a verifying gate, in seconds."""
@@ -39,27 +45,17 @@ def check_token(
     The checks run in a fixed order, so a token wrong in two ways always names the same reason.
     """
     try:
-        verified = verify_compact(token, keys)
-        claims = VerificationClaims.from_json(verified.payload)
-    except TokenRejected as exc:
-        return CheckResult(exc.reason)
-    except ValueError:
-        return CheckResult(CheckReason.MALFORMED)
-    at = require_aware(now, "now").timestamp()
-    return CheckResult(_judge(claims, expected, policy, at), claims, verified.kid)
+        opened = open_signed(token, keys, typ=TOKEN_TYPE, read=VerificationClaims.from_json)
+    except Refused as exc:
+        return CheckResult(reason_of(exc.problem))
+    problem = opened.problem(now, leeway_s=policy.leeway_s, issuer=policy.issuer)
+    reason = reason_of(problem) if problem is not None else _bindings(opened.claims, expected)
+    return CheckResult(reason, opened.claims, opened.kid)
 
 
-def _judge(
-    claims: VerificationClaims, expected: Expectation, policy: CheckPolicy, now: float
-) -> CheckReason:
-    """The time and binding rules; ``now`` in Unix seconds like the NumericDate claims."""
-    if claims.iss != policy.issuer:
-        return CheckReason.WRONG_ISSUER
-    # exp is exclusive (RFC 7519 4.1.4): a token is dead from exp on, plus the leeway.
-    if now >= claims.exp + policy.leeway_s:
-        return CheckReason.EXPIRED
-    if now + policy.leeway_s < claims.nbf:
-        return CheckReason.NOT_YET_VALID
+def _bindings(claims: VerificationClaims, expected: Expectation) -> CheckReason:
+    """The rules that bind a token to the redeeming gate (the issuer and the times are
+    :meth:`facesvc.tokens.signed.Opened.problem`'s, judged first)."""
     if claims.aud != expected.audience:
         return CheckReason.WRONG_AUDIENCE
     if expected.participant_id is not None and claims.sub != expected.participant_id:

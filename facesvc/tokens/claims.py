@@ -9,14 +9,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from facesvc.domain import Gate, LivenessMethod, TrainingType
+from facesvc.tokens.signed import Problem
 
 
 class CheckReason(enum.Enum):
-    """Why a token was accepted or refused; the one vocabulary of the service and the SDK."""
+    """Why a verification token was accepted or refused; the one vocabulary of the service and
+    the SDK. It names every :class:`~facesvc.tokens.signed.Problem` the same way and adds a
+    token's own: OK, the bindings to the redeeming gate, and the one-time use."""
 
     OK = "OK"
     EXPIRED = "EXPIRED"
@@ -115,24 +117,6 @@ _ENUM_CLAIMS: dict[str, type[TrainingType] | type[Gate] | type[LivenessMethod]] 
 }
 
 
-def str_claim(claims: Mapping[str, Any], name: str) -> str:
-    """Claim ``name`` of a signed payload; KeyError when absent, TypeError unless a string."""
-    value = claims[name]
-    if not isinstance(value, str):
-        raise TypeError(f"claim {name} is not a string")
-    return value
-
-
-def time_claim(claims: Mapping[str, Any], name: str) -> datetime:
-    """Claim ``name`` (integer Unix seconds) as a UTC datetime; KeyError when absent,
-    TypeError unless an integer."""
-    value = claims[name]
-    # bool is an int subclass: a "true" exp must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"claim {name} is not an integer")
-    return datetime.fromtimestamp(value, UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class Expectation:
     """What the redeeming gate knows and the token must match.
@@ -167,3 +151,8 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return self.reason is CheckReason.OK
+
+
+def reason_of(problem: Problem) -> CheckReason:
+    """The token's word for a problem of a signed document: the same name."""
+    return CheckReason[problem.name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from facesvc.clock import Clock, SystemClock
 from facesvc.domain import Gate, LivenessMethod, TrainingType
@@ -12,6 +12,7 @@ from facesvc.store.keys import validate_id
 from facesvc.tokens.claims import VerificationClaims
 from facesvc.tokens.jws import b64url_encode, sign_compact
 from facesvc.tokens.keys import SigningKey, SigningKeySource
+from facesvc.tokens.signed import epoch, from_epoch
 
 DEFAULT_TTL_S = 120
 """Token life in seconds: long enough for a browser redirect back to the LMS, short enough to
@@ -79,7 +80,7 @@ class TokenIssuer:
             raise ValueError("audience must not be empty: a token binds to its caller")
         now = self._clock.now()
         key = self._keys.signing_key(now)
-        issued_at = int(now.timestamp())
+        issued_at = epoch(now)
         claims = VerificationClaims(
             iss=self._issuer,
             sub=participant_id,
@@ -108,4 +109,4 @@ class TokenIssuer:
     @staticmethod
     def _sign(claims: VerificationClaims, key: SigningKey) -> IssuedToken:
         token = sign_compact(claims.to_json(), key.private_key, key.kid)
-        return IssuedToken(token, claims.jti, datetime.fromtimestamp(claims.exp, UTC), claims)
+        return IssuedToken(token, claims.jti, from_epoch(claims.exp), claims)

@@ -4,7 +4,8 @@ Written on ``cryptography`` directly rather than a general JWT library so that n
 be talked into another algorithm (RFC 8725 section 3.1): the header must say ``alg: EdDSA``, our
 explicit ``typ``, a ``kid``, and nothing else (no ``crit``, no ``jku``/``jwk`` key injection).
 Decoding is strict: base64url without padding in its canonical form, UTF-8 JSON objects without
-duplicate names or non-finite numbers.
+duplicate names or non-finite numbers. Opening and judging a signed document (header,
+signature, claims, times) is :mod:`facesvc.tokens.signed`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,10 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-from facesvc.tokens.claims import CheckReason
 
 ALGORITHM = "EdDSA"
 TOKEN_TYPE = "facesvc-verification+jwt"  # noqa: S105  (a media type, not a secret)
@@ -31,18 +28,10 @@ TOKEN_TYPE = "facesvc-verification+jwt"  # noqa: S105  (a media type, not a secr
 MAX_TOKEN_CHARS = 4096
 """Our tokens are about 600 characters; refuse anything far larger before decoding it."""
 
-_HEADER_FIELDS = frozenset({"alg", "typ", "kid"})
+HEADER_FIELDS = frozenset({"alg", "typ", "kid"})
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
-_ED25519_SIGNATURE_BYTES = 64
+ED25519_SIGNATURE_BYTES = 64
 _ED25519_KEY_BYTES = 32
-
-
-class TokenRejected(Exception):
-    """A token failed a check; ``reason`` says which. Raised inside the library only."""
-
-    def __init__(self, reason: CheckReason, detail: str) -> None:
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason = reason
 
 
 def b64url_encode(data: bytes) -> str:
@@ -116,65 +105,6 @@ def sign_compact(
     signing_input = b64url_encode(_compact_json(header)) + "." + body
     signature = key.sign(signing_input.encode("ascii"))
     return signing_input + "." + b64url_encode(signature)
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedJws:
-    """A JWS whose header was acceptable and whose signature verified."""
-
-    kid: str
-    payload: dict[str, Any]
-
-
-def verify_compact(token: str, keys: PublicKeySet, *, typ: str = TOKEN_TYPE) -> VerifiedJws:
-    """Check the header, find the key by ``kid``, verify the signature, parse the payload.
-
-    The header's ``typ`` must equal ``typ`` (default: a verification token).
-
-    The header is judged before any key is touched, so an ``alg: none`` or HS256 token never
-    reaches a verifier. Raises ``TokenRejected`` (MALFORMED, BAD_SIGNATURE or UNKNOWN_KEY).
-    """
-    if len(token) > MAX_TOKEN_CHARS:
-        raise TokenRejected(CheckReason.MALFORMED, "token too long")
-    if not token.isascii():
-        # Compact JWS is base64url and dots; anything else cannot even be a signing input.
-        raise TokenRejected(CheckReason.MALFORMED, "token has non-ASCII characters")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise TokenRejected(CheckReason.MALFORMED, "not a compact JWS (three parts)")
-    header_b64, payload_b64, signature_b64 = parts
-    try:
-        header = strict_json_object(b64url_decode(header_b64))
-    except ValueError as exc:
-        raise TokenRejected(CheckReason.MALFORMED, f"header: {exc}") from exc
-    if header.get("alg") != ALGORITHM:
-        raise TokenRejected(CheckReason.BAD_SIGNATURE, f"algorithm {header.get('alg')!r} refused")
-    if header.get("typ") != typ:
-        raise TokenRejected(CheckReason.MALFORMED, "wrong token type")
-    extra = set(header) - _HEADER_FIELDS
-    if extra:
-        raise TokenRejected(CheckReason.MALFORMED, f"header fields not allowed: {sorted(extra)}")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise TokenRejected(CheckReason.MALFORMED, "header has no kid")
-    public_key = keys.get(kid)
-    if public_key is None:
-        raise TokenRejected(CheckReason.UNKNOWN_KEY, "kid not in the published key set")
-    try:
-        signature = b64url_decode(signature_b64)
-    except ValueError as exc:
-        raise TokenRejected(CheckReason.MALFORMED, f"signature: {exc}") from exc
-    if len(signature) != _ED25519_SIGNATURE_BYTES:
-        raise TokenRejected(CheckReason.BAD_SIGNATURE, "signature has the wrong length")
-    try:
-        public_key.verify(signature, f"{header_b64}.{payload_b64}".encode("ascii"))
-    except InvalidSignature as exc:
-        raise TokenRejected(CheckReason.BAD_SIGNATURE, "signature does not verify") from exc
-    try:
-        payload = strict_json_object(b64url_decode(payload_b64))
-    except ValueError as exc:
-        raise TokenRejected(CheckReason.MALFORMED, f"payload: {exc}") from exc
-    return VerifiedJws(kid=kid, payload=payload)
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:

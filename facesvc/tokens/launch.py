@@ -39,7 +39,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -55,9 +55,17 @@ from facesvc.errors import (
 from facesvc.store.connection import AsyncRedis, reply_text
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace, validate_id
-from facesvc.tokens.claims import CheckReason, str_claim, time_claim
-from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
+from facesvc.tokens.jws import PublicKeySet, sign_compact
 from facesvc.tokens.keys import SigningKey
+from facesvc.tokens.signed import (
+    Problem,
+    Refused,
+    epoch,
+    from_epoch,
+    open_signed,
+    str_claim,
+    time_claim,
+)
 
 TICKET_TYPE = "facesvc-launch+jwt"
 """The ``typ`` of a launch ticket's JWS header (a verification token has another)."""
@@ -71,7 +79,10 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class TicketProblem(enum.Enum):
-    """Why a ticket was refused; each has a message telling the participant what to do."""
+    """Why a ticket was refused; each has a message telling the participant what to do, and
+    the page keys its own on ``TICKET_<value>``. The problems of any signed document
+    (:class:`~facesvc.tokens.signed.Problem`) keep their names, except those the participant
+    cannot tell apart (see :func:`ticket_problem`); SPENT is a ticket's own."""
 
     MALFORMED = "MALFORMED"
     BAD_SIGNATURE = "BAD_SIGNATURE"
@@ -91,12 +102,30 @@ _PROBLEM_MESSAGES = {
 }
 
 
-class TicketRefused(Unauthenticated):
-    """A presented ticket cannot be used; ``problem`` says why, the message what to do."""
+_FROM_SIGNED = {
+    Problem.MALFORMED: TicketProblem.MALFORMED,
+    Problem.BAD_SIGNATURE: TicketProblem.BAD_SIGNATURE,
+    # A retired key or another issuer: to the participant, a link this service did not issue.
+    Problem.UNKNOWN_KEY: TicketProblem.BAD_SIGNATURE,
+    Problem.WRONG_ISSUER: TicketProblem.BAD_SIGNATURE,
+    Problem.EXPIRED: TicketProblem.EXPIRED,
+    # Tickets carry no nbf; one that had one would not be a ticket we issued.
+    Problem.NOT_YET_VALID: TicketProblem.MALFORMED,
+}
 
-    def __init__(self, problem: TicketProblem) -> None:
-        super().__init__(_PROBLEM_MESSAGES[problem])
-        self.problem = problem
+
+def ticket_problem(problem: Problem) -> TicketProblem:
+    """A ticket's word for a problem of a signed document."""
+    return _FROM_SIGNED[problem]
+
+
+class TicketRefused(Unauthenticated, Refused[TicketProblem]):
+    """A presented ticket cannot be used; ``problem`` says why, the message what to do, and
+    ``code`` is ``TICKET_<problem>``."""
+
+    def __init__(self, problem: TicketProblem, detail: str = "") -> None:
+        message = _PROBLEM_MESSAGES[problem]
+        super().__init__(problem, detail or message, message=message)
         self.code = f"TICKET_{problem.value}"
 
 
@@ -256,10 +285,6 @@ def return_url_with_token(return_url: str, token: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def _epoch(moment: datetime) -> int:
-    return int(moment.timestamp())
-
-
 class LaunchTickets:
     """Issues, opens and spends launch tickets.
 
@@ -313,17 +338,16 @@ class LaunchTickets:
             "gate": scope.gate.value,
             "session_id": scope.session_id,
             "scheduled_start": (
-                None if scope.scheduled_start is None else _epoch(scope.scheduled_start)
+                None if scope.scheduled_start is None else epoch(scope.scheduled_start)
             ),
             "return_url": scope.return_url,
-            "iat": _epoch(now),
-            "exp": _epoch(expires_at),
+            "iat": epoch(now),
+            "exp": epoch(expires_at),
             "jti": ticket_id,
         }
         key = self._keys.signing_key(now)
         token = sign_compact(claims, key.private_key, key.kid, typ=TICKET_TYPE)
-        expires = datetime.fromtimestamp(claims["exp"], UTC)
-        return LaunchTicket(scope, ticket_id, expires, token)
+        return LaunchTicket(scope, ticket_id, from_epoch(claims["exp"]), token)
 
     # ------------------------------------------------------------------ presenting
 
@@ -334,22 +358,15 @@ class LaunchTickets:
         """
         now = self._clock.now()
         try:
-            verified = verify_compact(token, self._keys.public_keys(now), typ=TICKET_TYPE)
-        except TokenRejected as exc:
-            bad_key = exc.reason in (CheckReason.BAD_SIGNATURE, CheckReason.UNKNOWN_KEY)
-            raise TicketRefused(
-                TicketProblem.BAD_SIGNATURE if bad_key else TicketProblem.MALFORMED
-            ) from exc
-        claims = verified.payload
-        try:
-            ticket = _ticket_from_claims(claims, token)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TicketRefused(TicketProblem.MALFORMED) from exc
-        if claims.get("iss") != self._issuer:
-            raise TicketRefused(TicketProblem.BAD_SIGNATURE)
-        if now >= ticket.expires_at:
-            raise TicketRefused(TicketProblem.EXPIRED)
-        return ticket
+            opened = open_signed(
+                token,
+                self._keys.public_keys(now),
+                typ=TICKET_TYPE,
+                read=lambda claims: _ticket_from_claims(claims, token),
+            )
+            return opened.check(now, issuer=self._issuer)
+        except Refused as exc:
+            raise TicketRefused(ticket_problem(exc.problem), exc.detail) from exc
 
     def _state_key(self, ticket: LaunchTicket) -> str:
         return self._space.launch_spent(ticket.scope.participant_id, ticket.ticket_id)

@@ -37,9 +37,17 @@ from typing import Any
 from facesvc.clock import Clock, SystemClock, require_aware
 from facesvc.domain import Gate
 from facesvc.store.keys import validate_id
-from facesvc.tokens.claims import CheckReason, str_claim, time_claim
-from facesvc.tokens.jws import PublicKeySet, TokenRejected, sign_compact, verify_compact
+from facesvc.tokens.jws import PublicKeySet, sign_compact
 from facesvc.tokens.keys import PublicKeySource, SigningKey
+from facesvc.tokens.signed import (
+    Problem,
+    Refused,
+    epoch,
+    id_claim,
+    open_signed,
+    str_claim,
+    time_claim,
+)
 
 PASS_TYPE = "facesvc-venue-pass+jwt"  # noqa: S105  (a media type, not a secret)
 """The ``typ`` of a venue pass's JWS header."""
@@ -52,7 +60,10 @@ PASS_GATES = frozenset({Gate.REDEEM, Gate.SESSION})
 
 
 class PassProblem(enum.Enum):
-    """Why a pass was refused."""
+    """Why a pass was refused (the kiosk shows it to staff). The problems of any signed
+    document (:class:`~facesvc.tokens.signed.Problem`) keep their names, except that a bad
+    signature and an unknown key are both FORGED (see :func:`pass_problem`); the venue and
+    the scan binding are a pass's own."""
 
     MALFORMED = "MALFORMED"
     """Not a venue pass, or damaged."""
@@ -65,13 +76,24 @@ class PassProblem(enum.Enum):
     the scan that presents it (the service's check)."""
 
 
-class PassRefused(Exception):
-    """A scanned pass cannot be used; ``problem`` says why."""
+_FROM_SIGNED = {
+    Problem.MALFORMED: PassProblem.MALFORMED,
+    Problem.BAD_SIGNATURE: PassProblem.FORGED,
+    Problem.UNKNOWN_KEY: PassProblem.FORGED,
+    Problem.WRONG_ISSUER: PassProblem.FORGED,
+    Problem.EXPIRED: PassProblem.EXPIRED,
+    # Passes carry no nbf; one that had one would not be a pass the programme issued.
+    Problem.NOT_YET_VALID: PassProblem.MALFORMED,
+}
 
-    def __init__(self, problem: PassProblem, detail: str) -> None:
-        super().__init__(f"{problem.value}: {detail}")
-        self.problem = problem
-        self.detail = detail
+
+def pass_problem(problem: Problem) -> PassProblem:
+    """A pass's word for a problem of a signed document."""
+    return _FROM_SIGNED[problem]
+
+
+class PassRefused(Refused[PassProblem]):
+    """A scanned pass cannot be used; ``problem`` says why, ``detail`` what was seen."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +120,10 @@ class VenuePass:
             "training_id": self.training_id,
             "session_id": self.session_id,
             "gate": self.gate.value,
-            "scheduled_start": _epoch(self.scheduled_start),
+            "scheduled_start": epoch(self.scheduled_start),
             "venue": self.venue,
-            "iat": _epoch(self.issued_at),
-            "exp": _epoch(self.expires_at),
+            "iat": epoch(self.issued_at),
+            "exp": epoch(self.expires_at),
             "jti": self.pass_id,
         }
 
@@ -161,33 +183,19 @@ def open_pass(text: str, keys: PublicKeySet, *, venue: str, now: datetime) -> Ve
     can refresh their keys do so first (see :class:`PassChecker`).
     """
     try:
-        verified = verify_compact(text, keys, typ=PASS_TYPE)
-    except TokenRejected as exc:
-        if exc.reason is CheckReason.MALFORMED:
-            raise PassRefused(PassProblem.MALFORMED, str(exc)) from exc
-        raise PassRefused(PassProblem.FORGED, str(exc)) from exc
-    try:
-        venue_pass = dataclasses.replace(_from_claims(verified.payload), text=text)
-    except (KeyError, TypeError, ValueError) as exc:
-        # Signed by the programme yet unreadable: an issuer bug, not an attack; still refused.
-        raise PassRefused(PassProblem.MALFORMED, f"claims: {exc}") from exc
-    if now >= venue_pass.expires_at + LEEWAY:
-        raise PassRefused(
-            PassProblem.EXPIRED, f"expired at {venue_pass.expires_at:%Y-%m-%d %H:%M} UTC"
-        )
+        opened = open_signed(text, keys, typ=PASS_TYPE, read=_from_claims)
+        venue_pass = opened.check(now, leeway_s=LEEWAY.total_seconds())
+    except Refused as exc:
+        problem = pass_problem(exc.problem)
+        # Where the pass's word stands for several (FORGED), the detail names the one seen.
+        detail = exc.detail if problem.name == exc.problem.name else str(exc)
+        raise PassRefused(problem, detail) from exc
+    venue_pass = dataclasses.replace(venue_pass, text=text)
     if venue_pass.venue != venue:
         raise PassRefused(
             PassProblem.WRONG_VENUE, f"the pass is for venue {venue_pass.venue!r}, not {venue!r}"
         )
     return venue_pass
-
-
-def _epoch(moment: datetime) -> int:
-    return int(moment.timestamp())
-
-
-def _id(claims: dict[str, Any], name: str) -> str:
-    return validate_id(str_claim(claims, name), name)
 
 
 def _from_claims(claims: dict[str, Any]) -> VenuePass:
@@ -198,12 +206,12 @@ def _from_claims(claims: dict[str, Any]) -> VenuePass:
     if not jti:
         raise ValueError("claim jti is empty")
     return VenuePass(
-        participant_id=_id(claims, "sub"),
-        training_id=_id(claims, "training_id"),
-        session_id=_id(claims, "session_id"),
+        participant_id=id_claim(claims, "sub"),
+        training_id=id_claim(claims, "training_id"),
+        session_id=id_claim(claims, "session_id"),
         gate=gate,
         scheduled_start=time_claim(claims, "scheduled_start"),
-        venue=_id(claims, "venue"),
+        venue=id_claim(claims, "venue"),
         issued_at=time_claim(claims, "iat"),
         expires_at=time_claim(claims, "exp"),
         pass_id=jti,
