@@ -40,6 +40,7 @@ from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FaceAnalysis, FaceStatus
 from facesvc.models.types import RGBImage
 from facesvc.store.audit import AuditEvent, AuditLog
+from facesvc.store.errors import StoreUnavailable
 from facesvc.store.templates import Template, TemplateMetadata, TemplateStore
 from facesvc.tokens.claims import CheckResult, Expectation, VerificationClaims
 from facesvc.tokens.issuer import IssuedToken, TokenIssuer
@@ -453,21 +454,30 @@ class Engine:
     # ------------------------------------------------------------------------ tokens
 
     async def redeem(self, token: str, expected: Expectation, *, caller: Caller) -> CheckResult:
-        """Check and spend a token once. Raises ``StoreUnavailable``."""
+        """Check and spend a token once. Raises ``StoreUnavailable``.
+
+        No redemption without its audit entry, and no token burnt by a failed one: when the
+        entry cannot be appended after this call spent the token, the spend is taken back
+        before the caller hears UNAVAILABLE, so its retry redeems the token."""
         if self._redeemer is None:
             raise PolicyError("token signing is not configured on this service")
         result = await self._redeemer.redeem(token, expected)
         claims = result.claims
-        await self._audited(
-            action="redeem",
-            caller=caller,
-            participant_id=claims.sub if claims is not None else "",
-            outcome=result.reason.name,
-            training_id=claims.training_id if claims is not None else "",
-            gate=expected.gate.value,
-            session_id=expected.session_id,
-            verification_id=claims.verification_id if claims is not None else "",
-        )
+        try:
+            await self._audited(
+                action="redeem",
+                caller=caller,
+                participant_id=claims.sub if claims is not None else "",
+                outcome=result.reason.name,
+                training_id=claims.training_id if claims is not None else "",
+                gate=expected.gate.value,
+                session_id=expected.session_id,
+                verification_id=claims.verification_id if claims is not None else "",
+            )
+        except StoreUnavailable:
+            if result.ok and claims is not None:
+                await self._redeemer.unspend(claims)
+            raise
         return result
 
     async def inspect(self, frame: bytes) -> FrameReport:
@@ -575,7 +585,7 @@ class Engine:
         timings["reserve"] = _ms(t0)
         self._metrics.redis_latency.labels("reserve").observe(timings["reserve"] / 1000)
         if held.replayed:
-            return self._replay(held, method)
+            return await self._replay(cmd, held, method)
         if isinstance(held, Exhausted):
             self._metrics.cap_exhausted.labels(cmd.training_type.value).inc()
             resets = held.resets_at  # in limits.timezone, whose abbreviation the message shows
@@ -695,15 +705,31 @@ class Engine:
             return Decision.NOT_MATCHED, _NOT_MATCHED, reports, False
         return Decision.VERIFIED, "the face matches the enrolled participant", reports, False
 
-    def _replay(self, held: Reservation | Exhausted, method: LivenessMethod) -> VerifyOutcome:
+    async def _replay(
+        self, cmd: VerifyCommand, held: Reservation | Exhausted, method: LivenessMethod
+    ) -> VerifyOutcome:
         """The first answer to a scan retried with the same idempotency key (and the same
         request): nothing new is reserved or computed; a token is signed again from its
-        stored claims."""
+        stored claims. The replay is audited too: the first answer may have been stored and
+        then lost with its audit entry (the caller heard UNAVAILABLE and retried), and no
+        answer, least of all a token, may leave without one."""
         if held.prior_decision is None:
             raise ScanInProgress(
                 "a scan with this idempotency key is still being decided: retry in a moment"
             )
         first = json.loads(held.prior_decision)
+        await self._audited(
+            action="verify",
+            caller=cmd.caller,
+            participant_id=cmd.participant_id,
+            outcome=first["decision"],
+            reason="replayed",
+            training_id=cmd.training_id,
+            training_type=cmd.training_type.value,
+            gate=cmd.gate.value,
+            session_id=cmd.session_id,
+            verification_id=first["verification_id"],
+        )
         token = None
         if first["claims"] is not None and self._issuer is not None:
             token = self._issuer.reissue(VerificationClaims.from_json(first["claims"]))

@@ -19,7 +19,7 @@ from facesvc.store.connection import AsyncRedis
 from facesvc.store.errors import store_errors
 from facesvc.store.keys import KeySpace
 from facesvc.tokens.check import CheckPolicy, check_token
-from facesvc.tokens.claims import CheckReason, CheckResult, Expectation
+from facesvc.tokens.claims import CheckReason, CheckResult, Expectation, VerificationClaims
 from facesvc.tokens.keys import PublicKeySource
 
 
@@ -44,6 +44,12 @@ class TokenRedeemer:
     def used_key(self, participant_id: str, jti: str) -> str:
         """The Redis key that marks ``jti`` of ``participant_id`` as used."""
         return self._space.token_use(participant_id, jti)
+
+    async def unspend(self, claims: VerificationClaims) -> None:
+        """Take back the used mark that :meth:`redeem` just set for ``claims`` (the caller
+        could not complete the redemption, e.g. its audit entry). Raises StoreUnavailable."""
+        async with store_errors("take back the token's used mark"):
+            await self._redis.delete(self.used_key(claims.sub, claims.jti))
 
     async def redeem(self, token: str, expected: Expectation) -> CheckResult:
         """Check ``token`` against ``expected`` and, when it passes, spend it.
