@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +24,7 @@ from facesvc.models.pack import ModelPack
 from facesvc.transport.admission import InFlightLimit
 from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import ADMIN, LMS, TENANTS, EngineKit, astronaut, jpeg
+from tests.slow_service import PLUGIN, SLOW_DIR_ENV, SLOW_METHOD, release, started
 from tests.test_service_verify import PID, enroll, genuine, start
 
 
@@ -152,30 +152,6 @@ async def test_an_expired_scan_reserves_nothing_and_analyses_no_face(
         await faces.close()
 
 
-SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
-
-
-def register_counting_slow_service(server: Any, settings: Any) -> None:
-    """Plugin: ``facesvc.test.Slow/Wait`` leaves one ``started-*`` file per call in
-    ``$FACESVC_TEST_SLOW_DIR`` and answers once ``release`` exists there."""
-    import asyncio
-    import os
-    import uuid
-
-    directory = Path(os.environ[SLOW_DIR_ENV])
-
-    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        (directory / f"started-{uuid.uuid4().hex}").touch()
-        while not (directory / "release").exists():
-            await asyncio.sleep(0.02)
-        return b"finished"
-
-    handler = grpc.unary_unary_rpc_method_handler(wait)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("facesvc.test.Slow", {"Wait": handler}),)
-    )
-
-
 def test_beyond_max_concurrent_rpcs_grpc_refuses_at_once_and_queues_nothing(
     start_server: ServerStarter,
     redis_url: str,
@@ -190,15 +166,15 @@ def test_beyond_max_concurrent_rpcs_grpc_refuses_at_once_and_queues_nothing(
     server = start_server(
         redis_url,
         server__max_concurrent_rpcs="2",
-        server__plugins="tests.test_overload:register_counting_slow_service",
+        server__plugins=PLUGIN,
     )
-    slow = server.channel.unary_unary("/facesvc.test.Slow/Wait")
+    slow = server.channel.unary_unary(SLOW_METHOD)
     held = [slow.future(b"", timeout=120) for _ in range(2)]
     try:
         deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("started-*"))) < 2 and time.monotonic() < deadline:
+        while len(started(tmp_path)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(list(tmp_path.glob("started-*"))) == 2
+        assert len(started(tmp_path)) == 2
         health = health_pb2_grpc.HealthStub(server.channel)
         with pytest.raises(grpc.RpcError) as refused:
             health.Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -207,5 +183,5 @@ def test_beyond_max_concurrent_rpcs_grpc_refuses_at_once_and_queues_nothing(
         assert "retry-after" not in dict(refused.value.trailing_metadata() or ())
         assert not any(call.done() for call in held)  # refused while both were in flight
     finally:
-        (tmp_path / "release").touch()
+        release(tmp_path)
     assert [call.result(timeout=60) for call in held] == [b"finished", b"finished"]

@@ -2,7 +2,7 @@
 and a stop whose step hangs still ends.
 
 The call in flight is a test-only gRPC service that waits for a file, registered
-through the ``server.plugins`` setting (``register_slow_service`` below), so the
+through the ``server.plugins`` setting (``tests/slow_service.py``), so the
 test decides when it finishes: no sleeps, no timing assertions.
 """
 
@@ -10,42 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from facesvc.commands import cli
-from facesvc.config import Settings, load_settings
+from facesvc.config import load_settings
 from facesvc.serve.app import App, Resources
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 from tests.serve_process import ServeProcess, serve_process, wait_for
-
-SLOW_METHOD = "/facesvc.test.Slow/Wait"
-SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
-
-
-def register_slow_service(server: Any, settings: Settings) -> None:
-    """Plugin: ``Slow/Wait`` writes ``started`` and answers once ``release`` exists."""
-    directory = Path(os.environ[SLOW_DIR_ENV])
-
-    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        import asyncio
-
-        (directory / "started").touch()
-        while not (directory / "release").exists():
-            await asyncio.sleep(0.02)
-        return b"finished"
-
-    handler = grpc.unary_unary_rpc_method_handler(wait)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("facesvc.test.Slow", {"Wait": handler}),)
-    )
+from tests.slow_service import PLUGIN, SLOW_DIR_ENV, SLOW_METHOD, release, started
 
 
 @pytest.fixture
@@ -67,7 +46,7 @@ def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[ServePr
         "--server-grpc-port", "0",
         "--server-http-port", "0",
         "--server-grace-s", "60",
-        "--server-plugins", "tests.test_server_shutdown:register_slow_service",
+        "--server-plugins", PLUGIN,
         "--redis-url", redis_url,
         "--redis-key-prefix", redis_prefix,
         "--tokens-key-dir", str(keys / "tokens"),
@@ -85,7 +64,7 @@ def test_sigterm_drains_the_in_flight_call_then_exits_zero(
 
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     slow = channel.unary_unary(SLOW_METHOD).future(b"", timeout=120)
-    wait_for((tmp_path / "started").exists, "the slow call to start")
+    wait_for(partial(started, tmp_path), "the slow call to start")
 
     serve.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: '"msg": "draining"' in serve.log(), "the server to start draining")
@@ -97,7 +76,7 @@ def test_sigterm_drains_the_in_flight_call_then_exits_zero(
             fresh.unary_unary(SLOW_METHOD)(b"", timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    (tmp_path / "release").touch()
+    release(tmp_path)
     assert slow.result(timeout=60) == b"finished"
     assert serve.proc.wait(timeout=60) == 0
     assert '"msg": "stopped"' in serve.log()

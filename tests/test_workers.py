@@ -8,7 +8,6 @@ over a fresh connection (a local subchannel pool), so SO_REUSEPORT hashes it afr
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -16,7 +15,6 @@ import urllib.request
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -24,13 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
-from facesvc.config import Settings, load_settings, usable_cores
+from facesvc.config import load_settings, usable_cores
 from facesvc.store.templates import generate_template_key
 from facesvc.tokens.keys import keys_generate
 from tests.serve_process import ServeProcess, serve_process, wait_for
+from tests.slow_service import PLUGIN, SLOW_DIR_ENV, SLOW_METHOD, release, started
 
-SLOW_METHOD = "/facesvc.test.SlowByPid/Wait"
-SLOW_DIR_ENV = "FACESVC_TEST_SLOW_DIR"
 LISTENING = re.compile(
     r"facesvc listening: gRPC 127\.0\.0\.1:(\d+), HTTP 127\.0\.0\.1:(\d+) .*"
     r"\[worker (\d+) of 2, pid (\d+)\]"
@@ -38,23 +35,6 @@ LISTENING = re.compile(
 GET_ATTEMPTS = "facesvc.v1.FaceVerification/GetAttempts"
 OK_GET_ATTEMPTS = ("facesvc_grpc_calls_total", (("code", "OK"), ("method", GET_ATTEMPTS)))
 LOAD_S = 240.0  # two model packs loading on a busy 2-core machine
-
-
-def register_slow_service(server: Any, settings: Settings) -> None:
-    """Plugin: ``SlowByPid/Wait(b"<n>")`` writes ``started-<pid>-<n>`` and answers once
-    ``release`` exists, so a test holds calls in flight on each worker without sleeping."""
-    directory = Path(os.environ[SLOW_DIR_ENV])
-
-    async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        (directory / f"started-{os.getpid()}-{request.decode()}").touch()
-        while not (directory / "release").exists():
-            await asyncio.sleep(0.02)
-        return b"finished"
-
-    handler = grpc.unary_unary_rpc_method_handler(wait)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("facesvc.test.SlowByPid", {"Wait": handler}),)
-    )
 
 
 class Workers(ServeProcess):
@@ -106,7 +86,7 @@ def workers(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Worke
         "--server-grpc-port", "0",
         "--server-http-port", "0",
         "--server-grace-s", "60",
-        "--server-plugins", "tests.test_workers:register_slow_service",
+        "--server-plugins", PLUGIN,
         "--redis-url", redis_url,
         "--redis-key-prefix", redis_prefix,
         "--tokens-key-dir", str(tmp_path / "token-keys"),
@@ -171,11 +151,6 @@ def test_two_workers_answer_and_their_metrics_add_up(workers: Workers) -> None:
     assert workers.proc.wait(timeout=90) == 0, workers.log()
 
 
-def _started(directory: Path, n: int) -> list[int]:
-    """The pid of the worker serving slow call ``n``, once it has started (else [])."""
-    return [int(p.name.split("-")[1]) for p in directory.glob(f"started-*-{n}")]
-
-
 def _refused(workers: Workers) -> bool:
     """Whether a call on a fresh connection is refused (UNAVAILABLE: nobody listens)."""
     with workers.channel() as fresh:
@@ -197,8 +172,8 @@ def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path:
         channel = workers.channel()
         channels.append(channel)
         calls.append(channel.unary_unary(SLOW_METHOD).future(str(n).encode(), timeout=120))
-        wait_for(partial(_started, tmp_path, n), f"slow call {n} to start")
-        busy.add(_started(tmp_path, n)[0])
+        wait_for(partial(started, tmp_path, str(n)), f"slow call {n} to start")
+        busy.add(started(tmp_path, str(n))[0])
     assert busy == set(workers.listening()), "40 fresh connections all reached one worker"
 
     workers.proc.send_signal(signal.SIGTERM)
@@ -211,7 +186,7 @@ def test_sigterm_drains_every_worker_then_exits_zero(workers: Workers, tmp_path:
     assert workers.proc.poll() is None
     assert not any(call.done() for call in calls)
 
-    (tmp_path / "release").touch()
+    release(tmp_path)
     assert [call.result(timeout=60) for call in calls] == [b"finished"] * len(calls)
     assert workers.proc.wait(timeout=60) == 0, workers.log()
     assert workers.log().count("msg=stopped") == 2
