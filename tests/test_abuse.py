@@ -32,7 +32,7 @@ from facesvc.store.errors import StoreUnavailable
 from facesvc.store.keys import KeySpace
 from facesvc.transport.auth import Client, Role, new_api_key, write_keys_file
 from tests.clocks import wib_at
-from tests.conftest import ServerStarter
+from tests.conftest import RunningServer, ServerStarter
 from tests.engine_support import astronaut, jpeg
 from tests.test_service_verify import PID, enroll, start
 from tools.redis_local import RedisServer
@@ -173,19 +173,23 @@ def test_rules_refuse_nonsense() -> None:
         LockoutRule(3, timedelta(0), timedelta(1))
 
 
-def test_server_answers_resource_exhausted_with_retry_after(
-    start_server: ServerStarter, redis_url: str, tmp_path: Path
-) -> None:
+def _lms_gate_server(
+    start_server: ServerStarter, tmp_path: Path, redis_url: str, **settings: Any
+) -> tuple[RunningServer, tuple[tuple[str, str], ...]]:
+    """A server that knows one LMS gate's API key, and the metadata that presents it."""
     key, key_id, digest = new_api_key()
     path = tmp_path / "keys.json"
     write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
-    server = start_server(
-        redis_url,
-        security__api_keys_file=str(path),
-        abuse__client_rate="3",
-        abuse__client_rate_window_s="600",
+    server = start_server(redis_url, security__api_keys_file=str(path), **settings)
+    return server, (("authorization", f"Bearer {key}"),)
+
+
+def test_server_answers_resource_exhausted_with_retry_after(
+    start_server: ServerStarter, redis_url: str, tmp_path: Path
+) -> None:
+    server, metadata = _lms_gate_server(
+        start_server, tmp_path, redis_url, abuse__client_rate="3", abuse__client_rate_window_s="600"
     )
-    metadata = (("authorization", f"Bearer {key}"),)
     codes = []
     for _ in range(5):
         try:
@@ -269,11 +273,7 @@ def test_spoof_suspicions_lock_the_participant_before_any_attempt_is_spent(
 def test_rate_limit_fails_closed_through_the_server(
     start_server: ServerStarter, dedicated_redis: RedisServer, tmp_path: Path
 ) -> None:
-    key, key_id, digest = new_api_key()
-    path = tmp_path / "keys.json"
-    write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
-    server = start_server(dedicated_redis.url, security__api_keys_file=str(path))
-    metadata = (("authorization", f"Bearer {key}"),)
+    server, metadata = _lms_gate_server(start_server, tmp_path, dedicated_redis.url)
     dedicated_redis.stop()
     with pytest.raises(grpc.RpcError) as down:
         server.stub.GetSigningKeys(pb.GetSigningKeysRequest(), timeout=10, metadata=metadata)
@@ -290,17 +290,14 @@ def test_audited_calls_count_more_against_the_client_rate(
 ) -> None:
     # Each RedeemToken writes an audit event, whatever its outcome: at one request each, one
     # LMS key could append 6,000 events a minute and flush a count-capped trail in hours.
-    key, key_id, digest = new_api_key()
-    path = tmp_path / "keys.json"
-    write_keys_file(path, [Client("lms-a-gate", Role.LMS, "lms-a", key_id, digest)])
-    server = start_server(
+    server, metadata = _lms_gate_server(
+        start_server,
+        tmp_path,
         redis_url,
-        security__api_keys_file=str(path),
         abuse__client_rate="25",
         abuse__client_rate_window_s="600",
         abuse__audited_call_cost="10",
     )
-    metadata = (("authorization", f"Bearer {key}"),)
 
     def code(call: Any, request: Any) -> grpc.StatusCode:
         try:
