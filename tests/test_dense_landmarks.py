@@ -3,13 +3,16 @@ points: both passes batched equal the two passes one frame at a time."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from facesvc.config import QualitySettings
 from facesvc.imaging import DecodeLimits, decode_image
+from facesvc.models.facework import BatchSettings, FaceWork
 from facesvc.models.types import Detection, Points, RGBImage
 from tests.engine_support import default_pack, dense_landmarks
 
@@ -61,3 +64,34 @@ def test_lengths_must_agree() -> None:
     image = np.zeros((20, 20, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="1 images, 0 detections"):
         dense_landmarks().predict_many([image], [], [None])
+
+
+async def test_face_work_measures_every_frame_in_one_task_within_the_deadline() -> None:
+    """FaceWork.landmarks_68 gives each frame what the stage gives it alone, and refuses
+    to start past the call's deadline (a timeout, not a model failure)."""
+    pack = default_pack()
+    dense = dense_landmarks()
+    batching = BatchSettings(max_batch=1, max_wait_s=0.0, max_queue=1)
+    faces = FaceWork(
+        pack.pipeline(QualitySettings()),
+        None,
+        decode_limits=DecodeLimits(),
+        threads=2,
+        embed_batching=batching,
+        pad_batching=batching,
+        dense_landmarks=dense,
+    )
+    try:
+        photo = _photos()[0]
+        frames = [photo, np.ascontiguousarray(photo[:, ::-1]), photo[40:, 30:].copy()]
+        analyses = await faces.analyze(frames)
+        points = await faces.landmarks_68(frames, analyses, time.monotonic() + 30)
+        assert len(points) == len(frames)
+        for image, analysis, got in zip(frames, analyses, points, strict=True):
+            assert analysis.detection is not None
+            expected = dense.predict(image, analysis.detection, analysis.landmarks)
+            assert np.array_equal(got, expected)
+        with pytest.raises(TimeoutError):
+            await faces.landmarks_68(frames, analyses, time.monotonic() - 1)
+    finally:
+        await faces.close()
