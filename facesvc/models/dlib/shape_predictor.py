@@ -243,9 +243,12 @@ class ShapePredictorLandmarks:
         at_rgb = at[:, :, None] + _RGB
         for i, pixels in enumerate(faces.pixels):
             pixels.take(at_rgb[i], out=rgb[i], mode="clip")
-        # dlib's grey level of an RGB pixel: (R + G + B) / 3 in integers.
-        grey = rgb.sum(axis=2, dtype=np.uint16).T // 3
-        return np.where(inside, grey, 0).astype(np.float32)
+        # dlib's grey level of an RGB pixel: (R + G + B) / 3 in integers (adding the three
+        # planes: four times faster than a sum over an axis of three).
+        grey = np.add(rgb[..., 0], rgb[..., 1], dtype=np.uint16)
+        grey += rgb[..., 2]
+        grey //= 3
+        return np.where(inside, grey.T, 0).astype(np.float32)
 
 
 _RGB = np.arange(3, dtype=np.intp)
