@@ -1,8 +1,10 @@
 """Face work for one request, kept off the event loop and batched across requests.
 
 Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime and Pillow
-release the GIL while they work). Embedding and the presentation-attack model go through
-micro-batchers, so the faces of concurrent requests share one ONNX Runtime call.
+release the GIL while they work); a challenge's liveness landmarks run on that pool as one
+task for all its frames (numpy, batched across the frames). Embedding and the
+presentation-attack model go through micro-batchers, so the faces of concurrent requests
+share one ONNX Runtime call.
 
 A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
 never an answer about the face: it surfaces as ``ModelFailure``, which the transports
