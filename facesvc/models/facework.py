@@ -1,8 +1,10 @@
 """Face work for one request, kept off the event loop and batched across requests.
 
 Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime and Pillow
-release the GIL while they work). Embedding and the presentation-attack model go through
-micro-batchers, so the faces of concurrent requests share one ONNX Runtime call.
+release the GIL while they work); a challenge's liveness landmarks run on that pool as one
+task for all its frames (numpy, batched across the frames). Embedding and the
+presentation-attack model go through micro-batchers, so the faces of concurrent requests
+share one ONNX Runtime call.
 
 A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
 never an answer about the face: it surfaces as ``ModelFailure``, which the transports
@@ -201,27 +203,26 @@ class FaceWork:
         analyses: Sequence[FaceAnalysis],
         deadline: float | None = None,
     ) -> list[Points]:
-        """(68, 2) points of the chosen face in each frame, for the liveness geometry, one
-        task per frame on the face-work threads."""
+        """(68, 2) points of the chosen face in each frame, for the liveness geometry: all
+        the frames in one task on the face-work threads (``DenseLandmarks.predict_many``
+        runs each pass for every frame at once, far fewer numpy calls than a task per
+        frame)."""
         if self._dense is None:
             raise RuntimeError("no liveness landmark stage is loaded (no challenge policy)")
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("the call's deadline passed before the liveness landmarks")
-        dense = self._dense
-        loop = asyncio.get_running_loop()
-
-        def one(image: RGBImage, analysis: FaceAnalysis) -> Points:
+        detections = []
+        for analysis in analyses:
             assert analysis.detection is not None, "only measured faces reach liveness"
-            return dense.predict(image, analysis.detection, analysis.landmarks)
-
-        return list(
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(self._executor, one, image, analysis)
-                    for image, analysis in zip(images, analyses, strict=True)
-                )
-            )
+            detections.append(analysis.detection)
+        points = await asyncio.get_running_loop().run_in_executor(
+            self._executor,
+            self._dense.predict_many,
+            images,
+            detections,
+            [analysis.landmarks for analysis in analyses],
         )
+        return list(points)
 
     @_model_work("scoring the faces for presentation attacks")
     async def live_scores(
