@@ -171,6 +171,27 @@ def test_a_head_answers_turns_and_a_look_up_with_depth() -> None:
     assert result.face_likeness is not None and result.face_likeness > 0.9
 
 
+def test_a_turn_the_detectors_own_points_do_not_see_is_flat() -> None:
+    # The 68 points show a head turning 30 degrees with its depth, but the detector's five
+    # points on the same frames barely moved: the 68-point model drew a turn of its own
+    # (a flat picture it lost, docs/liveness.md). With the five points turning too, the
+    # same frames pass.
+    frames = scan(view(HEAD), view(HEAD, yaw=30))
+    seen = [
+        replace(frames[0], five_point_yaw_deg=1.0),
+        replace(frames[1], five_point_yaw_deg=5.0),
+    ]
+    assert check_liveness([LEFT], seen, THRESHOLDS).decision is Decision.SPOOF_SUSPECTED
+    agreeing = [
+        replace(frames[0], five_point_yaw_deg=1.0),
+        replace(frames[1], five_point_yaw_deg=29.0),
+    ]
+    assert check_liveness([LEFT], agreeing, THRESHOLDS).passed
+    # A turn the wrong way in the five points is no confirmation either.
+    opposite = [agreeing[0], replace(frames[1], five_point_yaw_deg=-29.0)]
+    assert check_liveness([LEFT], opposite, THRESHOLDS).decision is Decision.SPOOF_SUSPECTED
+
+
 def test_a_picture_whose_apparent_turn_has_no_depth_is_a_spoof() -> None:
     # With the pose thresholds off, any movement "answers" the steps: the depth alone
     # must refuse the flat picture, however it was tilted.

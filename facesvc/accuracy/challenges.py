@@ -56,7 +56,7 @@ from facesvc.liveness.checks import (
     step_evidence,
 )
 from facesvc.liveness.geometry import depth_motion
-from facesvc.liveness.pose import estimate_pose
+from facesvc.liveness.pose import estimate_pose, five_point_yaw
 from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.pack import ModelPack
 from facesvc.models.pipeline import FacePipeline, FaceStatus
@@ -349,6 +349,7 @@ class Observer:
             live_score=None,
             thumbnail=face_thumbnail(image, box),
             landmarks_68=self.dense.predict(image, analysis.detection, analysis.landmarks),
+            five_point_yaw_deg=five_point_yaw(analysis.detection, analysis.landmarks),
         )
         return Seen(observation, analysis.status, analysis.only_pose_failed)
 

@@ -22,6 +22,7 @@ from facesvc.liveness.checks import (
     check_liveness,
     face_thumbnail,
 )
+from facesvc.liveness.pose import five_point_yaw
 from facesvc.models.matching import Distance
 from facesvc.models.pipeline import FaceAnalysis
 from facesvc.models.types import Points, RGBImage
@@ -88,6 +89,7 @@ class LivenessJudge:
                     live_score=score,
                     thumbnail=face_thumbnail(image, box),
                     landmarks_68=points_68,
+                    five_point_yaw_deg=five_point_yaw(analysis.detection, analysis.landmarks),
                 )
             )
         thresholds = LivenessThresholds(

@@ -52,7 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.models.quality import LandmarkLayout, head_pose
-from facesvc.models.types import Points
+from facesvc.models.types import Detection, Points
 
 # 68-point (iBUG) indices in dlib's 5-point order: image-right eye outer and
 # inner corner, image-left eye outer and inner corner, base of the nose.
@@ -97,3 +97,14 @@ def estimate_pose(landmarks: Points) -> HeadPose:
     eye_centres = float(np.hypot(*(five[0:2].mean(axis=0) - five[2:4].mean(axis=0))))
     scale = eye_centres / max(math.cos(math.radians(yaw)), 0.1)
     return HeadPose(yaw_deg=yaw, nose_drop=drop, face_scale_px=scale)
+
+
+def five_point_yaw(detection: Detection, pack_points: Points | None) -> float | None:
+    """Yaw in degrees from the detector's own five points (ArcFace layout: YuNet, SCRFD),
+    else from the pack's five dlib points; None without five points. Independent of the
+    68-point model, so it can confirm a turn that model sees (``check_liveness``)."""
+    if detection.landmarks is not None and len(detection.landmarks) == 5:
+        return float(head_pose(detection.landmarks, LandmarkLayout.ARCFACE_5).yaw)
+    if pack_points is not None and len(pack_points) == 5:
+        return float(head_pose(pack_points, LandmarkLayout.DLIB_5).yaw)
+    return None
