@@ -488,12 +488,12 @@ def attack_scans(
     observer: Observer,
     photo: RGBImage,
     holds: Sequence[Hold] | None = None,
-    turn_ratios: list[tuple[float, Hold]] | None = None,
+    turn_ratios: list[tuple[float, float | None, Hold]] | None = None,
 ) -> Iterator[tuple[tuple[Step, Step], Hold, Hold, Outcome]]:
     """Every flat-picture scan of ``photo``: each challenge pair, each hold for each step,
     after the picture held square for the frontal pose. The victim is enrolled from the
-    photo itself. ``turn_ratios`` receives ``turn_depth_ratio`` of every frame that looks
-    turned."""
+    photo itself. ``turn_ratios`` receives ``turn_depth_ratio`` and ``five_point_share`` of
+    every frame that looks turned."""
     holds = list(holds if holds is not None else answering_holds())
     seen = attack_frames(observer, photo, [Hold(), *holds])
     square = seen[Hold()]
@@ -514,7 +514,8 @@ def attack_scans(
                 moved = frame.observation.landmarks_68
                 ratio = None if moved is None else turn_depth_ratio(reference, moved, thresholds)
                 if ratio is not None:
-                    turn_ratios.append((ratio, hold))
+                    share = five_point_share(enrolled, frame.observation)
+                    turn_ratios.append((ratio, share, hold))
             for step in DEFAULT_STEPS:
                 obs = frame.observation
                 full = (
@@ -553,6 +554,27 @@ def turn_depth_ratio(
         return None
     (motion,) = depth_motion([reference, moved])
     return float(np.sign(yaw) * motion.along / math.sin(math.radians(min(abs(yaw), 90.0))))
+
+
+def five_point_share(reference: FrameObservation, moved: FrameObservation) -> float | None:
+    """The yaw change from ``reference`` in the detector's five points over the one in the
+    68 points: the quantity ``turn_min_five_point_share`` bounds for a frame that answers a
+    turn (about 1 for a real head; a flat picture the 68-point model reads as turned stays
+    low). None without both measures or without a 68-point turn."""
+    if reference.landmarks_68 is None or moved.landmarks_68 is None:
+        return None
+    if reference.five_point_yaw_deg is None or moved.five_point_yaw_deg is None:
+        return None
+    turn = estimate_pose(moved.landmarks_68).yaw_deg - estimate_pose(reference.landmarks_68).yaw_deg
+    if turn == 0:
+        return None
+    return (moved.five_point_yaw_deg - reference.five_point_yaw_deg) / turn
+
+
+def _spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{min(values):.2f} to {max(values):.2f} (median {np.median(values):.2f})"
 
 
 def _axis_label(hold: Hold) -> str:
@@ -626,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         thresholds = observer.thresholds()
         for session in (s for s in GENUINE if s.split in splits):
             values = []
+            shares = []
             for frontal_ref in session.poses["frontal"]:
                 f0 = observer.see(source.read(frontal_ref)).observation
                 for ref in session.poses.get("left", ()) + session.poses.get("right", ()):
@@ -636,10 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ratio = turn_depth_ratio(f0.landmarks_68, f1.landmarks_68, thresholds)
                     if ratio is not None:
                         values.append(ratio)
+                        share = five_point_share(f0, f1)
+                        if share is not None:
+                            shares.append(share)
             if values:
                 print(
                     f"  {session.name}: {len(values)} turn frames that look turned, depth ratio "
-                    f"{min(values):.2f} to {max(values):.2f} (median {np.median(values):.2f})"
+                    f"{min(values):.2f} to {max(values):.2f} (median {np.median(values):.2f}), "
+                    f"five-point share {_spread(shares)}"
                 )
 
     if not args.skip_attacks:
@@ -647,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for split in splits:
             for name in ATTACK_PHOTOS[split]:
                 photo = source.photo(name)
-                ratios: list[tuple[float, Hold]] = []
+                ratios: list[tuple[float, float | None, Hold]] = []
                 for pair, first, second, outcome in attack_scans(observer, photo, None, ratios):
                     attacks.add(
                         outcome.decision,
@@ -658,10 +685,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if outcome.decision is Decision.VERIFIED:
                         print(f"  VERIFIED: {name} {pair} {first.describe()} / {second.describe()}")
                 v, n = attacks.verified(f"photo {name}")
-                top = max(ratios, default=(float("nan"), Hold()), key=lambda r: r[0])
+                top = max(ratios, default=(float("nan"), None, Hold()), key=lambda r: r[0])
+                shares = [s for _, s, _ in ratios if s is not None]
                 print(
                     f"flat attacks of {name}: {v} of {n} VERIFIED; {len(ratios)} frames looked "
-                    f"turned, their depth ratio at most {top[0]:.2f} ({top[1].describe()})",
+                    f"turned, their depth ratio at most {top[0]:.2f} ({top[2].describe()}), "
+                    f"five-point share {_spread(shares)}",
                     flush=True,
                 )
         v, n = attacks.verified()

@@ -138,8 +138,8 @@ class LivenessThresholds:
     way, by at least this share of it in the detector's own five points. The 68-point model
     was trained on real faces: on a flat picture tilted in perspective, or one it loses, it
     draws a turned head of its own. Measured on the calibration data (yunet-sface): real
-    turns 0.70-1.14 (median 0.98, 19 frames); flat-picture frames that looked turned to the
-    68 points -0.37-0.97 (median 0.24, 207 frames)."""
+    turns 0.64-1.14 (48 frontal-turned pairs); flat-picture frames that looked turned to
+    the 68 points -0.37-0.97 (median 0.24, 207 frames); docs/liveness.md."""
     turn_min_parallax: float = 0.5
     """And at least this parallax whatever the apparent yaw: a floor for a configuration
     with a small ``turn_min_yaw_deg``. At the default 24 degrees the ratio above asks for
