@@ -11,10 +11,11 @@ ONNX Runtime thread, pinned to ``--cpus``, so "per core" means what it says):
 - ``one-frame``: Verify of one 640x480 frame, liveness off (docs/benchmarks.md's load), and
   RedeemToken of every token it hands out (an LMS spends each once);
 - ``portal-challenge``: what the Scan Wajah page sends by default: StartLivenessChallenge,
-  then Verify with six 640x480 frames (three poses, two frames each) under the ``challenge``
-  policy, which runs the passive model on two of them. The frames are frontal photos, not
-  head turns, so these scans end CHALLENGE_FAILED after all the face work a real one does;
-  ``liveness.pad_threshold`` 0 and a large spoof lockout keep every scan at full cost.
+  then Verify with eight 640x480 frames (two frontal, three across each of two steps) under
+  the ``challenge`` policy with its defaults (the 68-point liveness landmark stage on every
+  frame; no passive model). The frames are frontal photos, not head turns, so these scans
+  end CHALLENGE_FAILED after all the face work a real one does; a large spoof lockout
+  keeps every scan at full cost.
 
 For each: Verify/s at ``--concurrency`` callers (median of ``--repeats`` runs, with the load
 average), latency, the server's peak RSS, and from the Redis server's INFO, per scan: the
@@ -58,7 +59,7 @@ from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from tools.redis_local import RedisServer, find_redis_server
 
 SCENARIOS = ("one-frame", "portal-challenge")
-PORTAL_FRAMES = 6  # facesvc/transport/portal.py: (1 + 2 challenge steps) poses x 2 frames per pose
+PORTAL_FRAMES = 8  # facesvc/web/app.js: 2 frontal frames + STEP_FRAMES (3) x 2 steps
 # Commands the measurement itself or the health probe sends, not a scan.
 # HELLO and CLIENT open a pooled connection, once per connection, not per scan.
 NOT_A_SCAN = {"info", "ping", "memory|usage", "scan", "type", "config|get", "command|docs"}
@@ -140,7 +141,6 @@ def spawn(
             "FACESVC_TOKENS_KEY_DIR": str(home / "token-keys"),
             "FACESVC_TEMPLATES_KEY": generate_template_key("k1"),
             "FACESVC_LIVENESS_SPL": liveness,
-            "FACESVC_LIVENESS_PAD_THRESHOLD": "0",  # every scan pays the whole passive model
             "FACESVC_ABUSE_SPOOF_LOCKOUT_THRESHOLD": "1000000",
             "FACESVC_ABUSE_CLIENT_RATE": "100000000",
             "FACESVC_LIMITS_CAP_SPL": "1000000",  # no scan is refused by the cap
