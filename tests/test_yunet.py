@@ -3,6 +3,7 @@ photo, a tight 150x150 crop), and SFace's descriptors against OpenCV's FaceRecog
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from facesvc.models.yunet import (
     YunetDetector,
     non_maximum_suppression,
 )
-from facesvc.models.yunet_sface import MMOD_BOX, PACK_NAME
+from facesvc.models.yunet_sface import MMOD_BOX, PACK_NAME, SCALE_POLICY
 from tests.engine_support import (
     ADMIN,
     LMS,
@@ -86,6 +87,8 @@ def test_scale_policy() -> None:
     assert policy.scale(150, 150, 20) == 1.0  # never up
     with pytest.raises(ValueError):
         ScalePolicy(smallest_face_px=5)
+    with pytest.raises(ValueError):
+        ScalePolicy(tight_face_px=400)  # above largest_face_px
 
 
 def test_a_12_megapixel_photo_finds_the_face(yunet: YunetDetector) -> None:
@@ -122,6 +125,26 @@ def test_a_tight_150px_crop_finds_the_face(yunet: YunetDetector) -> None:
     (found,) = yunet.detect(crop, 80)
     assert found.box.height > 120 and found.landmarks is not None
     assert np.all((found.landmarks > 0) & (found.landmarks < 150))
+
+
+def test_a_tight_crop_larger_than_the_tight_face_size_is_found_where_it_is(
+    yunet: YunetDetector,
+) -> None:
+    """An aligned chip enlarged to 224x224, the face filling it: the padded search scales
+    the frame to the policy's tight face size (160 px) before padding, and the box and
+    points come back in the frame's own pixels, on the same face as in the 112x112 chip."""
+    chip = insightface_image("Tom_Hanks_54745.png")
+    big = np.asarray(Image.fromarray(chip).resize((224, 224), Image.Resampling.BILINEAR))
+    first_only = replace(SCALE_POLICY, pad_fractions=(), full_side=0)
+    assert YunetDetector(yunet._session, policy=first_only).detect(big, 80) == []
+    detector = YunetDetector(yunet._session, policy=SCALE_POLICY)
+    (in_chip,) = detector.detect(chip, 80)
+    (in_big,) = detector.detect(big, 80)
+    assert in_chip.landmarks is not None and in_big.landmarks is not None
+    assert in_big.box.height == pytest.approx(in_chip.box.height * 2, rel=0.1)
+    # The same five points, in the big frame's pixels: within 5% of its side (a wrong
+    # offset or scale for the padding would put them 50 px or more away).
+    assert np.abs(in_big.landmarks - in_chip.landmarks * 2).max() < 0.05 * 224
 
 
 @pytest.mark.shared_data

@@ -23,10 +23,13 @@ YuNet finds faces of about 10 to 300 pixels. A frame is therefore resized first
 the frame's shorter side at most ``largest_face_px``, never up. When nothing is found:
 
 - a face that fills its image (a tight crop such as a 150x150 ID-style photo) leaves the
-  network no context: the frame is padded on every side with its edge pixels, by half its
-  longer side and then by all of it, and searched again at the scale that brings the
-  frame's own shorter side (the face's size, in a tight crop) to at most
-  ``largest_face_px``. Both margins are needed: of the 150x150 faceapi crops in
+  network no context: the frame is scaled so that its own shorter side (the face's size,
+  in a tight crop) is at most ``tight_face_px``, padded on every side with its edge
+  pixels, by half its longer side and then by all of it, and searched again. Scaling comes
+  before padding, so the padded picture is never made at the frame's own size: a 640x480
+  frame without a face cost about 200 ms when its padded copies were built at full size
+  and searched with the face at 300 px, and costs about 30 ms so (docs/benchmarks.md).
+  Both margins are needed: of the 150x150 faceapi crops in
   ../shared/data/faces, stuart5.png scores 0.906 with the half margin and below 0.9 with
   the whole one; insightface's 112x112 Tom_Hanks_54745.png (an aligned chip) the other
   way round;
@@ -64,20 +67,25 @@ class ScalePolicy:
 
     ``smallest_face_px``: the smallest face looked for (``min_face_px``) is scaled to about
     this many pixels. ``largest_face_px``: the frame's shorter side is scaled to at most
-    this, so that a face filling the frame stays within what YuNet finds. ``pad_fractions``:
-    the margins added on every side, as shares of the longer side, for the searches after a
-    first one that found nothing (empty: no retry). ``full_side``: the longer side, in
-    pixels, of the second search (0: none).
+    this, so that a face filling the frame stays within what YuNet finds.
+    ``tight_face_px``: in the padded searches, the frame's shorter side (the face, when it
+    fills the frame) is scaled to at most this. ``pad_fractions``: the margins added on
+    every side, as shares of the scaled frame's longer side, for the searches after a first
+    one that found nothing (empty: no retry). ``full_side``: the longer side, in pixels, of
+    the last search (0: none).
     """
 
     smallest_face_px: float = 40.0
     largest_face_px: float = 300.0
+    tight_face_px: float = 160.0
     pad_fractions: tuple[float, ...] = (0.5, 1.0)
     full_side: int = 640
 
     def __post_init__(self) -> None:
         if not 10.0 <= self.smallest_face_px <= self.largest_face_px:
             raise ValueError("need 10 <= smallest_face_px <= largest_face_px")
+        if not 10.0 <= self.tight_face_px <= self.largest_face_px:
+            raise ValueError("need 10 <= tight_face_px <= largest_face_px")
         if any(p <= 0 for p in self.pad_fractions):
             raise ValueError("pad_fractions must be > 0")
 
@@ -131,22 +139,25 @@ class YunetDetector:
         height, width = image.shape[:2]
         first = self.policy.scale(height, width, min_face_px)
         found = self._search(image, min_face_px, first)
-        # A face that fills the frame: pad, and scale so that the frame's own size (the
-        # face's) lands within YuNet's range whatever the smallest face looked for.
-        scale = min(1.0, self.policy.largest_face_px / max(min(height, width), 1))
+        # A face that fills the frame: scale so that the frame's own size (the face's) lands
+        # within YuNet's range whatever the smallest face looked for, and pad.
+        tight = min(1.0, self.policy.tight_face_px / max(min(height, width), 1))
         for fraction in self.policy.pad_fractions:
             if found:
                 break
-            pad = round(max(height, width) * fraction)
-            padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-            found = [_shifted(d, -pad) for d in self._search(padded, min_face_px, scale)]
+            found = self._search(image, min_face_px, tight, fraction)
         # A tight face in a flat frame: the frame larger.
         larger = min(1.0, self.policy.full_side / max(height, width, 1))
         if not found and larger > first:
             found = self._search(image, min_face_px, larger)
         return found
 
-    def _search(self, image: RGBImage, min_face_px: int, scale: float) -> list[Detection]:
+    def _search(
+        self, image: RGBImage, min_face_px: int, scale: float, pad_fraction: float = 0.0
+    ) -> list[Detection]:
+        """YuNet on ``image`` resized by ``scale`` and then padded on every side with its
+        edge pixels by ``pad_fraction`` of its (resized) longer side; detections in the
+        caller's pixels."""
         height, width = image.shape[:2]
         small = image
         if scale < 1.0:
@@ -154,11 +165,14 @@ class YunetDetector:
             small = np.asarray(
                 Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8
             )
-        boxes, scores, points = self.raw_detections(small)
         # Back to the caller's pixels: each axis by its own resize ratio.
         sx, sy = width / small.shape[1], height / small.shape[0]
-        boxes = boxes * np.array([sx, sy, sx, sy], np.float32)
-        points = points * np.array([sx, sy], np.float32)
+        pad = round(max(small.shape[:2]) * pad_fraction)
+        if pad:
+            small = np.pad(small, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        boxes, scores, points = self.raw_detections(small)
+        boxes = (boxes - np.float32(pad)) * np.array([sx, sy, sx, sy], np.float32)
+        points = (points - np.float32(pad)) * np.array([sx, sy], np.float32)
         found = [
             Detection(Box(*(float(v) for v in boxes[k])), float(scores[k]), points[k])
             for k in range(len(scores))
@@ -238,13 +252,3 @@ def non_maximum_suppression(
         iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
         order = rest[iou <= iou_limit]
     return np.array(kept, dtype=np.intp)
-
-
-def _shifted(detection: Detection, offset: int) -> Detection:
-    b = detection.box
-    points = detection.landmarks
-    return Detection(
-        Box(b.left + offset, b.top + offset, b.right + offset, b.bottom + offset),
-        detection.score,
-        None if points is None else (points + np.float32(offset)).astype(np.float32),
-    )
