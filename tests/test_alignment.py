@@ -167,6 +167,41 @@ def test_warp_puts_landmarks_on_the_arcface_template() -> None:
     assert chip[5, 5].max() == 0  # background stays black
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_warp_reads_the_frame_as_if_surrounded_by_black(seed: int) -> None:
+    """Every sample of the chip, the frame's edges and the black beyond them included, is
+    what bilinear sampling of the frame padded with one black pixel gives (OpenCV's
+    ``warpAffine(..., borderValue=0)``), computed here independently."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    # Faces across the frame, some hanging over an edge or a corner, one wholly outside.
+    centre = rng.uniform([-60.0, -60.0], [220.0, 180.0]) if seed else np.array([400.0, 300.0])
+    angle, scale = rng.uniform(-0.6, 0.6), rng.uniform(0.4, 1.5)
+    rot = scale * np.array(
+        [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+    )
+    landmarks = (ARCFACE_TEMPLATE_112 - 56.0) @ rot.T + centre
+    chip = warp_to_template(image, landmarks, ARCFACE_TEMPLATE_112, 112)
+
+    inverse = np.linalg.inv(
+        np.vstack([similarity_transform(landmarks, ARCFACE_TEMPLATE_112), [0, 0, 1]])
+    )
+    rows, cols = np.mgrid[0:112, 0:112].astype(np.float64)
+    xs = inverse[0, 0] * cols + inverse[0, 1] * rows + inverse[0, 2]
+    ys = inverse[1, 0] * cols + inverse[1, 1] * rows + inverse[1, 2]
+    padded = np.pad(image, ((1, 1), (1, 1), (0, 0))).astype(np.float64)
+    x0, y0 = np.floor(xs + 1).astype(int), np.floor(ys + 1).astype(int)
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 < 161) & (y0 < 121)
+    x0, y0 = np.where(inside, x0, 0), np.where(inside, y0, 0)
+    fx, fy = (xs + 1 - x0)[..., None], (ys + 1 - y0)[..., None]
+    expected = (1 - fy) * ((1 - fx) * padded[y0, x0] + fx * padded[y0, x0 + 1]) + fy * (
+        (1 - fx) * padded[y0 + 1, x0] + fx * padded[y0 + 1, x0 + 1]
+    )
+    expected = np.where(inside[..., None], np.floor(expected + 0.5), 0)
+    assert np.abs(chip.astype(int) - expected.astype(int)).max() <= 1  # rounding at .5
+    assert (chip.astype(int) != expected.astype(int)).mean() < 0.001
+
+
 def test_arcface_template_is_the_standard_one() -> None:
     assert ARCFACE_TEMPLATE_112.shape == (5, 2)
     assert ARCFACE_TEMPLATE_112[0].tolist() == pytest.approx([38.2946, 51.6963])
