@@ -7,7 +7,10 @@
 ``facesvc eval`` measures descriptors offline; this measures what a caller gets. It starts
 ``facesvc serve`` (liveness off) with ``models.calibration`` set to a record made with
 ``facesvc calibrate --hold-out``, and uses only the identities that record was not
-calibrated on. Every photo is sent as it is stored (JPEG or PNG bytes).
+calibrated on. Every photo is sent as it is stored (JPEG or PNG bytes), except a
+progressive JPEG too large for the service to decode as progressive (one, 5.3 MP, in
+../shared/data/faces), which is sent as the baseline JPEG (quality 95) its caller would send
+once the service refused it for its encoding (``as_sent``).
 
 - ``1 photo, 1 frame``: each photo enrolls a participant of its own; every other photo of
   the held-out identities is one Verify against it (genuine when the same person).
@@ -46,9 +49,24 @@ from benchmarks.load import spawn_service, wait_workers_serving
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.accuracy.evaluation import scan_identity_folders, source_of
+from facesvc.imaging import DecodeLimits
 from facesvc.models.calibration import load_calibration
 
 DECISION = {v: k for k, v in pb.Decision.items()}
+
+
+def as_sent(data: bytes) -> bytes:
+    """``data`` as a client sends it: as stored, but a progressive JPEG above what the service
+    decodes as progressive (half its pixel budget, facesvc.imaging) re-encoded as a baseline
+    JPEG of quality 95, as the refusal's message asks."""
+    budget = DecodeLimits().max_decoded_pixels // 2
+    with Image.open(io.BytesIO(data)) as im:
+        progressive = im.format == "JPEG" and im.info.get("progressive")
+        if not progressive or im.width * im.height <= budget:
+            return data
+        buffer = io.BytesIO()
+        im.save(buffer, format="JPEG", quality=95, exif=im.info.get("exif", b""))
+    return buffer.getvalue()
 
 
 def jittered(data: bytes, rng: np.random.Generator) -> bytes:
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     photos: dict[str, list[bytes]] = {}
     for item in scan_identity_folders(args.faces):
         if item.identity not in used:
-            photos.setdefault(item.identity, []).append(item.path.read_bytes())
+            photos.setdefault(item.identity, []).append(as_sent(item.path.read_bytes()))
     rng = np.random.default_rng(args.seed)
     spawned = spawn_service(
         1,
