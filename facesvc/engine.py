@@ -652,16 +652,14 @@ class Engine:
                 return Decision.CHALLENGE_FAILED, str(refused), (), False
 
         t0 = time.perf_counter()
-        analyses = await self._faces.analyze(images, cmd.deadline)
+        # Each face is described while its quality is measured; a frame with a problem
+        # makes its scan's descriptors unused.
+        analyses, descriptors = await self._faces.describe(images, cmd.deadline)
         timings["faces"] = _ms(t0)
         reports = _reports(images, analyses)
         problem = _face_problem(analyses, turns_expected=challenge is not None)
         if problem is not None:
             return problem[0], problem[1], reports, False
-
-        t0 = time.perf_counter()
-        descriptors = await self._faces.embed([_chip(a) for a in analyses], cmd.deadline)
-        timings["embed"] = _ms(t0)
 
         if method is not LivenessMethod.OFF:
             t0 = time.perf_counter()

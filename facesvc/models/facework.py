@@ -4,7 +4,9 @@ Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime a
 release the GIL while they work); a challenge's liveness landmarks run on that pool as one
 task for all its frames (numpy, batched across the frames). Embedding and the
 presentation-attack model go through micro-batchers, so the faces of concurrent requests
-share one ONNX Runtime call.
+share one ONNX Runtime call; the embedder's batches run on a thread of their own, so that
+``describe`` can describe a face while the pool measures its pose and quality (a lone
+caller's Verify no longer waits for the pose landmarks before the recogniser starts).
 
 A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
 never an answer about the face: it surfaces as ``ModelFailure``, which the transports
@@ -30,7 +32,7 @@ from facesvc.imaging import DecodeLimits, ImageRejected, decode_image, fit_pixel
 from facesvc.models.batcher import MicroBatcher, Overloaded
 from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.fas import crop_face, resize_and_pad
-from facesvc.models.pipeline import FaceAnalysis, FacePipeline
+from facesvc.models.pipeline import FaceAnalysis, FacePipeline, LocatedFace
 from facesvc.models.types import Points, PresentationAttackModel, RGBImage
 
 log = logging.getLogger(__name__)
@@ -120,12 +122,16 @@ class FaceWork:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="facework"
         )
+        # One thread: the batcher runs one batch at a time.
+        self._embed_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="embed"
+        )
         self._embedder = MicroBatcher(
             pipeline.embed,
             max_batch=embed_batching.max_batch,
             max_wait_s=embed_batching.max_wait_s,
             max_queue=embed_batching.max_queue,
-            executor=self._executor,
+            executor=self._embed_executor,
         )
         self._pad_model = pad_model
         self._pad_crop = pad_crop
@@ -188,6 +194,49 @@ class FaceWork:
                 *(loop.run_in_executor(self._executor, self.pipeline.analyze, im) for im in images)
             )
         )
+
+    @_model_work("finding, measuring and describing the faces")
+    async def describe(
+        self, images: Sequence[RGBImage], deadline: float | None = None
+    ) -> tuple[list[FaceAnalysis], npt.NDArray[np.float32]]:
+        """``analyze`` and ``embed`` in one: each face found is described (batched with other
+        requests, on the embedder's thread) while its pose and quality are measured.
+
+        Returns the analyses and (N, D) descriptors, row i that of frame i's chip (NaN where
+        frame i has no single face). A face that then fails its quality gates was described
+        for nothing: the price of not waiting for the gates. Raises ``TimeoutError`` without
+        analysing anything when ``deadline`` has already passed.
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("the call's deadline passed before its faces were analysed")
+        loop = asyncio.get_running_loop()
+        located = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self.pipeline.locate, im) for im in images)
+        )
+        chips = {i: face.chip for i, face in enumerate(located) if isinstance(face, LocatedFace)}
+        embedding = None
+        if chips:
+            embedding = asyncio.ensure_future(
+                self._embedder.submit(np.stack(list(chips.values())), deadline)
+            )
+
+        async def assessed(image: RGBImage, face: FaceAnalysis | LocatedFace) -> FaceAnalysis:
+            if isinstance(face, FaceAnalysis):
+                return face
+            return await loop.run_in_executor(self._executor, self.pipeline.assess, image, face)
+
+        try:
+            analyses = list(await asyncio.gather(*map(assessed, images, located)))
+        except BaseException:
+            if embedding is not None:
+                embedding.cancel()
+                # Its own failure, if it had one, is not the one to report.
+                embedding.add_done_callback(_retrieved)
+            raise
+        descriptors = np.full((len(images), self.pipeline.dim), np.nan, dtype=np.float32)
+        if embedding is not None:
+            descriptors[list(chips)] = await embedding
+        return analyses, descriptors
 
     @_model_work("describing the faces")
     async def embed(
@@ -252,6 +301,13 @@ class FaceWork:
         if self._pad is not None:
             await self._pad.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._embed_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieved(future: asyncio.Future[npt.NDArray[np.float32]]) -> None:
+    """Mark a future's outcome as seen, so asyncio does not log an unretrieved exception."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _scores_of(

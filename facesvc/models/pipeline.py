@@ -2,10 +2,13 @@
 
 ``FacePipeline.analyze`` turns a decoded frame into a ``FaceAnalysis`` whose status is the
 face part of the service's decision (OK, NO_FACE, MULTIPLE_FACES, LOW_QUALITY), with the
-chosen face's detection, landmarks, aligned chip and quality report. ``embed`` runs the
-pack's embedder on chips from any number of analyses, so the engine can batch the chips of
-several frames and requests into one model call. The pipeline knows nothing of Redis,
-gRPC or the request: it is a pure function of the frame and the models.
+chosen face's detection, landmarks, aligned chip and quality report. It is two steps that
+callers may also take apart: ``locate`` (the one face found and its chip aligned) and
+``assess`` (its pose landmarks and quality gates), so that the chip can be described while
+the face is assessed. ``embed`` runs the pack's embedder on chips from any number of
+analyses, so the engine can batch the chips of several frames and requests into one model
+call. The pipeline knows nothing of Redis, gRPC or the request: it is a pure function of
+the frame and the models.
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ class FaceAnalysis:
         return all(issue.check in _POSE_CHECKS for issue in self.quality.issues)
 
 
+@dataclass(frozen=True, slots=True)
+class LocatedFace:
+    """A frame's one face, found and aligned, its pose and quality not yet measured
+    (``FacePipeline.locate``). ``faces`` counts all detections; ``points`` are the pose
+    landmarks when aligning the chip needed them (a detector that gives no points), else
+    None."""
+
+    detection: Detection
+    faces: int
+    chip: RGBImage
+    points: Points | None = None
+
+
 class FacePipeline:
     """Detection, face choice, landmarks, alignment and quality for one frame.
 
@@ -126,7 +142,13 @@ class FacePipeline:
         return self._embedder.align(image, points)
 
     def analyze(self, image: RGBImage) -> FaceAnalysis:
-        """The ``FaceAnalysis`` of one (H, W, 3) uint8 RGB frame."""
+        """The ``FaceAnalysis`` of one (H, W, 3) uint8 RGB frame: ``locate``, then ``assess``."""
+        located = self.locate(image)
+        return self.assess(image, located) if isinstance(located, LocatedFace) else located
+
+    def locate(self, image: RGBImage) -> FaceAnalysis | LocatedFace:
+        """The frame's one face with its aligned chip, or the frame's final ``FaceAnalysis``
+        when it has no single face (NO_FACE, MULTIPLE_FACES)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         detections = self._detector.detect(image, self._limits.min_detect_px)
@@ -138,14 +160,27 @@ class FacePipeline:
             return FaceAnalysis(
                 FaceStatus.MULTIPLE_FACES, (selection.reason,), len(detections), detection
             )
+        if detection.landmarks is not None:
+            chip = self._embedder.align(image, detection.landmarks)
+            return LocatedFace(detection, len(detections), chip)
+        points, _ = self._points(image, detection)
+        return LocatedFace(detection, len(detections), self._embedder.align(image, points), points)
 
-        points, layout = self._points(image, detection)
-        align_points = detection.landmarks if detection.landmarks is not None else points
-        chip = self._embedder.align(image, align_points)
-        report = assess_quality(image, detection, points, layout, chip, self._limits, self._frontal)
+    def assess(self, image: RGBImage, located: LocatedFace) -> FaceAnalysis:
+        """The ``FaceAnalysis`` of a face ``locate`` found in ``image``: its pose landmarks
+        and quality gates."""
+        if located.points is not None:
+            points, layout = located.points, self.layout
+        else:
+            points, layout = self._points(image, located.detection)
+        report = assess_quality(
+            image, located.detection, points, layout, located.chip, self._limits, self._frontal
+        )
         status = FaceStatus.OK if report.passed else FaceStatus.LOW_QUALITY
         reasons = tuple(issue.reason for issue in report.issues)
-        return FaceAnalysis(status, reasons, len(detections), detection, points, chip, report)
+        return FaceAnalysis(
+            status, reasons, located.faces, located.detection, points, located.chip, report
+        )
 
     def embed(self, chips: Sequence[RGBImage] | npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """(N, dim) L2-normalised descriptors for N aligned (S, S, 3) uint8 chips, in one
