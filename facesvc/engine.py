@@ -652,8 +652,8 @@ class Engine:
                 return Decision.CHALLENGE_FAILED, str(refused), (), False
 
         t0 = time.perf_counter()
-        # Each face is described while its quality is measured; a frame with a problem
-        # makes its scan's descriptors unused.
+        # Analysed and described in one step (described early when the worker is idle: a
+        # frame with a problem then leaves its scan's descriptors unused).
         analyses, descriptors = await self._faces.describe(images, cmd.deadline)
         timings["faces"] = _ms(t0)
         reports = _reports(images, analyses)

@@ -1,11 +1,13 @@
-"""FaceWork.describe: the faces of a scan analysed and described at once, the recogniser
-running while the pose and quality are measured, with the results of analyse-then-embed."""
+"""FaceWork.describe: the faces of a scan analysed and described at once, with the results
+of analyse-then-embed; alone, the recogniser runs while the pose and quality are measured,
+beside other scans it runs after the gates, batched."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 import numpy.typing as npt
@@ -29,9 +31,8 @@ def pipeline(model_pack: ModelPack) -> FacePipeline:
     return model_pack.pipeline(QualitySettings())
 
 
-@pytest.fixture
-async def faces(pipeline: FacePipeline) -> Iterator[FaceWork]:
-    work = FaceWork(
+def _face_work(pipeline: FacePipeline) -> FaceWork:
+    return FaceWork(
         pipeline,
         None,
         decode_limits=DecodeLimits(),
@@ -39,6 +40,11 @@ async def faces(pipeline: FacePipeline) -> Iterator[FaceWork]:
         embed_batching=BATCHING,
         pad_batching=BATCHING,
     )
+
+
+@pytest.fixture
+async def faces(pipeline: FacePipeline) -> AsyncIterator[FaceWork]:
+    work = _face_work(pipeline)
     yield work
     await work.close()
 
@@ -87,11 +93,46 @@ async def test_describe_gives_what_analyze_then_embed_gives(
         np.testing.assert_allclose(descriptors[k], pipeline.embed([chip])[0], atol=1e-6)
 
 
-async def test_the_recogniser_starts_before_the_quality_gates_finish(
+async def test_beside_another_scan_faces_are_described_after_their_gates_in_the_batcher(
     pipeline: FacePipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The quality gates of a face wait (on the face-work thread) until its chip reaches the
-    recogniser (on the embedder's thread): describing after assessing would never get there."""
+    threads: list[str] = []
+    embed = pipeline.embed
+
+    def watched_embed(chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        threads.append(threading.current_thread().name)
+        return embed(chips)
+
+    monkeypatch.setattr(pipeline, "embed", watched_embed)
+    faces = _face_work(pipeline)
+    frames = _frames()
+    try:
+        # The second scan starts while the first is in flight.
+        (first, first_d), (second, second_d) = await asyncio.gather(
+            faces.describe(frames[:2]), faces.describe(frames[2:])
+        )
+    finally:
+        await faces.close()
+    assert sorted(name.split("_")[0] for name in threads) == ["facework", "lone-embed"]
+    assert [a.status for a in first + second] == [
+        FaceStatus.OK,
+        FaceStatus.NO_FACE,
+        FaceStatus.MULTIPLE_FACES,
+        FaceStatus.OK,
+    ]
+    for descriptor, frame in ((first_d[0], frames[0]), (second_d[1], frames[3])):
+        chip = pipeline.analyze(frame).chip
+        assert chip is not None
+        np.testing.assert_allclose(descriptor, embed(chip[None])[0], atol=1e-6)
+    assert np.isnan(first_d[1]).all() and np.isnan(second_d[0]).all()
+
+
+async def test_alone_the_recogniser_starts_before_the_quality_gates_finish(
+    pipeline: FacePipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quality gates of a lone scan's face wait (on the face-work thread) until its chip
+    reaches the recogniser (on a thread of its own): describing after assessing would never
+    get there."""
     embedding_started = threading.Event()
     gates_waited: list[bool] = []
     embed, assess = pipeline.embed, pipeline.assess
@@ -106,14 +147,7 @@ async def test_the_recogniser_starts_before_the_quality_gates_finish(
 
     monkeypatch.setattr(pipeline, "embed", watched_embed)
     monkeypatch.setattr(pipeline, "assess", waiting_assess)
-    work = FaceWork(
-        pipeline,
-        None,
-        decode_limits=DecodeLimits(),
-        threads=1,
-        embed_batching=BATCHING,
-        pad_batching=BATCHING,
-    )
+    work = _face_work(pipeline)
     try:
         analyses, descriptors = await work.describe([astronaut()])
     finally:

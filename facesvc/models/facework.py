@@ -4,9 +4,14 @@ Decoding, detection and landmarks run per frame on a thread pool (ONNX Runtime a
 release the GIL while they work); a challenge's liveness landmarks run on that pool as one
 task for all its frames (numpy, batched across the frames). Embedding and the
 presentation-attack model go through micro-batchers, so the faces of concurrent requests
-share one ONNX Runtime call; the embedder's batches run on a thread of their own, so that
-``describe`` can describe a face while the pool measures its pose and quality (a lone
-caller's Verify no longer waits for the pose landmarks before the recogniser starts).
+share one ONNX Runtime call.
+
+``describe`` (a Verify's faces) adapts to load. A scan that is alone in its worker has its
+faces described on a thread of their own while the pool measures their pose and quality,
+so a lone caller does not wait for the pose landmarks before the recogniser starts; with
+other scans in flight the pool and the batcher already keep the cores busy, an extra
+thread only made the workers compete for them (16 callers: 10-15% fewer Verify/s), and
+faces are described after their gates, batched, as ``analyze`` then ``embed`` would.
 
 A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
 never an answer about the face: it surfaces as ``ModelFailure``, which the transports
@@ -32,7 +37,7 @@ from facesvc.imaging import DecodeLimits, ImageRejected, decode_image, fit_pixel
 from facesvc.models.batcher import MicroBatcher, Overloaded
 from facesvc.models.dense_landmarks import DenseLandmarks
 from facesvc.models.fas import crop_face, resize_and_pad
-from facesvc.models.pipeline import FaceAnalysis, FacePipeline, LocatedFace
+from facesvc.models.pipeline import FaceAnalysis, FacePipeline, FaceStatus, LocatedFace
 from facesvc.models.types import Points, PresentationAttackModel, RGBImage
 
 log = logging.getLogger(__name__)
@@ -122,16 +127,17 @@ class FaceWork:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="facework"
         )
-        # One thread: the batcher runs one batch at a time.
-        self._embed_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="embed"
+        # A lone scan's recogniser (describe): one scan at a time, so one thread.
+        self._lone_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lone-embed"
         )
+        self._describing = 0
         self._embedder = MicroBatcher(
             pipeline.embed,
             max_batch=embed_batching.max_batch,
             max_wait_s=embed_batching.max_wait_s,
             max_queue=embed_batching.max_queue,
-            executor=self._embed_executor,
+            executor=self._executor,
         )
         self._pad_model = pad_model
         self._pad_crop = pad_crop
@@ -199,26 +205,37 @@ class FaceWork:
     async def describe(
         self, images: Sequence[RGBImage], deadline: float | None = None
     ) -> tuple[list[FaceAnalysis], npt.NDArray[np.float32]]:
-        """``analyze`` and ``embed`` in one: each face found is described (batched with other
-        requests, on the embedder's thread) while its pose and quality are measured.
+        """``analyze`` and ``embed`` in one (module doc): the analyses, and (N, D) descriptors,
+        row i that of frame i's face (NaN where frame i has no face to describe).
 
-        Returns the analyses and (N, D) descriptors, row i that of frame i's chip (NaN where
-        frame i has no single face). A face that then fails its quality gates was described
-        for nothing: the price of not waiting for the gates. Raises ``TimeoutError`` without
+        Alone in the worker, every face found is described while it is assessed (a face
+        that then fails its gates was described for nothing); otherwise the faces that pass
+        their gates, or fail only the pose ones (an active-liveness frame may be turned), are
+        described after, batched with other requests. Raises ``TimeoutError`` without
         analysing anything when ``deadline`` has already passed.
         """
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("the call's deadline passed before its faces were analysed")
+        alone = self._describing == 0
+        self._describing += 1
+        try:
+            return await self._describe(images, deadline, alone)
+        finally:
+            self._describing -= 1
+
+    async def _describe(
+        self, images: Sequence[RGBImage], deadline: float | None, alone: bool
+    ) -> tuple[list[FaceAnalysis], npt.NDArray[np.float32]]:
         loop = asyncio.get_running_loop()
         located = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self.pipeline.locate, im) for im in images)
         )
-        chips = {i: face.chip for i, face in enumerate(located) if isinstance(face, LocatedFace)}
-        embedding = None
-        if chips:
-            embedding = asyncio.ensure_future(
-                self._embedder.submit(np.stack(list(chips.values())), deadline)
-            )
+        early = None
+        if alone:
+            chips = {i: f.chip for i, f in enumerate(located) if isinstance(f, LocatedFace)}
+            if chips:
+                batch = np.stack(list(chips.values()))
+                early = loop.run_in_executor(self._lone_executor, self.pipeline.embed, batch)
 
         async def assessed(image: RGBImage, face: FaceAnalysis | LocatedFace) -> FaceAnalysis:
             if isinstance(face, FaceAnalysis):
@@ -228,14 +245,22 @@ class FaceWork:
         try:
             analyses = list(await asyncio.gather(*map(assessed, images, located)))
         except BaseException:
-            if embedding is not None:
-                embedding.cancel()
+            if early is not None:
                 # Its own failure, if it had one, is not the one to report.
-                embedding.add_done_callback(_retrieved)
+                early.add_done_callback(_retrieved)
             raise
         descriptors = np.full((len(images), self.pipeline.dim), np.nan, dtype=np.float32)
-        if embedding is not None:
-            descriptors[list(chips)] = await embedding
+        if early is not None:
+            descriptors[list(chips)] = await early
+            return analyses, descriptors
+        usable = {
+            i: a.chip
+            for i, a in enumerate(analyses)
+            if a.chip is not None and (a.status is FaceStatus.OK or a.only_pose_failed)
+        }
+        if usable:
+            batch = np.stack(list(usable.values()))
+            descriptors[list(usable)] = await self._embedder.submit(batch, deadline)
         return analyses, descriptors
 
     @_model_work("describing the faces")
@@ -301,7 +326,7 @@ class FaceWork:
         if self._pad is not None:
             await self._pad.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._embed_executor.shutdown(wait=False, cancel_futures=True)
+        self._lone_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _retrieved(future: asyncio.Future[npt.NDArray[np.float32]]) -> None:
