@@ -144,10 +144,15 @@ class Spawned:
 
 
 def spawn_service(
-    workers: int, redis_url: str, min_face_px: int, extra_env: dict[str, str] | None = None
+    workers: int,
+    redis_url: str,
+    min_face_px: int,
+    extra_env: dict[str, str] | None = None,
+    code: Path | None = None,
 ) -> Spawned:
     """``facesvc serve`` on free ports with liveness off, keys of its own, faces looked
-    for and matched from ``min_face_px``, and ``extra_env`` (FACESVC_* settings) on top."""
+    for and matched from ``min_face_px``, and ``extra_env`` (FACESVC_* settings) on top;
+    run from the checkout ``code`` (its package, not the installed one) when given."""
     from facesvc.store.templates import generate_template_key
     from facesvc.tokens.keys import keys_generate
 
@@ -174,9 +179,15 @@ def spawn_service(
             **(extra_env or {}),
         }
     )
+    if code is not None:
+        env["PYTHONPATH"] = str(code)  # with the working directory: python -m looks there first
     log = (home / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facesvc.commands.cli", "serve"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "facesvc.commands.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=log,
+        cwd=code,
     )
     return Spawned(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}/metrics", home)
 
