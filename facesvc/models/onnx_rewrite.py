@@ -98,14 +98,8 @@ def prelu_as_relu(model: onnx.ModelProto, per_channel_as_conv: bool = False) -> 
         ]
         rewritten += 1
     if rewritten:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
-        model.graph.initializer.extend(added)
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        used = {name for n in model.graph.node for name in n.input}
-        kept = [init for init in model.graph.initializer if init.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+        added.append(numpy_helper.from_array(np.array(0.0, np.float32), zero))
+        _replace_nodes(model, nodes, added)
     return model
 
 
@@ -142,19 +136,27 @@ def gemm_as_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             )
         )
     if added:
-        model.graph.initializer.extend(added)
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        used = {name for n in model.graph.node for name in n.input}
-        kept = [init for init in model.graph.initializer if init.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
+        _replace_nodes(model, nodes, added)
         if all(o.domain != _MICROSOFT for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(_MICROSOFT, 1))
     return model
 
 
 _MICROSOFT = "com.microsoft"
+
+
+def _replace_nodes(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], added: list[onnx.TensorProto]
+) -> None:
+    """Make ``nodes`` the graph's nodes with the ``added`` initializers, and drop every
+    initializer no node reads any more (the weights a rewrite replaced)."""
+    model.graph.initializer.extend(added)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _quantizable_gemm(
