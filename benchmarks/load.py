@@ -332,6 +332,40 @@ def soak_growth(samples: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 # ---------------------------------------------------------------- the sweep
 
 
+async def enroll_people(
+    stub: pb_grpc.FaceVerificationStub,
+    metadata: tuple[tuple[str, str], ...],
+    people: list[tuple[bytes, list[bytes]]],
+) -> list[tuple[str, bytes]]:
+    """Enroll each person (``load-<index>``) from their enrolment photo; the (participant,
+    probe frame) pairs of those enrolled (probes of a refused enrolment would time only
+    NOT_ENROLLED)."""
+    probes: list[tuple[str, bytes]] = []
+    for index, (enroll_frame, frames) in enumerate(people):
+        participant = f"load-{index}"
+        enrolled = await stub.Enroll(
+            pb.EnrollRequest(participant_id=participant, images=[enroll_frame], replace=True),
+            metadata=metadata,
+            timeout=60,
+        )
+        if enrolled.enrolled:
+            probes.extend((participant, f) for f in frames)
+    return probes
+
+
+def verify_request(participant: str, frame: bytes) -> pb.VerifyRequest:
+    """A one-frame SPL session scan of ``participant``, under a training id of its own (so
+    that the daily cap never stops a load run)."""
+    return pb.VerifyRequest(
+        participant_id=participant,
+        training_id=f"load-{uuid.uuid4().hex[:12]}",
+        training_type=pb.TRAINING_TYPE_SPL,
+        gate=pb.GATE_SESSION,
+        session_id="s1",
+        frames=[frame],
+    )
+
+
 async def run_level(
     stubs: list[pb_grpc.FaceVerificationStub],
     metadata: tuple[tuple[str, str], ...],
@@ -348,15 +382,7 @@ async def run_level(
 
     async def worker(stub: pb_grpc.FaceVerificationStub) -> None:
         while time.monotonic() < stop_at:
-            participant, frame = probes[int(rng.integers(len(probes)))]
-            request = pb.VerifyRequest(
-                participant_id=participant,
-                training_id=f"load-{uuid.uuid4().hex[:12]}",
-                training_type=pb.TRAINING_TYPE_SPL,
-                gate=pb.GATE_SESSION,
-                session_id="s1",
-                frames=[frame],
-            )
+            request = verify_request(*probes[int(rng.integers(len(probes)))])
             started = time.perf_counter()
             try:
                 reply = await stub.Verify(request, metadata=metadata, timeout=30)
@@ -404,16 +430,7 @@ async def sweep(
     try:
         stubs = [pb_grpc.FaceVerificationStub(channel) for channel in opened]  # type: ignore[no-untyped-call]
         stub = stubs[0]
-        probes: list[tuple[str, bytes]] = []
-        for index, (enroll_frame, frames) in enumerate(people):
-            participant = f"load-{index}"
-            enrolled = await stub.Enroll(
-                pb.EnrollRequest(participant_id=participant, images=[enroll_frame], replace=True),
-                metadata=metadata,
-                timeout=60,
-            )
-            if enrolled.enrolled:  # probes of a refused enrollment would time only NOT_ENROLLED
-                probes.extend((participant, f) for f in frames)
+        probes = await enroll_people(stub, metadata, people)
         await run_level(stubs, metadata, probes, 2, warmup_s)
         return [await run_level(stubs, metadata, probes, c, duration_s, rss) for c in levels]
     finally:

@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,44 +36,22 @@ import numpy as np
 
 from benchmarks.load import (
     FRAME_SIZE,
+    enroll_people,
     load_people,
     run_level,
     spawn_service,
+    verify_request,
     wait_workers_serving,
 )
-from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.config import QualitySettings
 
 SIDES = ("before", "after")
 
 
-async def _enrolled_probes(
-    stub: pb_grpc.FaceVerificationStub, people: list[tuple[bytes, list[bytes]]]
-) -> list[tuple[str, bytes]]:
-    probes: list[tuple[str, bytes]] = []
-    for index, (enroll_frame, frames) in enumerate(people):
-        participant = f"sbs-{index}"
-        reply = await stub.Enroll(
-            pb.EnrollRequest(participant_id=participant, images=[enroll_frame], replace=True),
-            timeout=60,
-        )
-        if reply.enrolled:
-            probes.extend((participant, f) for f in frames)
-    return probes
-
-
 async def _verify_ms(stub: pb_grpc.FaceVerificationStub, participant: str, frame: bytes) -> float:
-    request = pb.VerifyRequest(
-        participant_id=participant,
-        training_id=f"sbs-{uuid.uuid4().hex[:12]}",
-        training_type=pb.TRAINING_TYPE_SPL,
-        gate=pb.GATE_SESSION,
-        session_id="s1",
-        frames=[frame],
-    )
     started = time.perf_counter()
-    await stub.Verify(request, timeout=30)
+    await stub.Verify(verify_request(participant, frame), timeout=30)
     return (time.perf_counter() - started) * 1000
 
 
@@ -103,7 +80,7 @@ async def compare(
             side: [pb_grpc.FaceVerificationStub(c) for c in opened]  # type: ignore[no-untyped-call]
             for side, opened in channels.items()
         }
-        probes = {side: await _enrolled_probes(stubs[side][0], people) for side in SIDES}
+        probes = {side: await enroll_people(stubs[side][0], (), people) for side in SIDES}
         if [p for p, _ in probes["before"]] != [p for p, _ in probes["after"]]:
             raise RuntimeError("the two versions enrolled different people: compare like with like")
         for side in SIDES:  # warm both
