@@ -245,6 +245,13 @@ class QualitySettings:
     max_abs_yaw_deg: float = 30.0
     """Most head turn, in degrees, for a frame that is matched: beyond it frontal-face
     matchers lose accuracy fast."""
+    max_profile_yaw_deg: float = 45.0
+    """Most head turn, in degrees, that the detector's own five points may measure (YuNet,
+    SCRFD; not MMOD, which gives none). The landmark model that measures max_abs_yaw_deg
+    draws a frontal face on a profile; the detector's points see the profile but read
+    turns of 25-35 degrees up to 1.4 times too large, so this gate is for profiles only:
+    on the calibration photos it refused one tight crop turned about 40 degrees and no
+    portrait."""
     max_abs_pitch_deg: float = 35.0
     """Most head tilt up or down, in degrees, measured against the pack's calibrated frontal
     geometry (where its landmarks put the nose of a frontal face). Pitch from five points is

@@ -23,8 +23,11 @@ from facesvc.models.quality import (
     FaceChoice,
     LandmarkLayout,
     QualityReport,
+    assess_quality,
     exposure,
     head_pose,
+    pose_issues,
+    profile_yaw,
     select_face,
     sharpness,
 )
@@ -178,6 +181,52 @@ def test_head_pose_of_the_arcface_template_is_frontal() -> None:
     turned = ARCFACE_TEMPLATE_112.copy()
     turned[2, 0] -= 8  # nose tip towards the image left
     assert head_pose(turned, LandmarkLayout.ARCFACE_5).yaw < -15
+
+
+def _arcface_turned(nose_shift: float) -> np.ndarray:
+    """ArcFace's five template points with the nose tip moved sideways (112 px chip)."""
+    points = ARCFACE_TEMPLATE_112.astype(np.float32).copy()
+    points[2, 0] += nose_shift
+    return points
+
+
+def test_the_profile_gate_reads_the_detectors_own_points() -> None:
+    """The pack's landmarks say frontal; the detector's five points decide the profile."""
+    frontal = head_pose(ARCFACE_TEMPLATE_112, LandmarkLayout.ARCFACE_5)
+    assert profile_yaw(None) is None
+    assert profile_yaw(_arcface_turned(0)) == pytest.approx(0, abs=1)
+    side = float(profile_yaw(_arcface_turned(25)) or 0)
+    assert side > LIMITS.max_profile_yaw_deg  # the nose tip past the eye: a profile
+    mild = float(profile_yaw(_arcface_turned(-12)) or 0)
+    assert -LIMITS.max_profile_yaw_deg < mild < -LIMITS.max_abs_yaw_deg  # turned, no profile
+    assert pose_issues(frontal, None, LIMITS) == ()
+    assert pose_issues(frontal, mild, LIMITS) == ()
+    (issue,) = pose_issues(frontal, side, LIMITS)
+    assert issue.check is Check.YAW and "in profile" in issue.reason
+    # A turn the pack's landmarks see is reported once, as theirs.
+    turned = type(frontal)(frontal.yaw + 40, frontal.pitch, frontal.roll)
+    (issue,) = pose_issues(turned, side, LIMITS)
+    assert issue.check is Check.YAW and "in profile" not in issue.reason
+
+
+def test_a_detection_with_profile_points_fails_the_yaw_check(
+    pipeline: FacePipeline, astronaut: RGBImage
+) -> None:
+    """assess_quality hands the detection's own points to the profile gate: the same
+    frontal face, landmarks and chip fail YAW once the detector's points show a profile."""
+    analysis = pipeline.analyze(astronaut)
+    assert analysis.detection is not None and analysis.landmarks is not None
+    assert analysis.chip is not None and analysis.detection.landmarks is None  # MMOD
+    box = analysis.detection.box
+    scale = (box.right - box.left) / 112
+    points = _arcface_turned(25) * scale + np.array([box.left, box.top], np.float32)
+    for detector_points, passed in ((None, True), (points, False)):
+        detection = Detection(box, analysis.detection.score, detector_points)
+        report = assess_quality(
+            astronaut, detection, analysis.landmarks, pipeline.layout, analysis.chip, LIMITS
+        )
+        assert report.passed is passed
+        assert _checks(report) == (set() if passed else {Check.YAW})
 
 
 def test_sharpness_needs_detail_not_contrast() -> None:
