@@ -64,6 +64,42 @@ def test_threshold_meets_the_target_on_its_own_pairs(calibration: Calibration) -
     assert c.fmr_resolvable
 
 
+def test_a_confident_calibration_accepts_fewer_impostors_and_says_so(
+    calibration: Calibration, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, ids, names = two_source_pairs()
+    pairs = pairwise_comparisons(np.linalg.norm(x[:, None] - x[None], axis=2), ids, names)
+    data = CalibrationData("synthetic", ("tight", "wide"), 40, 120, 1)
+    shown = calibrate(
+        pairs, pack="test", pack_digest="sha256:abc", distance=Distance.L2, data=data,
+        target_fmr=1e-2, confidence=0.95,
+    )  # fmt: skip
+    assert shown.fmr_confidence == 0.95 and calibration.fmr_confidence is None
+    assert shown.threshold < calibration.threshold
+    assert 0 < shown.overall.false_matches < calibration.overall.false_matches
+    path = tmp_path / "c.json"
+    shown.save(path)
+    assert load_calibration(path) == shown
+    with caplog.at_level(logging.INFO):
+        log_calibration_status(logging.getLogger("t"), "test", shown)
+    assert "FMR <= 0.01 shown at 95% confidence" in caplog.records[0].getMessage()
+    with pytest.raises(CalibrationError, match="at least 299 are needed"):
+        calibrate(
+            pairs.within(range(4)), pack="test", pack_digest="sha256:abc",
+            distance=Distance.L2, data=data, target_fmr=1e-2, confidence=0.95,
+        )  # fmt: skip
+
+
+def test_records_without_a_confidence_load_as_point_estimates(
+    calibration: Calibration, tmp_path: Path
+) -> None:
+    raw = json.loads(calibration.to_json())
+    del raw["fmr_confidence"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    assert load_calibration(path).fmr_confidence is None
+
+
 def test_per_source_rates_show_the_uneven_population(calibration: Calibration) -> None:
     by = {s.source: s for s in calibration.per_source}
     assert set(by) == {"tight", "wide"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from facesvc.accuracy.evaluation import (
     fmr_resolvable,
     fnmr_at_fmr,
     identity_folds,
+    impostors_needed,
     pairwise_comparisons,
     rates_at,
     roc_auc,
@@ -91,6 +93,29 @@ def test_fmr_resolution_needs_enough_impostors() -> None:
     assert not fmr_resolvable(999, 1e-3)
     assert fmr_resolvable(1000, 1e-3)
     assert fmr_resolvable(100, 1e-2)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+@pytest.mark.parametrize("pairs", [2995, 5508, 10227, 40000])
+def test_a_confident_threshold_accepts_only_what_the_pairs_show(pairs: int) -> None:
+    impostor = np.linspace(0.3, 1.0, pairs)
+    threshold = threshold_at_fmr(impostor, 1e-3, confidence=0.95)
+    accepted = int(np.sum(impostor <= threshold))
+    # Clopper-Pearson: with `accepted` false matches the 95% upper bound is still <= 1e-3,
+    # with one more it is not.
+    assert binomial_cdf(accepted, pairs, 1e-3) <= 0.05 < binomial_cdf(accepted + 1, pairs, 1e-3)
+    assert threshold <= threshold_at_fmr(impostor, 1e-3)  # never looser than the estimate
+
+
+def test_too_few_pairs_cannot_show_a_rate_and_say_how_many_it_takes() -> None:
+    needed = impostors_needed(1e-3, 0.95)
+    assert (1 - 1e-3) ** needed <= 0.05 < (1 - 1e-3) ** (needed - 1)
+    with pytest.raises(ValueError, match=f"at least {needed} are needed"):
+        threshold_at_fmr(np.linspace(0.3, 1.0, needed - 1), 1e-3, confidence=0.95)
+    assert threshold_at_fmr(np.linspace(0.3, 1.0, needed), 1e-3, confidence=0.95) < 0.3
 
 
 def synthetic(identities: int, photos: int, separation: float, seed: int = 0) -> Comparisons:
@@ -195,6 +220,32 @@ def tiny_set(variants: int) -> DescriptorSet:
         variants=v,
         failures=(),
     )
+
+
+def with_landmarks(ds: DescriptorSet) -> DescriptorSet:
+    return replace(ds, landmarks=np.arange(len(ds.paths) * 10.0).reshape(-1, 5, 2))
+
+
+def test_at_most_keeps_photos_spread_over_each_identity() -> None:
+    ds = with_landmarks(tiny_set(variants=1))  # identities with 3, 4 and 2 photos, in order
+    two = ds.at_most(2)
+    assert two.paths == ("0.jpg", "2.jpg", "3.jpg", "6.jpg", "7.jpg", "8.jpg")
+    assert two.image_identity.tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.array_equal(two.descriptors, ds.descriptors[[0, 2, 3, 6, 7, 8]])
+    assert np.array_equal(two.landmarks, ds.landmarks[[0, 2, 3, 6, 7, 8]])
+    assert two.failures == ()  # left out, not failed
+    assert ds.at_most(4).paths == ds.paths
+
+
+def test_pooled_sets_keep_each_photo_with_its_person() -> None:
+    ds = with_landmarks(tiny_set(variants=1))
+    other = replace(ds.at_most(1), identities=("t__x", "t__y", "t__z"))
+    both = DescriptorSet.pooled([ds, other])
+    assert both.identities == ds.identities + other.identities
+    assert [both.identities[i] for i in both.image_identity[9:]] == ["t__x", "t__y", "t__z"]
+    assert np.array_equal(both.descriptors[9:], other.descriptors)
+    with pytest.raises(ValueError, match="two collections"):
+        DescriptorSet.pooled([ds, ds])
 
 
 def test_scan_protocol_counts() -> None:

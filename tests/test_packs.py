@@ -439,14 +439,16 @@ def test_calibrate_command_output_loads_into_the_pack(
     from facesvc.commands.accuracy import run_calibrate
 
     rng = np.random.default_rng(9)
-    for person in ("s__a", "s__b", "t__c"):
-        (tmp_path / "faces" / person).mkdir(parents=True)
+    for folder, person, photos in (
+        ("faces", "s__a", 2), ("faces", "s__b", 2), ("faces", "t__c", 2), ("more", "u__d", 3),
+    ):  # fmt: skip
+        (tmp_path / folder / person).mkdir(parents=True)
         base = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8) // 4
-        for k in range(2):
+        for k in range(photos):
             frame = base.copy()
             frame[224:256, 320:352] = frame_with_block()[224:256, 320:352]
             frame[rng.integers(0, 480, 50), rng.integers(0, 640, 50)] = 255  # photo noise
-            Image.fromarray(frame).save(tmp_path / "faces" / person / f"{k}.png")
+            Image.fromarray(frame).save(tmp_path / folder / person / f"{k}.png")
     for name, value in LENIENT_ENV.items():
         monkeypatch.setenv(name, value)
     out = models / "calcmd-calibration.json"
@@ -458,9 +460,12 @@ def test_calibrate_command_output_loads_into_the_pack(
     args = argparse.Namespace(
         pack=str(manifest),
         data=tmp_path / "faces",
+        more_people=[tmp_path / "more"],
+        max_photos=2,
         cache=None,
         min_face_px=40,
-        fmr=0.25,
+        fmr=0.01,
+        confidence=0.95,
         out=out,
         centre="on",
         folds=2,
@@ -468,15 +473,23 @@ def test_calibrate_command_output_loads_into_the_pack(
         hold_out=None,
         turned=None,
     )
+    with pytest.raises(SystemExit, match=r"cannot show FMR <= 0\.01 with 95% confidence"):
+        run_calibrate(args)  # 8 photos give 24 impostor pairs: too few to show 1%
+    args.fmr = 0.25
     assert run_calibrate(args) == 0  # ...calibrating never does
     pack = registry().load(str(manifest), context())
     assert pack.calibration is not None and pack.threshold is not None
-    assert pack.calibration.data.identities == 3 and pack.calibration.data.images == 6
-    assert pack.calibration.overall.genuine_pairs == 3
-    assert pack.calibration.overall.impostor_pairs == 12
-    assert [s.source for s in pack.calibration.per_source] == ["s", "t"]
+    # u__d's third photo is left out (--max-photos 2)
+    assert pack.calibration.data.identities == 4 and pack.calibration.data.images == 8
+    assert pack.calibration.data.folder == "faces+more"
+    assert pack.calibration.fmr_confidence == 0.95
+    assert pack.calibration.overall.genuine_pairs == 4
+    assert pack.calibration.overall.impostor_pairs == 24
+    # at most 2 of 24 accepted: with 3 the 95% bound on the FMR would pass 25%
+    assert pack.calibration.overall.false_matches <= 2
+    assert [s.source for s in pack.calibration.per_source] == ["s", "t", "u"]
     assert pack.calibration.centre is not None and len(pack.calibration.centre) == 512
-    assert pack.calibration.data.identity_names == ("s__a", "s__b", "t__c")
+    assert pack.calibration.data.identity_names == ("s__a", "s__b", "t__c", "u__d")
     assert pack.calibration.frontal is not None and pack.calibration.frontal.layout == "arcface_5"
     # the frontal geometry measured on the stand-in's keypoints: the nose half a stride below
     # the eye line, the eyes two strides apart

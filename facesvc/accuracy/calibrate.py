@@ -1,8 +1,9 @@
 """``facesvc calibrate``'s computation: a pack's threshold at a target false-match rate.
 
 Every pair of photos of an identity-folder collection is scored with the pack; the threshold
-is set where the impostor pairs' false-match rate (FMR) reaches the target (default 1e-3),
-and :class:`~facesvc.models.calibration.Calibration` records it with every source's rates.
+is set where the impostor pairs show the false-match rate (FMR) at most the target (default
+1e-3; with a confidence, as an upper bound the pairs demonstrate, not a point estimate), and
+:class:`~facesvc.models.calibration.Calibration` records it with every source's rates.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def calibrate(
     distance: Distance,
     data: CalibrationData,
     target_fmr: float = DEFAULT_TARGET_FMR,
+    confidence: float | None = None,
     centre: Sequence[float] | None = None,
     centre_choice: str = "",
     frontal: FrontalPose | None = None,
     now: datetime | None = None,
 ) -> Calibration:
     """The threshold at ``target_fmr`` over all impostor ``pairs``, with per-source rates.
+
+    With ``confidence`` the pairs must show the FMR at most the target at that one-sided
+    confidence (:func:`~facesvc.accuracy.evaluation.threshold_at_fmr`); a CalibrationError
+    says how many impostor pairs that needs when there are too few.
 
     ``pairs`` must be single-photo pairs scored with ``distance`` (around ``centre``,
     which the calibration then records). The impostor set
@@ -60,7 +66,10 @@ def calibrate(
     """
     gen = pairs.genuine
     impostor = pairs.distance[~gen]
-    threshold = threshold_at_fmr(impostor, target_fmr)
+    try:
+        threshold = threshold_at_fmr(impostor, target_fmr, confidence)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from e
     if not math.isfinite(threshold):
         raise CalibrationError("the target FMR accepts every impostor pair; lower it")
     present = np.unique(np.concatenate([pairs.claimed, pairs.probe])).tolist()
@@ -79,6 +88,7 @@ def calibrate(
         distance=distance,
         threshold=threshold,
         target_fmr=target_fmr,
+        fmr_confidence=confidence,
         fmr_resolvable=fmr_resolvable(int(impostor.size), target_fmr),
         data=data,
         overall=rates_at(pairs, threshold),

@@ -27,7 +27,14 @@ import numpy.typing as npt
 from facesvc.config import QualitySettings
 from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances, unit_rows
 from facesvc.models.pipeline import FacePipeline, FaceStatus
-from facesvc.models.quality import FrontalGeometry, LandmarkLayout, head_pose, nose_drop
+from facesvc.models.quality import (
+    FrontalGeometry,
+    LandmarkLayout,
+    head_pose,
+    nose_drop,
+    pose_issues,
+    profile_yaw,
+)
 from facesvc.models.types import Points, RGBImage
 
 FloatArray = npt.NDArray[np.float64]
@@ -174,22 +181,73 @@ def rates_at(threshold: float, genuine: FloatArray, impostor: FloatArray) -> tup
     return fmr, fnmr
 
 
-def threshold_at_fmr(impostor: FloatArray, target_fmr: float) -> float:
+def threshold_at_fmr(
+    impostor: FloatArray, target_fmr: float, confidence: float | None = None
+) -> float:
     """The largest distance threshold whose FMR on ``impostor`` (M,) is at most ``target_fmr``.
 
-    With M impostor distances at most k = floor(target * M) may be accepted, so the
-    threshold sits just below the (k+1)-th smallest one. When k is 0 the estimate
-    rests on the single closest impostor: check :func:`fmr_resolvable` first.
+    Without ``confidence`` this is the point estimate: at most k = floor(target * M)
+    pairs may be accepted, so the threshold sits just below the (k+1)-th smallest one and
+    the true FMR on new people lands on either side of the target. With ``confidence``
+    (e.g. 0.95) k is instead the largest count of accepted pairs at which the one-sided
+    Clopper-Pearson bound still shows the FMR at most the target: the threshold a target
+    written as "FMR <= 0.1%" asks for. When k is 0 the estimate rests on the single
+    closest impostor: check :func:`fmr_resolvable` first.
+
+    Raises ValueError when ``confidence`` cannot be shown with M pairs
+    (:func:`impostors_needed` says how many it takes).
     """
     if impostor.size == 0:
         raise ValueError("no impostor comparisons: a false-match rate cannot be estimated")
     if not 0.0 < target_fmr < 1.0:
         raise ValueError(f"target FMR must be in (0, 1), got {target_fmr}")
     ordered = np.sort(impostor)
-    allowed = math.floor(target_fmr * ordered.size + 1e-9)
+    if confidence is None:
+        allowed = math.floor(target_fmr * ordered.size + 1e-9)
+    else:
+        allowed = _demonstrable_count(ordered.size, target_fmr, confidence)
+        if allowed < 0:
+            raise ValueError(
+                f"{ordered.size} impostor pairs cannot show FMR <= {target_fmr:g} with "
+                f"{confidence:.0%} confidence, at least "
+                f"{impostors_needed(target_fmr, confidence)} are needed: add people"
+            )
     if allowed >= ordered.size:
         return math.inf
     return float(np.nextafter(ordered[allowed], -np.inf))
+
+
+def _demonstrable_count(pairs: int, target_fmr: float, confidence: float) -> int:
+    """The most false matches among ``pairs`` at which the one-sided Clopper-Pearson upper
+    bound on the FMR is still at most ``target_fmr``; -1 when even none is too many.
+
+    The bound for k false matches is at most the target exactly when a binomial with the
+    target's rate gives k or fewer with probability at most 1 - confidence.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    log_p, log_q = math.log(target_fmr), math.log1p(-target_fmr)
+    cumulative, k = 0.0, -1
+    while k + 1 <= pairs:
+        i = k + 1
+        log_term = (
+            math.lgamma(pairs + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(pairs - i + 1)
+            + i * log_p
+            + (pairs - i) * log_q
+        )
+        cumulative += math.exp(log_term)
+        if cumulative > 1.0 - confidence:
+            break
+        k = i
+    return k
+
+
+def impostors_needed(target_fmr: float, confidence: float) -> int:
+    """The fewest impostor pairs with which no false match shows FMR <= ``target_fmr`` at
+    ``confidence`` (2,995 for 1e-3 at 95%)."""
+    return math.ceil(math.log1p(-confidence) / math.log1p(-target_fmr))
 
 
 def fmr_resolvable(impostor_count: int, target_fmr: float) -> bool:
@@ -576,6 +634,25 @@ class DescriptorSet:
     failures: tuple[str, ...]
     landmarks: FloatArray = field(default_factory=lambda: np.zeros((0, 5, 2)))
     layout: str = LandmarkLayout.ARCFACE_5.value
+    detector_points: FloatArray = field(default_factory=lambda: np.zeros((0, 5, 2)))
+    """(N, 5, 2) the detector's own five points (ArcFace layout), NaN where it gives
+    none (or (0, 5, 2): none for any photo): the profile gate reads their yaw
+    (``facesvc.models.quality.profile_yaw``)."""
+
+    def detector_points_or_nan(self) -> FloatArray:
+        """(N, 5, 2) ``detector_points``, NaN for a set built without them."""
+        if self.detector_points.size:
+            return self.detector_points
+        return np.full((len(self.paths), 5, 2), np.nan)
+
+    def pose_refused(self, photo: int, frontal: FrontalGeometry, limits: QualitySettings) -> bool:
+        """Whether the service's pose gates (``limits``) refuse photo ``photo``."""
+        detector = self.detector_points[photo] if len(self.detector_points) else None
+        pose = head_pose(
+            self.landmarks[photo].astype(np.float32), LandmarkLayout(self.layout), frontal
+        )
+        seen = None if detector is None or np.isnan(detector).any() else detector.astype(np.float32)
+        return bool(pose_issues(pose, profile_yaw(seen), limits))
 
     def save(self, path: Path) -> None:
         """Cache to an ``.npz`` file (no pickles)."""
@@ -590,6 +667,7 @@ class DescriptorSet:
             failures=np.array(self.failures, dtype=str),
             landmarks=self.landmarks,
             layout=np.array(self.layout),
+            detector_points=self.detector_points,
         )
 
     @staticmethod
@@ -605,6 +683,7 @@ class DescriptorSet:
                 failures=tuple(str(x) for x in z["failures"]),
                 landmarks=np.asarray(z["landmarks"], dtype=np.float64),
                 layout=str(z["layout"]),
+                detector_points=np.asarray(z["detector_points"], dtype=np.float64),
             )
 
     def photos_of(self, identity: int) -> IntArray:
@@ -640,7 +719,52 @@ class DescriptorSet:
             descriptors=self.descriptors[photos],
             variants=self.variants[photos],
             landmarks=self.landmarks[photos],
+            detector_points=self.detector_points[photos]
+            if self.detector_points.size
+            else self.detector_points,
             failures=self.failures + dropped,
+        )
+
+    def at_most(self, photos: int) -> DescriptorSet:
+        """At most ``photos`` photos of each identity, spread evenly over its photos in
+        folder order: a person filmed for a minute (hundreds of clip frames) then weighs
+        in the pairs about as much as a person photographed a few times."""
+        if photos < 1:
+            raise ValueError(f"at least one photo per identity must be kept, got {photos}")
+        keep = np.zeros(len(self.paths), dtype=bool)
+        for identity in range(len(self.identities)):
+            own = self.photos_of(identity)
+            if own.size > photos:
+                own = own[np.linspace(0, own.size - 1, photos).round().astype(np.int64)]
+            keep[own] = True
+        return self.keep(keep, None)
+
+    @staticmethod
+    def pooled(sets: Sequence[DescriptorSet]) -> DescriptorSet:
+        """One set holding every photo of ``sets`` (one pack, one landmark layout), their
+        identities listed one after the other; an identity name must not repeat."""
+        if not sets:
+            raise ValueError("nothing to pool")
+        first = sets[0]
+        if any(s.pack != first.pack or s.layout != first.layout for s in sets):
+            raise ValueError("descriptor sets of different packs or layouts cannot be pooled")
+        identities = tuple(i for s in sets for i in s.identities)
+        if len(set(identities)) != len(identities):
+            raise ValueError("the same identity folder name is in two collections")
+        offsets = np.cumsum([0] + [len(s.identities) for s in sets[:-1]])
+        return DescriptorSet(
+            pack=first.pack,
+            identities=identities,
+            image_identity=np.concatenate(
+                [s.image_identity + o for s, o in zip(sets, offsets, strict=True)]
+            ).astype(np.int64),
+            paths=tuple(p for s in sets for p in s.paths),
+            descriptors=np.concatenate([s.descriptors for s in sets]),
+            variants=np.concatenate([s.variants for s in sets]),
+            failures=tuple(f for s in sets for f in s.failures),
+            landmarks=np.concatenate([s.landmarks for s in sets]),
+            layout=first.layout,
+            detector_points=np.concatenate([s.detector_points_or_nan() for s in sets]),
         )
 
     def of_identities(self, names: Sequence[str]) -> DescriptorSet:
@@ -665,14 +789,7 @@ class DescriptorSet:
     def posed(self, frontal: FrontalGeometry, limits: QualitySettings) -> DescriptorSet:
         """The photos whose head pose passes the quality gates (``limits``) measured against
         ``frontal``: the ones the service would accept."""
-        layout = LandmarkLayout(self.layout)
-        ok = []
-        for points in self.landmarks.astype(np.float32):
-            pose = head_pose(points, layout, frontal)
-            ok.append(
-                abs(pose.yaw) <= limits.max_abs_yaw_deg
-                and abs(pose.pitch) <= limits.max_abs_pitch_deg
-            )
+        ok = [not self.pose_refused(k, frontal, limits) for k in range(len(self.paths))]
         return self.keep(np.array(ok, dtype=bool), "head pose outside the quality gates")
 
 
@@ -939,10 +1056,13 @@ class FrameSimulation:
         return np.clip(lit, 0, 255).astype(np.uint8), moved.astype(np.float32)
 
 
-OPEN_POSE = 180.0
-"""Yaw and pitch limits (degrees) that let every head pose through: a collection is
-described with its pose measured but not gated, because the gate's frontal geometry is
-itself calibrated on it; :meth:`DescriptorSet.posed` applies the gate afterwards."""
+def open_pose(limits: QualitySettings) -> QualitySettings:
+    """``limits`` with every pose gate (yaw, profile, pitch) open: a collection is described
+    with its pose measured but not gated, because the gate's frontal geometry is itself
+    calibrated on it; :meth:`DescriptorSet.posed` applies the gates afterwards."""
+    return replace(
+        limits, max_abs_yaw_deg=180.0, max_profile_yaw_deg=180.0, max_abs_pitch_deg=180.0
+    )
 
 
 def describe_photos(
@@ -959,13 +1079,14 @@ def describe_photos(
 
     Photos the pipeline does not accept (no face, several faces, a failed quality check)
     are listed in ``failures`` with the reason and take part in no comparison. Build the
-    pipeline with ``OPEN_POSE`` yaw and pitch limits to gate the pose later (``posed``).
+    pipeline with :func:`open_pose` limits to gate the pose later (``posed``).
     """
     identities = tuple(sorted({i.identity for i in images}))
     rng = np.random.default_rng(simulation.seed)
     rows: list[FloatArray] = []
     variant_rows: list[FloatArray] = []
     points_rows: list[FloatArray] = []
+    detector_rows: list[FloatArray] = []
     kept: list[LabelledImage] = []
     failures: list[str] = []
     for item in images:
@@ -985,6 +1106,10 @@ def describe_photos(
         rows.append(out[0])
         variant_rows.append(out[1:])
         points_rows.append(np.asarray(analysis.landmarks, dtype=np.float64))
+        seen = analysis.detection.landmarks
+        detector_rows.append(
+            np.full((5, 2), np.nan) if seen is None or len(seen) != 5 else seen.astype(np.float64)
+        )
         kept.append(item)
     dim = pipeline.dim
     points = len(points_rows[0]) if points_rows else 5
@@ -998,6 +1123,7 @@ def describe_photos(
         failures=tuple(failures),
         landmarks=np.stack(points_rows) if rows else np.empty((0, points, 2)),
         layout=pipeline.layout.value,
+        detector_points=np.stack(detector_rows) if rows else np.empty((0, 5, 2)),
     )
 
 

@@ -27,7 +27,6 @@ from PIL import Image, ImageOps
 
 from facesvc.accuracy.calibrate import DEFAULT_TARGET_FMR, calibrate, rates_at
 from facesvc.accuracy.evaluation import (
-    OPEN_POSE,
     TURNED_MIN_DEG,
     Comparisons,
     DescriptorSet,
@@ -40,6 +39,7 @@ from facesvc.accuracy.evaluation import (
     evaluate_lever,
     identity_folds,
     lever_table,
+    open_pose,
     scan_comparisons,
     scan_identity_folders,
     source_of,
@@ -52,6 +52,7 @@ from facesvc.config import QualitySettings, load_settings
 from facesvc.models.calibration import (
     Calibration,
     CalibrationData,
+    CalibrationError,
     FrontalPose,
     TurnedIdentity,
     load_calibration,
@@ -96,14 +97,17 @@ def describe(
     when it holds this pack's with these limits."""
     key = f"{pack.tag} {json.dumps(asdict(limits), sort_keys=True, default=str)}"
     if cache is not None and cache.is_file():
-        cached = DescriptorSet.load(cache)
-        if cached.pack == key and cached.variants.shape[1] >= simulation.variants:
-            print(f"descriptors from cache {cache}", file=sys.stderr)
-            return cached
+        try:
+            cached = DescriptorSet.load(cache)
+        except KeyError as e:  # written before the set held that field: describe again
+            print(f"cache {cache} lacks {e}: describing again", file=sys.stderr)
+        else:
+            if cached.pack == key and cached.variants.shape[1] >= simulation.variants:
+                print(f"descriptors from cache {cache}", file=sys.stderr)
+                return cached
     images = scan_identity_folders(data)
     print(f"describing {len(images)} photos with {pack.tag} ...", file=sys.stderr, flush=True)
-    open_pose = replace(limits, max_abs_yaw_deg=OPEN_POSE, max_abs_pitch_deg=OPEN_POSE)
-    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, open_pose)
+    pipeline = FacePipeline(pack.detector, pack.landmarks, pack.embedder, open_pose(limits))
     ds = describe_photos(images, read_photo, pipeline, pack=key, simulation=simulation)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +401,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     # Calibrating never needs the calibration it is about to write: the pack loads without.
     pack = load_pack(load_settings().models, spec=args.pack, calibrated=False)
     limits = quality_limits(args.min_face_px)
-    described = describe(pack, args.data, args.cache, FrameSimulation(variants=0), limits)
+    simulation = FrameSimulation(variants=0)
+    portraits = describe(pack, args.data, args.cache, simulation, limits)
+    more = [describe(pack, folder, None, simulation, limits) for folder in args.more_people]
+    described = DescriptorSet.pooled([portraits, *more])
     if args.hold_out is not None:
         folds = identity_folds(described.identities, args.folds, seed=args.seed)
         if not 0 <= args.hold_out < len(folds):
@@ -408,8 +415,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
             if k not in set(folds[args.hold_out].tolist())
         ]
         described = described.of_identities(kept)
-    frontal, faces = described.frontal_pose()
-    ds = described.posed(frontal, limits)
+    # The frontal geometry comes from the portraits alone: --more-people folders may be
+    # mostly turned heads, and only their photos inside the pose gates are paired.
+    frontal, faces = described.of_identities(portraits.identities).frontal_pose()
+    ds = described.posed(frontal, limits).at_most(args.max_photos)
+    confidence = args.confidence or None
     used = sorted({ds.identities[i] for i in ds.image_identity.tolist()})
     if args.centre == "auto":
         everyone = [np.array([k for k, i in enumerate(ds.identities) if i in set(used)])]
@@ -422,28 +432,37 @@ def run_calibrate(args: argparse.Namespace) -> int:
     members = np.array([k for k, i in enumerate(ds.identities) if i in set(used)], np.int64)
     centre = ds.centre_of(members) if centred and pack.distance is Distance.COSINE else None
     pairs = ds.single_photo_comparisons(pack.distance, centre)
-    c = calibrate(
-        pairs,
-        pack=pack.name,
-        pack_digest=pack.digest,
-        distance=pack.distance,
-        data=CalibrationData(
-            folder=args.data.name,
-            sources=tuple(sorted({source_of(i) for i in used})),
-            identities=len(used),
-            images=len(ds.paths),
-            detection_failures=len(ds.failures),
-            identity_names=tuple(used),
-        ),
-        target_fmr=args.fmr,
-        centre=None if centre is None else centre.tolist(),
-        centre_choice=why,
-        frontal=FrontalPose(frontal.layout.value, frontal.nose_drop, faces),
-    )
+    try:
+        c = calibrate(
+            pairs,
+            pack=pack.name,
+            pack_digest=pack.digest,
+            distance=pack.distance,
+            data=CalibrationData(
+                folder="+".join(f.name for f in (args.data, *args.more_people)),
+                sources=tuple(sorted({source_of(i) for i in used})),
+                identities=len(used),
+                images=len(ds.paths),
+                detection_failures=len(ds.failures),
+                identity_names=tuple(used),
+            ),
+            target_fmr=args.fmr,
+            confidence=confidence,
+            centre=None if centre is None else centre.tolist(),
+            centre_choice=why,
+            frontal=FrontalPose(frontal.layout.value, frontal.nose_drop, faces),
+        )
+    except CalibrationError as e:
+        raise SystemExit(f"facesvc calibrate: {e}") from e
     if args.turned is not None:
-        turned_set = describe(pack, args.turned, None, FrameSimulation(variants=0), limits)
-        comps = turned_comparisons(turned_set, frontal, ds, pack.distance, centre)
-        threshold = threshold_at_fmr(comps.distance[~comps.genuine], args.fmr)
+        turned_set = describe(pack, args.turned, None, simulation, limits)
+        # A person in both the turned folder and --more-people is no impostor of themself.
+        others = ds.of_identities([i for i in ds.identities if i not in turned_set.identities])
+        comps = turned_comparisons(turned_set, frontal, others, pack.distance, centre)
+        try:
+            threshold = threshold_at_fmr(comps.distance[~comps.genuine], args.fmr, confidence)
+        except ValueError as e:
+            raise SystemExit(f"turned faces: {e}") from e
         c = replace(
             c,
             turned=TurnedIdentity(
@@ -453,6 +472,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 identities=len(turned_set.identities),
                 rates=rates_at(comps, threshold),
                 min_turn_deg=TURNED_MIN_DEG,
+                fmr_confidence=confidence,
             ),
         )
     out: Path = args.out or Path(f"calibration-{pack.name}.json")

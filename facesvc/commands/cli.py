@@ -123,6 +123,31 @@ def _add_calibrate(sub: SubParsers) -> None:
     p.add_argument("data", type=Path, help="folder of faces, one subfolder per identity")
     p.add_argument("--pack", default=None, help="model pack (default: models.pack)")
     p.add_argument("--fmr", type=float, default=1e-3, help="target false-match rate")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="one-sided confidence with which the impostor pairs must show the FMR at most "
+        "--fmr (Clopper-Pearson; 1e-3 at 0.95 needs at least 2,995 pairs); 0: the point "
+        "estimate, whose FMR on new people lands on either side of --fmr",
+    )
+    p.add_argument(
+        "--more-people",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another folder of identity folders whose photos inside the pose gates join the "
+        "pairs (repeatable): more people, a steadier FMR tail; the frontal geometry is still "
+        "measured on DATA's portraits",
+    )
+    p.add_argument(
+        "--max-photos",
+        type=int,
+        default=5,
+        help="photos of one person used at most, spread evenly over their folder, so that a "
+        "filmed person's frames do not outweigh photographed people",
+    )
     p.add_argument("--out", type=Path, default=None, help="where to write the calibration record")
     _add_accuracy_flags(p)
     p.add_argument(

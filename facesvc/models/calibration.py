@@ -104,6 +104,8 @@ class TurnedIdentity:
     min_turn_deg: float
     """A face counts as turned when its yaw differs from the person's frontal face by at
     least this much, or it looks up by the challenge's LOOK_UP measure."""
+    fmr_confidence: float | None = None
+    """As :attr:`Calibration.fmr_confidence`, for the turned pairs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,10 @@ class Calibration:
     (the liveness check then uses ``threshold``)."""
     centre_choice: str = ""
     """Why the centre is there or not: the measurement that chose it."""
+    fmr_confidence: float | None = None
+    """The one-sided confidence (Clopper-Pearson) with which the impostor pairs show the FMR
+    at the threshold to be at most ``target_fmr``; None: the threshold is the point
+    estimate, and the FMR on new people lands on either side of the target."""
 
     def skewed_sources(self) -> tuple[str, ...]:
         """Sources whose FMR is above SOURCE_SKEW_LIMIT times the target or the overall FMR."""
@@ -192,7 +198,14 @@ def _turned_from(raw: Any) -> TurnedIdentity | None:
         identities=int(raw["identities"]),
         rates=_rates_from(raw["rates"]),
         min_turn_deg=float(raw["min_turn_deg"]),
+        fmr_confidence=_confidence_from(raw),
     )
+
+
+def _confidence_from(raw: dict[str, Any]) -> float | None:
+    # Records written before confidences were recorded are point estimates.
+    value = raw.get("fmr_confidence")
+    return None if value is None else float(value)
 
 
 def load_calibration(
@@ -242,6 +255,7 @@ def load_calibration(
             frontal=_frontal_from(raw.get("frontal")),
             turned=_turned_from(raw.get("turned")),
             centre_choice=str(raw.get("centre_choice", "")),
+            fmr_confidence=_confidence_from(raw),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CalibrationError(
@@ -270,6 +284,14 @@ def load_calibration(
     return calibration
 
 
+def target_text(target_fmr: float, confidence: float | None) -> str:
+    """How a threshold's false-match rate was set, in words: "FMR <= 0.001 shown at 95%
+    confidence" or "FMR 0.001 (point estimate)"."""
+    if confidence is None:
+        return f"FMR {target_fmr:g} (point estimate)"
+    return f"FMR <= {target_fmr:g} shown at {confidence:.0%} confidence"
+
+
 def log_calibration_status(
     logger: logging.Logger, pack: str, calibration: Calibration | None
 ) -> None:
@@ -288,7 +310,7 @@ def log_calibration_status(
         return
     c = calibration
     logger.info(
-        "model pack %r (%s) runs with calibration of %s: %s distance%s <= %.6f for target FMR %g, "
+        "model pack %r (%s) runs with calibration of %s: %s distance%s <= %.6f for %s, "
         "calibrated on %d identities / %d images from %s (%d genuine, %d impostor pairs; "
         "FMR %.2e, FNMR %.2e on those pairs)",
         c.pack,
@@ -297,7 +319,7 @@ def log_calibration_status(
         c.distance.value,
         "" if c.centre is None else " (around the calibrated centre)",
         c.threshold,
-        c.target_fmr,
+        target_text(c.target_fmr, c.fmr_confidence),
         c.data.identities,
         c.data.images,
         ",".join(c.data.sources),
@@ -310,10 +332,10 @@ def log_calibration_status(
         t = c.turned
         logger.info(
             "model pack %r: turned faces are the same person as the frontal one up to distance "
-            "%.6f (target FMR %g; %d genuine, %d impostor pairs from %s)",
+            "%.6f (%s; %d genuine, %d impostor pairs from %s)",
             c.pack,
             t.threshold,
-            t.target_fmr,
+            target_text(t.target_fmr, t.fmr_confidence),
             t.rates.genuine_pairs,
             t.rates.impostor_pairs,
             t.folder,
