@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -56,6 +57,11 @@ def serve(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[ServePr
         yield served
 
 
+def refuses_connections(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_sigterm_drains_the_in_flight_call_then_exits_zero(
     serve: ServeProcess, tmp_path: Path
 ) -> None:
@@ -70,7 +76,10 @@ def test_sigterm_drains_the_in_flight_call_then_exits_zero(
     wait_for(lambda: '"msg": "draining"' in serve.log(), "the server to start draining")
     assert serve.proc.poll() is None  # still draining: the call holds it open
     assert not slow.done()
-    # No new calls once draining: the listener is closed.
+    # No new calls once draining: the listener is closed. "draining" is logged as the
+    # drain starts, so a connection made in that instant is accepted and then cancelled;
+    # wait for the port to refuse before asking.
+    wait_for(partial(refuses_connections, grpc_port), "the gRPC listener to close")
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as fresh:
         with pytest.raises(grpc.RpcError) as refused:
             fresh.unary_unary(SLOW_METHOD)(b"", timeout=5)
