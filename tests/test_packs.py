@@ -20,7 +20,7 @@ from facesvc.accuracy.calibrate import calibrate
 from facesvc.accuracy.evaluation import pairwise_comparisons
 from facesvc.config import QualitySettings
 from facesvc.models.alignment import ARCFACE_TEMPLATE_112
-from facesvc.models.calibration import CalibrationData
+from facesvc.models.calibration import CalibrationData, load_calibration
 from facesvc.models.manifest_packs import load_insightface_manifest, load_onnx_manifest
 from facesvc.models.matching import Distance
 from facesvc.models.pack import ModelPack, PackContext, PackError
@@ -490,6 +490,12 @@ def test_calibrate_command_output_loads_into_the_pack(
     assert [s.source for s in pack.calibration.per_source] == ["s", "t", "u"]
     assert pack.calibration.centre is not None and len(pack.calibration.centre) == 512
     assert pack.calibration.data.identity_names == ("s__a", "s__b", "t__c", "u__d")
+    # --hold-out leaves out a fold of DATA's people only; --more-people stay in
+    held_out = out.with_name("calcmd-held-out.json")
+    held_args = {**vars(args), "hold_out": 0, "out": held_out, "confidence": 0}
+    assert run_calibrate(argparse.Namespace(**held_args)) == 0
+    names = load_calibration(held_out).data.identity_names
+    assert "u__d" in names and 0 < len({"s__a", "s__b", "t__c"} - set(names)) < 3
     assert pack.calibration.frontal is not None and pack.calibration.frontal.layout == "arcface_5"
     # the frontal geometry measured on the stand-in's keypoints: the nose half a stride below
     # the eye line, the eyes two strides apart

@@ -406,15 +406,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     more = [describe(pack, folder, None, simulation, limits) for folder in args.more_people]
     described = DescriptorSet.pooled([portraits, *more])
     if args.hold_out is not None:
-        folds = identity_folds(described.identities, args.folds, seed=args.seed)
+        # The folds are DATA's, as `facesvc eval --calibration` reports on DATA; the
+        # --more-people identities always stay in.
+        folds = identity_folds(portraits.identities, args.folds, seed=args.seed)
         if not 0 <= args.hold_out < len(folds):
             raise SystemExit(f"--hold-out must be a fold in 0..{len(folds) - 1}")
-        kept = [
-            name
-            for k, name in enumerate(described.identities)
-            if k not in set(folds[args.hold_out].tolist())
-        ]
-        described = described.of_identities(kept)
+        held = {portraits.identities[k] for k in folds[args.hold_out].tolist()}
+        described = described.of_identities([i for i in described.identities if i not in held])
     # The frontal geometry comes from the portraits alone: --more-people folders may be
     # mostly turned heads, and only their photos inside the pose gates are paired.
     frontal, faces = described.of_identities(portraits.identities).frontal_pose()

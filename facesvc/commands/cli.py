@@ -164,8 +164,8 @@ def _add_calibrate(sub: SubParsers) -> None:
         type=int,
         default=None,
         metavar="FOLD",
-        help="calibrate without the identities of this fold, so that `facesvc eval "
-        "--calibration` can report on them",
+        help="calibrate without the identities of this fold of DATA (--more-people stay "
+        "in), so that `facesvc eval --calibration` can report on them",
     )
     p.add_argument(
         "--turned",
