@@ -71,7 +71,7 @@ SFACE = ZooModel(
 )
 
 YUNET_CONVERTER = ("yunet", "1")
-SFACE_CONVERTER = ("sface", "3")
+SFACE_CONVERTER = ("sface", "4")
 
 
 def locate(model: ZooModel) -> Path:
