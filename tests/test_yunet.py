@@ -206,10 +206,9 @@ def test_sface_descriptor_matches_opencvs_recogniser(model_pack: ModelPack) -> N
     their_feature = theirs.feature(np.ascontiguousarray(chip[..., ::-1])).ravel()
     ours = model_pack.embedder.embed(chip[None])[0]
     cosine = float(ours @ their_feature / np.linalg.norm(their_feature))
-    # OpenCV runs the float graph; ours has an 8-bit last layer, which kept every photo's
-    # descriptor within cosine 0.99998 of the float one (docs/accuracy.md; the kernels
-    # differ a little between ONNX Runtime releases). A wrong channel order or alignment
-    # moves a descriptor by far more.
+    # OpenCV runs the float graph; ours has a last layer on 7-bit weights, which kept every
+    # photo's descriptor within cosine 0.99997 of the float one (docs/accuracy.md). A wrong
+    # channel order or alignment moves a descriptor by far more.
     assert cosine > 0.9999
 
 
