@@ -206,6 +206,11 @@ class ModelSettings:
     threads: int = 0
     """ONNX Runtime intra-op threads per session and face-work threads, per worker process;
     0 = the CPU cores this process may use divided by ``server.workers`` (at least 1)."""
+    lone_threads: int = 0
+    """ONNX Runtime intra-op threads of the recogniser that describes a scan alone in its
+    worker (facesvc.models.facework), on a session of its own when this exceeds
+    ``threads``; 0 = the CPU cores this process may use, at most 2 (measured on 2 cores:
+    docs/benchmarks.md). Only the default pack has such a session."""
     calibration: Path | None = None
     """A ``facesvc calibrate`` record that replaces the pack's own (calibrate on photos like
     your participants'); it must have been made for this pack and these model files."""
@@ -213,6 +218,10 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ConfigError(f"models.threads={self.threads}: must be 0 (automatic) or more")
+        if self.lone_threads < 0:
+            raise ConfigError(
+                f"models.lone_threads={self.lone_threads}: must be 0 (automatic) or more"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -839,9 +848,12 @@ def load_settings(
     built = {name: cls(**sections.get(name, {})) for name, cls in _section_types().items()}
     models: ModelSettings = built["models"]
     if models.threads == 0:
-        built["models"] = dataclasses.replace(
+        models = dataclasses.replace(
             models, threads=max(1, usable_cores() // built["server"].workers)
         )
+    if models.lone_threads == 0:
+        models = dataclasses.replace(models, lone_threads=min(usable_cores(), 2))
+    built["models"] = models
     return Settings(**built)
 
 

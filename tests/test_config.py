@@ -50,6 +50,21 @@ def test_env_values_are_typed() -> None:
     assert s.models.cache_dir == Path("/tmp/m")
 
 
+def test_automatic_threads_share_the_cores_and_a_lone_scan_may_use_two(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("facesvc.config.usable_cores", lambda: 8)
+    s = load_settings(env={"FACESVC_SERVER_WORKERS": "4"})
+    assert (s.models.threads, s.models.lone_threads) == (2, 2)
+    monkeypatch.setattr("facesvc.config.usable_cores", lambda: 1)
+    s = load_settings(env={"FACESVC_SERVER_WORKERS": "2"})
+    assert (s.models.threads, s.models.lone_threads) == (1, 1)
+    s = load_settings(env={"FACESVC_MODELS_LONE_THREADS": "3"})
+    assert s.models.lone_threads == 3
+    with pytest.raises(ConfigError, match=r"models\.lone_threads"):
+        load_settings(env={"FACESVC_MODELS_LONE_THREADS": "-1"})
+
+
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "facesvc.toml"
     config.write_text("[server]\ngrpc_port = 6000\nhttp_port = 6001\n[limits]\ncap_offline = 3\n")

@@ -97,13 +97,18 @@ async def test_beside_another_scan_faces_are_described_after_their_gates_in_the_
     pipeline: FacePipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[str] = []
-    embed = pipeline.embed
+    embed, embed_alone = pipeline.embed, pipeline.embed_alone
 
     def watched_embed(chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        threads.append(threading.current_thread().name)
+        threads.append(threading.current_thread().name.split("_")[0] + " embed")
         return embed(chips)
 
+    def watched_embed_alone(chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        threads.append(threading.current_thread().name.split("_")[0] + " embed_alone")
+        return embed_alone(chips)
+
     monkeypatch.setattr(pipeline, "embed", watched_embed)
+    monkeypatch.setattr(pipeline, "embed_alone", watched_embed_alone)
     faces = _face_work(pipeline)
     frames = _frames()
     try:
@@ -113,7 +118,8 @@ async def test_beside_another_scan_faces_are_described_after_their_gates_in_the_
         )
     finally:
         await faces.close()
-    assert sorted(name.split("_")[0] for name in threads) == ["facework", "lone-embed"]
+    # The first scan was alone when it began: the lone recogniser on its own thread.
+    assert sorted(threads) == ["facework embed", "lone-embed embed_alone"]
     assert [a.status for a in first + second] == [
         FaceStatus.OK,
         FaceStatus.NO_FACE,
@@ -135,7 +141,7 @@ async def test_alone_the_recogniser_starts_before_the_quality_gates_finish(
     get there."""
     embedding_started = threading.Event()
     gates_waited: list[bool] = []
-    embed, assess = pipeline.embed, pipeline.assess
+    embed, assess = pipeline.embed_alone, pipeline.assess
 
     def watched_embed(chips: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         embedding_started.set()
@@ -145,7 +151,7 @@ async def test_alone_the_recogniser_starts_before_the_quality_gates_finish(
         gates_waited.append(embedding_started.wait(timeout=30))
         return assess(image, located)
 
-    monkeypatch.setattr(pipeline, "embed", watched_embed)
+    monkeypatch.setattr(pipeline, "embed_alone", watched_embed)
     monkeypatch.setattr(pipeline, "assess", waiting_assess)
     work = _face_work(pipeline)
     try:

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facesvc.config import QualitySettings
+from facesvc.config import QualitySettings, load_settings
 from facesvc.domain import Decision, Gate, TrainingType
 from facesvc.engine import VerifyCommand
 from facesvc.models.model_cache import ModelCache
 from facesvc.models.onnx_session import SessionSettings, create_session
 from facesvc.models.opencv_zoo import SFACE, YUNET, cached_yunet, locate
 from facesvc.models.pack import ModelPack
+from facesvc.models.packs import load_pack
 from facesvc.models.pipeline import FaceStatus
 from facesvc.models.types import Box
 from facesvc.models.yunet import (
@@ -31,6 +32,7 @@ from tests.engine_support import (
     TENANTS,
     EngineKit,
     astronaut,
+    default_pack,
     insightface_image,
     jpeg,
 )
@@ -188,6 +190,26 @@ def test_default_pack_is_yunet_sface_and_describes_a_real_face(model_pack: Model
     descriptor = pipeline.embed([analysis.chip])
     assert descriptor.shape == (1, 128)
     assert np.linalg.norm(descriptor) == pytest.approx(1.0, abs=1e-5)
+
+
+_THREADS = {"models.threads": 1, "models.lone_threads": 2}
+
+
+def test_lone_scans_get_a_wider_sface_session_with_the_same_descriptors() -> None:
+    """With more lone threads than threads the pack holds a second SFace session; it
+    describes a face as the first does (only the split of each layer's work differs)."""
+    chip = default_pack().pipeline(QualitySettings()).analyze(astronaut()).chip
+    assert chip is not None
+    one = _THREADS | {"models.lone_threads": 1}
+    narrow = load_pack(load_settings(env={}, overrides=one).models)
+    assert narrow.lone_embedder is None
+    pack = load_pack(load_settings(env={}, overrides=_THREADS).models)
+    assert pack.lone_embedder is not None and pack.lone_embedder is not pack.embedder
+    assert pack.tag == narrow.tag
+    pipeline = pack.pipeline(QualitySettings())
+    np.testing.assert_allclose(
+        pipeline.embed_alone([chip]), pipeline.embed([chip]), rtol=0, atol=1e-5
+    )
 
 
 def test_sface_descriptor_matches_opencvs_recogniser(model_pack: ModelPack) -> None:

@@ -8,10 +8,15 @@ share one ONNX Runtime call.
 
 ``describe`` (a Verify's faces) adapts to load. A scan that is alone in its worker has its
 faces described on a thread of their own while the pool measures their pose and quality,
-so a lone caller does not wait for the pose landmarks before the recogniser starts; with
-other scans in flight the pool and the batcher already keep the cores busy, an extra
-thread only made the workers compete for them (16 callers: 10-15% fewer Verify/s), and
-faces are described after their gates, batched, as ``analyze`` then ``embed`` would.
+so a lone caller does not wait for the pose landmarks before the recogniser starts, and
+by the pack's lone recogniser (``FacePipeline.embed_alone``), which spreads each layer
+over ``models.lone_threads`` threads: the cores a lone scan leaves idle. Alone in its
+worker is not alone on the machine (another worker may be busy); two workers both
+describing that way on two cores lost 3% of their throughput to the threads they then
+share, measured (docs/benchmarks.md). With other scans in flight the pool and the batcher
+already keep the cores busy, an extra thread only made the workers compete for them (16
+callers: 10-15% fewer Verify/s), and faces are described after their gates, batched, as
+``analyze`` then ``embed`` would.
 
 A model that fails (an ONNX Runtime error, a model whose outputs break its contract) is
 never an answer about the face: it surfaces as ``ModelFailure``, which the transports
@@ -235,7 +240,7 @@ class FaceWork:
             chips = {i: f.chip for i, f in enumerate(located) if isinstance(f, LocatedFace)}
             if chips:
                 batch = np.stack(list(chips.values()))
-                early = loop.run_in_executor(self._lone_executor, self.pipeline.embed, batch)
+                early = loop.run_in_executor(self._lone_executor, self.pipeline.embed_alone, batch)
 
         async def assessed(image: RGBImage, face: FaceAnalysis | LocatedFace) -> FaceAnalysis:
             if isinstance(face, FaceAnalysis):

@@ -49,6 +49,8 @@ class ModelPack:
     ``landmarks`` is None when the detector's detections carry the five alignment
     points themselves (SCRFD). ``calibration`` is None for an uncalibrated pack: its
     matches have no stated false-match rate and the service says so loudly.
+    ``lone_embedder`` is the same recogniser on a session spread over more threads, for a
+    scan alone in its worker (facesvc.models.facework); None: ``embedder`` serves those too.
     """
 
     name: str
@@ -59,6 +61,7 @@ class ModelPack:
     distance: Distance
     calibration: Calibration | None
     licence: str
+    lone_embedder: Embedder | None = None
 
     @property
     def tag(self) -> str:
@@ -77,7 +80,14 @@ class ModelPack:
     def pipeline(self, quality: QualitySettings) -> FacePipeline:
         """This pack's detector, landmarks and embedder behind the ``quality`` gates, with its
         own frontal geometry: how the service, evaluation and benchmarks run a pack."""
-        return FacePipeline(self.detector, self.landmarks, self.embedder, quality, self.frontal)
+        return FacePipeline(
+            self.detector,
+            self.landmarks,
+            self.embedder,
+            quality,
+            self.frontal,
+            lone_embedder=self.lone_embedder,
+        )
 
     @property
     def frontal(self) -> FrontalGeometry | None:
@@ -113,13 +123,16 @@ class PackContext:
     each session uses, an optional calibration file that replaces the pack's own, and
     the logger for load-time warnings. ``calibrated`` False loads the pack without any
     calibration (``facesvc calibrate`` and ``facesvc eval``: calibrating never needs the
-    calibration it is about to write)."""
+    calibration it is about to write). ``lone_threads``: the threads of a recogniser
+    session for scans alone in their worker (:attr:`ModelPack.lone_embedder`); a pack
+    makes one only when this exceeds ``threads``."""
 
     cache_dir: Path
     threads: int
     calibration_override: Path | None
     logger: logging.Logger
     calibrated: bool = True
+    lone_threads: int = 0
 
 
 def files_digest(files: list[Path], settings: Mapping[str, Any]) -> str:

@@ -88,6 +88,7 @@ def load_pack(
     context = PackContext(
         cache_dir=settings.cache_dir,
         threads=settings.threads,
+        lone_threads=settings.lone_threads,
         calibration_override=settings.calibration if calibrated else None,
         logger=log,
         calibrated=calibrated,

