@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from facesvc.models.calibration import (
     Calibration,
     CalibrationData,
     CalibrationError,
+    RatesAtThreshold,
+    SourceRates,
     load_calibration,
     log_calibration_status,
 )
@@ -107,6 +110,32 @@ def test_per_source_rates_show_the_uneven_population(calibration: Calibration) -
     assert by["tight"].rates.impostor_pairs == 60 * 59 // 2 - 60
     assert by["tight"].rates.fmr > by["wide"].rates.fmr
     assert calibration.skewed_sources() == ("tight",)
+
+
+def test_a_source_is_called_uneven_only_when_its_pairs_show_it(
+    calibration: Calibration, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Above twice the overall FMR on a handful of false matches is logged as a question for
+    more data; a warning needs pairs that show it at 95%."""
+    few = SourceRates("few", 10, RatesAtThreshold(10, 631, 0, 2))  # 1.3 expected at 0.2%
+    many = SourceRates("many", 10, RatesAtThreshold(10, 6310, 0, 30))  # 12.6 expected
+    no_false_match = RatesAtThreshold(10, 10_000, 0, 0)
+    uneven = replace(calibration, target_fmr=1e-3, overall=no_false_match, per_source=(few, many))
+    assert uneven.skew_bound == pytest.approx(2e-3)
+    assert few.rates.fmr > uneven.skew_bound and many.rates.fmr > uneven.skew_bound
+    assert [(s.source, shown) for s, shown in uneven.sources_above_skew()] == [
+        ("few", False),
+        ("many", True),
+    ]
+    assert uneven.skewed_sources() == ("many",)
+    with caplog.at_level(logging.INFO):
+        log_calibration_status(logging.getLogger("t"), "test", uneven)
+    levels = {
+        r.getMessage().split("source ")[1].split()[0]: r.levelno
+        for r in caplog.records
+        if "source " in r.getMessage()
+    }
+    assert levels == {"'few'": logging.INFO, "'many'": logging.WARNING}
 
 
 def test_round_trip(calibration: Calibration, tmp_path: Path) -> None:

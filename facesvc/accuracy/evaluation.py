@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from facesvc.config import QualitySettings
+from facesvc.models.binomial import binomial_pmf
 from facesvc.models.matching import Distance, MatchRules, match, pairwise_distances, unit_rows
 from facesvc.models.pipeline import FacePipeline, FaceStatus
 from facesvc.models.quality import (
@@ -226,18 +227,10 @@ def _demonstrable_count(pairs: int, target_fmr: float, confidence: float) -> int
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    log_p, log_q = math.log(target_fmr), math.log1p(-target_fmr)
     cumulative, k = 0.0, -1
     while k + 1 <= pairs:
         i = k + 1
-        log_term = (
-            math.lgamma(pairs + 1)
-            - math.lgamma(i + 1)
-            - math.lgamma(pairs - i + 1)
-            + i * log_p
-            + (pairs - i) * log_q
-        )
-        cumulative += math.exp(log_term)
+        cumulative += binomial_pmf(pairs, i, target_fmr)
         if cumulative > 1.0 - confidence:
             break
         k = i
