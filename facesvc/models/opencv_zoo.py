@@ -17,10 +17,10 @@ optimised copies into the model cache, keyed by the source digest and the conver
 - SFace: initializers listed as graph inputs are dropped, PRelu becomes Relu(x) + slope *
   Min(x, 0), its per-channel products as 1x1 depthwise convolutions that stay in ONNX
   Runtime's blocked layout (facesvc.models.onnx_rewrite; the same function of the same
-  weights), and the fully connected layer runs on 8-bit weights (``gemm_as_int8``: 0.5 ms
-  of about 8.5 a face; on the 107 photos of ../shared/data/faces every descriptor within
-  cosine 0.99998 of the float graph's and every pair's distance within 0.002, the genuine
-  and impostor pairs as far apart as before, docs/accuracy.md). The released batch of 1 is
+  weights), and the fully connected layer runs on 7-bit weights in 8-bit integers
+  (``gemm_as_int8``: 0.5 ms of about 8.5 a face; on the photos of ../shared/data/faces
+  every descriptor within cosine 0.99997 of the float graph's, the genuine and impostor
+  pairs as far apart as before, docs/accuracy.md). The released batch of 1 is
   kept: the layer quantizes its input per call, and a descriptor must not depend on the
   faces beside it.
 """

@@ -6,8 +6,8 @@ in NCHW: the graph subtracts 127.5 and multiplies by 1/128 itself. It returns a 
 descriptor, compared by cosine. Recognised by its signature: one input ``data``
 [N, 3, 112, 112], one output ``fc1`` [N, 128].
 
-It runs one chip a call: the converted graph keeps the released batch of 1 (its 8-bit fully
-connected layer quantizes its input per call, facesvc.models.opencv_zoo), so the embedder
+It runs one chip a call: the converted graph keeps the released batch of 1 (its quantized
+fully connected layer quantizes its input per call, facesvc.models.opencv_zoo), so the embedder
 splits the micro-batcher's batches; before that layer was quantized, a batch of 8 on the
 freed batch axis took 20 ms a face on this 2-core machine against 16 ms one at a time
 (benchmarks/test_bench_embed.py).
