@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from benchmarks.load import (
     FRAME_SIZE,
     enroll_people,
     load_people,
+    placed_channels,
     run_level,
     spawn_service,
     verify_request,
@@ -57,6 +57,7 @@ async def _verify_ms(stub: pb_grpc.FaceVerificationStub, participant: str, frame
 
 async def compare(
     targets: dict[str, str],
+    workers: dict[str, tuple[str, list[int]]],
     people: list[tuple[bytes, list[bytes]]],
     lone_s: float,
     concurrency: int,
@@ -64,10 +65,11 @@ async def compare(
     rounds: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The two comparisons of the module doc, ``targets`` naming each side's host:port."""
-    options = [("grpc.max_send_message_length", 16 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    """The two comparisons of the module doc, ``targets`` naming each side's host:port and
+    ``workers`` its /metrics URL and workers' pids (each side's 8 connections are placed on
+    its workers in turn: ``placed_channels``)."""
     channels = {
-        side: [grpc.aio.insecure_channel(target, options=options) for _ in range(8)]
+        side: (await placed_channels(target, *workers[side], 8))[0]
         for side, target in targets.items()
     }
     rng = np.random.default_rng(seed)
@@ -147,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         for side, tree in trees.items()
     }
     try:
-        for s in spawned.values():
-            wait_workers_serving(s, args.workers)
+        workers = {
+            side: (s.metrics_url, wait_workers_serving(s, args.workers))
+            for side, s in spawned.items()
+        }
         result = asyncio.run(
             compare(
                 {side: s.target for side, s in spawned.items()},
+                workers,
                 people,
                 args.lone_s,
                 args.concurrency,

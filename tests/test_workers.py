@@ -8,6 +8,7 @@ over a fresh connection (a local subchannel pool), so SO_REUSEPORT hashes it afr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.load import per_worker, placed_channels
 from facesvc._proto.v1 import facesvc_pb2 as pb
 from facesvc._proto.v1 import facesvc_pb2_grpc as pb_grpc
 from facesvc.config import load_settings, usable_cores
@@ -149,6 +151,39 @@ def test_two_workers_answer_and_their_metrics_add_up(workers: Workers) -> None:
 
     workers.proc.send_signal(signal.SIGTERM)
     assert workers.proc.wait(timeout=90) == 0, workers.log()
+
+
+def test_the_load_generator_places_its_connections_on_the_workers_in_turn(
+    workers: Workers,
+) -> None:
+    """benchmarks.load's ``placed_channels``: left to SO_REUSEPORT, a sweep's connections
+    can all land on one worker; placed, connection k serves on worker k mod 2."""
+    pids = sorted(_ready(workers))
+    grpc_port, http_port = workers.ports()
+    metrics_url = f"http://127.0.0.1:{http_port}/metrics"
+    request = pb.GetAttemptsRequest(
+        participant_id="p-1", training_id="t-1", training_type=pb.TRAINING_TYPE_SPL
+    )
+
+    async def place_then_call() -> tuple[list[int], list[int]]:
+        channels, reached = await placed_channels(f"127.0.0.1:{grpc_port}", metrics_url, pids, 4)
+        served: list[int] = []
+        try:
+            for channel in channels:  # a later call rides the channel's placed connection
+                before = per_worker(metrics_url, "facesvc_worker_calls", method=GET_ATTEMPTS)
+                stub = pb_grpc.FaceVerificationStub(channel)  # type: ignore[no-untyped-call]
+                await stub.GetAttempts(request, timeout=30)
+                after = per_worker(metrics_url, "facesvc_worker_calls", method=GET_ATTEMPTS)
+                served += [pid for pid, n in after.items() if n > before.get(pid, 0.0)]
+        finally:
+            for channel in channels:
+                await channel.close()
+        return reached, served
+
+    reached, served = asyncio.run(place_then_call())
+    in_turn = [pids[0], pids[1], pids[0], pids[1]]
+    assert reached == in_turn
+    assert served == in_turn
 
 
 def _refused(workers: Workers) -> bool:
