@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image
 
 from facesvc.config import QualitySettings, load_settings
@@ -288,3 +290,46 @@ def test_crops_set_in_a_flat_frame_are_searched_again_larger(
     assert {"bernadette2.png", "howard5.png", "penny3.png"} <= set(missed)
     still = [p.name for p in crops if not larger.detect(framed(p), 80)]
     assert len(still) <= 1 < len(missed)
+
+
+class _RecordingSession:
+    """A YuNet session that records the (height, width) of every picture it searches."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.searched: list[tuple[int, int]] = []
+
+    def get_inputs(self) -> Any:
+        return self._session.get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self._session.get_outputs()
+
+    def run(self, outputs: Any, feed: dict[str, np.ndarray]) -> Any:
+        (tensor,) = feed.values()
+        self.searched.append(tensor.shape[2:])
+        return self._session.run(outputs, feed)
+
+
+def test_a_large_plain_framed_picture_is_searched_at_full_size_before_padding(
+    yunet: YunetDetector,
+) -> None:
+    """Module doc of facesvc.models.yunet: where the first search found nothing in a 640x480
+    frame with a one-colour border, the frame at its own size is searched next, before any
+    padded search; in a 640x480 photo (its edges not one colour) and in a 150x150 crop,
+    after both padded ones. Faceless pictures, so every search runs."""
+    session = _RecordingSession(yunet._session)
+    detector = YunetDetector(session, policy=SCALE_POLICY)
+    photo = np.asarray(
+        Image.fromarray(skimage.data.coffee()).resize((640, 480), Image.Resampling.BILINEAR)
+    )
+    plain = np.full((480, 640, 3), 96, np.uint8)
+    plain[140:340, 220:420] = photo[140:340, 220:420]  # the photo's middle on a grey canvas
+    for picture, at in ((plain, 1), (photo, 3)):
+        session.searched.clear()
+        assert detector.detect(picture, 80) == []
+        assert len(session.searched) == 4 and session.searched[at] == (480, 640)
+    session.searched.clear()
+    assert detector.detect(np.full((150, 150, 3), 96, np.uint8), 80) == []
+    # The crop at its own size: 150 px padded to YuNet's multiple of 32.
+    assert len(session.searched) == 4 and session.searched[3] == (160, 160)

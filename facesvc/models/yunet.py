@@ -35,10 +35,24 @@ the frame's shorter side at most ``largest_face_px``, never up. When nothing is 
   way round;
 - a face cut out tightly and set in a flat background (a 150x150 crop pasted into a
   640x480 frame, as benchmarks.load sends faceapi's) is not helped by padding: it is
-  searched last at up to ``full_side`` pixels on the frame's longer side (640: a webcam
-  frame at its own size), where four of faceapi's 40 crops score 0.9 only. It comes last
-  because a tight crop found without the padding's context is found with worse points
-  (4 of 80 genuine faceapi pairs lost at FMR 1e-3 when it came first).
+  searched at up to ``full_side`` pixels on the frame's longer side (640: a webcam frame at
+  its own size), where four of faceapi's 40 crops score 0.9 only.
+
+Which of the two retries comes first depends on the frame. The padded searches come first,
+as a face cut off by the frame's edges needs them: a tight crop found without the padding's
+context is found with worse points (4 of 80 genuine faceapi pairs lost at FMR 1e-3 when the
+full-size search came first), and so is a webcam face enlarged past the frame (48 of the 288
+genuine FSA-Net challenges of docs/accuracy.md were refused when the full-size search came
+first in every frame larger than a tight crop). A frame whose border is one colour has no
+face cut off at its edges, and padding it with its edge pixels only adds more of that
+colour. When such a frame is also larger than a tight crop (the padded search would show it
+smaller than the first search did: with the default pack and quality settings, a shorter
+side over 400 px), a face the first search missed is a small one without context, which the
+full-size search finds, so it comes first. faceapi's crops in grey frames then cost two
+searches instead of four (11 ms of detection instead of 31 on this 2-core machine). Of the
+421 photos of ../shared/data/faces and the pose collection, as shot and set in 640x480
+frames, the order changes the detection of 5 (turned faces set in frames) and of none as
+shot (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -142,14 +156,16 @@ class YunetDetector:
         # A face that fills the frame: scale so that the frame's own size (the face's) lands
         # within YuNet's range whatever the smallest face looked for, and pad.
         tight = min(1.0, self.policy.tight_face_px / max(min(height, width), 1))
-        for fraction in self.policy.pad_fractions:
-            if found:
-                break
-            found = self._search(image, min_face_px, tight, fraction)
+        padded = [(tight, fraction) for fraction in self.policy.pad_fractions]
         # A tight face in a flat frame: the frame larger.
         larger = min(1.0, self.policy.full_side / max(height, width, 1))
-        if not found and larger > first:
-            found = self._search(image, min_face_px, larger)
+        full = [(larger, 0.0)] if larger > first else []
+        # Module doc: which of the two comes first.
+        full_first = tight < first and _flat_border(image)
+        for scale, fraction in full + padded if full_first else padded + full:
+            if found:
+                break
+            found = self._search(image, min_face_px, scale, fraction)
         return found
 
     def _search(
@@ -216,6 +232,13 @@ class YunetDetector:
         all_points = np.concatenate(points).astype(np.float32)
         kept = non_maximum_suppression(all_boxes, all_scores, self._nms_iou)
         return all_boxes[kept], all_scores[kept], all_points[kept]
+
+
+def _flat_border(image: RGBImage, tolerance: int = 8) -> bool:
+    """Whether the outermost rows and columns of ``image`` are one colour, within
+    ``tolerance`` grey levels in every channel (a photo set on a plain canvas)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return bool((np.ptp(border, axis=0) <= tolerance).all())
 
 
 def _tensor(image: RGBImage) -> tuple[FloatArray, int]:
