@@ -197,19 +197,18 @@ def spawn_service(
 
 def per_worker(metrics_url: str, name: str, **labels: str) -> dict[int, float]:
     """pid -> value of the per-worker series ``name`` with ``labels`` in the aggregated
-    /metrics (empty while nothing answers there)."""
+    /metrics (empty while nothing answers there); a server of one process labels no pid,
+    and its series is keyed 0."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=5) as reply:
             text = reply.read().decode()
     except OSError:
         return {}
     return {
-        int(sample.labels["pid"]): sample.value
+        int(sample.labels.get("pid", 0)): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == name
-        and "pid" in sample.labels
-        and all(sample.labels.get(k) == v for k, v in labels.items())
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
     }
 
 
