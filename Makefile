@@ -49,8 +49,9 @@ keys: venv
 	@test -n "$$(ls var/keys/tokens/*.json 2>/dev/null)" || $(VENV)/bin/facesvc keys generate
 	@test -s var/keys/templates.key || $(VENV)/bin/facesvc templates keygen
 
+# One worker per usable core (at most 4): a single process serves about one core's worth.
 run: venv models redis keys
-	$(VENV)/bin/facesvc serve
+	$(VENV)/bin/facesvc serve --workers 0
 
 # Exit code 5 means pytest collected nothing: a broken collection, never a pass.
 # Then the calendar passes: the `calendar` tests again with this process's clock moved far

@@ -65,6 +65,18 @@ def test_automatic_threads_share_the_cores_and_a_lone_scan_may_use_two(
         load_settings(env={"FACESVC_MODELS_LONE_THREADS": "-1"})
 
 
+def test_automatic_workers_are_one_per_usable_core_at_most_four(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for cores, workers, threads in ((1, 1, 1), (2, 2, 1), (3, 3, 1), (16, 4, 4)):
+        monkeypatch.setattr("facesvc.config.usable_cores", lambda cores=cores: cores)
+        s = load_settings(env={"FACESVC_SERVER_WORKERS": "0"})
+        assert (s.server.workers, s.models.threads) == (workers, threads)
+    assert load_settings(env={}).server.workers == 1  # the default stays one process
+    with pytest.raises(ConfigError, match=r"server\.workers"):
+        load_settings(env={"FACESVC_SERVER_WORKERS": "-1"})
+
+
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "facesvc.toml"
     config.write_text("[server]\ngrpc_port = 6000\nhttp_port = 6001\n[limits]\ncap_offline = 3\n")
